@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the qwen_relay.v1 API (regenerate with `make protos`)."""

@@ -1,0 +1,195 @@
+"""Assemble and run the gateway: tokenizer and limits, slices (Ray actors or in-process), engine, gRPC.
+
+The gRPC port opens first with health NOT_SERVING, so an orchestrator can watch the slices load; health
+turns SERVING only once every slice has loaded its weights and run a warm-up step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from transformers import AutoTokenizer, GenerationConfig
+
+from qwen_relay.shards.loader import load_config, model_dir
+from qwen_relay.shards.runner import SliceSpec
+from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
+
+from .engine import Engine, EngineConfig
+from .layout import describe, even_split, parse_layers
+from .pipeline import LocalPipeline, Pipeline, RayPipeline
+from .servicer import ModelMeta, TextGenerationServicer
+from .validation import Limits
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Long unary generations send nothing for minutes: keep idle connections alive, allow client pings.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+@dataclass
+class ServeOptions:
+    model: str
+    shards: int = 2
+    layers: str | None = None  # "0-15,16-31"; overrides shards
+    dtype: str = "auto"
+    device: str = "auto"  # auto: one GPU per slice when the cluster has enough, else CPU
+    host: str = "127.0.0.1"
+    port: int = 50051
+    ray_address: str | None = None
+    use_ray: bool = True  # False: every slice in this process (no actors)
+    max_batch: int = 16
+    max_context: int = 2048
+    default_max_new_tokens: int = 128
+    max_new_tokens_cap: int = 1024
+    cpus_per_slice: float = 1.0
+    threads: int = 0
+    placement_strategy: str = "PACK"
+    grace_seconds: float = 10.0
+
+
+class Relay:
+    """A running gateway; `await Relay.start(options)`, then `await relay.stop()`."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        folder = model_dir(options.model)
+        self.config = load_config(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.eos_ids = eos_token_ids(folder, self.tokenizer)
+        self.max_context = min(options.max_context, self.config.max_position_embeddings)
+        num_layers = self.config.num_hidden_layers
+        self.ranges = (parse_layers(options.layers, num_layers) if options.layers
+                       else even_split(num_layers, options.shards))
+        self.limits = Limits(vocab_size=self.config.vocab_size, max_context=self.max_context,
+                             default_max_new_tokens=options.default_max_new_tokens,
+                             max_new_tokens_cap=options.max_new_tokens_cap)
+        self.health = health.aio.HealthServicer()
+        self.servicer: TextGenerationServicer | None = None
+        self.server: grpc.aio.Server | None = None
+        self.engine: Engine | None = None
+        self.pipeline: Pipeline | None = None
+        self.port = 0
+
+    @classmethod
+    async def start(cls, options: ServeOptions) -> Relay:
+        relay = cls(options)
+        await relay._open_port()
+        try:
+            await relay._load()
+        except BaseException:
+            await relay.stop(grace=0)
+            raise
+        return relay
+
+    async def _open_port(self) -> None:
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.servicer = TextGenerationServicer(self.tokenizer, self.limits, self._meta("loading"))
+        relay_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        address = f"{self.options.host}:{self.options.port}"
+        self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {address}")
+        await self.server.start()
+        log.info("listening on %s:%d (NOT_SERVING until every slice is warm)", self.options.host, self.port)
+
+    def _meta(self, dtype: str) -> ModelMeta:
+        return ModelMeta(model_id=self.options.model, dtype=dtype, num_layers=self.config.num_hidden_layers,
+                         max_batch=self.options.max_batch)
+
+    async def _load(self) -> None:
+        opts = self.options
+        use_gpu = False
+        if opts.use_ray:
+            if not ray.is_initialized():
+                ray.init(address=opts.ray_address, log_to_driver=True)
+            use_gpu = opts.device == "cuda" or (
+                opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
+        device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
+        specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
+                           max_slots=opts.max_batch, max_len=self.max_context, threads=opts.threads)
+                 for a, b in self.ranges]
+        log.info("loading %d slices (layers %s) of %s", len(specs), describe(self.ranges), opts.model)
+        if opts.use_ray:
+            self.pipeline = await asyncio.to_thread(
+                RayPipeline, specs, use_gpu=use_gpu, cpus_per_slice=opts.cpus_per_slice,
+                strategy=opts.placement_strategy)
+        else:
+            self.pipeline = await asyncio.to_thread(LocalPipeline, specs)
+        stats = await self.pipeline.stats()
+        self.engine = Engine(self.pipeline, EngineConfig(max_batch=opts.max_batch, max_context=self.max_context,
+                                                         eos_ids=self.eos_ids))
+        self.engine.start()
+        self.servicer.meta = self._meta(stats[0]["dtype"])
+        self.servicer.engine = self.engine
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.layout = stats
+        log.info("SERVING %s", self.describe_layout())
+
+    def describe_layout(self) -> str:
+        return "; ".join(
+            f"slice {i}: layers {s['first']}-{s['end'] - 1} on {s['device']}"
+            f"{' node ' + s['node_id'][:8] if s['node_id'] else ''}"
+            f"{' +embed' if s['has_embeddings'] else ''}{' +head' if s['has_lm_head'] else ''}"
+            for i, s in enumerate(self.layout))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new calls, let in-flight calls finish, release the slices."""
+        grace = self.options.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        log.info("stopped")
+
+
+def eos_token_ids(folder, tokenizer) -> frozenset[int]:
+    """End-of-sequence ids as `generate()` uses them: the generation config's, else the tokenizer's."""
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+async def serve(options: ServeOptions) -> None:
+    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    relay = await Relay.start(options)
+    log.info("qwen-relay listening on %s:%d; %s", options.host, relay.port, relay.describe_layout())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.0f s", options.grace_seconds)
+    await relay.stop()

@@ -1,0 +1,84 @@
+"""The `qwen-relay` console script: serve, demo, and the client, training and checkpoint subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .app import ServeOptions, serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint folder or hub id")
+    parser.add_argument("--shards", type=int, default=2, help="number of contiguous layer slices (even split)")
+    parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: one GPU per slice when the cluster has enough GPUs, else CPU")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: start local Ray")
+    parser.add_argument("--no-ray", action="store_true", help="run every slice in this process, without Ray")
+    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
+    parser.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens per sequence")
+    parser.add_argument("--max-new-tokens-cap", type=int, default=1024)
+    parser.add_argument("--cpus-per-slice", type=float, default=1.0, help="Ray CPUs reserved per slice")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU slice (0: all cores)")
+    parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                        help="Ray placement-group strategy for the slices")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
+        host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
+        max_batch=args.max_batch, max_context=args.max_context, max_new_tokens_cap=args.max_new_tokens_cap,
+        cpus_per_slice=args.cpus_per_slice, threads=args.threads, placement_strategy=args.placement,
+        grace_seconds=args.grace,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    asyncio.run(serve(serve_options(args)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qwen_relay.client.cli import add_parsers as add_client_parsers
+    from qwen_relay.shards.synthetic import add_parser as add_checkpoint_parser
+    from qwen_relay.train.cli import add_parsers as add_train_parsers
+
+    from .demo import add_parser as add_demo_parser
+
+    parser = argparse.ArgumentParser(prog="qwen-relay", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_parser = sub.add_parser("serve", help="serve a model in layer slices behind gRPC")
+    add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(func=run_serve)
+    add_demo_parser(sub)
+    add_client_parsers(sub)
+    add_train_parsers(sub)
+    add_checkpoint_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        logging.getLogger("qwen_relay").error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Incremental detokenization that only ever emits whole UTF-8 characters and never a stop sequence.
+
+Byte-level BPE splits multi-byte characters across tokens ("ı" can be two tokens); decoding such a prefix
+yields U+FFFD, so text is held back until the character completes (the prefix/read-offset scheme of TGI and
+vLLM). Text that could be the start of a stop sequence is held back too, until it is ruled out or matched.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+REPLACEMENT = "\ufffd"
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # tokens before this were decoded into emitted text
+        self.read_offset = 0  # tokens before this are reflected in `held` or emitted text
+        self.held = ""  # decoded text not yet emitted (a possible stop-sequence start)
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> str:
+        """Take one generated token; return the text that is now safe to emit (maybe empty)."""
+        self.ids.append(token)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) <= len(prefix) or full.endswith(REPLACEMENT):
+            return ""  # an incomplete character (or a special token that decodes to nothing)
+        self.held += full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release()
+
+    def _release(self) -> str:
+        """Emit held text up to a stop sequence (then stop) or up to a possible stop-sequence prefix."""
+        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.held = self.held[: min(hits)], ""
+            return out
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(out):]
+        return out
+
+    def flush(self) -> str:
+        """At the end (EOS or length): whatever is held, including an incomplete character's U+FFFD."""
+        if self.stopped:
+            return ""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        tail = self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+        out, self.held = self.held + tail, ""
+        return out

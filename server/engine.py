@@ -1,0 +1,131 @@
+"""The decode loop: schedule a batch, step it through the slices, turn token ids into streamed deltas.
+
+One asyncio task runs the loop; RPC handlers only `submit` a sequence and read its outbox. Cancellation is
+a flag the loop reaps between steps, so a slot is never freed while a step that uses it is in flight, and
+every slice releases it before anyone else can be given it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from qwen_relay.shards.batch import StepBatch
+
+from .pipeline import Pipeline
+from .scheduler import Scheduler
+from .sequence import Delta, FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int  # sequences stepping together; also the number of cache slots in every slice
+    max_context: int  # prompt + generated tokens per sequence
+    eos_ids: frozenset[int]
+    max_prefill_tokens: int = 4096
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, config: EngineConfig) -> None:
+        self.pipeline = pipeline
+        self.config = config
+        self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[Delta]:
+        """Submit `seq` and yield its deltas until it finishes. Leaving early cancels it."""
+        self.scheduler.add(seq)
+        self._wake.set()
+        try:
+            while True:
+                delta = await seq.outbox.get()
+                if delta.error is not None:
+                    raise delta.error
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if seq.finish_reason is None:
+                seq.cancelled = True
+                self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            self._reap_cancelled()
+            batch = self.scheduler.schedule()
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            step = StepBatch(
+                slots=[s.slot for s in batch],
+                starts=[s.num_cached for s in batch],
+                token_ids=[s.pending() for s in batch],
+                sampling=[s.params.sampling for s in batch],
+            )
+            try:
+                tokens = await self.pipeline.step(step)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
+                log.exception("step failed for %d sequences", len(batch))
+                for seq in batch:
+                    self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=e))
+                continue
+            for seq, token in zip(batch, tokens, strict=True):
+                seq.num_cached = len(seq.tokens)
+                self._append(seq, token)
+            await asyncio.sleep(0)  # let RPC handlers run between steps
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Postprocess one new token: stop checks in the order a caller expects (stop string, EOS, length)."""
+        seq.tokens.append(token)
+        is_eos = token in self.config.eos_ids and not seq.params.ignore_eos
+        text = "" if is_eos else seq.detokenizer.add(token)
+        if seq.detokenizer.stopped:
+            reason = FinishReason.STOP_SEQUENCE
+        elif is_eos:
+            reason = FinishReason.EOS
+        elif seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self.config.max_context:
+            reason = FinishReason.LENGTH
+        else:
+            seq.outbox.put_nowait(Delta(text, [token]))
+            return
+        if reason is not FinishReason.STOP_SEQUENCE:
+            text += seq.detokenizer.flush()
+        self._finish(seq, reason, Delta(text, [token], reason))
+
+    def _finish(self, seq: Sequence, reason: FinishReason, last: Delta | None = None) -> None:
+        seq.finish_reason = reason
+        slot = self.scheduler.finish(seq)
+        if slot is not None:
+            self.pipeline.release([slot])
+        if last is not None:
+            seq.outbox.put_nowait(last)
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
+            log.info("request %s cancelled after %d tokens", seq.request_id, seq.num_generated)
+            self._finish(seq, FinishReason.CANCELLED)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)

@@ -1,0 +1,80 @@
+"""A request's whole life in the gateway: prompt, generated tokens, cache slot and stream of deltas.
+
+The gateway owns the truth (DESIGN.md, decision 1): a slice only caches keys and values, so everything needed
+to rebuild a lost cache (`tokens`) and to finish the request (stop checks, text) lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from qwen_relay.shards.batch import SamplingParams
+
+from .detokenizer import Detokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    EOS = "eos"
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Validated request parameters (server/validation.py builds these at the edge)."""
+
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    adapter: str = ""
+
+
+@dataclass
+class Delta:
+    """What one step adds to a request's output; the last one carries the finish reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: GenerationParams
+    detokenizer: Detokenizer
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    num_cached: int = 0  # leading tokens whose keys/values the slices hold
+    slot: int | None = None
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False
+    outbox: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - len(self.prompt_ids)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.prompt_ids):]
+
+    def pending(self) -> list[int]:
+        """Tokens the slices have not seen yet: the prompt (prefill), the last token (decode), or all (replay)."""
+        return self.tokens[self.num_cached:]

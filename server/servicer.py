@@ -1,0 +1,117 @@
+"""The thin gRPC servicer (TGI style): validate at the edge, one call into the engine per RPC."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from transformers import PreTrainedTokenizerBase
+
+from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
+
+from .detokenizer import Detokenizer
+from .engine import Engine
+from .sequence import Delta, FinishReason, Sequence
+from .validation import InvalidRequest, Limits, render_prompt, validate
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    FinishReason.EOS: relay_pb2.FINISH_REASON_EOS,
+    FinishReason.LENGTH: relay_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: relay_pb2.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What GetModelInfo reports besides the live per-slice numbers."""
+
+    model_id: str
+    dtype: str
+    num_layers: int
+    max_batch: int
+
+
+class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits, meta: ModelMeta) -> None:
+        self.engine: Engine | None = None  # set once every slice is loaded and warm
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.meta = meta
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        return self.engine
+
+    async def _sequence(self, request: relay_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
+        await self._ready(context)
+        try:
+            request_id, prompt_ids, params = validate(request, self.tokenizer, self.limits)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if params.adapter:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter: no adapter named {params.adapter!r} is loaded")
+        return Sequence(request_id, prompt_ids, params, Detokenizer(self.tokenizer, params.stop))
+
+    async def _deltas(self, seq: Sequence, context: grpc.aio.ServicerContext) -> AsyncIterator[Delta]:
+        log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.request_id, len(seq.prompt_ids),
+                 seq.params.max_new_tokens)
+        try:
+            async for delta in self.engine.generate(seq):
+                yield delta
+        except Exception as e:  # noqa: BLE001 - a failed step ends this call, not the server
+            log.error("request %s failed: %s", seq.request_id, e)
+            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {e}")
+
+    def _response(self, seq: Sequence, text: str, token_ids: list[int],
+                  reason: FinishReason | None) -> relay_pb2.GenerateResponse:
+        response = relay_pb2.GenerateResponse(request_id=seq.request_id, text=text, token_ids=token_ids)
+        if reason is not None:
+            response.finish_reason = FINISH_REASONS[reason]
+            response.usage.prompt_tokens = len(seq.prompt_ids)
+            response.usage.completion_tokens = seq.num_generated
+        return response
+
+    async def Generate(self, request, context):  # noqa: N802 - gRPC method names
+        seq = await self._sequence(request, context)
+        texts, reason = [], None
+        async for delta in self._deltas(seq, context):
+            texts.append(delta.text)
+            reason = delta.finish_reason
+        return self._response(seq, "".join(texts), seq.generated, reason)
+
+    async def GenerateStream(self, request, context):  # noqa: N802
+        seq = await self._sequence(request, context)
+        async for delta in self._deltas(seq, context):
+            yield self._response(seq, delta.text, delta.token_ids, delta.finish_reason)
+
+    async def Tokenize(self, request, context):  # noqa: N802
+        try:
+            ids = render_prompt(request, self.tokenizer, self.limits.vocab_size)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return relay_pb2.TokenizeResponse(token_ids=ids, count=len(ids))
+
+    async def GetModelInfo(self, request, context):  # noqa: N802
+        info = relay_pb2.ModelInfo(
+            model_id=self.meta.model_id,
+            dtype=self.meta.dtype,
+            num_layers=self.meta.num_layers,
+            max_context=self.limits.max_context,
+            vocab_size=self.limits.vocab_size,
+            max_new_tokens_cap=self.limits.max_new_tokens_cap,
+            max_batch_size=self.meta.max_batch,
+        )
+        engine = await self._ready(context)
+        for i, s in enumerate(await engine.pipeline.stats()):
+            info.slices.add(
+                index=i, first_layer=s["first"], last_layer=s["end"] - 1, has_embeddings=s["has_embeddings"],
+                has_lm_head=s["has_lm_head"], actor_id=s["actor_id"], node_id=s["node_id"], device=s["device"],
+                cache_entries=s["cache_entries"], weight_bytes=s["weight_bytes"],
+                peak_rss_bytes=s["peak_rss_bytes"],
+            )
+        return info

@@ -1,0 +1,101 @@
+"""Validation at the edge: a request becomes a prompt and `GenerationParams`, or an error naming the field.
+
+Nothing invalid reaches the engine (DESIGN.md, decision 6); slices assume valid batches.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from qwen_relay.shards.batch import SamplingParams
+from qwen_relay.v1 import relay_pb2
+
+from .sequence import GenerationParams
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+MAX_REQUEST_ID_CHARS = 128
+
+
+class InvalidRequest(ValueError):
+    """Maps to INVALID_ARGUMENT; the message starts with the offending field."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_context: int
+    default_max_new_tokens: int = 128
+    max_new_tokens_cap: int = 1024
+
+
+def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest,
+                  tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
+    """The prompt's token ids from whichever single input the request carries."""
+    token_ids = list(getattr(request, "prompt_token_ids", ()))
+    given = [name for name, present in
+             (("prompt", bool(request.prompt)), ("messages", len(request.messages) > 0),
+              ("prompt_token_ids", len(token_ids) > 0)) if present]
+    if not given:
+        raise InvalidRequest("prompt: no input given (set exactly one of prompt, messages, prompt_token_ids)")
+    if len(given) > 1:
+        raise InvalidRequest(f"{given[1]}: only one input is allowed, but {' and '.join(given)} are set")
+    if request.prompt:
+        return tokenizer.encode(request.prompt, add_special_tokens=False)
+    if token_ids:
+        for i, token in enumerate(token_ids):
+            if not 0 <= token < vocab_size:
+                raise InvalidRequest(f"prompt_token_ids[{i}]: token id {token} is outside the vocabulary "
+                                     f"[0, {vocab_size})")
+        return token_ids
+    messages = []
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role: unknown role {message.role!r} "
+                                 f"(expected one of {', '.join(sorted(ROLES))})")
+        messages.append({"role": message.role, "content": message.content})
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerBase,
+             limits: Limits) -> tuple[str, list[int], GenerationParams]:
+    """Request id, prompt token ids and generation parameters, or `InvalidRequest`."""
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
+    request_id = request.request_id or secrets.token_hex(8)
+    # Cheap checks first, so a huge prompt with a bad number is refused before tokenizing it.
+    if not math.isfinite(request.temperature) or request.temperature < 0:
+        raise InvalidRequest(f"temperature: must be a finite number >= 0, got {request.temperature}")
+    top_p = request.top_p if request.HasField("top_p") else 1.0
+    if not 0.0 < top_p <= 1.0:  # also false for NaN
+        raise InvalidRequest(f"top_p: must lie in (0, 1], got {top_p}")
+    if request.max_new_tokens > limits.max_new_tokens_cap:
+        raise InvalidRequest(f"max_new_tokens: {request.max_new_tokens} is above the server cap "
+                             f"{limits.max_new_tokens_cap}")
+    if len(request.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidRequest(f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(request.stop)}")
+    for i, stop in enumerate(request.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidRequest(f"stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters long")
+    if len(request.prompt) > limits.max_context * 64:
+        raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit the context limit "
+                             f"{limits.max_context} tokens")
+
+    prompt_ids = render_prompt(request, tokenizer, limits.vocab_size)
+    if not prompt_ids:
+        raise InvalidRequest("prompt: renders to no tokens")
+    max_new = request.max_new_tokens or limits.default_max_new_tokens
+    if len(prompt_ids) + max_new > limits.max_context:
+        raise InvalidRequest(f"max_new_tokens: prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) "
+                             f"exceeds the context limit {limits.max_context}")
+    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+    sampling = SamplingParams(temperature=request.temperature, top_p=top_p, top_k=request.top_k, seed=seed)
+    params = GenerationParams(max_new_tokens=max_new, sampling=sampling, stop=tuple(request.stop),
+                              ignore_eos=request.ignore_eos, adapter=request.adapter)
+    return request_id, prompt_ids, params

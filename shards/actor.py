@@ -1,0 +1,41 @@
+"""The Ray actor that hosts one slice: a thin wrapper that places a `SliceRunner` on a GPU or CPU.
+
+Hidden states arrive as Ray object refs from the previous slice's actor (Ray resolves a ref passed as an
+argument by fetching it straight from the producer), so activations never travel through the gateway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import ray
+import torch
+
+from .batch import StepBatch
+from .runner import SliceRunner, SliceSpec
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote
+class SliceActor:
+    def __init__(self, spec: SliceSpec) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        if spec.threads == 0 and not torch.cuda.is_available():
+            # Ray pins OMP threads to the bundle's CPU count; the slices of one request run one after
+            # another, so each may use every core of its node (FACTS.md: one thread each cost 1.7x).
+            spec = dataclasses.replace(spec, threads=os.cpu_count() or 1)
+        self.runner = SliceRunner(spec)
+        self.runner.warmup()
+
+    def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
+        return self.runner.step(batch, hidden)
+
+    def release(self, slots: list[int]) -> None:
+        self.runner.release(slots)
+
+    def stats(self) -> dict:
+        context = ray.get_runtime_context()
+        return {**self.runner.stats(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id()}

@@ -1,0 +1,78 @@
+"""A preallocated, slot-indexed KV cache for one slice's layers (gpt-fast style buffers).
+
+Every sequence owns one slot for its lifetime; its keys and values for position p of local layer l live at
+`k[l, slot, :, p]`. Sequences join and leave between steps without copying anyone else's cache. The buffers
+are zero-filled so that never-written positions (masked out in attention) are finite: a NaN there would
+poison the softmax even under a -inf mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheMismatch(RuntimeError):
+    """The gateway's view of a sequence and the slice's cache disagree; the gateway must re-prefill."""
+
+
+class KVCache:
+    """Keys and values of `num_layers` layers for `num_slots` sequences of up to `max_len` tokens."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self.lengths: dict[int, int] = {}  # slot -> tokens cached; a slot absent here holds nothing
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def check(self, slots: list[int], starts: list[int], ends: list[int]) -> None:
+        """Refuse a step that does not continue what this cache holds (say, after the actor restarted)."""
+        for slot, start, end in zip(slots, starts, ends, strict=True):
+            if not 0 <= slot < self.num_slots:
+                raise ValueError(f"slot {slot} outside the cache's {self.num_slots} slots")
+            held = self.lengths.get(slot, 0)
+            if start != held:
+                raise CacheMismatch(f"slot {slot} holds {held} tokens but the step starts at {start}")
+            if end > self.max_len:
+                raise ValueError(f"slot {slot} would hold {end} tokens, over the cache's {self.max_len}")
+
+    def commit(self, slots: list[int], ends: list[int]) -> None:
+        for slot, end in zip(slots, ends, strict=True):
+            self.lengths[slot] = end
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.lengths.pop(slot, None)
+
+    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store new keys/values [N, kv_heads, head_dim] of N tokens at (slot, position) pairs."""
+        self.k[layer, slot_idx, :, pos_idx] = k
+        self.v[layer, slot_idx, :, pos_idx] = v
+
+    def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv_heads, length, head_dim] of the batch's slots.
+
+        Consecutive slots (the common case: the allocator hands out the lowest free ones) are a view, not a
+        copy; anything else gathers.
+        """
+        first = slots[0]
+        if slots == list(range(first, first + len(slots))):
+            rows = slice(first, first + len(slots))
+        else:
+            rows = torch.tensor(slots, device=self.k.device)
+        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]

@@ -1,0 +1,118 @@
+"""Load one slice of a Hugging Face Qwen2 checkpoint, reading only that slice's tensors.
+
+The slice is built on the meta device (accelerate's `init_empty_weights`), then each tensor it owns is read
+with `safetensors.safe_open` from the one file the index names for it and placed with accelerate's
+`set_module_tensor_to_device`. Nothing else of the checkpoint is read, so a slice's peak memory is its own
+share of the weights, not the whole model's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from .model import ModelSlice
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+METADATA_PATTERNS = ["*.json", "*.txt", "*.jinja", "tokenizer*"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on a GPU and fp32 on a CPU (CPU bf16 matmuls are slow and lose parity)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def model_dir(model: str) -> Path:
+    """A local checkpoint folder as it is; a hub id becomes a local snapshot of its small files only.
+
+    Weight files are fetched later, one by one, only by the slices that need them.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))
+
+
+def weight_file(model: str, folder: Path, filename: str) -> Path:
+    path = folder / filename
+    if path.exists() or Path(model).expanduser().is_dir():
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(model, filename))
+
+
+def load_config(folder: Path) -> PretrainedConfig:
+    """The checkpoint's config, checked to be a Qwen2-architecture decoder this relay can serve."""
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "qwen2":
+        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a Qwen2 checkpoint")
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise ValueError(f"{folder}: sliding-window attention layers are not supported")
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> file name, from the index of a sharded checkpoint or the header of a single file."""
+    index = folder / INDEX_FILE
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    single = folder / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"{folder} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), SINGLE_FILE)
+
+
+def checkpoint_key(name: str, config: PretrainedConfig, wmap: dict[str, str]) -> str:
+    """Where a slice parameter lives in the checkpoint: a tied LM head reads the embedding."""
+    if name == "lm_head.weight" and "lm_head.weight" not in wmap and config.tie_word_embeddings:
+        return "model.embed_tokens.weight"
+    return name
+
+
+def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: torch.device) -> ModelSlice:
+    """Build layers [first, end) of `model` on `device`, reading only the tensors they own."""
+    folder = model_dir(model)
+    config = load_config(folder)
+    with init_empty_weights():
+        part = ModelSlice(config, first, end)
+    wmap = weight_map(folder)
+    names = [n for n, _ in part.named_parameters(remove_duplicate=False)]
+    if part.is_first and part.is_last and config.tie_word_embeddings:
+        names.remove("lm_head.weight")  # one tensor serves both, tied below
+    by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for name in names:
+        key = checkpoint_key(name, config, wmap)
+        if key not in wmap:
+            raise KeyError(f"{model}: tensor {key} is missing from the checkpoint")
+        by_file[wmap[key]].append((name, key))
+
+    for filename, pairs in sorted(by_file.items()):
+        path = weight_file(model, folder, filename)
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for name, key in pairs:
+                set_module_tensor_to_device(part, name, device, value=f.get_tensor(key), dtype=dtype)
+    if part.is_first and part.is_last and config.tie_word_embeddings:
+        part.lm_head.weight = part.model.embed_tokens.weight
+    part.attach_rotary(device)
+    part.eval().requires_grad_(False)
+    log.info("loaded layers %d-%d of %s from %d file(s) onto %s", first, end - 1, model, len(by_file), device)
+    return part

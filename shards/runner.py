@@ -1,0 +1,116 @@
+"""One slice and its KV cache: what a Ray actor hosts, and what runs in-process without Ray.
+
+Like nano-vllm's ModelRunner, this is the only place a forward happens. It checks every step against what
+its cache holds, so a step meant for a cache that was lost (the actor restarted) fails loudly with
+`CacheMismatch` instead of silently attending to zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .batch import SamplingParams, StepBatch
+from .kv_cache import KVCache
+from .loader import load_slice, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """Everything needed to (re)build a slice anywhere: a restarted actor rebuilds from this alone."""
+
+    model: str
+    first: int  # first layer, inclusive
+    end: int  # last layer + 1
+    dtype: str = "auto"
+    device: str = "auto"  # "auto": the first visible GPU if any, else CPU
+    max_slots: int = 16
+    max_len: int = 2048
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class SliceRunner:
+    def __init__(self, spec: SliceSpec) -> None:
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        if spec.device == "auto":
+            device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(spec.device)
+        self.spec = spec
+        self.device = device
+        self.dtype = resolve_dtype(spec.dtype, device)
+        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device)
+        config = self.slice.config
+        self.cache = KVCache(
+            num_layers=spec.end - spec.first,
+            num_slots=spec.max_slots,
+            max_len=spec.max_len,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=self.slice.head_dim,
+            dtype=self.dtype,
+            device=device,
+        )
+        self.forward_seconds = 0.0
+        self.steps = 0
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
+        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice."""
+        start = time.perf_counter()
+        ends = batch.ends()
+        self.cache.check(batch.slots, batch.starts, ends)
+        if hidden is not None:
+            hidden = hidden.to(self.device, self.dtype)
+        out = self.slice(batch, hidden, self.cache)
+        self.cache.commit(batch.slots, ends)
+        if self.slice.is_last:
+            out = out.tolist()
+        elif self.device.type != "cpu":
+            torch.cuda.synchronize(self.device)
+        self.forward_seconds += time.perf_counter() - start
+        self.steps += 1
+        return out
+
+    def release(self, slots: list[int]) -> None:
+        """Forget finished or cancelled sequences' caches (the buffers stay; the slots become free)."""
+        self.cache.release(slots)
+
+    def warmup(self) -> None:
+        """One throwaway step so the first real request does not pay for lazy initialisation."""
+        batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], sampling=[SamplingParams()])
+        hidden = None
+        if not self.slice.is_first:
+            hidden = torch.zeros(1, 2, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
+        self.step(batch, hidden)
+        self.release([0])
+
+    def stats(self) -> dict:
+        weights = {p.data_ptr(): p.nbytes for p in self.slice.parameters()}
+        return {
+            "first": self.spec.first,
+            "end": self.spec.end,
+            "has_embeddings": self.slice.is_first,
+            "has_lm_head": self.slice.is_last,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "cache_entries": len(self.cache.lengths),
+            "cache_bytes": self.cache.nbytes,
+            "weight_bytes": sum(weights.values()),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "forward_seconds": self.forward_seconds,
+            "steps": self.steps,
+        }

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny real Qwen2 checkpoints, one Ray session, and relays serving them on loopback.
+
+Ray starts once per test session; a relay (gRPC server + slice actors) runs on a background event loop so
+tests can call it with the real synchronous client. At most one relay lives at a time, keyed by its
+options, so parametrized tests over layer splits reuse it and the 2-core CI machine is not oversubscribed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster; silences the token warning
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+NUM_LAYERS = 5  # odd, so even splits into 2, 3 and 4 slices are uneven
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Tied embeddings (like Qwen2.5-0.5B), single safetensors file."""
+    from qwen_relay.shards.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", num_hidden_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def untied_model(tmp_path_factory) -> Path:
+    """Untied LM head, sharded into several safetensors files with an index."""
+    from qwen_relay.shards.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("untied"), "tiny", num_hidden_layers=NUM_LAYERS,
+                            tie_word_embeddings=False, seed=1, max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    # Logical CPUs: four 1-CPU slices must fit; the slices set their own torch threads.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+class LoopThread:
+    """An asyncio loop on a daemon thread, so synchronous tests can drive async servers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> LoopThread:
+    return LoopThread()
+
+
+@pytest.fixture(scope="session")
+def relay_factory(ray_session, loop_thread) -> Iterator[Callable]:
+    """`relay_factory(options) -> Relay`: reuses the live relay if the options match, else replaces it."""
+    from qwen_relay.server.app import Relay
+
+    live: dict = {}
+
+    def get(options):
+        options = replace(options, port=0)
+        if live.get("options") != options:
+            if "relay" in live:
+                loop_thread.run(live.pop("relay").stop(grace=0))
+            live["relay"] = loop_thread.run(Relay.start(options))
+            live["options"] = options
+        return live["relay"]
+
+    yield get
+    if "relay" in live:
+        loop_thread.run(live["relay"].stop(grace=0))
+
+
+@pytest.fixture
+def relay(relay_factory, tiny_model):
+    """The tiny model in 2 slices (layers 0-2 and 3-4) on Ray actors."""
+    from qwen_relay.server.app import ServeOptions
+
+    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=256))
+
+
+@pytest.fixture
+def client(relay):
+    from qwen_relay.client import RelayClient
+
+    with RelayClient(f"127.0.0.1:{relay.port}", timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, untied_model) -> Callable:
+    """Greedy `generate()` on the whole model in fp32: the parity contract."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def generate(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        if model_dir not in models:
+            models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            out = models[model_dir].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                             do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    return generate

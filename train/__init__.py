@@ -1,0 +1,1 @@
+"""Distributed LoRA fine-tuning with Ray Train."""
