@@ -60,6 +60,9 @@ class ServeOptions:
     cpus_per_slice: float = 1.0
     threads: int = 0
     placement_strategy: str = "PACK"
+    max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
+    recovery_timeout: float = 60.0
+    max_queue: int = 256
     grace_seconds: float = 10.0
 
 
@@ -99,8 +102,7 @@ class Relay:
 
     async def _open_port(self) -> None:
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.servicer = TextGenerationServicer(self.tokenizer, self.limits, self._meta("loading"))
         relay_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
@@ -135,19 +137,24 @@ class Relay:
         if opts.use_ray:
             self.pipeline = await asyncio.to_thread(
                 RayPipeline, specs, use_gpu=use_gpu, cpus_per_slice=opts.cpus_per_slice,
-                strategy=opts.placement_strategy)
+                strategy=opts.placement_strategy, max_restarts=opts.max_restarts)
         else:
             self.pipeline = await asyncio.to_thread(LocalPipeline, specs)
         stats = await self.pipeline.stats()
-        self.engine = Engine(self.pipeline, EngineConfig(max_batch=opts.max_batch, max_context=self.max_context,
-                                                         eos_ids=self.eos_ids))
+        config = EngineConfig(max_batch=opts.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
+                              max_queue=opts.max_queue, recovery_timeout=opts.recovery_timeout)
+        self.engine = Engine(self.pipeline, config, on_health=self._set_health)
         self.engine.start()
         self.servicer.meta = self._meta(stats[0]["dtype"])
         self.servicer.engine = self.engine
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
         self.layout = stats
         log.info("SERVING %s", self.describe_layout())
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
     def describe_layout(self) -> str:
         return "; ".join(

@@ -30,6 +30,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="Ray placement-group strategy for the slices")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
+    parser.add_argument("--recovery-timeout", type=float, default=60.0,
+                        help="seconds in-flight calls wait for a lost slice before UNAVAILABLE")
+    parser.add_argument("--max-restarts", type=int, default=-1, help="Ray restarts per slice actor (-1: unlimited)")
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
@@ -38,7 +43,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         max_batch=args.max_batch, max_context=args.max_context, max_new_tokens_cap=args.max_new_tokens_cap,
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, placement_strategy=args.placement,
-        grace_seconds=args.grace,
+        grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
+        max_restarts=args.max_restarts,
     )
 
 

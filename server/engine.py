@@ -3,22 +3,35 @@
 One asyncio task runs the loop; RPC handlers only `submit` a sequence and read its outbox. Cancellation is
 a flag the loop reaps between steps, so a slot is never freed while a step that uses it is in flight, and
 every slice releases it before anyone else can be given it.
+
+Faults: when a slice dies mid-step (`SliceLost`), the step's tokens never arrive, so nothing was appended.
+The loop waits (bounded) for Ray to bring the slice back, clears every cache and replays each running
+sequence by prefilling prompt + generated tokens: callers see no token lost, repeated or changed. If the
+slice does not come back in time, in-flight calls end UNAVAILABLE and the loop keeps probing until it does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from qwen_relay.shards.batch import StepBatch
 
-from .pipeline import Pipeline
+from .pipeline import Pipeline, SliceLost
 from .scheduler import Scheduler
 from .sequence import Delta, FinishReason, Sequence
 
 log = logging.getLogger(__name__)
+
+
+class Overloaded(RuntimeError):
+    """A limit is reached (maps to RESOURCE_EXHAUSTED: retrying at once would not help)."""
+
+
+class Unavailable(RuntimeError):
+    """A slice is down (maps to UNAVAILABLE: the service recovers by itself)."""
 
 
 @dataclass(frozen=True)
@@ -27,13 +40,18 @@ class EngineConfig:
     max_context: int  # prompt + generated tokens per sequence
     eos_ids: frozenset[int]
     max_prefill_tokens: int = 4096
+    max_queue: int = 256  # requests waiting for a cache slot; beyond it new ones are refused
+    recovery_timeout: float = 60.0  # how long in-flight calls wait for a lost slice to come back
 
 
 class Engine:
-    def __init__(self, pipeline: Pipeline, config: EngineConfig) -> None:
+    def __init__(self, pipeline: Pipeline, config: EngineConfig,
+                 on_health: Callable[[bool], Awaitable[None]] | None = None) -> None:
         self.pipeline = pipeline
         self.config = config
         self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
+        self.available = True
+        self._on_health = on_health
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -48,6 +66,11 @@ class Engine:
 
     async def generate(self, seq: Sequence) -> AsyncIterator[Delta]:
         """Submit `seq` and yield its deltas until it finishes. Leaving early cancels it."""
+        if not self.available:
+            raise Unavailable("a model slice is down and being restored; retry shortly")
+        if len(self.scheduler.waiting) >= self.config.max_queue:
+            raise Overloaded(f"admission queue is full: {len(self.scheduler.waiting)} requests wait for one of "
+                             f"{self.config.max_batch} active-sequence slots (limits --max-queue, --max-batch)")
         self.scheduler.add(seq)
         self._wake.set()
         try:
@@ -65,6 +88,9 @@ class Engine:
 
     async def _loop(self) -> None:
         while True:
+            if not self.available:
+                await self._restore()
+                continue
             self._reap_cancelled()
             batch = self.scheduler.schedule()
             if not batch:
@@ -81,6 +107,10 @@ class Engine:
                 tokens = await self.pipeline.step(step)
             except asyncio.CancelledError:
                 raise
+            except SliceLost as e:
+                log.warning("step of %d sequences lost: %s", len(batch), e)
+                await self._recover()
+                continue
             except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
                 log.exception("step failed for %d sequences", len(batch))
                 for seq in batch:
@@ -116,6 +146,33 @@ class Engine:
             self.pipeline.release([slot])
         if last is not None:
             seq.outbox.put_nowait(last)
+
+    async def _set_health(self, serving: bool) -> None:
+        if self._on_health is not None:
+            await self._on_health(serving)
+
+    async def _recover(self) -> None:
+        """After a lost step: wait for the slices, then replay every running sequence from its history."""
+        await self._set_health(False)
+        timeout = self.config.recovery_timeout
+        if await self.pipeline.recover(timeout):
+            for seq in self.scheduler.running:
+                seq.num_cached = 0  # the next step re-prefills prompt + generated tokens
+            log.info("slices back; replaying %d sequences", len(self.scheduler.running))
+            await self._set_health(True)
+            return
+        error = Unavailable(f"a model slice did not come back within {timeout:.0f} s; retry later")
+        log.error("%s: failing %d in-flight requests", error, len(self.scheduler))
+        self.available = False
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
+
+    async def _restore(self) -> None:
+        """While unavailable: probe until every slice answers again, then serve again."""
+        if await self.pipeline.recover(self.config.recovery_timeout):
+            self.available = True
+            log.info("every slice answers again: serving")
+            await self._set_health(True)
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:

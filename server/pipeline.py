@@ -17,15 +17,25 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qwen_relay.shards.actor import SliceActor
 from qwen_relay.shards.batch import StepBatch
+from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 
 log = logging.getLogger(__name__)
+
+STATS_TIMEOUT_S = 5.0
+
+
+class SliceLost(RuntimeError):
+    """A slice died or restarted (its cache is gone): the step did not happen and must not be retried as is;
+    the engine waits for the slice and rebuilds every cache by replay."""
 
 
 class Pipeline(Protocol):
     async def step(self, batch: StepBatch) -> list[int]: ...
 
     def release(self, slots: list[int]) -> None: ...
+
+    async def recover(self, timeout: float) -> bool: ...
 
     async def stats(self) -> list[dict]: ...
 
@@ -53,18 +63,30 @@ class LocalPipeline:
         for runner in self.runners:
             runner.release(slots)
 
+    async def recover(self, timeout: float) -> bool:
+        """In-process slices cannot die on their own; just forget the caches so they can be replayed."""
+        for runner in self.runners:
+            runner.reset()
+        return True
+
     async def stats(self) -> list[dict]:
-        return [{**r.stats(), "actor_id": "", "node_id": ""} for r in self.runners]
+        return [{**r.stats(), "actor_id": "", "node_id": "", "healthy": True, "restarts": 0}
+                for r in self.runners]
 
     async def close(self) -> None:
         self.runners = []
 
 
 class RayPipeline:
-    """One `SliceActor` per slice, each in its own placement-group bundle (one GPU each where GPUs exist)."""
+    """One `SliceActor` per slice, each in its own placement-group bundle (one GPU each where GPUs exist).
+
+    Ray restarts a dead actor, re-placing it on a surviving node if its node is gone; calls are never retried
+    by Ray. A failed step surfaces as `SliceLost` and the engine decides what to do.
+    """
 
     def __init__(self, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
-                 strategy: str = "PACK", ready_timeout: float = 600.0) -> None:
+                 strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1) -> None:
+        self.specs = specs
         bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
         self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         try:
@@ -77,25 +99,66 @@ class RayPipeline:
             SliceActor.options(
                 num_cpus=cpus_per_slice,
                 num_gpus=1 if use_gpu else 0,
+                max_restarts=max_restarts,
+                max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             ).remote(spec)
             for i, spec in enumerate(specs)
         ]
         # Constructors load weights and warm up; wait for all of them so health turns SERVING only then.
-        ray.get([a.stats.remote() for a in self.actors], timeout=ready_timeout)
+        first = ray.get([a.stats.remote() for a in self.actors], timeout=ready_timeout)
+        self.incarnations = [s["incarnation"] for s in first]  # a new one means Ray restarted that slice
+        self.restarts = [0] * len(specs)
 
     async def step(self, batch: StepBatch) -> list[int]:
         out = None
         for actor in self.actors:
             out = actor.step.remote(batch, out)
-        return await out
+        try:
+            return await out
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            raise SliceLost(f"a slice actor died: {type(e).__name__}") from e
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, CacheMismatch):
+                raise SliceLost(f"a slice restarted and lost its cache: {e.cause}") from e
+            raise
 
     def release(self, slots: list[int]) -> None:
         for actor in self.actors:
             actor.release.remote(slots)
 
+    async def recover(self, timeout: float) -> bool:
+        """Wait (bounded) until every slice answers, then clear all caches for replay. False on timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            stats = await self.stats()
+            if all(s["healthy"] for s in stats):
+                await asyncio.gather(*(a.reset.remote() for a in self.actors))
+                return True
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
+
+    async def _stats(self, index: int) -> dict:
+        spec = self.specs[index]
+        try:
+            stats = await asyncio.wait_for(self.actors[index].stats.remote(), STATS_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - an unreachable slice is reported, not raised
+            log.warning("slice %d (layers %d-%d) is not answering: %s", index, spec.first, spec.end - 1,
+                        type(e).__name__)
+            return {"first": spec.first, "end": spec.end, "has_embeddings": spec.first == 0,
+                    "has_lm_head": False, "device": "", "dtype": "", "cache_entries": 0, "cache_bytes": 0,
+                    "weight_bytes": 0, "peak_rss_bytes": 0, "forward_seconds": 0.0, "steps": 0,
+                    "actor_id": "", "node_id": "", "healthy": False, "restarts": self.restarts[index]}
+        if stats["incarnation"] != self.incarnations[index]:
+            self.incarnations[index] = stats["incarnation"]
+            self.restarts[index] += 1
+            log.warning("slice %d was restarted by Ray (restart #%d)", index, self.restarts[index])
+        return {**stats, "healthy": True, "restarts": self.restarts[index]}
+
     async def stats(self) -> list[dict]:
-        return list(await asyncio.gather(*(a.stats.remote() for a in self.actors)))
+        return list(await asyncio.gather(*(self._stats(i) for i in range(len(self.actors)))))
 
     async def close(self) -> None:
         for actor in self.actors:

@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .detokenizer import Detokenizer
-from .engine import Engine
+from .engine import Engine, Overloaded, Unavailable
 from .sequence import Delta, FinishReason, Sequence
 from .validation import InvalidRequest, Limits, render_prompt, validate
 
@@ -63,6 +63,10 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         try:
             async for delta in self.engine.generate(seq):
                 yield delta
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except Exception as e:  # noqa: BLE001 - a failed step ends this call, not the server
             log.error("request %s failed: %s", seq.request_id, e)
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {e}")

@@ -2,6 +2,9 @@
 
 Hidden states arrive as Ray object refs from the previous slice's actor (Ray resolves a ref passed as an
 argument by fetching it straight from the producer), so activations never travel through the gateway.
+Ray restarts a dead actor (the pipeline sets `max_restarts`); the new one rebuilds its slice from the
+checkpoint with an empty cache, and the gateway replays what was lost. Steps are never retried by Ray
+(`max_task_retries=0`): a step applied twice would corrupt a cache.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import uuid
 
 import ray
 import torch
@@ -27,6 +31,7 @@ class SliceActor:
             # Ray pins OMP threads to the bundle's CPU count; the slices of one request run one after
             # another, so each may use every core of its node (FACTS.md: one thread each cost 1.7x).
             spec = dataclasses.replace(spec, threads=os.cpu_count() or 1)
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
         self.runner = SliceRunner(spec)
         self.runner.warmup()
 
@@ -36,6 +41,10 @@ class SliceActor:
     def release(self, slots: list[int]) -> None:
         self.runner.release(slots)
 
+    def reset(self) -> None:
+        self.runner.reset()
+
     def stats(self) -> dict:
         context = ray.get_runtime_context()
-        return {**self.runner.stats(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id()}
+        return {**self.runner.stats(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
+                "incarnation": self.incarnation, "pid": os.getpid()}

@@ -89,6 +89,10 @@ class SliceRunner:
         """Forget finished or cancelled sequences' caches (the buffers stay; the slots become free)."""
         self.cache.release(slots)
 
+    def reset(self) -> None:
+        """Forget every cache: after a fault the gateway rebuilds them all by replaying token histories."""
+        self.cache.release(list(self.cache.lengths))
+
     def warmup(self) -> None:
         """One throwaway step so the first real request does not pay for lazy initialisation."""
         batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], sampling=[SamplingParams()])
