@@ -23,6 +23,9 @@ from qwen_relay.shards.runner import SliceRunner, SliceSpec
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
+# Slices run one after another and share the node's cores: OpenMP threads that spin after a forward would
+# steal the next slice's cores. Passive waiting gives them back at once.
+SLICE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class SliceLost(RuntimeError):
@@ -101,6 +104,7 @@ class RayPipeline:
                 num_gpus=1 if use_gpu else 0,
                 max_restarts=max_restarts,
                 max_task_retries=0,
+                runtime_env={"env_vars": SLICE_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             ).remote(spec)
             for i, spec in enumerate(specs)
