@@ -1,0 +1,186 @@
+"""Multi-node for real: a 2-node Ray cluster on this machine (`ray start --head` + a second `ray start`),
+the relay serving on it with `--ray-address`, slices on different nodes, and a node killed mid-stream.
+
+Everything Ray here runs in subprocesses bound to 127.0.0.1 with its own temp dir, so it never touches the
+test session's own Ray cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import pytest
+from transformers import AutoTokenizer
+
+from qwen_relay.client import RelayClient
+
+RAY = str(Path(sys.executable).with_name("ray"))
+MAX_NEW = 60
+# Detect a dead node in ~2 s instead of Ray's default ~15-30 s.
+RAY_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "500",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+class LocalCluster:
+    """A head node and worker nodes as separate raylets on this machine; workers can be killed outright."""
+
+    def __init__(self) -> None:
+        self.temp_dir = f"/tmp/qr-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths have a length limit
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, **RAY_ENV}
+        self.workers: list[subprocess.Popen] = []
+        subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                        "--include-dashboard=false", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
+                       env=self.env, check=True, capture_output=True, timeout=120)
+
+    def add_worker(self) -> None:
+        # Its own session (process group): killing the group kills its raylet and every worker on it.
+        self.workers.append(subprocess.Popen(
+            [RAY, "start", f"--address={self.address}", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--block"],
+            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        probe = (f"import ray; ray.init(address='{self.address}', log_to_driver=False); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True,
+                                 timeout=60)
+            if out.stdout.strip().splitlines()[-1:] == [str(count)]:
+                return
+            time.sleep(1)
+        raise AssertionError(f"the cluster did not reach {count} live nodes")
+
+    def kill_worker(self) -> None:
+        """The node dies at once: its raylet and every process it spawned (Ray workers get their own group)."""
+        root = self.workers.pop(0).pid
+        for pid in [root, *_descendants(root)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        while self.workers:
+            self.kill_worker()
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    c = LocalCluster()
+    c.add_worker()
+    c.wait_for_nodes(2)
+    yield c
+    c.close()
+
+
+def _serve(cluster: LocalCluster, model: Path, placement: str, recovery_timeout: float) -> tuple[subprocess.Popen,
+                                                                                                 RelayClient]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(model), "--shards", "2",
+         "--ray-address", cluster.address, "--port", str(port), "--placement", placement,
+         "--recovery-timeout", str(recovery_timeout), "--max-context", "512"],
+        env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = RelayClient(f"127.0.0.1:{port}", timeout=120)
+    _wait_serving(client, proc)
+    return proc, client
+
+
+def _wait_serving(client: RelayClient, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "qwen-relay serve exited"
+        try:
+            if client.health(timeout=2) == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("the relay did not become SERVING")
+
+
+def _stop(proc: subprocess.Popen, client: RelayClient) -> None:
+    client.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+
+
+def test_slices_spread_over_nodes_survive_a_node_dying(cluster, tiny_model, reference):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt_ids = tokenizer.encode("Merhaba! Nasıl yardımcı olabilirim?", add_special_tokens=False)
+    proc, client = _serve(cluster, tiny_model, "SPREAD", recovery_timeout=120)
+    try:
+        nodes = [s.node_id for s in client.model_info().slices]
+        assert len(set(nodes)) == 2, nodes
+        tokens: list[int] = []
+        for chunk in client.stream(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True):
+            tokens.extend(chunk.token_ids)
+            if len(tokens) == 10:
+                cluster.kill_worker()
+        assert tokens == reference(tiny_model, prompt_ids, MAX_NEW)
+        # The lost slice was re-placed on the surviving node, and the service keeps serving.
+        after = [s.node_id for s in client.model_info().slices]
+        assert len(set(after)) == 1
+        again = client.generate(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True)
+        assert again.token_ids == tokens
+    finally:
+        _stop(proc, client)
+
+
+def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(cluster, tiny_model, reference):
+    proc, client = _serve(cluster, tiny_model, "STRICT_SPREAD", recovery_timeout=3)
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            for i, _ in enumerate(client.stream(prompt="Merhaba", max_new_tokens=200, ignore_eos=True)):
+                if i == 5:
+                    cluster.kill_worker()
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as refused:
+            client.generate(prompt="Merhaba", max_new_tokens=4)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A node joins: Ray re-places the slice there and the relay recovers by itself.
+        cluster.add_worker()
+        _wait_serving(client, proc)
+        assert len({s.node_id for s in client.model_info().slices}) == 2
+        ids = [5, 17, 300, 42]
+        assert client.generate(prompt_token_ids=ids, max_new_tokens=20).token_ids == reference(tiny_model, ids, 20)
+    finally:
+        _stop(proc, client)
