@@ -8,6 +8,7 @@ from .aio import AsyncRelayClient
 from .client import RelayClient
 from .common import (
     DEFAULT_TARGET,
+    AdapterInfo,
     Chunk,
     Completion,
     CompletionBuilder,
@@ -22,6 +23,7 @@ from .common import (
 
 __all__ = [
     "DEFAULT_TARGET",
+    "AdapterInfo",
     "AsyncRelayClient",
     "Chunk",
     "Completion",

@@ -16,12 +16,14 @@ from grpc_health.v1 import health_pb2
 from qwen_relay.v1 import relay_pb2
 
 from .common import (
+    AdapterInfo,
     BaseClient,
     Chunk,
     Completion,
     MessageLike,
     ModelInfo,
     TokenizeResult,
+    adapter_info_from_response,
     build_generate_request,
     build_tokenize_request,
     chunk_from_response,
@@ -112,6 +114,21 @@ class AsyncRelayClient(BaseClient):
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         request = relay_pb2.GetModelInfoRequest()
         return model_info_from_response(await self.stub.GetModelInfo(request, **self._call_kwargs(timeout)))
+
+    async def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
+        """Loads the PEFT LoRA adapter folder ``path`` (as the server sees it) under ``name``."""
+        request = relay_pb2.LoadAdapterRequest(name=name, path=str(path))
+        return adapter_info_from_response(await self.admin.LoadAdapter(request, **self._call_kwargs(timeout)))
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        """Unloads an adapter; FAILED_PRECONDITION while requests still use it."""
+        request = relay_pb2.UnloadAdapterRequest(name=name)
+        await self.admin.UnloadAdapter(request, **self._call_kwargs(timeout))
+
+    async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        request = relay_pb2.ListAdaptersRequest()
+        response = await self.admin.ListAdapters(request, **self._call_kwargs(timeout))
+        return [adapter_info_from_response(a) for a in response.adapters]
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 Check; "" asks about the whole server. Returns e.g. "SERVING"."""

@@ -202,6 +202,8 @@ class SliceInfo:
     cache_entries: int
     weight_bytes: int
     peak_rss_bytes: int
+    healthy: bool = True  # False: the slice did not answer the gateway's stats call
+    restarts: int = 0  # times the slice was restarted since the gateway started
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,23 @@ class ModelInfo:
     max_batch_size: int
     slices: list[SliceInfo]
     raw: relay_pb2.ModelInfo | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _as_dict(self)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded LoRA adapter; mirrors relay.proto's AdapterInfo (layers are global indices)."""
+
+    name: str
+    path: str
+    r: int
+    alpha: float
+    target_modules: list[str]
+    layers: list[int]
+    base_model: str
+    raw: relay_pb2.AdapterInfo | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return _as_dict(self)
@@ -259,6 +278,12 @@ def tokenize_result_from_response(response: relay_pb2.TokenizeResponse) -> Token
 def model_info_from_response(response: relay_pb2.ModelInfo) -> ModelInfo:
     slices = [SliceInfo(**_copy_fields(SliceInfo, s)) for s in response.slices]
     return ModelInfo(**_copy_fields(ModelInfo, response, skip=("slices",)), slices=slices, raw=response)
+
+
+def adapter_info_from_response(response: relay_pb2.AdapterInfo) -> AdapterInfo:
+    fields = _copy_fields(AdapterInfo, response, skip=("target_modules", "layers"))
+    return AdapterInfo(**fields, target_modules=list(response.target_modules), layers=list(response.layers),
+                       raw=response)
 
 
 def health_status_name(response: health_pb2.HealthCheckResponse) -> str:
@@ -399,6 +424,7 @@ class BaseClient:
         # wrapper methods do not cover.
         self.stub = relay_pb2_grpc.TextGenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.admin = relay_pb2_grpc.AdapterAdminStub(self._channel)  # LoRA adapter management
 
     @property
     def channel(self) -> Any:

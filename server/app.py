@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import ray
@@ -21,15 +21,19 @@ from qwen_relay.shards.loader import load_config, model_dir
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
+from .admin import AdapterAdminServicer, AdapterRegistry
 from .engine import Engine, EngineConfig
 from .layout import describe, even_split, parse_layers
+from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline, RayPipeline
+from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
 from .validation import Limits
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+ADMIN_SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -64,6 +68,12 @@ class ServeOptions:
     recovery_timeout: float = 60.0
     max_queue: int = 256
     grace_seconds: float = 10.0
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters NAME -> PATH, loaded before SERVING
+    tls_cert: str | None = None  # PEM server certificate chain; with tls_key, the port speaks TLS only
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    auth_token: str | None = field(default=None, repr=False)  # bearer token on every RPC but health; never logged
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
 
 
 class Relay:
@@ -87,7 +97,9 @@ class Relay:
         self.server: grpc.aio.Server | None = None
         self.engine: Engine | None = None
         self.pipeline: Pipeline | None = None
+        self.adapters = AdapterRegistry(self.config, options.model)
         self.port = 0
+        self.metrics = Metrics()
 
     @classmethod
     async def start(cls, options: ServeOptions) -> Relay:
@@ -101,21 +113,35 @@ class Relay:
         return relay
 
     async def _open_port(self) -> None:
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        opts = self.options
+        credentials = server_credentials(opts.tls_cert, opts.tls_key, opts.tls_client_ca)  # fails before binding
+        interceptors = [RequestMetricsInterceptor(self.metrics)]  # first: it also counts refused calls
+        if opts.auth_token:
+            interceptors.append(BearerTokenInterceptor(opts.auth_token))
+        self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.servicer = TextGenerationServicer(self.tokenizer, self.limits, self._meta("loading"))
+        self.servicer = TextGenerationServicer(self.tokenizer, self.limits, self._meta("loading"), self.metrics)
         relay_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
+        self.servicer.adapters = self.adapters
+        relay_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self.adapters), self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             self.server,
         )
         address = f"{self.options.host}:{self.options.port}"
-        self.port = self.server.add_insecure_port(address)
+        warn_if_exposed(opts.host, tls=credentials is not None, token=bool(opts.auth_token))
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if not self.port:
             raise RuntimeError(f"cannot listen on {address}")
+        if opts.metrics_port:
+            self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
-        log.info("listening on %s:%d (NOT_SERVING until every slice is warm)", self.options.host, self.port)
+        security = ("mutual TLS" if opts.tls_client_ca else "TLS" if credentials is not None else "plaintext") + (
+            ", bearer token required" if opts.auth_token else "")
+        log.info("listening on %s:%d, %s (NOT_SERVING until every slice is warm)", opts.host, self.port, security)
 
     def _meta(self, dtype: str) -> ModelMeta:
         return ModelMeta(model_id=self.options.model, dtype=dtype, num_layers=self.config.num_hidden_layers,
@@ -143,8 +169,12 @@ class Relay:
         stats = await self.pipeline.stats()
         config = EngineConfig(max_batch=opts.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
                               max_queue=opts.max_queue, recovery_timeout=opts.recovery_timeout)
-        self.engine = Engine(self.pipeline, config, on_health=self._set_health)
+        self.engine = Engine(self.pipeline, config, on_health=self._set_health, metrics=self.metrics)
+        self.metrics.watch(self.engine, self.pipeline, baseline=stats)
         self.engine.start()
+        self.adapters.attach(self.pipeline, self.engine)
+        for name, path in opts.adapters.items():  # before SERVING, so no request races them
+            await self.adapters.load(name, path)
         self.servicer.meta = self._meta(stats[0]["dtype"])
         self.servicer.engine = self.engine
         await self._set_health(True)
@@ -173,6 +203,7 @@ class Relay:
             await self.engine.stop()
         if self.pipeline is not None:
             await self.pipeline.close()
+        self.metrics.close()
         log.info("stopped")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from .app import ServeOptions, serve
+from .security import AUTH_TOKEN_ENV
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,16 +37,47 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recovery-timeout", type=float, default=60.0,
                         help="seconds in-flight calls wait for a lost slice before UNAVAILABLE")
     parser.add_argument("--max-restarts", type=int, default=-1, help="Ray restarts per slice actor (-1: unlimited)")
+    parser.add_argument("--adapter", action="append", type=adapter_argument, metavar="NAME=PATH",
+                        help="load a PEFT LoRA adapter folder under NAME before serving (repeatable)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS only")
+    security.add_argument("--tls-key", metavar="PEM", help="server private key (with --tls-cert)")
+    security.add_argument("--tls-client-ca", metavar="PEM",
+                          help="require client certificates signed by this CA (mutual TLS; needs --tls-cert)")
+    security.add_argument("--auth-token", help=f"bearer token required on every RPC but health (default: "
+                          f"${AUTH_TOKEN_ENV}; prefer the variable, a command line is visible to other users)")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on --host:PORT/metrics (default 0: off)")
+
+
+def adapter_argument(value: str) -> tuple[str, str]:
+    """`NAME=PATH` of --adapter; the name itself is checked when the adapter loads."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def parse_adapters(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    adapters: dict[str, str] = {}
+    for name, path in pairs:
+        if name in adapters:
+            raise ValueError(f"--adapter: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
+        adapters=parse_adapters(args.adapter or []),
         model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         max_batch=args.max_batch, max_context=args.max_context, max_new_tokens_cap=args.max_new_tokens_cap,
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, placement_strategy=args.placement,
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
-        max_restarts=args.max_restarts,
+        max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca, auth_token=args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -58,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from qwen_relay.shards.synthetic import add_parser as add_checkpoint_parser
     from qwen_relay.train.cli import add_parsers as add_train_parsers
 
+    from .bench import add_parser as add_bench_parser
     from .demo import add_parser as add_demo_parser
+    from .loadgen import add_parser as add_loadtest_parser
 
     parser = argparse.ArgumentParser(prog="qwen-relay", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -67,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve_parser)
     serve_parser.set_defaults(func=run_serve)
     add_demo_parser(sub)
+    add_loadtest_parser(sub)
     add_client_parsers(sub)
     add_train_parsers(sub)
     add_checkpoint_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

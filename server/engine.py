@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qwen_relay.shards.batch import StepBatch
 
 from .pipeline import Pipeline, SliceLost
 from .scheduler import Scheduler
 from .sequence import Delta, FinishReason, Sequence
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,8 @@ class EngineConfig:
 
 class Engine:
     def __init__(self, pipeline: Pipeline, config: EngineConfig,
-                 on_health: Callable[[bool], Awaitable[None]] | None = None) -> None:
+                 on_health: Callable[[bool], Awaitable[None]] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.pipeline = pipeline
         self.config = config
         self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
@@ -54,6 +60,7 @@ class Engine:
         self._on_health = on_health
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.metrics = metrics  # step time; queue depth and active sequences are read at scrape time
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
@@ -102,8 +109,10 @@ class Engine:
                 starts=[s.num_cached for s in batch],
                 token_ids=[s.pending() for s in batch],
                 sampling=[s.params.sampling for s in batch],
+                adapters=[s.params.adapter for s in batch] if any(s.params.adapter for s in batch) else None,
             )
             try:
+                started = time.perf_counter()
                 tokens = await self.pipeline.step(step)
             except asyncio.CancelledError:
                 raise
@@ -112,10 +121,13 @@ class Engine:
                 await self._recover()
                 continue
             except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
-                log.exception("step failed for %d sequences", len(batch))
+                log.exception("step failed for %d sequences (requests %s)", len(batch),
+                              ", ".join(s.request_id for s in batch))
                 for seq in batch:
                     self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=e))
                 continue
+            if self.metrics is not None:
+                self.metrics.observe_step(time.perf_counter() - started)
             for seq, token in zip(batch, tokens, strict=True):
                 seq.num_cached = len(seq.tokens)
                 self._append(seq, token)

@@ -42,6 +42,10 @@ class Pipeline(Protocol):
 
     async def stats(self) -> list[dict]: ...
 
+    async def load_adapter(self, name: str, path: str) -> list[dict]: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -75,6 +79,17 @@ class LocalPipeline:
     async def stats(self) -> list[dict]:
         return [{**r.stats(), "actor_id": "", "node_id": "", "healthy": True, "restarts": 0}
                 for r in self.runners]
+
+    async def load_adapter(self, name: str, path: str) -> list[dict]:
+        """Every slice takes its own layers' share of the adapter; all slices or none."""
+        try:
+            return await asyncio.to_thread(lambda: [r.load_adapter(name, path) for r in self.runners])
+        except Exception:
+            await self.unload_adapter(name)
+            raise
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.to_thread(lambda: [r.unload_adapter(name) for r in self.runners])
 
     async def close(self) -> None:
         self.runners = []
@@ -113,6 +128,7 @@ class RayPipeline:
         first = ray.get([a.stats.remote() for a in self.actors], timeout=ready_timeout)
         self.incarnations = [s["incarnation"] for s in first]  # a new one means Ray restarted that slice
         self.restarts = [0] * len(specs)
+        self.adapters: dict[str, str] = {}  # name -> path: re-sent to slices after a restart
 
     async def step(self, batch: StepBatch) -> list[int]:
         out = None
@@ -138,6 +154,11 @@ class RayPipeline:
         while True:
             stats = await self.stats()
             if all(s["healthy"] for s in stats):
+                # A restarted slice was rebuilt from its spec alone: give it back its adapters (a no-op elsewhere).
+                loads = [a.load_adapter.remote(n, p) for a in self.actors for n, p in self.adapters.items()]
+                for failed in await asyncio.gather(*loads, return_exceptions=True):
+                    if isinstance(failed, Exception):
+                        log.error("could not restore an adapter on a restarted slice: %s", failed)
                 await asyncio.gather(*(a.reset.remote() for a in self.actors))
                 return True
             if loop.time() >= deadline:
@@ -163,6 +184,20 @@ class RayPipeline:
 
     async def stats(self) -> list[dict]:
         return list(await asyncio.gather(*(self._stats(i) for i in range(len(self.actors)))))
+
+    async def load_adapter(self, name: str, path: str) -> list[dict]:
+        """Every slice actor takes its own layers' share of the adapter; all slices or none."""
+        try:
+            infos = list(await asyncio.gather(*(a.load_adapter.remote(name, path) for a in self.actors)))
+        except ray.exceptions.RayTaskError as e:
+            await self.unload_adapter(name)
+            raise e.cause if isinstance(e.cause, Exception) else e from None
+        self.adapters[name] = path
+        return infos
+
+    async def unload_adapter(self, name: str) -> None:
+        self.adapters.pop(name, None)
+        await asyncio.gather(*(a.unload_adapter.remote(name) for a in self.actors))
 
     async def close(self) -> None:
         for actor in self.actors:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +13,7 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .detokenizer import Detokenizer
 from .engine import Engine, Overloaded, Unavailable
+from .metrics import Metrics
 from .sequence import Delta, FinishReason, Sequence
 from .validation import InvalidRequest, Limits, render_prompt, validate
 
@@ -36,11 +37,14 @@ class ModelMeta:
 
 
 class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits, meta: ModelMeta) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits, meta: ModelMeta,
+                 metrics: Metrics | None = None) -> None:
         self.engine: Engine | None = None  # set once every slice is loaded and warm
         self.tokenizer = tokenizer
         self.limits = limits
         self.meta = meta
+        self.adapters: Container[str] = frozenset()  # names requests may pick (the gateway's AdapterRegistry)
+        self.metrics = metrics if metrics is not None else Metrics()
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -53,15 +57,17 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
             request_id, prompt_ids, params = validate(request, self.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if params.adapter:
+        if params.adapter and params.adapter not in self.adapters:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter: no adapter named {params.adapter!r} is loaded")
         return Sequence(request_id, prompt_ids, params, Detokenizer(self.tokenizer, params.stop))
 
     async def _deltas(self, seq: Sequence, context: grpc.aio.ServicerContext) -> AsyncIterator[Delta]:
         log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.request_id, len(seq.prompt_ids),
                  seq.params.max_new_tokens)
+        timer = self.metrics.generation()
         try:
             async for delta in self.engine.generate(seq):
+                timer.tokens(len(delta.token_ids))
                 yield delta
         except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
@@ -70,6 +76,11 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         except Exception as e:  # noqa: BLE001 - a failed step ends this call, not the server
             log.error("request %s failed: %s", seq.request_id, e)
             await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {e}")
+        finally:
+            timer.finish()
+            log.info("request %s ended (%s): %d tokens, first after %s", seq.request_id,
+                     seq.finish_reason.value if seq.finish_reason else "unfinished", timer.num_tokens,
+                     f"{timer.ttft:.3f} s" if timer.ttft is not None else "-")
 
     def _response(self, seq: Sequence, text: str, token_ids: list[int],
                   reason: FinishReason | None) -> relay_pb2.GenerateResponse:
@@ -116,6 +127,6 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
                 index=i, first_layer=s["first"], last_layer=s["end"] - 1, has_embeddings=s["has_embeddings"],
                 has_lm_head=s["has_lm_head"], actor_id=s["actor_id"], node_id=s["node_id"], device=s["device"],
                 cache_entries=s["cache_entries"], weight_bytes=s["weight_bytes"],
-                peak_rss_bytes=s["peak_rss_bytes"],
+                peak_rss_bytes=s["peak_rss_bytes"], healthy=s.get("healthy", True), restarts=s.get("restarts", 0),
             )
         return info

@@ -20,10 +20,21 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
+MAX_ADAPTER_CHARS = 64  # adapter names are 1-64 characters (shards/adapters.py NAME_PATTERN)
+# Below this, logits / temperature overflows float32 to inf, softmax gives NaN and the sampler raises inside
+# the last slice, failing every sequence in that step (vLLM's sampling epsilon is the same).
+MIN_TEMPERATURE = 1e-5
+ECHO_CHARS = 40  # error messages quote at most this much of a value: gRPC trailers are limited to 8-16 KiB
 
 
 class InvalidRequest(ValueError):
     """Maps to INVALID_ARGUMENT; the message starts with the offending field."""
+
+
+def _quote(value: str) -> str:
+    """`value` quoted for an error message, clipped: echoing megabytes would exceed the client's trailer limit
+    and turn the answer into a transport error."""
+    return repr(value) if len(value) <= ECHO_CHARS else f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest
     messages = []
     for i, message in enumerate(request.messages):
         if message.role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role: unknown role {message.role!r} "
+            raise InvalidRequest(f"messages[{i}].role: unknown role {_quote(message.role)} "
                                  f"(expected one of {', '.join(sorted(ROLES))})")
         messages.append({"role": message.role, "content": message.content})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -72,6 +83,10 @@ def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerB
     # Cheap checks first, so a huge prompt with a bad number is refused before tokenizing it.
     if not math.isfinite(request.temperature) or request.temperature < 0:
         raise InvalidRequest(f"temperature: must be a finite number >= 0, got {request.temperature}")
+    # float32 on the wire: 1e-5 arrives as 9.99999974e-06; 7 significant digits give back what was sent.
+    if 0 < float(f"{request.temperature:.7g}") < MIN_TEMPERATURE:
+        raise InvalidRequest(f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
+                             f"got {request.temperature}")
     top_p = request.top_p if request.HasField("top_p") else 1.0
     if not 0.0 < top_p <= 1.0:  # also false for NaN
         raise InvalidRequest(f"top_p: must lie in (0, 1], got {top_p}")
@@ -83,9 +98,19 @@ def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerB
     for i, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_CHARS:
             raise InvalidRequest(f"stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters long")
+    if len(request.adapter) > MAX_ADAPTER_CHARS:
+        raise InvalidRequest(f"adapter: longer than {MAX_ADAPTER_CHARS} characters")
     if len(request.prompt) > limits.max_context * 64:
         raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit the context limit "
                              f"{limits.max_context} tokens")
+    # Tokenizing runs on the event loop: bound messages as the prompt is, before rendering them.
+    chars = sum(len(m.role) + len(m.content) for m in request.messages)
+    if chars > limits.max_context * 64:
+        raise InvalidRequest(f"messages: {chars} characters cannot fit the context limit {limits.max_context} "
+                             f"tokens")
+    if len(request.prompt_token_ids) > limits.max_context:
+        raise InvalidRequest(f"prompt_token_ids: {len(request.prompt_token_ids)} tokens cannot fit the context "
+                             f"limit {limits.max_context}")
 
     prompt_ids = render_prompt(request, tokenizer, limits.vocab_size)
     if not prompt_ids:

@@ -44,6 +44,12 @@ class SliceActor:
     def reset(self) -> None:
         self.runner.reset()
 
+    def load_adapter(self, name: str, path: str) -> dict:
+        return self.runner.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.runner.unload_adapter(name)
+
     def stats(self) -> dict:
         context = ray.get_runtime_context()
         return {**self.runner.stats(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),

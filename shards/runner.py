@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import resource
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
+from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .kv_cache import KVCache
 from .loader import load_slice, resolve_dtype
@@ -66,6 +68,8 @@ class SliceRunner:
         )
         self.forward_seconds = 0.0
         self.steps = 0
+        self.adapters = SliceAdapters(self.slice)
+        self._lock = threading.Lock()  # adapters change between steps, never during one (LocalPipeline threads)
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
@@ -75,7 +79,8 @@ class SliceRunner:
         self.cache.check(batch.slots, batch.starts, ends)
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
-        out = self.slice(batch, hidden, self.cache)
+        with self._lock, self.adapters.routed(batch.adapters):
+            out = self.slice(batch, hidden, self.cache)
         self.cache.commit(batch.slots, ends)
         if self.slice.is_last:
             out = out.tolist()
@@ -84,6 +89,16 @@ class SliceRunner:
         self.forward_seconds += time.perf_counter() - start
         self.steps += 1
         return out
+
+    def load_adapter(self, name: str, path: str) -> dict:
+        """This slice's share of a PEFT LoRA adapter (none if it holds none of its layers); idempotent."""
+        with self._lock:
+            return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop an adapter's weights from this slice; a no-op for one it does not hold."""
+        with self._lock:
+            self.adapters.unload(name)
 
     def release(self, slots: list[int]) -> None:
         """Forget finished or cancelled sequences' caches (the buffers stay; the slots become free)."""

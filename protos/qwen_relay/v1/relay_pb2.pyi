@@ -97,7 +97,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SliceInfo(_message.Message):
-    __slots__ = ("index", "first_layer", "last_layer", "has_embeddings", "has_lm_head", "actor_id", "node_id", "device", "cache_entries", "weight_bytes", "peak_rss_bytes")
+    __slots__ = ("index", "first_layer", "last_layer", "has_embeddings", "has_lm_head", "actor_id", "node_id", "device", "cache_entries", "weight_bytes", "peak_rss_bytes", "healthy", "restarts")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,8 @@ class SliceInfo(_message.Message):
     CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     index: int
     first_layer: int
     last_layer: int
@@ -120,7 +122,9 @@ class SliceInfo(_message.Message):
     cache_entries: int
     weight_bytes: int
     peak_rss_bytes: int
-    def __init__(self, index: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., actor_id: _Optional[str] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., cache_entries: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ...) -> None: ...
+    healthy: bool
+    restarts: int
+    def __init__(self, index: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., actor_id: _Optional[str] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., cache_entries: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_id", "dtype", "num_layers", "max_context", "vocab_size", "max_new_tokens_cap", "max_batch_size", "slices")
@@ -141,3 +145,49 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
     def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class AdapterInfo(_message.Message):
+    __slots__ = ("name", "path", "r", "alpha", "target_modules", "layers", "base_model")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    R_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    r: int
+    alpha: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    base_model: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[int]] = ..., base_model: _Optional[str] = ...) -> None: ...
+
+class UnloadAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnloadAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...

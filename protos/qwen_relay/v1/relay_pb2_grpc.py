@@ -231,3 +231,172 @@ class TextGeneration:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdapterAdminStub:
+    """Manages LoRA adapters while serving. A service of its own, apart from TextGeneration, so a deployment can
+    guard or hide the admin surface (auth, a proxy that forwards only TextGeneration) without touching generation.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadAdapter = channel.unary_unary(
+                '/qwen_relay.v1.AdapterAdmin/LoadAdapter',
+                request_serializer=qwen__relay_dot_v1_dot_relay__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=qwen__relay_dot_v1_dot_relay__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/qwen_relay.v1.AdapterAdmin/UnloadAdapter',
+                request_serializer=qwen__relay_dot_v1_dot_relay__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=qwen__relay_dot_v1_dot_relay__pb2.UnloadAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/qwen_relay.v1.AdapterAdmin/ListAdapters',
+                request_serializer=qwen__relay_dot_v1_dot_relay__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=qwen__relay_dot_v1_dot_relay__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+
+
+class AdapterAdminServicer:
+    """Manages LoRA adapters while serving. A service of its own, apart from TextGeneration, so a deployment can
+    guard or hide the admin surface (auth, a proxy that forwards only TextGeneration) without touching generation.
+    """
+
+    def LoadAdapter(self, request, context):
+        """Loads a PEFT LoRA adapter folder under a name requests pick it by (GenerateRequest.adapter).
+        ALREADY_EXISTS: the name is taken; FAILED_PRECONDITION: it was made for another base model;
+        INVALID_ARGUMENT: a bad name, or the path is not a servable LoRA adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """Unloads an adapter. NOT_FOUND: no such adapter; FAILED_PRECONDITION: requests still use it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Lists the loaded adapters, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdapterAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=qwen__relay_dot_v1_dot_relay__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=qwen__relay_dot_v1_dot_relay__pb2.AdapterInfo.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=qwen__relay_dot_v1_dot_relay__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=qwen__relay_dot_v1_dot_relay__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=qwen__relay_dot_v1_dot_relay__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=qwen__relay_dot_v1_dot_relay__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qwen_relay.v1.AdapterAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qwen_relay.v1.AdapterAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AdapterAdmin:
+    """Manages LoRA adapters while serving. A service of its own, apart from TextGeneration, so a deployment can
+    guard or hide the admin surface (auth, a proxy that forwards only TextGeneration) without touching generation.
+    """
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen_relay.v1.AdapterAdmin/LoadAdapter',
+            qwen__relay_dot_v1_dot_relay__pb2.LoadAdapterRequest.SerializeToString,
+            qwen__relay_dot_v1_dot_relay__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen_relay.v1.AdapterAdmin/UnloadAdapter',
+            qwen__relay_dot_v1_dot_relay__pb2.UnloadAdapterRequest.SerializeToString,
+            qwen__relay_dot_v1_dot_relay__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen_relay.v1.AdapterAdmin/ListAdapters',
+            qwen__relay_dot_v1_dot_relay__pb2.ListAdaptersRequest.SerializeToString,
+            qwen__relay_dot_v1_dot_relay__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,315 @@
+"""Prometheus metrics for one gateway (`--metrics-port`; 0 leaves the HTTP endpoint off).
+
+Each `Metrics` owns its own `CollectorRegistry`, so several relays in one process (tests) never collide.
+Where the numbers come from:
+
+- `qwen_relay_requests_total{method,code}`: `RequestMetricsInterceptor`, around every RPC (health included).
+- `qwen_relay_time_to_first_token_seconds`, `qwen_relay_time_per_output_token_seconds`,
+  `qwen_relay_generated_tokens_total`: the servicer, per delta (`GenerationTimer`). The clock starts when
+  the validated request is handed to the engine, so TTFT = queueing + prefill + streaming the first token.
+- `qwen_relay_queue_depth`, `qwen_relay_active_sequences`: read from the engine at scrape time (exact).
+- `qwen_relay_step_seconds`: the engine, one histogram sample per step through every slice.
+- `qwen_relay_kv_cache_entries{slice}`, `qwen_relay_slice_forward_seconds_total{slice}` (slice compute,
+  cumulative; restarts from 0 when a slice restarts), `qwen_relay_slice_healthy{slice}`: the slices' own
+  `stats()`, fetched at scrape time.
+- `qwen_relay_hop_transfer_seconds_total`: derived, not measured: (time inside steps - slice compute time
+  over those steps) / hops, with hops = slices + 1 (gateway -> slice 0, slice i -> i+1, last -> gateway).
+  It is everything a step spends outside `SliceRunner.step` (serialization, object transfer, Ray
+  scheduling), spread evenly over the hops. Mean per-hop time per step:
+  `rate(qwen_relay_hop_transfer_seconds_total[5m]) / rate(qwen_relay_step_seconds_count[5m])`.
+- `qwen_relay_slice_restarts_total{slice}`: `Metrics.slice_restarted(i)`, and the pipeline's own per-slice
+  restart count (`stats()["restarts"]`), whichever is higher, so counting one restart in both places
+  does not count it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+STATS_TIMEOUT_S = 5.0  # a scrape waits this long for the slices' stats, then reports without them
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class GenerationTimer:
+    """Times one request's token stream: TTFT at the first token, TPOT (the decode gaps) when it ends."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._last = 0.0
+        self.num_tokens = 0
+
+    def tokens(self, count: int) -> None:
+        """Record `count` new tokens arriving now."""
+        if count <= 0:
+            return
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = now
+            self._metrics.time_to_first_token.observe(now - self._start)
+        self._last = now
+        self.num_tokens += count
+        self._metrics.generated_tokens.inc(count)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self._first is None else self._first - self._start
+
+    def finish(self) -> None:
+        """Record the mean gap between output tokens after the first (needs two tokens to mean anything)."""
+        if self._first is not None and self.num_tokens > 1:
+            self._metrics.time_per_output_token.observe((self._last - self._first) / (self.num_tokens - 1))
+
+
+class Metrics:
+    """Every metric of one relay, in its own registry; `serve(port)` exposes them over HTTP."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("qwen_relay_requests", "RPCs handled, by method and final status code",
+                                ["method", "code"], registry=r)
+        self.time_to_first_token = Histogram(
+            "qwen_relay_time_to_first_token_seconds",
+            "From handing a request to the engine to its first generated token", buckets=TTFT_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "qwen_relay_time_per_output_token_seconds",
+            "Per request: mean time between output tokens after the first", buckets=TPOT_BUCKETS, registry=r)
+        self.generated_tokens = Counter("qwen_relay_generated_tokens", "Tokens generated and streamed", registry=r)
+        self.queue_depth = Gauge("qwen_relay_queue_depth", "Requests waiting for a cache slot", registry=r)
+        self.active_sequences = Gauge("qwen_relay_active_sequences", "Sequences holding a slot (decoding)",
+                                      registry=r)
+        self.step_seconds = Histogram("qwen_relay_step_seconds", "One engine step through every slice",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self._lock = threading.Lock()
+        self._restarts: dict[int, int] = {}
+        self._step_total = 0.0  # seconds inside successful steps
+        self._forward_last: dict[int, float] = {}  # last cumulative forward_seconds seen, per slice
+        self._forward_total = 0.0  # slice compute time since the baseline, summed over slices
+        self._hop_total = 0.0
+        self._pipeline: Pipeline | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: Any = None
+        self.port = 0
+        r.register(_SliceCollector(self))
+
+    # ---------------------------------------------------------------------------------------------- hooks
+
+    def generation(self) -> GenerationTimer:
+        """A timer for one request; call `.tokens(n)` per delta and `.finish()` once at the end."""
+        return GenerationTimer(self)
+
+    def observe_step(self, seconds: float) -> None:
+        """One successful engine step took `seconds` (gateway wall time, all slices and hops)."""
+        self.step_seconds.observe(seconds)
+        with self._lock:
+            self._step_total += seconds
+
+    def slice_restarted(self, index: int, count: int = 1) -> None:
+        """Slice `index` was restarted (called by fault handling; see the module docstring on double counting)."""
+        with self._lock:
+            self._restarts[index] = self._restarts.get(index, 0) + count
+
+    def watch(self, engine: Engine, pipeline: Pipeline, baseline: list[dict] | None = None) -> None:
+        """Read queue depth and active sequences from `engine`, slice stats from `pipeline`, at scrape time.
+
+        Call from the event loop that owns the pipeline. `baseline` (stats taken before the first step) keeps
+        warm-up forwards out of the hop-transfer estimate.
+        """
+        self.queue_depth.set_function(lambda: engine.num_waiting)
+        self.active_sequences.set_function(lambda: engine.num_active)
+        self._loop = asyncio.get_running_loop()
+        self._pipeline = pipeline
+        with self._lock:
+            for i, s in enumerate(baseline or ()):
+                self._forward_last[i] = float(s.get("forward_seconds", 0.0))
+
+    # ------------------------------------------------------------------------------------------ exposure
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve /metrics on `host:port` from a daemon thread; returns the bound port."""
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise RuntimeError(f"cannot serve metrics on {host}:{port}: {e}") from e
+        self.port = self._http.server_port
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        self._pipeline = None
+
+    # ---------------------------------------------------------------------------------------- internals
+
+    def _slice_stats(self) -> list[dict] | None:
+        """The pipeline's stats, fetched on its event loop from the scraping thread; None if unavailable."""
+        loop, pipeline = self._loop, self._pipeline
+        if loop is None or pipeline is None or loop.is_closed():
+            return None
+        try:
+            if asyncio.get_running_loop() is loop:
+                return None  # a collect() on the loop's own thread would wait for itself
+        except RuntimeError:
+            pass
+        try:
+            future = asyncio.run_coroutine_threadsafe(pipeline.stats(), loop)
+        except RuntimeError:
+            return None
+        try:
+            return future.result(STATS_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - a scrape reports what it can
+            future.cancel()
+            log.debug("slice stats unavailable for a scrape: %s", type(e).__name__)
+            return None
+
+    def _update_from(self, stats: list[dict]) -> None:
+        """Fold one stats snapshot into restart counts and the hop-transfer estimate."""
+        with self._lock:
+            for i, s in enumerate(stats):
+                self._restarts[i] = max(self._restarts.get(i, 0), int(s.get("restarts", 0)))
+                if not s.get("healthy", True):
+                    continue
+                now = float(s.get("forward_seconds", 0.0))
+                last = self._forward_last.get(i)
+                if last is not None:
+                    self._forward_total += now - last if now >= last else now  # restarted: counts from 0
+                self._forward_last[i] = now
+            transfer = (self._step_total - self._forward_total) / (len(stats) + 1)
+            self._hop_total = max(self._hop_total, transfer)  # a counter never goes down
+
+
+class _SliceCollector(Collector):
+    """Per-slice series, read from the slices when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering must not fetch stats
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        stats = m._slice_stats()
+        if stats is not None:
+            m._update_from(stats)
+            kv = GaugeMetricFamily("qwen_relay_kv_cache_entries", "Sequences holding KV cache in the slice",
+                                   labels=["slice"])
+            forward = CounterMetricFamily("qwen_relay_slice_forward_seconds",
+                                          "Slice compute time (cumulative; restarts from 0 with the slice)",
+                                          labels=["slice"])
+            healthy = GaugeMetricFamily("qwen_relay_slice_healthy", "1 when the slice answered its stats call",
+                                        labels=["slice"])
+            for i, s in enumerate(stats):
+                kv.add_metric([str(i)], s.get("cache_entries", 0))
+                forward.add_metric([str(i)], s.get("forward_seconds", 0.0))
+                healthy.add_metric([str(i)], 1.0 if s.get("healthy", True) else 0.0)
+            yield from (kv, forward, healthy)
+        with m._lock:
+            hop, restarts = m._hop_total, dict(m._restarts)
+        yield CounterMetricFamily("qwen_relay_hop_transfer_seconds",
+                                  "Step time outside slice compute, divided by hops (slices + 1)", value=hop)
+        family = CounterMetricFamily("qwen_relay_slice_restarts", "Times a slice was restarted", labels=["slice"])
+        for i, n in sorted(restarts.items()):
+            family.add_metric([str(i)], n)
+        yield family
+
+
+# ------------------------------------------------------------------------------------- request counting
+
+Behavior = Callable[..., Any]
+
+
+def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):  # the caller went away
+        return grpc.StatusCode.CANCELLED.name
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is not None:  # an unhandled exception: gRPC answers UNKNOWN
+        return grpc.StatusCode.UNKNOWN.name
+    return grpc.StatusCode.OK.name
+
+
+class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts every RPC once, by method and the status code it ended with. Install it first, so it also sees
+    calls a later interceptor refuses (UNAUTHENTICATED)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._counter = metrics.requests
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED without us
+            return None
+        method = handler_call_details.method.lstrip("/")
+        counter = self._counter
+
+        def record(context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+            counter.labels(method, _final_code(context, error)).inc()
+
+        if handler.response_streaming:
+            behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+            async def streaming(request: Any, context: grpc.aio.ServicerContext):
+                try:
+                    result = behavior(request, context)
+                    if hasattr(result, "__aiter__"):
+                        async for response in result:
+                            yield response
+                    else:  # a coroutine that writes with context.write()
+                        await result
+                except BaseException as e:
+                    record(context, e)
+                    raise
+                record(context, None)
+
+            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else \
+                grpc.unary_stream_rpc_method_handler
+            return make(streaming, request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+
+        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                response = behavior(request, context)
+                if inspect.isawaitable(response):
+                    response = await response
+            except BaseException as e:
+                record(context, e)
+                raise
+            record(context, None)
+            return response
+
+        make_unary = grpc.stream_unary_rpc_method_handler if handler.request_streaming else \
+            grpc.unary_unary_rpc_method_handler
+        return make_unary(unary, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)

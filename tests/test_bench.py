@@ -1,0 +1,199 @@
+"""`qwen-relay bench`'s pieces on the tiny checkpoint: workloads, hf runner, relay runner, report.
+
+Timings on a shared 2-core machine are noise, so nothing here asserts a speed: only that every figure is
+computed from the right requests and lands in bench.json, table.md and the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from qwen_relay.server import bench
+from qwen_relay.server.bench import BenchConfig, Request
+
+
+def tiny_config(model, out, **overrides) -> BenchConfig:
+    values = dict(model=str(model), out=str(out), shards=(1,), threads=1, max_batch=4, max_context=64,
+                  single_prompts=(4, 12), single_new_tokens=4, single_repeats=1, mixed_requests=5,
+                  mixed_prompt=(3, 12), mixed_new=(2, 6), concurrency=(1, 2), min_requests=2, uniform_requests=2,
+                  uniform_prompt=8, uniform_new=4, uniform_concurrency=2)
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_model) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    return bench.token_pool(tokenizer, 10**6)
+
+
+def test_token_pool_has_no_special_tokens(tiny_model, pool):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert pool and not set(pool) & set(tokenizer.all_special_ids)
+    assert max(pool) < len(tokenizer)
+    assert max(bench.token_pool(tokenizer, 100)) < 100  # never outside the model's vocabulary
+
+
+def test_workloads_are_seeded_and_exact(tmp_path, tiny_model, pool):
+    cfg = tiny_config(tiny_model, tmp_path)
+    work = bench.make_workloads(cfg, pool)
+    assert work == bench.make_workloads(cfg, pool)
+    assert work != bench.make_workloads(dataclasses.replace(cfg, seed=1), pool)
+    assert sorted(work.single) == [4, 12]
+    assert all(len(r.prompt_token_ids) == n and r.max_new_tokens == 4 for n, r in work.single.items())
+    assert len(work.mixed) == 5 and len(work.uniform) == 2
+    for r in work.mixed:
+        assert 3 <= len(r.prompt_token_ids) <= 12 and 2 <= r.max_new_tokens <= 6
+        assert set(r.prompt_token_ids) <= set(pool)
+    assert all(len(r.prompt_token_ids) == 8 and r.max_new_tokens == 4 for r in work.uniform)
+
+
+def test_issue_workload_sizes():
+    cfg = BenchConfig(model="m")
+    work = bench.make_workloads(cfg, list(range(1000)))
+    lengths = [len(r.prompt_token_ids) for r in work.mixed]
+    assert len(work.mixed) == 32 and min(lengths) >= 16 and max(lengths) <= 256
+    assert all(16 <= r.max_new_tokens <= 128 for r in work.mixed)
+    assert [cfg.requests_at(c) for c in cfg.concurrency] == [2, 4, 32]  # the top concurrency runs all
+    assert dataclasses.replace(cfg, min_requests=32).requests_at(1) == 32  # the literal spec
+
+
+def test_single_stream_stats():
+    # start 0; tokens at 100, 110, 130 ms and a second run at 200, 210, 210 (two in one chunk).
+    runs = [(0.0, [0.100, 0.110, 0.130]), (1.0, [1.200, 1.210, 1.210])]
+    s = bench.single_stream_stats(runs, prompt_tokens=7)
+    assert s["ttft_ms"] == pytest.approx(150)
+    assert s["ms_per_token_p50"] == pytest.approx(10)
+    assert s["ms_per_token_mean"] == pytest.approx((15 + 5) / 2)
+    assert s["new_tokens"] == 3 and s["prompt_tokens"] == 7
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+
+
+def test_hf_static_batches_count_only_requested_tokens(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    requests = [Request((5, 6, 7), 2), Request((8,) * 9, 5), Request((9, 10), 3)]
+    out = bench.hf_static_batches(model, requests, 2, pad_id=0)
+    assert out["output_tokens"] == 10
+    assert out["generated_tokens"] == 2 * 5 + 3  # batch of two runs to 5 tokens each, then the third alone
+    assert out["padded_prompt_tokens"] == 2 * 9 + 2
+    # Left padding must not change a row's greedy tokens.
+    alone = bench.hf_generate(model, [requests[0]], 0)[0, 3:5].tolist()
+    padded = bench.hf_generate(model, requests[:2], 0)[0, 9:11].tolist()
+    assert alone == padded
+
+
+def test_hf_runner(tmp_path, tiny_model, pool):
+    cfg = tiny_config(tiny_model, tmp_path)
+    work = bench.make_workloads(cfg, pool)
+    hf = bench.run_hf(cfg, work)
+    assert set(hf["single"]) == {"4", "12"}
+    assert all(s["new_tokens"] == 4 and s["ttft_ms"] > 0 for s in hf["single"].values())
+    assert hf["mixed"]["1"]["requests"] == 2 and hf["mixed"]["2"]["requests"] == 5
+    assert hf["mixed"]["1"]["output_tokens"] == sum(r.max_new_tokens for r in work.mixed[:2])
+    assert hf["mixed"]["2"]["output_tokens"] == sum(r.max_new_tokens for r in work.mixed)
+    assert hf["uniform"]["output_tokens"] == 8
+    assert hf["memory"]["peak_rss_bytes"] > hf["memory"]["weight_bytes"] > 0
+
+
+def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
+    """hf in a subprocess, the overhead probe, one relay over gRPC, then every output file."""
+    cfg = tiny_config(tiny_model, tmp_path / "out")
+    result = bench.run_benchmark(cfg, command="qwen-relay bench --test")
+    assert set(result["systems"]) == {"hf", "relay-1"}
+    relay = result["systems"]["relay-1"]
+    assert relay["uniform"]["output_tokens"] == 8
+    assert relay["mixed"]["2"]["requests"] == 5
+    assert [s["layers"] for s in relay["slices"]] == ["0-4"]
+    assert relay["slices"][0]["peak_rss_bytes"] > relay["slices"][0]["cache_bytes"] > 0
+    assert result["runtime_overhead_bytes"] > 0
+    ratio = result["ratios"]["relay-1"]["mixed"]["2"]
+    assert ratio == pytest.approx(relay["mixed"]["2"]["tokens_per_s"] / result["systems"]["hf"]["mixed"]["2"]
+                                  ["tokens_per_s"])
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "table.md", "throughput.png", "latency.png",
+                                               "memory.png"}
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["command"] == "qwen-relay bench --test"
+    assert saved["config"]["concurrency"] == [1, 2]
+    table = (out / "table.md").read_text()
+    for heading in ("Single stream", "Mixed workload", "Uniform workload", "Peak memory", "bandwidth floor",
+                    "Targets"):
+        assert heading in table
+
+
+def _fake_system(name: str, speed: float, shards: int | None = None) -> dict:
+    rng = random.Random(name)
+    single = {str(n): {"prompt_tokens": n, "new_tokens": 8, "runs": 1, "ttft_ms": 100 / speed, "ttft_ms_all": [],
+                       "ms_per_token_p50": 50 / speed, "ms_per_token_p95": 60 / speed,
+                       "ms_per_token_mean": 52 / speed} for n in (16, 512)}
+    load = {"requests": 4, "output_tokens": 100, "generated_tokens": 120, "wall_s": 1.0}
+    system = {"system": name, "single": single,
+              "mixed": {str(c): {**load, "concurrency": c, "tokens_per_s": speed * c} for c in (1, 4, 16)},
+              "uniform": {**load, "concurrency": 16, "tokens_per_s": speed * 10 + rng.random()}}
+    if shards is None:
+        system["memory"] = {"peak_rss_bytes": 3 * 2**30, "weight_bytes": 2 * 2**30, "gpu_peak_bytes": 0}
+    else:
+        system["shards"] = shards
+        system["slices"] = [{"index": i, "layers": f"{i}-{i}", "weight_bytes": 2**30, "cache_bytes": 2**28,
+                             "peak_rss_bytes": 2**31} for i in range(shards)]
+    return system
+
+
+def test_report_from_a_result(tmp_path):
+    cfg = BenchConfig(model="m", out=str(tmp_path))
+    result = {
+        "meta": {"model_name": "m", "parameters": 494_000_000, "dtype": "float32", "device": "cpu",
+                 "command": "x", "duration_s": 1.0},
+        "config": {**dataclasses.asdict(cfg), "num_threads": 2},
+        "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 2e9, "read_bytes_per_token": 2e9,
+                      "floor_ms_per_token": 100.0, "ceiling_tokens_per_s": 10.0},
+        "runtime_overhead_bytes": 2**29,
+        "systems": {"hf": _fake_system("hf", 1.0), "relay-2": _fake_system("relay-2", 2.0, shards=2)},
+    }
+    table = bench.write_report(result, tmp_path)
+    ratios = result["ratios"]["relay-2"]
+    assert ratios["mixed"]["16"] == pytest.approx(2.0)
+    assert ratios["single"]["16"]["ms_per_token_p50"] == pytest.approx(0.5)
+    targets = {r["target"]: r for r in result["targets"]}
+    assert targets["relay-2 mixed tokens/s at concurrency 16"]["met"]
+    memory = [r for r in result["targets"] if "peak memory" in r["target"]]
+    assert len(memory) == 2
+    # 2 GiB peak over 1 GiB weights + 256 MiB cache + 512 MiB overhead.
+    assert memory[0]["value"] == pytest.approx(2048 / (1024 + 256 + 512))
+    assert "| relay-2 slice 1 (layers 1-1) | 2048 | 1024 | 256 | 512 | 1792 | 1.14 |" in table
+    assert (tmp_path / "table.md").read_text() == table
+    assert json.loads((tmp_path / "bench.json").read_text())["ratios"]["relay-2"]["uniform"] > 1
+
+
+def test_cli_flags(tmp_path):
+    from qwen_relay.server.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--model", "m", "--quick", "--shards", "2", "--concurrency", "1,8",
+                                      "--mixed-prompt", "10-20", "--out", str(tmp_path)])
+    cfg = bench.config_from_args(args)
+    assert cfg.shards == (2,) and cfg.concurrency == (1, 8) and cfg.mixed_prompt == (10, 20)
+    assert cfg.single_new_tokens == bench.QUICK["single_new_tokens"]  # --quick, not overridden
+    full = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m"]))
+    assert full.mixed_requests == 32 and full.concurrency == (1, 4, 16) and full.shards == (1, 2)
+    assert args.func is bench.run_bench
+
+
+def test_memory_rows_without_ray():
+    """--no-ray: every slice of every relay shares the gateway process, so there is one row for all of them."""
+    result = {"runtime_overhead_bytes": 100,
+              "systems": {"hf": _fake_system("hf", 1.0), "relay-1": _fake_system("relay-1", 1.0, shards=1),
+                          "relay-2": _fake_system("relay-2", 1.0, shards=2)},
+              "gateway_process": {"relays": ["relay-1", "relay-2"], "peak_rss_bytes": 2**33, "gpu_peak_bytes": 0}}
+    rows = bench.memory_rows(result)
+    assert [r["process"] for r in rows] == ["hf", "gateway process (slices of relay-1, relay-2)"]
+    assert rows[1]["weights"] == 3 * 2**30 and rows[1]["cache"] == 3 * 2**28
+    assert rows[1]["budget"] == 3 * 2**30 + 3 * 2**28 + 100

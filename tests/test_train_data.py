@@ -1,0 +1,339 @@
+"""Training data and loop pieces, without Ray: validation, rendering, loss masking, sharding, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qwen_relay.train.cli import add_parsers, config_from_args
+from qwen_relay.train.data import (
+    IGNORE_INDEX,
+    DataValidationError,
+    Example,
+    collate,
+    encode_conversation,
+    prepare_dataset,
+    render_prompt,
+    split_train_eval,
+)
+from qwen_relay.train.job import TrainConfig, run_training
+from qwen_relay.train.loop import epoch_batches, loss_sums, make_scheduler, train_single_process
+from qwen_relay.train.lora import LoraSettings, build_lora_model
+from qwen_relay.train.summary import write_summary
+
+GOOD = {
+    "messages": [
+        {"role": "user", "content": "Merhaba"},
+        {"role": "assistant", "content": "Merhaba! Nasıl yardımcı olabilirim?"},
+    ]
+}
+
+# (record, words the error for it must contain): one of every kind of bad record.
+BAD = [
+    ({"text": "no messages here"}, "no 'messages'"),
+    ({"messages": []}, "non-empty list"),
+    (
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Hello"}]},
+        "unknown role 'bot'",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Anyone?"}]},
+        "no assistant turn",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]},
+        "empty content",
+    ),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]}, "no string 'content'"),
+    (
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "system", "content": "Late"},
+                {"role": "assistant", "content": "Hello"},
+            ]
+        },
+        "system message may only come first",
+    ),
+    ({"messages": [{"role": "assistant", "content": "Hello"}]}, "starts with an assistant message"),
+    (["not", "an", "object"], "must be an object"),
+    # The user turn alone is longer than --max-length, so no assistant token survives truncation.
+    (
+        {"messages": [{"role": "user", "content": "water " * 200}, {"role": "assistant", "content": "Yes."}]},
+        "too long",
+    ),
+]
+MAX_LENGTH = 128
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _labelled_text(tokenizer, ids: list[int], labels: list[int]) -> str:
+    return tokenizer.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+def test_only_assistant_tokens_carry_labels(tokenizer) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Merhaba"},
+        {"role": "assistant", "content": "Merhaba! Nasıl yardımcı olabilirim?"},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    ids, labels, truncated = encode_conversation(tokenizer, messages, MAX_LENGTH)
+    assert not truncated and len(ids) == len(labels)
+    # The ids are exactly the template's rendering of the whole conversation.
+    assert (
+        ids
+        == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    # Labels are the ids where set: replies plus their end-of-turn marker, nothing from system or user turns.
+    assert all(lab in (IGNORE_INDEX, t) for t, lab in zip(ids, labels, strict=True))
+    assert _labelled_text(tokenizer, ids, labels) == (
+        "Merhaba! Nasıl yardımcı olabilirim?<|im_end|>\nParis.<|im_end|>\n"
+    )
+    # Everything before the first reply (system, user, the assistant header) is masked.
+    prompt = tokenizer(render_prompt(tokenizer, messages[:3]), add_special_tokens=False)["input_ids"]
+    assert labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert ids[: len(prompt)] == prompt
+
+
+def test_padding_is_masked(tokenizer) -> None:
+    short = Example(*encode_conversation(tokenizer, GOOD["messages"], MAX_LENGTH)[:2], "index 0")
+    long_messages = [
+        {"role": "user", "content": "Tell me about the sea."},
+        {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 3},
+    ]
+    long = Example(*encode_conversation(tokenizer, long_messages, MAX_LENGTH)[:2], "index 1")
+    batch = collate([short, long], pad_token_id=tokenizer.pad_token_id)
+    n = len(short.input_ids)
+    assert batch["input_ids"].shape == (2, len(long.input_ids))
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(long.input_ids) - n)
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][0, n:] == tokenizer.pad_token_id).all()
+    assert batch["labels"][0, :n].tolist() == short.labels
+    assert batch["labels"][1].tolist() == long.labels
+
+
+def test_truncation_keeps_the_start_and_its_labels(tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 20},
+    ]
+    full_ids, full_labels, _ = encode_conversation(tokenizer, messages, 10_000)
+    ids, labels, truncated = encode_conversation(tokenizer, messages, 40)
+    assert truncated and ids == full_ids[:40] and labels == full_labels[:40]
+    with pytest.raises(Exception, match="too long"):
+        encode_conversation(tokenizer, messages, 40, truncation="drop")
+
+
+def _write(path: Path, records: list, jsonl: bool) -> Path:
+    if jsonl:
+        path.write_text(
+            "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8"
+        )
+    else:
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("jsonl", [False, True], ids=["json-array", "jsonl"])
+def test_every_bad_record_is_reported_with_its_place(tokenizer, tmp_path: Path, jsonl: bool) -> None:
+    records = [GOOD] + [r for r, _ in BAD] + [GOOD]
+    path = _write(tmp_path / ("data.jsonl" if jsonl else "data.json"), records, jsonl)
+    with pytest.raises(DataValidationError) as info:
+        prepare_dataset(path, tokenizer, MAX_LENGTH)
+    problems = info.value.problems
+    assert len(problems) == len(BAD)
+    for i, ((_, reason), problem) in enumerate(zip(BAD, problems, strict=True), start=1):
+        # Array entries are 0-based indices; JSON Lines are 1-based line numbers.
+        assert problem.location == (f"line {i + 1}" if jsonl else f"index {i}")
+        assert reason in problem.reason
+        assert f"{problem.location}: " in str(info.value)
+
+    skipped = prepare_dataset(path, tokenizer, MAX_LENGTH, bad_records="skip")
+    assert skipped.num_records == len(records) and skipped.num_skipped == len(BAD)
+    assert [e.location for e in skipped.examples] == (
+        ["line 1", f"line {len(records)}"] if jsonl else ["index 0", f"index {len(records) - 1}"]
+    )
+
+
+def test_unparsable_input(tokenizer, tmp_path: Path) -> None:
+    lines = tmp_path / "data.jsonl"
+    lines.write_text(json.dumps(GOOD) + "\n{not json\n\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"line 2: not valid JSON"):
+        prepare_dataset(lines, tokenizer, MAX_LENGTH)
+    assert len(prepare_dataset(lines, tokenizer, MAX_LENGTH, bad_records="skip").examples) == 2
+    array = tmp_path / "data.json"
+    array.write_text('[{"messages": []},\n oops]', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"not valid JSON \(line 2"):
+        prepare_dataset(array, tokenizer, MAX_LENGTH)
+
+
+def test_bad_data_fails_before_any_worker_starts(tiny_model: Path, tmp_path: Path) -> None:
+    path = _write(tmp_path / "data.json", [GOOD, BAD[2][0]], jsonl=False)
+    cfg = TrainConfig(model=str(tiny_model), data=str(path), output=str(tmp_path / "out"))
+    with pytest.raises(DataValidationError, match=r"index 1: message 1 has unknown role 'bot'"):
+        run_training(cfg)  # raises while validating, before it would need Ray
+    assert not (tmp_path / "out" / "ray").exists()
+
+
+def test_split_is_seeded_and_disjoint() -> None:
+    examples = [Example([i, i], [i, i], f"index {i}") for i in range(20)]
+    train, evals = split_train_eval(examples, 0.2, seed=3)
+    assert len(evals) == 4 and len(train) == 16
+    assert {e.location for e in train}.isdisjoint(e.location for e in evals)
+    assert split_train_eval(examples, 0.2, seed=3) == (train, evals)
+    assert split_train_eval(examples, 0.0, seed=3) == (examples, [])
+    assert len(split_train_eval(examples[:3], 0.1, seed=0)[1]) == 1  # a fraction > 0 keeps one for eval
+
+
+@pytest.mark.parametrize("n,world,batch", [(10, 2, 3), (7, 2, 2), (5, 3, 1), (4, 1, 4)])
+def test_each_worker_gets_its_own_shard(n: int, world: int, batch: int) -> None:
+    for epoch in range(2):
+        shards = [[i for b in epoch_batches(n, batch, 0, epoch, r, world) for i in b] for r in range(world)]
+        assert len({len(s) for s in shards}) == 1  # same number of samples, so the same number of steps
+        assert len({len(epoch_batches(n, batch, 0, epoch, r, world)) for r in range(world)}) == 1
+        seen = [i for s in shards for i in s]
+        assert set(seen) == set(range(n))  # everything is trained on
+        assert len(seen) - n < world  # only the few repeats that even out the shards
+        if n % world == 0:
+            assert all(set(a).isdisjoint(b) for a in shards for b in shards if a is not b)
+    assert epoch_batches(n, batch, 0, 0, 0, world) == epoch_batches(n, batch, 0, 0, 0, world)
+    if n > 4:
+        assert epoch_batches(n, batch, 0, 0, 0, world) != epoch_batches(n, batch, 0, 1, 0, world)
+
+
+def test_loss_is_transformers_loss_on_the_labels(tiny_model: Path, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    examples = [
+        Example(*encode_conversation(tokenizer, m, MAX_LENGTH)[:2], "x")
+        for m in (
+            GOOD["messages"],
+            [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+        )
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss_sum, n = loss_sums(model, batch)
+        reference = model(**batch).loss
+    assert n == sum(e.num_label_tokens for e in examples)  # shifted: each labelled token is predicted once
+    torch.testing.assert_close(loss_sum / n, reference)
+
+
+def test_single_process_loop_learns(tiny_model: Path, tokenizer) -> None:
+    torch.manual_seed(0)
+    model = build_lora_model(tiny_model, LoraSettings())
+    examples = [Example(*encode_conversation(tokenizer, GOOD["messages"], MAX_LENGTH)[:2], "index 0")] * 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine make tiny steps ~4x slower
+    try:
+        state = train_single_process(
+            model, examples, epochs=30, batch_size=2, lr=1e-2, pad_token_id=tokenizer.pad_token_id
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert state.step == 30 and [h["step"] for h in state.history] == list(range(1, 31))
+    assert state.history[-1]["loss"] < state.history[0]["loss"] - 0.3
+
+
+def test_lr_schedules() -> None:
+    param = torch.nn.Parameter(torch.zeros(1))
+
+    def lrs(schedule: str) -> list[float]:
+        opt = torch.optim.SGD([param], lr=1.0)
+        sched = make_scheduler(opt, schedule, warmup_steps=2, total_steps=6)
+        out = []
+        for _ in range(6):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs("constant") == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert lrs("linear") == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    cosine = lrs("cosine")
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[3] > cosine[4] > cosine[5] > 0
+
+
+def test_cli_flags_map_to_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "--model", "m", "--data", "d.jsonl", "--output", "o"])
+    cfg = config_from_args(args)
+    assert (cfg.workers, cfg.use_gpu, cfg.resume) == (2, False, False)
+    assert cfg.lora == LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=("q_proj", "v_proj"))
+    args = parser.parse_args(
+        [
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d.jsonl",
+            "--output",
+            "o",
+            "--workers",
+            "4",
+            "--use-gpu",
+            "--epochs",
+            "5",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "8",
+            "--max-length",
+            "512",
+            "--eval-fraction",
+            "0.2",
+            "--resume",
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "16",
+            "--lora-dropout",
+            "0.1",
+            "--target-modules",
+            "q_proj,k_proj,v_proj,o_proj",
+            "--ray-address",
+            "auto",
+            "--bad-records",
+            "skip",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (
+        cfg.workers,
+        cfg.use_gpu,
+        cfg.epochs,
+        cfg.lr,
+        cfg.batch_size,
+        cfg.max_length,
+        cfg.eval_fraction,
+        cfg.resume,
+        cfg.ray_address,
+        cfg.bad_records,
+    ) == (4, True, 5, 1e-3, 8, 512, 0.2, True, "auto", "skip")
+    assert cfg.lora == LoraSettings(8, 16, 0.1, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert args.func.__name__ == "run_train"
+    merge = parser.parse_args(["merge", "--model", "m", "--adapter", "a", "--output", "o"])
+    assert merge.func.__name__ == "run_merge" and merge.dtype == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--workers", "0"])
+
+
+def test_summary_files(tmp_path: Path) -> None:
+    history = [{"step": i, "epoch": i / 10, "loss": 7.0 - i / 10} for i in range(1, 21)]
+    evals = [{"epoch": 1, "step": 10, "eval_loss": 6.5}, {"epoch": 2, "step": 20, "eval_loss": 6.1}]
+    json_path, png_path = write_summary(tmp_path, {"model": "m", "history": history, "eval_history": evals})
+    assert json.loads(json_path.read_text())["eval_history"] == evals
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,550 @@
+"""Fast unit tests of the pure-Python parts, no Ray and no gRPC server: layout, validation, slot accounting and
+scheduling, sampling, the KV cache, step batches, and UTF-8-safe streaming detokenization."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from qwen_relay.server.detokenizer import REPLACEMENT, Detokenizer
+from qwen_relay.server.layout import describe, even_split, parse_layers
+from qwen_relay.server.scheduler import Scheduler
+from qwen_relay.server.sequence import GenerationParams, Sequence, Status
+from qwen_relay.server.slots import SlotAllocator
+from qwen_relay.server.validation import (
+    MAX_ADAPTER_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    InvalidRequest,
+    Limits,
+    validate,
+)
+from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.kv_cache import CacheMismatch, KVCache
+from qwen_relay.shards.sampler import sample
+from qwen_relay.v1 import relay_pb2
+
+TURKISH = "Merhaba! Nasıl yardımcı olabilirim? DOĞAL ĞÜŞİÖÇ ’"
+IM_START, IM_END, ENDOFTEXT = 1022, 1023, 1021
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+# ------------------------------------------------------------------------------------------------ layout
+
+
+@pytest.mark.parametrize(("layers", "shards", "expected"), [
+    (5, 1, [(0, 5)]),
+    (5, 2, [(0, 3), (3, 5)]),
+    (5, 3, [(0, 2), (2, 4), (4, 5)]),
+    (5, 4, [(0, 2), (2, 3), (3, 4), (4, 5)]),
+    (5, 5, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]),
+    (24, 4, [(0, 6), (6, 12), (12, 18), (18, 24)]),
+    (28, 3, [(0, 10), (10, 19), (19, 28)]),
+])
+def test_even_split(layers, shards, expected):
+    ranges = even_split(layers, shards)
+    assert ranges == expected
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # earlier slices take the extra layers
+
+
+@pytest.mark.parametrize("shards", [0, -1, 6])
+def test_even_split_refuses_impossible_counts(shards):
+    with pytest.raises(ValueError, match="shards"):
+        even_split(5, shards)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("0-4", [(0, 5)]),
+    ("0-2,3-4", [(0, 3), (3, 5)]),
+    ("0-0,1-3,4-4", [(0, 1), (1, 4), (4, 5)]),
+    ("0,1-3,4", [(0, 1), (1, 4), (4, 5)]),  # a single layer may be written alone
+    (" 0-1 , 2-4 ", [(0, 2), (2, 5)]),
+])
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec, 5) == expected
+    assert parse_layers(describe(expected), 5) == expected
+
+
+@pytest.mark.parametrize("spec", [
+    "",  # nothing
+    "0-2",  # does not reach the last layer
+    "0-2,3-5",  # beyond the last layer
+    "1-4",  # does not start at 0
+    "0-1,3-4",  # gap
+    "0-2,2-4",  # overlap
+    "0-2,4-3",  # reversed range
+    "3-4,0-2",  # out of order
+    "a-b",  # not numbers
+    "0-2,,3-4",  # empty part
+    "0-4,",  # trailing comma
+    "-1-4",  # negative
+    "0-2-4",  # two dashes
+    "0:2,3:4",  # wrong separator
+])
+def test_parse_layers_refuses_bad_specs(spec):
+    with pytest.raises(ValueError, match="--layers"):
+        parse_layers(spec, 5)
+
+
+# -------------------------------------------------------------------------------------------- validation
+
+LIMITS = Limits(vocab_size=1024, max_context=64, default_max_new_tokens=16, max_new_tokens_cap=32)
+
+
+def _request(**fields) -> relay_pb2.GenerateRequest:
+    fields.setdefault("prompt", "Merhaba")
+    return relay_pb2.GenerateRequest(**fields)
+
+
+def _invalid(tokenizer, request, limits: Limits = LIMITS) -> str:
+    with pytest.raises(InvalidRequest) as info:
+        validate(request, tokenizer, limits)
+    return str(info.value)
+
+
+def test_validate_defaults(tokenizer):
+    request_id, prompt_ids, params = validate(_request(), tokenizer, LIMITS)
+    assert request_id and len(request_id) <= MAX_REQUEST_ID_CHARS  # made up when empty
+    assert prompt_ids == tokenizer.encode("Merhaba", add_special_tokens=False)
+    assert params.max_new_tokens == LIMITS.default_max_new_tokens
+    assert params.sampling.greedy
+    assert params.sampling.top_p == 1.0 and params.sampling.top_k == 0
+    assert params.stop == () and not params.ignore_eos and params.adapter == ""
+    # No seed given: each request draws its own.
+    seeds = {validate(_request(temperature=1.0), tokenizer, LIMITS)[2].sampling.seed for _ in range(4)}
+    assert len(seeds) > 1
+
+
+def test_validate_keeps_what_was_asked(tokenizer):
+    request = _request(request_id="abc", max_new_tokens=5, temperature=0.7, top_p=0.5, top_k=3, seed=42,
+                       stop=["x", "yz"], ignore_eos=True, adapter="a")
+    request_id, _, params = validate(request, tokenizer, LIMITS)
+    assert request_id == "abc"
+    assert params == GenerationParams(
+        max_new_tokens=5, sampling=SamplingParams(temperature=pytest.approx(0.7), top_p=0.5, top_k=3, seed=42),
+        stop=("x", "yz"), ignore_eos=True, adapter="a")
+
+
+def test_validate_inputs(tokenizer):
+    ids = validate(relay_pb2.GenerateRequest(prompt_token_ids=[0, 5, 1023]), tokenizer, LIMITS)[1]
+    assert ids == [0, 5, 1023]
+    messages = [relay_pb2.ChatMessage(role=r, content="hi") for r in ("system", "user", "assistant", "tool")]
+    ids = validate(relay_pb2.GenerateRequest(messages=messages), tokenizer,
+                   Limits(vocab_size=1024, max_context=512))[1]
+    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                         add_generation_prompt=True, tokenize=False)
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "a", "messages": [relay_pb2.ChatMessage(role="user", content="b")]}, "messages"),
+    ({"prompt": "a", "prompt_token_ids": [5]}, "prompt_token_ids"),
+    ({"prompt": "", "messages": [relay_pb2.ChatMessage(role="user", content="b")], "prompt_token_ids": [5]},
+     "prompt_token_ids"),
+    ({"prompt": "", "messages": [relay_pb2.ChatMessage(role="user", content="b"),
+                                 relay_pb2.ChatMessage(role="robot", content="c")]}, "messages[1].role"),
+    ({"prompt": "", "messages": [relay_pb2.ChatMessage(role="", content="b")]}, "messages[0].role"),
+    ({"prompt": "", "prompt_token_ids": [5, -1]}, "prompt_token_ids[1]"),
+    ({"prompt": "", "prompt_token_ids": [1024]}, "prompt_token_ids[0]"),
+    ({"prompt": "", "prompt_token_ids": [2**62]}, "prompt_token_ids[0]"),
+    ({"prompt": "", "prompt_token_ids": [5] * 65}, "prompt_token_ids"),
+    ({"max_new_tokens": 33}, "max_new_tokens"),
+    ({"prompt": "", "prompt_token_ids": [5] * 40, "max_new_tokens": 25}, "max_new_tokens"),  # 65 > 64
+    ({"prompt": "", "prompt_token_ids": [5] * 50}, "max_new_tokens"),  # + the default 16 > 64
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": math.nan}, "temperature"),
+    ({"temperature": math.inf}, "temperature"),
+    ({"temperature": 1e-7}, "temperature"),  # below the sampler's float32 safety floor
+    ({"temperature": 1.0, "top_p": 0.0}, "top_p"),
+    ({"temperature": 1.0, "top_p": -0.1}, "top_p"),
+    ({"temperature": 1.0, "top_p": 1.01}, "top_p"),
+    ({"temperature": 1.0, "top_p": math.nan}, "top_p"),
+    ({"request_id": "r" * (MAX_REQUEST_ID_CHARS + 1)}, "request_id"),
+    ({"stop": ["s"] * (MAX_STOP_SEQUENCES + 1)}, "stop"),
+    ({"stop": ["ok", ""]}, "stop[1]"),
+    ({"stop": ["s" * (MAX_STOP_CHARS + 1)]}, "stop[0]"),
+    ({"adapter": "a" * (MAX_ADAPTER_CHARS + 1)}, "adapter"),
+    ({"prompt": "a" * (64 * 64 + 1)}, "prompt"),
+    ({"prompt": "", "messages": [relay_pb2.ChatMessage(role="user", content="a" * (64 * 64))]}, "messages"),
+])
+def test_validate_refuses(tokenizer, fields, field):
+    message = _invalid(tokenizer, _request(**fields))
+    assert message.startswith(field), message
+
+
+def test_validate_accepts_the_boundaries(tokenizer):
+    validate(_request(max_new_tokens=32), tokenizer, LIMITS)  # at the cap
+    validate(relay_pb2.GenerateRequest(prompt_token_ids=[5] * 32, max_new_tokens=32), tokenizer, LIMITS)  # == 64
+    validate(relay_pb2.GenerateRequest(prompt_token_ids=[1023]), tokenizer, LIMITS)  # the last vocabulary id
+    validate(_request(temperature=1.0, top_p=1.0), tokenizer, LIMITS)
+    validate(_request(temperature=1e-5), tokenizer, LIMITS)  # exactly the floor (float32 on the wire)
+    validate(_request(stop=["s" * MAX_STOP_CHARS] * MAX_STOP_SEQUENCES), tokenizer, LIMITS)
+
+
+def test_validate_refuses_a_prompt_that_renders_to_nothing():
+    class Silent:
+        def encode(self, text, add_special_tokens=False):
+            return []
+
+    with pytest.raises(InvalidRequest, match="^prompt"):
+        validate(_request(prompt="\u200b"), Silent(), LIMITS)
+
+
+# ------------------------------------------------------------------------------------ slots and scheduling
+
+
+def test_slot_allocator_hands_out_lowest_free_slot():
+    slots = SlotAllocator(3)
+    assert [slots.allocate() for _ in range(3)] == [0, 1, 2]
+    assert slots.num_free == 0
+    with pytest.raises(RuntimeError):
+        slots.allocate()
+    slots.free(1)
+    slots.free(0)
+    assert slots.num_free == 2
+    assert slots.allocate() == 0  # reuse, lowest first
+    assert slots.allocate() == 1
+    with pytest.raises(ValueError):
+        slots.free(5)  # never existed
+    slots.free(2)
+    with pytest.raises(ValueError):
+        slots.free(2)  # double free
+
+
+def _seq(name: str, prompt_len: int, max_new: int = 8) -> Sequence:
+    return Sequence(name, list(range(1, prompt_len + 1)), GenerationParams(max_new_tokens=max_new),
+                    Detokenizer(None))
+
+
+def _stepped(batch: list[Sequence], token: int = 7) -> None:
+    """What the engine does after a step: everything pending is cached, one token is appended."""
+    for seq in batch:
+        seq.num_cached = len(seq.tokens)
+        seq.tokens.append(token)
+
+
+def test_scheduler_prefill_then_decode():
+    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    a, b = _seq("a", 5), _seq("b", 3)
+    sched.add(a)
+    sched.add(b)
+    assert len(sched) == 2
+    batch = sched.schedule()
+    assert batch == [a, b]  # one prefill step for both
+    assert [s.slot for s in batch] == [0, 1]
+    assert all(s.status is Status.RUNNING for s in batch)
+    assert [len(s.pending()) for s in batch] == [5, 3]
+    _stepped(batch)
+    batch = sched.schedule()
+    assert batch == [a, b]  # a decode step: one pending token each
+    assert [s.pending() for s in batch] == [[7], [7]]
+
+
+def test_scheduler_new_request_prefills_alone_then_joins_decode():
+    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    a = _seq("a", 4)
+    sched.add(a)
+    _stepped(sched.schedule())
+    c = _seq("c", 6)
+    sched.add(c)
+    batch = sched.schedule()
+    assert batch == [c]  # a prefill step: the decoding sequence waits one step
+    assert len(c.pending()) == 6
+    _stepped(batch)
+    assert sched.schedule() == [a, c]  # then both decode together
+
+
+def test_scheduler_prefill_token_budget():
+    sched = Scheduler(num_slots=4, max_prefill_tokens=10)
+    a, b, c = _seq("a", 6), _seq("b", 6), _seq("c", 4)
+    for s in (a, b, c):
+        sched.add(s)
+    assert sched.schedule() == [a]  # b would take the step to 12 tokens
+    assert list(sched.waiting) == [b, c]  # order kept: c does not overtake b
+    _stepped([a])
+    assert sched.schedule() == [b, c]  # 6 + 4 fits
+    # A prompt longer than the whole budget still runs, alone.
+    big = _seq("big", 25)
+    sched.add(big)
+    _stepped([b, c])
+    assert sched.schedule() == [big]
+
+
+def test_scheduler_slot_reuse_and_finish():
+    sched = Scheduler(num_slots=2, max_prefill_tokens=100)
+    a, b, c = _seq("a", 2), _seq("b", 2), _seq("c", 2)
+    for s in (a, b, c):
+        sched.add(s)
+    assert sched.schedule() == [a, b]  # only two slots
+    assert c.status is Status.WAITING and c.slot is None
+    _stepped([a, b])
+    assert sched.schedule() == [a, b]  # still no slot for c: it keeps waiting, the others decode
+    assert sched.finish(a) == 0  # the slot the slices must release
+    assert a.status is Status.FINISHED and a.slot is None and a not in sched.running
+    assert sched.slots.num_free == 1
+    assert sched.schedule() == [c]
+    assert c.slot == 0  # the freed slot is reused
+    assert sched.finish(c) == 0
+    # Finishing a sequence that never got a slot (cancelled while waiting) frees nothing.
+    d = _seq("d", 2)
+    sched.add(d)
+    sched.add(e := _seq("e", 2))
+    sched.finish(b)
+    assert sched.schedule() == [d, e]
+    f = _seq("f", 2)
+    sched.add(f)
+    assert sched.finish(f) is None
+    assert f not in sched.waiting and len(sched) == 2
+    assert sched.slots.num_free == 0
+
+
+def test_scheduler_rebuilds_lost_caches_as_a_prefill():
+    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    a, b = _seq("a", 3), _seq("b", 2)
+    sched.add(a)
+    sched.add(b)
+    _stepped(sched.schedule())
+    _stepped(sched.schedule())
+    a.num_cached = 0  # a slice restarted: a's cache is gone, b's is replayed too in practice
+    batch = sched.schedule()
+    assert batch == [a]
+    assert a.pending() == a.tokens  # prompt + everything generated
+
+
+def test_scheduler_idle_is_empty():
+    assert Scheduler(num_slots=2, max_prefill_tokens=10).schedule() == []
+
+
+# ----------------------------------------------------------------------------------------------- sampler
+
+
+def _logits(rows: int = 4, vocab: int = 300, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax():
+    logits = _logits()
+    tokens = sample(logits, [SamplingParams()] * 4, [1, 2, 3, 4])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_seeded_draws_are_reproducible_per_seed_and_position():
+    logits = _logits(rows=1, vocab=1000)
+    p = SamplingParams(temperature=1.5, seed=1234)
+    draws = [int(sample(logits.clone(), [p], [pos])[0]) for pos in range(40)]
+    assert draws == [int(sample(logits.clone(), [p], [pos])[0]) for pos in range(40)]
+    assert len(set(draws)) > 10  # positions give different draws from the same distribution
+    other = [int(sample(logits.clone(), [SamplingParams(temperature=1.5, seed=1235)], [pos])[0])
+             for pos in range(40)]
+    assert other != draws
+    # A row's draw depends on its own (seed, position) only, not on the rest of the batch.
+    batch = torch.cat([_logits(rows=3, vocab=1000, seed=9), logits])
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=5), SamplingParams(), p]
+    assert int(sample(batch, params, [3, 17, 2, 21])[3]) == draws[21]
+    # A huge seed (uint64 on the wire) is fine.
+    big = SamplingParams(temperature=1.0, seed=2**64 - 1)
+    assert sample(logits.clone(), [big], [3]).tolist() == sample(logits.clone(), [big], [3]).tolist()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = _logits(rows=8, vocab=500)
+    greedy = logits.argmax(-1).tolist()
+    for seed in range(5):
+        top_k = [SamplingParams(temperature=2.0, top_k=1, seed=seed)] * 8
+        assert sample(logits.clone(), top_k, list(range(8))).tolist() == greedy
+        top_p = [SamplingParams(temperature=2.0, top_p=1e-6, seed=seed)] * 8
+        assert sample(logits.clone(), top_p, list(range(8))).tolist() == greedy
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0.0, -1.0, -2.0]])
+    top_k = {int(sample(logits.clone(), [SamplingParams(temperature=5.0, top_k=2, seed=s)], [0])[0])
+             for s in range(200)}
+    assert top_k == {0, 1}
+    # Probabilities at temperature 1: ~0.66, 0.24, 0.09, ...; top_p 0.8 keeps the first two.
+    top_p = {int(sample(logits.clone(), [SamplingParams(temperature=1.0, top_p=0.8, seed=s)], [0])[0])
+             for s in range(200)}
+    assert top_p == {0, 1}
+    anything = {int(sample(logits.clone(), [SamplingParams(temperature=50.0, seed=s)], [0])[0])
+                for s in range(200)}
+    assert anything == set(range(6))
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+
+
+def _cache(slots: int = 4, max_len: int = 16) -> KVCache:
+    return KVCache(num_layers=2, num_slots=slots, max_len=max_len, num_kv_heads=2, head_dim=3,
+                   dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_cache_check_refuses_a_step_that_does_not_continue_it():
+    cache = _cache()
+    cache.check([0, 1], [0, 0], [5, 2])  # fresh slots: prefills start at 0
+    with pytest.raises(CacheMismatch):
+        cache.check([0], [3], [4])  # a decode for a slot that holds nothing (the actor restarted)
+    cache.commit([0, 1], [5, 2])
+    cache.check([0, 1], [5, 2], [6, 3])
+    with pytest.raises(CacheMismatch):
+        cache.check([0], [0], [6])  # a re-prefill over a slot still holding 5 tokens
+    with pytest.raises(CacheMismatch):
+        cache.check([1, 0], [2, 4], [3, 5])  # one row out of step is enough
+    with pytest.raises(ValueError):
+        cache.check([4], [0], [1])  # no such slot
+    with pytest.raises(ValueError):
+        cache.check([0], [5], [17])  # over max_len
+    cache.release([0])
+    cache.check([0], [0], [3])
+    with pytest.raises(CacheMismatch):
+        cache.check([0], [5], [6])
+
+
+def test_cache_read_consecutive_slots_is_a_view_scattered_is_a_gather():
+    cache = _cache()
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    storage = cache.k.untyped_storage().data_ptr()
+
+    keys, values = cache.read(1, [1, 2, 3], 7)
+    assert keys.shape == (3, 2, 7, 3)
+    assert keys.untyped_storage().data_ptr() == storage  # a view: no copy
+    assert values.untyped_storage().data_ptr() == cache.v.untyped_storage().data_ptr()
+    assert torch.equal(keys, cache.k[1, 1:4, :, :7])
+
+    keys, values = cache.read(1, [3, 0, 2], 7)
+    assert keys.shape == (3, 2, 7, 3)
+    assert torch.equal(keys, cache.k[1][[3, 0, 2]][:, :, :7])
+    assert torch.equal(values, cache.v[1][[3, 0, 2]][:, :, :7])
+    assert keys.untyped_storage().data_ptr() != storage  # a gather: a copy
+
+    # Writes land at (slot, position) pairs and nowhere else.
+    before = cache.k.clone()
+    k = torch.full((2, 2, 3), 9.0)
+    cache.write(0, torch.tensor([2, 0]), torch.tensor([4, 11]), k, k)
+    assert torch.equal(cache.k[0, 2, :, 4], k[0]) and torch.equal(cache.k[0, 0, :, 11], k[1])
+    changed = (cache.k != before).nonzero().tolist()
+    assert {(layer, slot, pos) for layer, slot, _, pos, _ in changed} == {(0, 2, 4), (0, 0, 11)}
+
+
+# ------------------------------------------------------------------------------------------------- batch
+
+
+def test_step_batch_padded():
+    batch = StepBatch(slots=[3, 0], starts=[0, 7], token_ids=[[11, 12, 13], [14]],
+                      sampling=[SamplingParams(), SamplingParams()])
+    assert len(batch) == 2 and batch.num_tokens == 4
+    assert batch.ends() == [3, 8]
+    ids, positions, valid = batch.padded(torch.device("cpu"))
+    assert ids.tolist() == [[11, 12, 13], [14, 0, 0]]
+    assert ids.dtype == torch.long
+    assert positions.tolist() == [[0, 1, 2], [7, 8, 9]]
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+
+    decode = StepBatch(slots=[0, 1], starts=[5, 9], token_ids=[[1], [2]], sampling=[SamplingParams()] * 2)
+    ids, positions, valid = decode.padded(torch.device("cpu"))
+    assert ids.tolist() == [[1], [2]] and positions.tolist() == [[5], [9]] and valid.all()
+
+
+# ---------------------------------------------------------------------------------------- detokenization
+
+
+def _feed(detok: Detokenizer, ids: list[int]) -> list[str]:
+    """Chunks for `ids` fed one at a time, up to a stop (the engine feeds nothing after one)."""
+    chunks = []
+    for t in ids:
+        chunks.append(detok.add(t))
+        if detok.stopped:
+            break
+    return chunks
+
+
+def test_detokenizer_streams_whole_characters(tokenizer):
+    ids = tokenizer.encode(TURKISH, add_special_tokens=False)
+    # Precondition: the tokenizer really splits some characters ('Ğ', '’') into byte tokens.
+    assert any(REPLACEMENT in tokenizer.decode([t]) for t in ids)
+    detok = Detokenizer(tokenizer)
+    chunks = _feed(detok, ids)
+    chunks.append(detok.flush())
+    assert all(REPLACEMENT not in c for c in chunks), chunks
+    assert "".join(chunks) == TURKISH
+    assert not detok.stopped
+    # Every prefix emitted so far is a prefix of the text: nothing is reordered or emitted early.
+    emitted = ""
+    for c in chunks:
+        emitted += c
+        assert TURKISH.startswith(emitted)
+
+
+def test_detokenizer_skips_special_tokens(tokenizer):
+    ids = tokenizer.encode("Merhaba!", add_special_tokens=False)
+    detok = Detokenizer(tokenizer)
+    chunks = _feed(detok, [ids[0], IM_END, ids[1], ENDOFTEXT])
+    assert "".join(chunks) + detok.flush() == "Merhaba!"
+
+
+def test_detokenizer_stop_split_across_tokens(tokenizer):
+    text = "Merhaba! Nasıl yardımcı olabilirim?"
+    ids = tokenizer.encode(text, add_special_tokens=False)  # Merhaba | ! | Nasıl | yardımcı | ...
+    stop = "ıl yard"
+    detok = Detokenizer(tokenizer, (stop,))
+    first = _feed(detok, ids[:3])
+    assert "".join(first) == "Merhaba! Nas"  # "ıl" could start the stop: held back
+    assert not detok.stopped
+    out = detok.add(ids[3])
+    assert detok.stopped
+    assert "".join(first) + out == "Merhaba! Nas"
+    assert detok.flush() == ""  # nothing after a stop
+
+
+def test_detokenizer_releases_a_ruled_out_prefix(tokenizer):
+    text = "Merhaba! Nasıl yardımcı olabilirim?"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = Detokenizer(tokenizer, ("ıl yok",))
+    assert "".join(_feed(detok, ids[:3])) == "Merhaba! Nas"
+    # "ıl y" then "a" rules the stop out, so "ıl" goes; the final "ı" could start the stop again: held.
+    assert detok.add(ids[3]) == "ıl yardımc"
+    assert detok.add(ids[4]) == "ı olabilirim"
+    assert "".join(_feed(detok, ids[5:])) + detok.flush() == "?"
+    assert not detok.stopped
+
+
+def test_detokenizer_stop_inside_a_multibyte_character(tokenizer):
+    ids = tokenizer.encode(TURKISH, add_special_tokens=False)
+    detok = Detokenizer(tokenizer, ("Ğ",))
+    chunks = _feed(detok, ids)
+    assert detok.stopped
+    assert "".join(chunks) == TURKISH[: TURKISH.index("Ğ")]
+    assert all(REPLACEMENT not in c and "Ğ" not in c for c in chunks)
+
+
+def test_detokenizer_earliest_stop_wins_and_stop_at_start(tokenizer):
+    ids = tokenizer.encode("Merhaba! Nasıl yardımcı", add_special_tokens=False)
+    detok = Detokenizer(tokenizer, ("yardım", "Nas"))
+    out = "".join(_feed(detok, ids[:4]))
+    assert detok.stopped and out == "Merhaba! "
+    detok = Detokenizer(tokenizer, ("Merhaba",))
+    assert detok.add(ids[0]) == "" and detok.stopped
+
+
+def test_detokenizer_flush_releases_what_is_held(tokenizer):
+    ids = tokenizer.encode("a!!", add_special_tokens=False)
+    detok = Detokenizer(tokenizer, ("!!!",))
+    assert "".join(_feed(detok, ids)) == "a"  # "!!" might become the stop
+    assert detok.flush() == "!!"  # generation ended (EOS or length): it was never a stop
+    # Ending inside a character: add() holds it back, flush() gives what there is.
+    ids = tokenizer.encode("DOĞ", add_special_tokens=False)
+    detok = Detokenizer(tokenizer)
+    chunks = _feed(detok, ids[:-1])
+    assert "".join(chunks) == "DO"
+    assert detok.flush() == REPLACEMENT
