@@ -173,7 +173,8 @@ class RayPipeline:
             log.warning("slice %d (layers %d-%d) is not answering: %s", index, spec.first, spec.end - 1,
                         type(e).__name__)
             return {"first": spec.first, "end": spec.end, "has_embeddings": spec.first == 0,
-                    "has_lm_head": False, "device": "", "dtype": "", "cache_entries": 0, "cache_bytes": 0,
+                    "has_lm_head": index == len(self.specs) - 1,
+                    "device": "", "dtype": "", "cache_entries": 0, "cache_bytes": 0,
                     "weight_bytes": 0, "peak_rss_bytes": 0, "forward_seconds": 0.0, "steps": 0,
                     "actor_id": "", "node_id": "", "healthy": False, "restarts": self.restarts[index]}
         if stats["incarnation"] != self.incarnations[index]:
