@@ -63,6 +63,7 @@ class ServeOptions:
     max_new_tokens_cap: int = 1024
     cpus_per_slice: float = 1.0
     threads: int = 0
+    prepack: bool = True  # CPU fp32: linear weights prepacked for oneDNN (shards/packed.py)
     placement_strategy: str = "PACK"
     max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
     recovery_timeout: float = 60.0
@@ -157,7 +158,8 @@ class Relay:
                 opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
         specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
-                           max_slots=opts.max_batch, max_len=self.max_context, threads=opts.threads)
+                           max_slots=opts.max_batch, max_len=self.max_context, threads=opts.threads,
+                           prepack=opts.prepack)
                  for a, b in self.ranges]
         log.info("loading %d slices (layers %s) of %s", len(specs), describe(self.ranges), opts.model)
         if opts.use_ray:

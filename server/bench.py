@@ -67,6 +67,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 0  # torch threads of the hf process and of each CPU slice; 0: os.cpu_count()
     use_ray: bool = True
+    prepack: bool = True  # the relay's CPU weights prepacked for oneDNN (hf always runs stock kernels)
     max_batch: int = 16
     max_context: int = 1024
     single_prompts: tuple[int, ...] = (16, 512)
@@ -538,7 +539,8 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
                         dtype=str(dtype).removeprefix("torch."),
-                        threads=cfg.num_threads if device.type == "cpu" else 0, grace_seconds=0)
+                        threads=cfg.num_threads if device.type == "cpu" else 0, prepack=cfg.prepack,
+                        grace_seconds=0)
 
 
 class RelayUnderTest:
@@ -1025,6 +1027,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
     return BenchConfig(model=args.model, out=str(args.out), shards=shards, device=args.device,
                        dtype=args.dtype, seed=args.seed, threads=args.threads, use_ray=not args.no_ray,
+                       prepack=not args.no_prepack,
                        max_batch=args.max_batch, max_context=args.max_context, **values)
 
 
@@ -1094,6 +1097,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the hf process and of each CPU slice (0: all cores)")
     p.add_argument("--no-ray", action="store_true", help="relay slices in this process (LocalPipeline)")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")
     p.add_argument("--max-batch", type=int, default=16, help="relay cache slots")
     p.add_argument("--max-context", type=int, default=1024, help="relay prompt + new tokens per sequence")
     w = p.add_argument_group("workload (defaults: the issue's; --quick shrinks them)")

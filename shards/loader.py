@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from .model import ModelSlice
+from .packed import HEAD_BLOCK_ROWS, can_prepack, is_linear_weight, prepack_head, prepack_linear
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,22 @@ def checkpoint_key(name: str, config: PretrainedConfig, wmap: dict[str, str]) ->
     return name
 
 
-def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: torch.device) -> ModelSlice:
-    """Build layers [first, end) of `model` on `device`, reading only the tensors they own."""
+def row_blocks(path: Path, key: str, dtype: torch.dtype, device: torch.device) -> Iterator[torch.Tensor]:
+    """Tensor `key` in blocks of `HEAD_BLOCK_ROWS` rows, each read through a file handle of its own, so each
+    block's memory goes as soon as it is packed, instead of a whole dense head piling up."""
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        rows = f.get_slice(key).get_shape()[0]
+    for start in range(0, rows, HEAD_BLOCK_ROWS):
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            yield f.get_slice(key)[start:start + HEAD_BLOCK_ROWS].to(dtype)
+
+
+def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: torch.device,
+               prepack: bool = False) -> ModelSlice:
+    """Build layers [first, end) of `model` on `device`, reading only the tensors they own.
+
+    `prepack`: on a CPU in fp32, store linear weights in oneDNN's layout (shards/packed.py).
+    """
     folder = model_dir(model)
     config = load_config(folder)
     with init_empty_weights():
@@ -105,14 +121,31 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
             raise KeyError(f"{model}: tensor {key} is missing from the checkpoint")
         by_file[wmap[key]].append((name, key))
 
+    pack = prepack and can_prepack(device, dtype)
+    packed = 0
     for filename, pairs in sorted(by_file.items()):
         path = weight_file(model, folder, filename)
+        to_pack = {name: key for name, key in pairs if pack and is_linear_weight(part, name)}
+        for name, key in to_pack.items():
+            if name == "lm_head.weight":
+                prepack_head(part, row_blocks(path, key, dtype, device))
+                continue
+            # A file handle of its own: safetensors memory-maps the file and a mapping stays resident while
+            # its handle is open, so the dense pages go as soon as the packed copy exists.
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                prepack_linear(part, name.removesuffix(".weight"), f.get_tensor(key).to(dtype))
+        packed += len(to_pack)
         with safe_open(path, framework="pt", device=str(device)) as f:
             for name, key in pairs:
-                set_module_tensor_to_device(part, name, device, value=f.get_tensor(key), dtype=dtype)
+                if name not in to_pack:
+                    set_module_tensor_to_device(part, name, device, value=f.get_tensor(key), dtype=dtype)
     if part.is_first and part.is_last and config.tie_word_embeddings:
         part.lm_head.weight = part.model.embed_tokens.weight
+        if pack:  # a packed copy for the head; the embedding's lookups need the dense rows
+            prepack_head(part, part.lm_head.weight.split(HEAD_BLOCK_ROWS))
+            packed += 1
     part.attach_rotary(device)
     part.eval().requires_grad_(False)
-    log.info("loaded layers %d-%d of %s from %d file(s) onto %s", first, end - 1, model, len(by_file), device)
+    log.info("loaded layers %d-%d of %s from %d file(s) onto %s%s", first, end - 1, model, len(by_file), device,
+             f" ({packed} linear weights prepacked for oneDNN)" if packed else "")
     return part

@@ -36,6 +36,7 @@ class SliceSpec:
     max_slots: int = 16
     max_len: int = 2048
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    prepack: bool = True  # CPU fp32: linear weights in oneDNN's layout (shards/packed.py)
 
 
 def peak_rss_bytes() -> int:
@@ -55,7 +56,7 @@ class SliceRunner:
         self.spec = spec
         self.device = device
         self.dtype = resolve_dtype(spec.dtype, device)
-        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device)
+        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack)
         config = self.slice.config
         self.cache = KVCache(
             num_layers=spec.end - spec.first,
@@ -118,7 +119,6 @@ class SliceRunner:
         self.release([0])
 
     def stats(self) -> dict:
-        weights = {p.data_ptr(): p.nbytes for p in self.slice.parameters()}
         return {
             "first": self.spec.first,
             "end": self.spec.end,
@@ -128,7 +128,7 @@ class SliceRunner:
             "dtype": str(self.dtype).removeprefix("torch."),
             "cache_entries": len(self.cache.lengths),
             "cache_bytes": self.cache.nbytes,
-            "weight_bytes": sum(weights.values()),
+            "weight_bytes": sum(p.nbytes for p in self.slice.parameters()),  # a tied weight counts once
             "peak_rss_bytes": peak_rss_bytes(),
             "forward_seconds": self.forward_seconds,
             "steps": self.steps,

@@ -40,7 +40,7 @@ def peak() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
-model, first, end = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+model, first, end, prepack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 torch.set_num_threads(1)
 with torch.inference_mode():  # warm up torch's kernels and allocator so they are not counted as the slice's
     torch.nn.functional.scaled_dot_product_attention(*torch.randn(3, 1, 2, 8, 16)).sum(dtype=torch.float64)
@@ -51,9 +51,10 @@ try:  # start the peak from here (Linux >= 4.0; a container may refuse it: then 
 except OSError:
     pass
 before = peak()
-part = load_slice(model, first, end, torch.float32, torch.device("cpu"))
+part = load_slice(model, first, end, torch.float32, torch.device("cpu"), prepack)
 with torch.inference_mode():
-    touched = sum(float(p.sum()) for p in part.parameters())  # every page of every weight
+    # Every page of every weight (a prepacked one was written whole when it was made).
+    touched = sum(float(p.sum()) for p in part.parameters() if not p.is_mkldnn)
     config = part.config
     head_dim = config.hidden_size // config.num_attention_heads
     cache = KVCache(end - first, 1, 16, config.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
@@ -96,7 +97,8 @@ def big_model(tmp_path_factory) -> Path:
                             num_hidden_layers=BIG_LAYERS, num_attention_heads=8, num_key_value_heads=2)
 
 
-def test_slice_peak_memory_is_its_own_share(big_model):
+@pytest.mark.parametrize("prepack", [False, True], ids=["dense", "prepacked"])
+def test_slice_peak_memory_is_its_own_share(big_model, prepack):
     sizes = _tensor_bytes(big_model)
     total = sum(sizes.values())
     assert total > 400 * MIB  # precondition: big enough that weights dominate the process's memory
@@ -104,7 +106,7 @@ def test_slice_peak_memory_is_its_own_share(big_model):
     slice_bytes = _layer_bytes(sizes, first, end)
     assert slice_bytes < total / 3
 
-    done = subprocess.run([sys.executable, "-c", CHILD, str(big_model), str(first), str(end)],
+    done = subprocess.run([sys.executable, "-c", CHILD, str(big_model), str(first), str(end), str(int(prepack))],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -136,14 +138,16 @@ def test_tied_model_slices_hold_only_their_tensors(tiny_model):
     assert not any("embed_tokens" in n or "lm_head" in n or n == "model.norm.weight" for n in names), names
     assert sum(p.nbytes for p in middle.parameters()) == _layer_bytes(sizes, 1, 3)
 
-    def weight_bytes(first: int, end: int) -> int:
+    def weight_bytes(first: int, end: int, prepack: bool = True) -> int:
         spec = SliceSpec(model=str(tiny_model), first=first, end=end, dtype="float32", device="cpu", max_slots=1,
-                         max_len=8)
+                         max_len=8, prepack=prepack)
         return SliceRunner(spec).stats()["weight_bytes"]
 
     assert weight_bytes(1, 3) == _layer_bytes(sizes, 1, 3)  # what GetModelInfo reports: no embedding
     assert weight_bytes(0, 2) == _layer_bytes(sizes, 0, 2) + embed
     # The last slice reads the embedding as its LM head (its own copy: it is on another actor).
     assert weight_bytes(3, num_layers) == _layer_bytes(sizes, 3, num_layers) + sizes["model.norm.weight"] + embed
-    # A single slice holds the tied tensor once.
-    assert weight_bytes(0, num_layers) == sum(sizes.values())
+    # A single slice holds the tied tensor once, dense; twice when the LM head is prepacked for oneDNN (the
+    # embedding lookup still needs the dense rows), and the stats say so.
+    assert weight_bytes(0, num_layers, prepack=False) == sum(sizes.values())
+    assert weight_bytes(0, num_layers) == sum(sizes.values()) + embed

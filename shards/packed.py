@@ -1,0 +1,81 @@
+"""CPU linear layers with weights prepacked once into oneDNN's blocked layout: the relay's CPU speed lever.
+
+Stock PyTorch runs an fp32 `nn.Linear` on the CPU through MKL's sgemm. On the AMD EPYC (Zen 5) machines this
+project is measured on, MKL takes a slow generic path: a Qwen2.5-0.5B layer's seven projections at 16 rows
+took 6.3 ms there, and 2.0 ms through oneDNN's matmul with the weight reordered once, at load, into the
+layout its kernels read (what IPEX and inductor's freezing pass do); the 151936-row LM head took 69 ms and
+16 ms; one row, 32 ms and 13 ms (docs/benchmarks.md). The packed weight replaces the dense one, so memory
+does not grow, except for a tied LM head that shares a slice with the embedding, whose lookups need the
+dense rows.
+
+The packed layout is chosen for a batch-size hint; measured at 1 to 512 rows, a hint of 16 was as fast as
+the best hint for every size. LoRA adapters still apply: PEFT wraps a `PackedLinear` like any `nn.Linear` and
+adds its low-rank update on top of this forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+BATCH_HINT = 16
+HEAD_BLOCK_ROWS = 16384  # LM-head rows packed at a time (a 151936 x 896 fp32 head: 56 MiB blocks, not 519)
+
+
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Only fp32 on a CPU with oneDNN: the case measured, and the one stock kernels serve slowly."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def _pack(weight: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT), requires_grad=False)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """An `nn.Linear` whose weight is an opaque oneDNN tensor; bias, shapes and names are unchanged."""
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a dense weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = _pack(weight)
+        self.bias = linear.bias  # may still be on `meta`: the loader fills it in afterwards
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.weight, self.bias)
+
+
+class PackedHead(nn.Module):
+    """The bias-free LM head, packed in blocks of rows: built from one block at a time, so loading it never
+    holds a dense copy of the whole head beside the packed one (an extra 519 MiB on Qwen2.5-0.5B)."""
+
+    def __init__(self, linear: nn.Linear, row_blocks: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("a packed LM head has no bias")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.blocks = nn.ParameterList(_pack(rows) for rows in row_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_linear(x, block, None) for block in self.blocks], dim=-1)
+
+
+def is_linear_weight(root: nn.Module, name: str) -> bool:
+    """Whether parameter `name` is the weight of a plain `nn.Linear` (one that can be packed)."""
+    module, _, attr = name.rpartition(".")
+    return attr == "weight" and type(root.get_submodule(module)) is nn.Linear
+
+
+def prepack_linear(root: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Replace the `nn.Linear` at `name` with a `PackedLinear` holding `weight`, packed."""
+    root.set_submodule(name, PackedLinear(root.get_submodule(name), weight))
+
+
+def prepack_head(root: nn.Module, row_blocks: Iterable[torch.Tensor]) -> None:
+    """Replace `root.lm_head` with a `PackedHead` read from consecutive blocks of the weight's rows."""
+    root.lm_head = PackedHead(root.lm_head, row_blocks)
