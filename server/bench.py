@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from qwen_relay.shards.runner import peak_rss_bytes
+
 log = logging.getLogger(__name__)
 
 MIB = 2**20
@@ -187,24 +189,6 @@ def single_stream_stats(runs: list[tuple[float, list[float]]], prompt_tokens: in
         "ms_per_token_p95": percentile(gaps, 95),
         "ms_per_token_mean": sum(means) / len(means) if means else None,
     }
-
-
-def proc_peak_rss() -> int:
-    """This process's peak resident memory in bytes.
-
-    VmHWM belongs to the current address space, so a subprocess does not inherit its parent's peak (ru_maxrss
-    keeps the peak of the address space that exec replaced, which for a spawned child is the parent's).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def reset_peak_rss() -> bool:
@@ -399,7 +383,7 @@ class HfRunner:
         torch.set_num_threads(cfg.num_threads)
         a = torch.ones(256, 256)
         (a @ a).sum().item()
-        self.overhead = proc_peak_rss()  # this process before any weight: its fixed runtime overhead
+        self.overhead = peak_rss_bytes()  # this process before any weight: its fixed runtime overhead
         start = time.perf_counter()
         kwargs: dict[str, Any] = {"dtype": self.dtype}
         if self.device.type == "cuda":
@@ -423,7 +407,7 @@ class HfRunner:
     def memory(self) -> dict[str, Any]:
         params = {p.data_ptr(): p.nbytes for p in self.model.parameters()}
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
-        return {"peak_rss_bytes": proc_peak_rss(), "weight_bytes": sum(params.values()),
+        return {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": sum(params.values()),
                 "overhead_bytes": self.overhead, "gpu_peak_bytes": gpu}
 
 
@@ -624,7 +608,7 @@ async def run_systems(cfg: BenchConfig, work: Workloads) -> dict[str, Any]:
         out: dict[str, Any] = {"systems": systems}
         if not cfg.use_ray:
             out["gateway_process"] = {
-                "relays": [r.name for r in relays], "peak_rss_bytes": proc_peak_rss(),
+                "relays": [r.name for r in relays], "peak_rss_bytes": peak_rss_bytes(),
                 "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
         return out
     finally:
@@ -640,7 +624,7 @@ def _overhead_probe(threads: int) -> int:
     torch.set_num_threads(threads)
     a = torch.ones(256, 256)
     (a @ a).sum().item()
-    return proc_peak_rss()
+    return peak_rss_bytes()
 
 
 def runtime_overhead(cfg: BenchConfig) -> int:
