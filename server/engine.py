@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen_relay.shards.batch import StepBatch
+from qwen_relay.shards.sampler import NO_TOKEN
 
 from .pipeline import Pipeline, SliceLost
 from .scheduler import Scheduler
@@ -130,7 +131,12 @@ class Engine:
                 self.metrics.observe_step(time.perf_counter() - started)
             for seq, token in zip(batch, tokens, strict=True):
                 seq.num_cached = len(seq.tokens)
-                self._append(seq, token)
+                if token == NO_TOKEN:
+                    log.error("request %s: the model produced non-finite logits", seq.request_id)
+                    error = RuntimeError("the model produced non-finite logits (NaN or inf) for this request")
+                    self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
+                else:
+                    self._append(seq, token)
             await asyncio.sleep(0)  # let RPC handlers run between steps
 
     def _append(self, seq: Sequence, token: int) -> None:

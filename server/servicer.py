@@ -15,7 +15,7 @@ from .detokenizer import Detokenizer
 from .engine import Engine, Overloaded, Unavailable
 from .metrics import Metrics
 from .sequence import Delta, FinishReason, Sequence
-from .validation import InvalidRequest, Limits, render_prompt, validate
+from .validation import InvalidRequest, Limits, check_size, render_prompt, validate
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
 
     async def Tokenize(self, request, context):  # noqa: N802
         try:
+            check_size(request, self.limits)
             ids = render_prompt(request, self.tokenizer, self.limits.vocab_size)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))

@@ -74,6 +74,21 @@ def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def check_size(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest, limits: Limits) -> None:
+    """Refuse input that cannot fit the context before tokenizing it: tokenizing runs on the event loop."""
+    if len(request.prompt) > limits.max_context * 64:
+        raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit the context limit "
+                             f"{limits.max_context} tokens")
+    chars = sum(len(m.role) + len(m.content) for m in request.messages)
+    if chars > limits.max_context * 64:
+        raise InvalidRequest(f"messages: {chars} characters cannot fit the context limit {limits.max_context} "
+                             f"tokens")
+    token_ids = getattr(request, "prompt_token_ids", ())
+    if len(token_ids) > limits.max_context:
+        raise InvalidRequest(f"prompt_token_ids: {len(token_ids)} tokens cannot fit the context "
+                             f"limit {limits.max_context}")
+
+
 def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerBase,
              limits: Limits) -> tuple[str, list[int], GenerationParams]:
     """Request id, prompt token ids and generation parameters, or `InvalidRequest`."""
@@ -100,18 +115,7 @@ def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerB
             raise InvalidRequest(f"stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters long")
     if len(request.adapter) > MAX_ADAPTER_CHARS:
         raise InvalidRequest(f"adapter: longer than {MAX_ADAPTER_CHARS} characters")
-    if len(request.prompt) > limits.max_context * 64:
-        raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit the context limit "
-                             f"{limits.max_context} tokens")
-    # Tokenizing runs on the event loop: bound messages as the prompt is, before rendering them.
-    chars = sum(len(m.role) + len(m.content) for m in request.messages)
-    if chars > limits.max_context * 64:
-        raise InvalidRequest(f"messages: {chars} characters cannot fit the context limit {limits.max_context} "
-                             f"tokens")
-    if len(request.prompt_token_ids) > limits.max_context:
-        raise InvalidRequest(f"prompt_token_ids: {len(request.prompt_token_ids)} tokens cannot fit the context "
-                             f"limit {limits.max_context}")
-
+    check_size(request, limits)
     prompt_ids = render_prompt(request, tokenizer, limits.vocab_size)
     if not prompt_ids:
         raise InvalidRequest("prompt: renders to no tokens")

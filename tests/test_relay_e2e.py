@@ -160,6 +160,12 @@ def test_tokenize_matches_tokenizer_and_chat_template(client, tokenizer):
     bad_role = relay_pb2.TokenizeRequest(messages=[relay_pb2.ChatMessage(role="wizard", content="hi")])
     code, details = _code(client.stub.Tokenize, bad_role, timeout=TIMEOUT)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "role" in details
+    # Input that cannot fit the context is refused before it is tokenized, as Generate refuses it.
+    for huge, field in ((relay_pb2.TokenizeRequest(prompt="x" * (MAX_CONTEXT * 64 + 1)), "prompt"),
+                        (relay_pb2.TokenizeRequest(messages=[relay_pb2.ChatMessage(
+                            role="user", content="x" * (MAX_CONTEXT * 64 + 1))]), "messages")):
+        code, details = _code(client.stub.Tokenize, huge, timeout=TIMEOUT)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(field), details
 
 
 # ------------------------------------------------------------------------------------ generation options

@@ -3,6 +3,7 @@ scheduling, sampling, the KV cache, step batches, and UTF-8-safe streaming detok
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from qwen_relay.server.detokenizer import REPLACEMENT, Detokenizer
+from qwen_relay.server.engine import Engine, EngineConfig
 from qwen_relay.server.layout import describe, even_split, parse_layers
 from qwen_relay.server.scheduler import Scheduler
 from qwen_relay.server.sequence import GenerationParams, Sequence, Status
@@ -26,7 +28,7 @@ from qwen_relay.server.validation import (
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import CacheMismatch, KVCache
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
-from qwen_relay.shards.sampler import sample
+from qwen_relay.shards.sampler import NO_TOKEN, sample
 from qwen_relay.v1 import relay_pb2
 
 TURKISH = "Merhaba! Nasıl yardımcı olabilirim? DOĞAL ĞÜŞİÖÇ ’"
@@ -338,6 +340,54 @@ def test_greedy_is_argmax():
     logits = _logits()
     tokens = sample(logits, [SamplingParams()] * 4, [1, 2, 3, 4])
     assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+def test_a_non_finite_row_gets_no_token_and_spares_the_rest():
+    logits = _logits()
+    logits[1, 7] = float("nan")
+    logits[2, 0] = float("inf")
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, seed=3), SamplingParams()]
+    tokens = sample(logits, params, [1, 2, 3, 4]).tolist()
+    assert tokens[1] == tokens[2] == NO_TOKEN
+    assert [tokens[0], tokens[3]] == logits[[0, 3]].argmax(-1).tolist()
+
+
+def test_engine_fails_only_the_request_without_a_token(tokenizer):
+    """A step whose last slice could not pick a token for one row ends that request; its neighbours go on."""
+
+    class OneRowBroken:
+        def __init__(self) -> None:
+            self.released: list[int] = []
+
+        async def step(self, batch: StepBatch) -> list[int]:
+            return [NO_TOKEN if slot == 0 else 5 for slot in batch.slots]
+
+        def release(self, slots: list[int]) -> None:
+            self.released += slots
+
+    async def run() -> tuple[list, list, list[int]]:
+        pipeline = OneRowBroken()
+        engine = Engine(pipeline, EngineConfig(max_batch=2, max_context=64, eos_ids=frozenset()))
+        engine.start()
+        seqs = [Sequence(f"r{i}", [1, 2, 3], GenerationParams(max_new_tokens=3), Detokenizer(tokenizer, ()))
+                for i in range(2)]
+
+        async def collect(seq: Sequence) -> list:
+            try:
+                return [d.token_ids async for d in engine.generate(seq)]
+            except RuntimeError as e:
+                return [str(e)]
+
+        try:
+            results = await asyncio.gather(*(collect(s) for s in seqs))
+        finally:
+            await engine.stop()
+        return results[0], results[1], pipeline.released
+
+    broken, healthy, released = asyncio.run(run())
+    assert broken == ["the model produced non-finite logits (NaN or inf) for this request"]
+    assert healthy == [[5], [5], [5]]
+    assert sorted(released) == [0, 1]  # both slots handed back
 
 
 def test_seeded_draws_are_reproducible_per_seed_and_position():
