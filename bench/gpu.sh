@@ -30,6 +30,7 @@ DTYPE="${DTYPE:-bfloat16}"
 SHARDS="${SHARDS:-1,2}"
 SHIMS="$(mktemp -d)"
 trap 'rm -rf "$SHIMS"' EXIT
+# No Ray needed: with --no-ray nothing on the relay's path imports it (server/ray_pipeline.py holds what does).
 
 has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
 
@@ -69,48 +70,7 @@ if ((${#missing[@]})); then
     fi
 fi
 
-# 3. No Ray: server/app.py, server/pipeline.py and shards/actor.py import it at module level although the
-#    --no-ray path never calls it. A stand-in that satisfies those imports and refuses any real use.
-if ! has ray || [[ -n "${FORCE_RAY_STANDIN:-}" ]]; then
-    echo "== ray is not installed: using an import-only stand-in (the relay runs with --no-ray)"
-    mkdir -p "$SHIMS/noray/ray/util"
-    cat >"$SHIMS/noray/ray/__init__.py" <<'EOF'
-"""Import-only stand-in for Ray (bench/gpu.sh): the --no-ray relay imports ray but never uses it."""
-from . import exceptions, util  # noqa: F401
-
-
-def remote(*args, **kwargs):
-    if len(args) == 1 and callable(args[0]) and not kwargs:
-        return args[0]
-    return lambda obj: obj
-
-
-def is_initialized():
-    return False
-
-
-def _absent(*args, **kwargs):
-    raise RuntimeError("Ray is not installed on this machine; run the relay with --no-ray")
-
-
-init = get = put = kill = shutdown = cluster_resources = get_runtime_context = _absent
-EOF
-    cat >"$SHIMS/noray/ray/exceptions.py" <<'EOF'
-class RayError(Exception): ...
-class RayActorError(RayError): ...
-class ActorUnavailableError(RayError): ...
-class RayTaskError(RayError): ...
-class GetTimeoutError(RayError): ...
-EOF
-    echo "" >"$SHIMS/noray/ray/util/__init__.py"
-    echo "from .. import _absent as placement_group, _absent as remove_placement_group  # noqa" \
-        >"$SHIMS/noray/ray/util/placement_group.py"
-    echo "from .. import _absent as PlacementGroupSchedulingStrategy  # noqa" \
-        >"$SHIMS/noray/ray/util/scheduling_strategies.py"
-    export PYTHONPATH="$SHIMS/noray${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-# 4. The benchmark. Smaller than the CPU defaults where it does not change what is measured: the H100 is
+# 3. The benchmark. Smaller than the CPU defaults where it does not change what is measured: the H100 is
 #    fast; the time goes to building and loading 15 GB of weights three times.
 cd "$ROOT"
 echo "== bench: $SHAPE, $DTYPE on $DEVICE, relay slices $SHARDS (in-process), results in $OUT"

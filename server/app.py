@@ -12,7 +12,6 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
-import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer, GenerationConfig
@@ -25,7 +24,7 @@ from .admin import AdapterAdminServicer, AdapterRegistry
 from .engine import Engine, EngineConfig
 from .layout import describe, even_split, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
-from .pipeline import LocalPipeline, Pipeline, RayPipeline
+from .pipeline import LocalPipeline, Pipeline
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
 from .validation import Limits
@@ -152,6 +151,8 @@ class Relay:
         opts = self.options
         use_gpu = False
         if opts.use_ray:
+            import ray  # only here: --no-ray serves on machines without Ray
+
             if not ray.is_initialized():
                 ray.init(address=opts.ray_address, log_to_driver=True)
             use_gpu = opts.device == "cuda" or (
@@ -163,6 +164,8 @@ class Relay:
                  for a, b in self.ranges]
         log.info("loading %d slices (layers %s) of %s", len(specs), describe(self.ranges), opts.model)
         if opts.use_ray:
+            from .ray_pipeline import RayPipeline
+
             self.pipeline = await asyncio.to_thread(
                 RayPipeline, specs, use_gpu=use_gpu, cpus_per_slice=opts.cpus_per_slice,
                 strategy=opts.placement_strategy, max_restarts=opts.max_restarts)

@@ -43,15 +43,14 @@ import torch
 
 from qwen_relay.shards.runner import peak_rss_bytes
 
+from .pipeline import SLICE_ENV
+
 log = logging.getLogger(__name__)
 
 MIB = 2**20
 # Peak memory target: peak RSS <= MEMORY_FACTOR x (weights + KV cache + fixed runtime overhead).
 MEMORY_FACTOR = 1.3
 TARGETS = {"single_ms_per_token": 1.10, "mixed_tokens_per_s": 1.5, "uniform_tokens_per_s": 0.95}
-# The hf process gets the OpenMP settings the slice actors get (server/pipeline.py SLICE_ENV): on a shared
-# machine, spinning OpenMP threads made tiny-model generate() 10-80x slower; passive waiting did not.
-HF_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -397,7 +396,7 @@ class HfRunner:
 
     def info(self) -> dict[str, Any]:
         return {"system": "hf", "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                "threads": torch.get_num_threads(), "openmp_env": {k: os.environ.get(k) for k in SLICE_ENV}}
 
     def run(self, phase: Phase) -> dict[str, Any]:
         if phase.section == "single":
@@ -458,7 +457,7 @@ class HfProcess:
     """
 
     def __init__(self, cfg: BenchConfig) -> None:
-        with _environ(HF_ENV):
+        with _environ(SLICE_ENV):  # hf's process waits as the slices' do
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,
                                             initargs=(cfg, logging.getLogger().getEffectiveLevel()))
             self.header = self.pool.submit(_worker_call, "info").result()  # starts it inside the block
@@ -634,8 +633,6 @@ def runtime_overhead(cfg: BenchConfig) -> int:
     """
     if cfg.use_ray:
         import ray
-
-        from .pipeline import SLICE_ENV
 
         probe = ray.remote(num_cpus=0, runtime_env={"env_vars": SLICE_ENV})(_overhead_probe)
         return int(ray.get(probe.remote(cfg.num_threads), timeout=300))

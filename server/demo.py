@@ -14,8 +14,6 @@ import os
 import time
 from pathlib import Path
 
-import ray
-
 from qwen_relay.client.aio import AsyncRelayClient
 
 from .app import Relay, ServeOptions
@@ -62,6 +60,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if not (Path(model) / "config.json").exists():
             print(f"building a tiny random-weight Qwen2 checkpoint in {model} (no model hub here)")
             build_checkpoint(model, "tiny")
+    import ray  # not at module level: the CLI that holds this command also serves on machines without Ray
+
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
     try:
         options = ServeOptions(model=model, shards=2, port=0, max_context=1024)
