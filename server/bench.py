@@ -43,6 +43,7 @@ import torch
 
 from qwen_relay.shards.runner import peak_rss_bytes
 
+from .loadgen import percentile
 from .pipeline import SLICE_ENV
 
 log = logging.getLogger(__name__)
@@ -153,16 +154,6 @@ def make_workloads(cfg: BenchConfig, pool: Sequence[int]) -> Workloads:
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def single_stream_stats(runs: list[tuple[float, list[float]]], prompt_tokens: int) -> dict[str, Any]:

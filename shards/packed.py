@@ -15,6 +15,7 @@ adds its low-rank update on top of this forward.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable
 
 import torch
@@ -25,8 +26,9 @@ HEAD_BLOCK_ROWS = 16384  # LM-head rows packed at a time (a 151936 x 896 fp32 he
 
 
 def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Only fp32 on a CPU with oneDNN: the case measured, and the one stock kernels serve slowly."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Only fp32 on an x86-64 CPU with oneDNN: the case measured, and the one stock kernels serve slowly."""
+    return (device.type == "cpu" and dtype == torch.float32 and platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available())
 
 
 def _pack(weight: torch.Tensor) -> nn.Parameter:
