@@ -3,7 +3,8 @@
 The slice is built on the meta device (accelerate's `init_empty_weights`), then each tensor it owns is read
 with `safetensors.safe_open` from the one file the index names for it and placed with accelerate's
 `set_module_tensor_to_device`. Nothing else of the checkpoint is read, so a slice's peak memory is its own
-share of the weights, not the whole model's.
+share of the weights, not the whole model's. On a CPU, linear weights are prepacked for oneDNN as they are
+read (shards/packed.py), one at a time, so packing does not raise that peak.
 """
 
 from __future__ import annotations
