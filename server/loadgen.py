@@ -270,14 +270,14 @@ class LoadReport:
 
 
 async def _one(stub: relay_pb2_grpc.TextGenerationStub, request: LoadRequest, run_start: float, deadline: float,
-               timeout: float) -> RequestResult:
+               timeout: float, metadata: tuple[tuple[str, str], ...]) -> RequestResult:
     result = RequestResult(request.index, request.key, NOT_SENT)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         return result
     sent = time.monotonic()
     result.started = sent - run_start
-    call = stub.GenerateStream(request.to_proto(), timeout=min(timeout, remaining))
+    call = stub.GenerateStream(request.to_proto(), timeout=min(timeout, remaining), metadata=metadata)
     try:
         async for response in call:
             if response.token_ids and result.ttft is None:
@@ -296,13 +296,27 @@ async def _one(stub: relay_pb2_grpc.TextGenerationStub, request: LoadRequest, ru
     return result
 
 
-async def run_load(target: str, requests: Sequence[LoadRequest], config: LoadConfig, *,
+@dataclass(frozen=True)
+class Endpoint:
+    """A relay to load and how to reach it: plaintext or TLS, with a bearer token on every call if set."""
+
+    target: str
+    credentials: grpc.ChannelCredentials | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def channel(self) -> grpc.aio.Channel:
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(self.target, self.credentials, options=_CHANNEL_OPTIONS)
+
+
+async def run_load(endpoint: Endpoint, requests: Sequence[LoadRequest], config: LoadConfig, *,
                    expected: dict[int, list[int]] | None = None, fault: FaultPlan | None = None,
                    verify: str = "none") -> LoadReport:
     """Send `requests` at `config.concurrency`, optionally strike `fault`, and compare with `expected`."""
-    async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
+    async with endpoint.channel() as channel:
         stub = relay_pb2_grpc.TextGenerationStub(channel)
-        restarts_before = await _restarts(stub)
+        restarts_before = await _restarts(stub, endpoint.metadata)
         gate = asyncio.Semaphore(config.concurrency)
         in_flight = 0
         done = 0
@@ -314,7 +328,7 @@ async def run_load(target: str, requests: Sequence[LoadRequest], config: LoadCon
             async with gate:
                 in_flight += 1
                 try:
-                    return await _one(stub, request, run_start, deadline, config.request_timeout)
+                    return await _one(stub, request, run_start, deadline, config.request_timeout, endpoint.metadata)
                 finally:
                     in_flight -= 1
                     done += 1
@@ -338,7 +352,7 @@ async def run_load(target: str, requests: Sequence[LoadRequest], config: LoadCon
 
         striker = asyncio.create_task(strike(fault)) if fault is not None else None
         log.info("load: %d requests at concurrency %d against %s (limit %.0f s)", len(requests),
-                 config.concurrency, target, config.time_limit)
+                 config.concurrency, endpoint.target, config.time_limit)
         try:
             # The per-request deadlines already end every call by the limit; the outer bound is a backstop.
             results = await asyncio.wait_for(asyncio.gather(*(guarded(r) for r in requests)),
@@ -353,10 +367,10 @@ async def run_load(target: str, requests: Sequence[LoadRequest], config: LoadCon
         for r in results:
             if expected is not None and r.key in expected and not r.lost:
                 r.wrong = r.tokens != expected[r.key]
-        restarts_after = await _restarts(stub) if restarts_before else []
+        restarts_after = await _restarts(stub, endpoint.metadata) if restarts_before else []
         health = await _health(channel)
     report = LoadReport(config, results, wall, verify=verify, fault=event, restarts_before=restarts_before,
-                        restarts_after=restarts_after, health_after=health, target=target)
+                        restarts_after=restarts_after, health_after=health, target=endpoint.target)
     log.info("load done: %s", {k: v for k, v in report.summary().items() if k in ("codes", "lost", "wrong")})
     return report
 
@@ -365,9 +379,9 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
 
-async def _restarts(stub: relay_pb2_grpc.TextGenerationStub) -> list[int]:
+async def _restarts(stub: relay_pb2_grpc.TextGenerationStub, metadata: tuple[tuple[str, str], ...]) -> list[int]:
     try:
-        info = await stub.GetModelInfo(relay_pb2.GetModelInfoRequest(), timeout=30)
+        info = await stub.GetModelInfo(relay_pb2.GetModelInfoRequest(), timeout=30, metadata=metadata)
     except grpc.aio.AioRpcError as e:
         log.warning("GetModelInfo failed: %s", e.code().name)
         return []
@@ -384,17 +398,18 @@ async def _health(channel: grpc.aio.Channel) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-async def vocab_size(target: str) -> int:
-    async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
-        info = await relay_pb2_grpc.TextGenerationStub(channel).GetModelInfo(relay_pb2.GetModelInfoRequest(),
-                                                                              timeout=60)
+async def vocab_size(endpoint: Endpoint) -> int:
+    async with endpoint.channel() as channel:
+        info = await relay_pb2_grpc.TextGenerationStub(channel).GetModelInfo(
+            relay_pb2.GetModelInfoRequest(), timeout=60, metadata=endpoint.metadata)
     return info.vocab_size
 
 
-async def baseline_expected(target: str, requests: Sequence[LoadRequest], config: LoadConfig) -> dict[int, list[int]]:
+async def baseline_expected(endpoint: Endpoint, requests: Sequence[LoadRequest],
+                            config: LoadConfig) -> dict[int, list[int]]:
     """Each distinct request once, no fault: the answers the measured run must reproduce."""
     firsts = distinct_requests(requests)
-    report = await run_load(target, firsts, config)
+    report = await run_load(endpoint, firsts, config)
     failed = [r for r in report.results if r.lost]
     if failed:
         raise RuntimeError(f"the no-fault baseline pass failed for {len(failed)} of {len(firsts)} requests: "
@@ -445,10 +460,10 @@ def kill_slice(pipeline: Any, index: int, how: str = "ray.kill") -> Callable[[],
     return action
 
 
-async def _expected(mode: str, target: str, model: str | None, requests: Sequence[LoadRequest],
+async def _expected(mode: str, endpoint: Endpoint, model: str | None, requests: Sequence[LoadRequest],
                     config: LoadConfig) -> dict[int, list[int]] | None:
     if mode == "baseline":
-        return await baseline_expected(target, requests, config)
+        return await baseline_expected(endpoint, requests, config)
     if mode == "reference":
         if model is None:
             raise ValueError("--verify reference needs --model (the checkpoint generate() runs on)")
@@ -456,24 +471,38 @@ async def _expected(mode: str, target: str, model: str | None, requests: Sequenc
     return None
 
 
+def endpoint_from_args(args: argparse.Namespace) -> Endpoint:
+    """--target and its TLS and token flags (the client CLI's; the token falls back to the environment)."""
+    from qwen_relay.client.common import call_metadata, channel_credentials
+
+    from .security import AUTH_TOKEN_ENV
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    credentials = channel_credentials(args.tls, read(args.ca_cert), read(args.client_key), read(args.client_cert))
+    token = args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None
+    return Endpoint(args.target, credentials, call_metadata(token))
+
+
 async def _loadtest(args: argparse.Namespace, config: LoadConfig) -> LoadReport:
     relay = None
-    target = args.target
+    endpoint = endpoint_from_args(args) if args.target else None
     if args.model:
         from .app import Relay, ServeOptions
 
         relay = await Relay.start(ServeOptions(model=args.model, shards=args.shards, port=0,
                                                max_context=args.max_context, max_batch=args.max_batch,
                                                recovery_timeout=args.recovery_timeout))
-        target = f"127.0.0.1:{relay.port}"
+        endpoint = Endpoint(f"127.0.0.1:{relay.port}")
     try:
         fault = None
         if args.kill_slice is not None:
             fault = FaultPlan(kill_slice(relay.pipeline, args.kill_slice, args.kill_how), after=args.kill_after,
                               after_requests=args.kill_after_requests)
-        requests = make_requests(config, await vocab_size(target))
-        expected = await _expected(args.verify, target, args.model, requests, config)
-        return await run_load(target, requests, config, expected=expected, fault=fault, verify=args.verify)
+        requests = make_requests(config, await vocab_size(endpoint))
+        expected = await _expected(args.verify, endpoint, args.model, requests, config)
+        return await run_load(endpoint, requests, config, expected=expected, fault=fault, verify=args.verify)
     finally:
         if relay is not None:
             await relay.stop(grace=1)
@@ -527,7 +556,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_argument_group("what to load")
     where.add_argument("--model", help="checkpoint folder: start a relay on Ray in this process (loopback)")
-    where.add_argument("--target", help="host:port of a running relay (plaintext; no fault injection)")
+    where.add_argument("--target", help="host:port of a running relay (no fault injection)")
+    where.add_argument("--auth-token", help="with --target: bearer token on every call (default: "
+                       "$QWEN_RELAY_AUTH_TOKEN)")
+    where.add_argument("--tls", action="store_true", help="with --target: TLS (system roots unless --ca-cert)")
+    where.add_argument("--ca-cert", metavar="PEM", help="with --target: CA certificate to trust; implies --tls")
+    where.add_argument("--client-cert", metavar="PEM", help="with --target: client certificate (mutual TLS)")
+    where.add_argument("--client-key", metavar="PEM", help="with --target: client private key (mutual TLS)")
     where.add_argument("--shards", type=int, default=2, help="slices of the relay started with --model")
     where.add_argument("--max-batch", type=int, default=16, help="--model relay's cache slots")
     where.add_argument("--max-context", type=int, default=1024, help="--model relay's context limit")

@@ -8,6 +8,7 @@ import pytest
 
 from qwen_relay.server.app import ServeOptions
 from qwen_relay.server.loadgen import (
+    Endpoint,
     FaultPlan,
     LoadConfig,
     LoadReport,
@@ -90,7 +91,7 @@ def test_forty_requests_survive_a_slice_killed_mid_run(fault_relay, tiny_model, 
                 for r in distinct_requests(requests)}
     fault = FaultPlan(kill_slice(fault_relay.pipeline, 0, "sigkill"), after_requests=10)
 
-    report = asyncio.run(run_load(f"127.0.0.1:{fault_relay.port}", requests, config, expected=expected,
+    report = asyncio.run(run_load(Endpoint(f"127.0.0.1:{fault_relay.port}"), requests, config, expected=expected,
                                   fault=fault, verify="reference"))
 
     print(report.to_markdown())

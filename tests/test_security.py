@@ -243,3 +243,23 @@ def test_cli_takes_security_flags_and_token_from_environment(monkeypatch, pki):
     assert explicit.auth_token == "other"
     monkeypatch.delenv("QWEN_RELAY_AUTH_TOKEN")
     assert serve_options(build_parser().parse_args(["serve", "--model", "m"])).auth_token is None
+
+
+def test_loadtest_reaches_a_secured_relay(relay_factory, tiny_model, pki):
+    """`qwen-relay loadtest --target` speaks TLS and sends the token, as the client CLI does."""
+    import asyncio
+
+    from qwen_relay.server.cli import build_parser
+    from qwen_relay.server.loadgen import LoadConfig, endpoint_from_args, make_requests, run_load
+
+    relay = relay_factory(_options(tiny_model, tls_cert=str(pki.server.cert_path),
+                                   tls_key=str(pki.server.key_path), auth_token=TOKEN))
+    flags = ["loadtest", "--target", f"localhost:{relay.port}", "--ca-cert", str(pki.ca.cert_path)]
+    config = LoadConfig(requests=4, concurrency=2, distinct=2, max_new_tokens=(2, 3), seed=1)
+    requests = make_requests(config, vocab_size=relay.config.vocab_size)
+    secured = endpoint_from_args(build_parser().parse_args([*flags, "--auth-token", TOKEN]))
+    report = asyncio.run(run_load(secured, requests, config))
+    assert [r.code for r in report.results] == ["OK"] * 4
+    anonymous = endpoint_from_args(build_parser().parse_args(flags))
+    report = asyncio.run(run_load(anonymous, requests, config))
+    assert {r.code for r in report.results} == {"UNAUTHENTICATED"}
