@@ -43,7 +43,7 @@ import torch
 
 from qwen_relay.shards.runner import peak_rss_bytes
 
-from .loadgen import percentile
+from .loadgen import parse_range, percentile
 from .pipeline import SLICE_ENV
 
 log = logging.getLogger(__name__)
@@ -980,18 +980,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    return int(lo), int(hi or lo)
-
-
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """Defaults, then `--quick`'s smaller workload, then any knob given explicitly on the command line."""
     values: dict[str, Any] = {}
     if args.quick:
         values.update(QUICK)
     knobs = {"single_prompts": _ints, "single_new_tokens": int, "single_repeats": int, "mixed_requests": int,
-             "mixed_prompt": _range, "mixed_new": _range, "concurrency": _ints, "min_requests": int,
+             "mixed_prompt": parse_range, "mixed_new": parse_range, "concurrency": _ints, "min_requests": int,
              "uniform_requests": int, "uniform_prompt": int, "uniform_new": int, "uniform_concurrency": int}
     for key, parse in knobs.items():
         if getattr(args, key) is not None:

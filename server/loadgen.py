@@ -542,7 +542,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
     return 0 if report.lost == 0 and report.wrong == 0 else 1
 
 
-def _range(text: str) -> tuple[int, int]:
+def parse_range(text: str) -> tuple[int, int]:
+    """`N` or `LOW-HIGH` (inclusive) from the command line."""
     low, _, high = text.partition("-")
     try:
         return int(low), int(high or low)
@@ -572,8 +573,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     load.add_argument("--requests", type=int, default=200)
     load.add_argument("--concurrency", type=int, default=16)
     load.add_argument("--distinct", type=int, default=32, help="distinct seeded prompts the requests cycle through")
-    load.add_argument("--prompt-tokens", type=_range, default=(4, 32), metavar="LOW-HIGH")
-    load.add_argument("--max-new-tokens", type=_range, default=(16, 32), metavar="LOW-HIGH")
+    load.add_argument("--prompt-tokens", type=parse_range, default=(4, 32), metavar="LOW-HIGH")
+    load.add_argument("--max-new-tokens", type=parse_range, default=(16, 32), metavar="LOW-HIGH")
     load.add_argument("--ignore-eos", action="store_true", help="every completion runs to its max_new_tokens")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole measured run")
