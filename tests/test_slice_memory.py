@@ -32,12 +32,7 @@ import transformers  # noqa: F401
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import KVCache
 from qwen_relay.shards.loader import load_slice
-
-
-def peak() -> int:
-    # This address space's peak resident memory, in bytes (fresh at exec, unlike ru_maxrss).
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+from qwen_relay.shards.runner import peak_rss_bytes as peak  # VmHWM: this address space's, fresh at exec
 
 
 model, first, end, prepack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
