@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from qwen_relay.checkpoints.synthetic import SHAPES
 from qwen_relay.shards.packed import PackedHead, PackedLinear
-from qwen_relay.shards.synthetic import SHAPES
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

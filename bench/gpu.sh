@@ -74,7 +74,7 @@ fi
 #    fast; the time goes to building and loading 15 GB of weights three times.
 cd "$ROOT"
 echo "== bench: $SHAPE, $DTYPE on $DEVICE, relay slices $SHARDS (in-process), results in $OUT"
-exec "$PY" -m qwen_relay.server.bench \
+exec "$PY" -m qwen_relay.bench.relay \
     --shape "$SHAPE" --model-cache "$MODEL_CACHE" --out "$OUT" \
     --device "$DEVICE" --dtype "$DTYPE" --no-ray --shards "$SHARDS" \
     --single-prompts 16,512 --single-new-tokens 64 --single-repeats 2 \

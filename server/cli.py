@@ -90,13 +90,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwen_relay.bench.loadgen import add_parser as add_loadtest_parser
+    from qwen_relay.bench.relay import add_parser as add_bench_parser
+    from qwen_relay.checkpoints.synthetic import add_parser as add_checkpoint_parser
     from qwen_relay.client.cli import add_parsers as add_client_parsers
-    from qwen_relay.shards.synthetic import add_parser as add_checkpoint_parser
+    from qwen_relay.demo.main import add_parser as add_demo_parser
     from qwen_relay.train.cli import add_parsers as add_train_parsers
-
-    from .bench import add_parser as add_bench_parser
-    from .demo import add_parser as add_demo_parser
-    from .loadgen import add_parser as add_loadtest_parser
 
     parser = argparse.ArgumentParser(prog="qwen-relay", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

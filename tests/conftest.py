@@ -25,7 +25,7 @@ NUM_LAYERS = 5  # odd, so even splits into 2, 3 and 4 slices are uneven
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Tied embeddings (like Qwen2.5-0.5B), single safetensors file."""
-    from qwen_relay.shards.synthetic import build_checkpoint
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", num_hidden_layers=NUM_LAYERS)
 
@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def untied_model(tmp_path_factory) -> Path:
     """Untied LM head, sharded into several safetensors files with an index."""
-    from qwen_relay.shards.synthetic import build_checkpoint
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("untied"), "tiny", num_hidden_layers=NUM_LAYERS,
                             tie_word_embeddings=False, seed=1, max_shard_size="100KB")

@@ -13,8 +13,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_relay.server import bench
-from qwen_relay.server.bench import BenchConfig, Request
+from qwen_relay.bench import relay as bench
+from qwen_relay.bench.relay import BenchConfig, Request
 
 
 def tiny_config(model, out, **overrides) -> BenchConfig:

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from qwen_relay.server.app import ServeOptions
-from qwen_relay.server.loadgen import (
+from qwen_relay.bench.loadgen import (
     Endpoint,
     FaultPlan,
     LoadConfig,
@@ -19,6 +18,7 @@ from qwen_relay.server.loadgen import (
     percentile,
     run_load,
 )
+from qwen_relay.server.app import ServeOptions
 
 
 def test_percentile_interpolates_like_numpy():
@@ -65,8 +65,8 @@ def test_report_counts_lost_and_wrong_and_renders_markdown():
 
 
 def test_cli_registers_loadtest():
+    from qwen_relay.bench.loadgen import run_loadtest
     from qwen_relay.server.cli import build_parser
-    from qwen_relay.server.loadgen import run_loadtest
 
     args = build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--max-new-tokens", "8-12",
                                       "--kill-after-requests", "3"])

@@ -249,8 +249,8 @@ def test_loadtest_reaches_a_secured_relay(relay_factory, tiny_model, pki):
     """`qwen-relay loadtest --target` speaks TLS and sends the token, as the client CLI does."""
     import asyncio
 
+    from qwen_relay.bench.loadgen import LoadConfig, endpoint_from_args, make_requests, run_load
     from qwen_relay.server.cli import build_parser
-    from qwen_relay.server.loadgen import LoadConfig, endpoint_from_args, make_requests, run_load
 
     relay = relay_factory(_options(tiny_model, tls_cert=str(pki.server.cert_path),
                                    tls_key=str(pki.server.key_path), auth_token=TOKEN))

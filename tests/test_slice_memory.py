@@ -86,7 +86,7 @@ def _layer_bytes(sizes: dict[str, int], first: int, end: int) -> int:
 @pytest.fixture(scope="session")
 def big_model(tmp_path_factory) -> Path:
     """~0.5 GB of fp32 weights in 8 layers (tied embeddings, tiny vocabulary): weights dominate memory."""
-    from qwen_relay.shards.synthetic import build_checkpoint
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("big"), "tiny", hidden_size=1024, intermediate_size=4096,
                             num_hidden_layers=BIG_LAYERS, num_attention_heads=8, num_key_value_heads=2)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from qwen_relay.shards.synthetic import (
+from qwen_relay.checkpoints.synthetic import (
     DEFAULT_SYSTEM_PROMPT,
     ENDOFTEXT,
     IM_END,

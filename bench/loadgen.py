@@ -474,8 +474,7 @@ async def _expected(mode: str, endpoint: Endpoint, model: str | None, requests: 
 def endpoint_from_args(args: argparse.Namespace) -> Endpoint:
     """--target and its TLS and token flags (the client CLI's; the token falls back to the environment)."""
     from qwen_relay.client.common import call_metadata, channel_credentials
-
-    from .security import AUTH_TOKEN_ENV
+    from qwen_relay.server.security import AUTH_TOKEN_ENV
 
     def read(path: str | None) -> bytes | None:
         return Path(path).read_bytes() if path else None
@@ -489,7 +488,7 @@ async def _loadtest(args: argparse.Namespace, config: LoadConfig) -> LoadReport:
     relay = None
     endpoint = endpoint_from_args(args) if args.target else None
     if args.model:
-        from .app import Relay, ServeOptions
+        from qwen_relay.server.app import Relay, ServeOptions
 
         relay = await Relay.start(ServeOptions(model=args.model, shards=args.shards, port=0,
                                                max_context=args.max_context, max_batch=args.max_batch,

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from qwen_relay.client.aio import AsyncRelayClient
-
-from .app import Relay, ServeOptions
+from qwen_relay.server.app import Relay, ServeOptions
 
 
 async def _demo(options: ServeOptions, message: str, max_new_tokens: int) -> None:
@@ -54,7 +53,7 @@ async def _demo(options: ServeOptions, message: str, max_new_tokens: int) -> Non
 def run_demo(args: argparse.Namespace) -> int:
     model = args.model
     if model is None:
-        from qwen_relay.shards.synthetic import build_checkpoint
+        from qwen_relay.checkpoints.synthetic import build_checkpoint
 
         model = str(args.workdir)
         if not (Path(model) / "config.json").exists():

@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
+from qwen_relay.server.pipeline import SLICE_ENV
 from qwen_relay.shards.runner import peak_rss_bytes
 
 from .loadgen import parse_range, percentile
-from .pipeline import SLICE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ async def relay_load(client: Any, requests: Sequence[Request], concurrency: int)
 
 
 def relay_options(cfg: BenchConfig, shards: int) -> Any:
-    from .app import ServeOptions
+    from qwen_relay.server.app import ServeOptions
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
@@ -531,8 +531,7 @@ class RelayUnderTest:
     @classmethod
     async def start(cls, cfg: BenchConfig, shards: int) -> RelayUnderTest:
         from qwen_relay.client.aio import AsyncRelayClient
-
-        from .app import Relay
+        from qwen_relay.server.app import Relay
 
         start = time.perf_counter()
         relay = await Relay.start(relay_options(cfg, shards))
@@ -1000,7 +999,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def default_model(shape: str, dtype: str, device: str, cache: Path) -> str:
     """A random-weight checkpoint of `shape`, built once into `cache` (no model hub is reachable here)."""
-    from qwen_relay.shards.synthetic import build_checkpoint
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
 
     dev, torch_dtype = resolve_device_dtype(device, dtype)
     # Build in the dtype that will be served on GPU (half the bytes to write); fp32 otherwise.
@@ -1027,8 +1026,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m qwen_relay.server.bench ...`: the bench alone, without the rest of the CLI's imports."""
-    parser = argparse.ArgumentParser(prog="python -m qwen_relay.server.bench", description=__doc__,
+    """`python -m qwen_relay.bench.relay ...`: the bench alone, without the rest of the CLI's imports."""
+    parser = argparse.ArgumentParser(prog="python -m qwen_relay.bench.relay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_arguments(parser)
@@ -1047,8 +1046,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The bench's flags, shared by the `qwen-relay bench` subcommand and `python -m qwen_relay.server.bench`."""
-    from qwen_relay.shards.synthetic import SHAPES
+    """The bench's flags, shared by the `qwen-relay bench` subcommand and `python -m qwen_relay.bench.relay`."""
+    from qwen_relay.checkpoints.synthetic import SHAPES
 
     p.add_argument("--model", help="checkpoint folder or hub id (default: build a random-weight --shape)")
     p.add_argument("--shape", default="qwen2.5-0.5b", choices=sorted(SHAPES), help="shape built when no --model")
@@ -1086,6 +1085,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 if __name__ == "__main__":
     # Run the importable module, not this __main__ copy, so spawned children unpickle functions by name.
-    from qwen_relay.server.bench import main as _main
+    from qwen_relay.bench.relay import main as _main
 
     sys.exit(_main())

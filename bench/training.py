@@ -8,7 +8,7 @@ against one process with N x B), so they take the same number of optimizer steps
 - *end to end*: the same counts over the whole call, including model loading, Ray Train worker start-up,
   eval-free checkpointing at epoch ends and shutdown.
 
-Run: ``python -m qwen_relay.train.bench [--model DIR] [--workers 2] ...``; without ``--model`` it builds
+Run: ``python -m qwen_relay.bench.training [--model DIR] [--workers 2] ...``; without ``--model`` it builds
 the synthetic tiny Qwen2 checkpoint. Prints a markdown table and the ratio job / single process.
 """
 
@@ -74,9 +74,9 @@ def make_chat_data(path: str | Path, n: int, seed: int = 0) -> Path:
 def _single_process(cfg: Any, threads: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from .job import prepare_job_data
-    from .loop import train_single_process
-    from .lora import build_lora_model, resolve_dtype
+    from qwen_relay.train.job import prepare_job_data
+    from qwen_relay.train.loop import train_single_process
+    from qwen_relay.train.lora import build_lora_model, resolve_dtype
 
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -109,7 +109,7 @@ def _single_process(cfg: Any, threads: int) -> dict[str, Any]:
 
 
 def _job(cfg: Any) -> dict[str, Any]:
-    from .job import run_training
+    from qwen_relay.train.job import run_training
 
     start = time.perf_counter()
     summary = run_training(cfg)
@@ -136,7 +136,7 @@ def bench(
     ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run each mode and return one row per mode (keys: mode, steps, samples, tokens, seconds, rates)."""
-    from .job import TrainConfig
+    from qwen_relay.train.job import TrainConfig
 
     cfg = TrainConfig(
         model=model,
@@ -197,7 +197,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line: builds what is missing, runs both modes, prints the table (also written as JSON)."""
     parser = argparse.ArgumentParser(
-        prog="python -m qwen_relay.train.bench",
+        prog="python -m qwen_relay.bench.training",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         model = args.model
         if model is None:
-            from qwen_relay.shards.synthetic import build_checkpoint
+            from qwen_relay.checkpoints.synthetic import build_checkpoint
 
             model = str(build_checkpoint(out / "model", args.shape))
         data = args.data or str(make_chat_data(out / "chat.jsonl", args.examples))

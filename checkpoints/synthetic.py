@@ -549,9 +549,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main() -> int:
-    """``python -m qwen_relay.shards.synthetic build-checkpoint ...``, until the main CLI carries it."""
+    """``python -m qwen_relay.checkpoints.synthetic build-checkpoint ...``, until the main CLI carries it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="qwen_relay.shards.synthetic")
+    parser = argparse.ArgumentParser(prog="qwen_relay.checkpoints.synthetic")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args()
     return args.func(args)

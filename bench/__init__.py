@@ -1,0 +1,1 @@
+"""Benchmarks and the load generator: the relay against generate(), GEMM kernels, the training job."""

@@ -1,0 +1,1 @@
+"""Random-weight Qwen checkpoints built locally, in the published tensor layout, for tests and the demo."""

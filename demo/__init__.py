@@ -1,0 +1,1 @@
+"""`qwen-relay demo`: train a LoRA adapter, serve base and adapter in slices, show one conversation."""
