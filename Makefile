@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # not pull a multi-GB CUDA build. On a GPU machine: make setup TORCH_SPEC=torch (PyPI's CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint protos clean
+.PHONY: setup demo test test-fast lint protos clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fast tier: everything in-process (no Ray, no subprocesses), in well under a minute.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .
