@@ -1,8 +1,9 @@
 """The decode loop: schedule a batch, step it through the slices, turn token ids into streamed deltas.
 
-One asyncio task runs the loop; RPC handlers only `submit` a sequence and read its outbox. Cancellation is
-a flag the loop reaps between steps, so a slot is never freed while a step that uses it is in flight, and
-every slice releases it before anyone else can be given it.
+One asyncio task runs the loop; RPC handlers only `generate` (submit a sequence and read its outbox).
+Cancellation is a flag the loop reaps between steps, so a slot is never freed while a step that uses it is in
+flight. A freed slot travels to the slices on the next step (`StepBatch.release`), so every slice forgets it
+before it runs anything that reuses it.
 
 Faults: when a slice dies mid-step (`SliceLost`), the step's tokens never arrive, so nothing was appended.
 The loop waits (bounded) for Ray to bring the slice back, clears every cache and replays each running
@@ -51,20 +52,32 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, pipeline: Pipeline, config: EngineConfig,
-                 on_health: Callable[[bool], Awaitable[None]] | None = None,
+    """Built before the slices load, so the servicer can hold it from the start; `start(pipeline)` once they
+    are warm. Until then `ready` is False."""
+
+    def __init__(self, config: EngineConfig, on_health: Callable[[bool], Awaitable[None]] | None = None,
                  metrics: Metrics | None = None) -> None:
-        self.pipeline = pipeline
+        self.pipeline: Pipeline | None = None
         self.config = config
         self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
         self.available = True
         self._on_health = on_health
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.metrics = metrics  # step time; queue depth and active sequences are read at scrape time
+        self._release: list[int] = []  # slots freed since the last step, released by the slices on the next
+        self.metrics = metrics
 
-    def start(self) -> None:
+    @property
+    def ready(self) -> bool:
+        return self.pipeline is not None
+
+    def start(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    def adapter_users(self, name: str) -> int:
+        """Requests waiting for or holding a cache slot with adapter `name`."""
+        return sum(1 for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name)
 
     async def stop(self) -> None:
         if self._task:
@@ -80,6 +93,7 @@ class Engine:
             raise Overloaded(f"admission queue is full: {len(self.scheduler.waiting)} requests wait for one of "
                              f"{self.config.max_batch} active-sequence slots (limits --max-queue, --max-batch)")
         self.scheduler.add(seq)
+        self._report_load()
         self._wake.set()
         try:
             while True:
@@ -101,16 +115,19 @@ class Engine:
                 continue
             self._reap_cancelled()
             batch = self.scheduler.schedule()
-            if not batch:
+            self._report_load()
+            if not batch and not self._release:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            release, self._release = self._release, []
             step = StepBatch(
                 slots=[s.slot for s in batch],
                 starts=[s.num_cached for s in batch],
                 token_ids=[s.pending() for s in batch],
                 sampling=[s.params.sampling for s in batch],
                 adapters=[s.params.adapter for s in batch] if any(s.params.adapter for s in batch) else None,
+                release=release,
             )
             try:
                 started = time.perf_counter()
@@ -124,10 +141,11 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
                 log.exception("step failed for %d sequences (requests %s)", len(batch),
                               ", ".join(s.request_id for s in batch))
+                self._release += release  # some slices may not have seen them; releasing twice is harmless
                 for seq in batch:
                     self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=e))
                 continue
-            if self.metrics is not None:
+            if self.metrics is not None and batch:
                 self.metrics.observe_step(time.perf_counter() - started)
             for seq, token in zip(batch, tokens, strict=True):
                 seq.num_cached = len(seq.tokens)
@@ -161,7 +179,7 @@ class Engine:
         seq.finish_reason = reason
         slot = self.scheduler.finish(seq)
         if slot is not None:
-            self.pipeline.release([slot])
+            self._release.append(slot)
         if last is not None:
             seq.outbox.put_nowait(last)
 
@@ -192,15 +210,11 @@ class Engine:
             log.info("every slice answers again: serving")
             await self._set_health(True)
 
+    def _report_load(self) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_load(waiting=len(self.scheduler.waiting), active=len(self.scheduler.running))
+
     def _reap_cancelled(self) -> None:
         for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled]:
             log.info("request %s cancelled after %d tokens", seq.request_id, seq.num_generated)
             self._finish(seq, FinishReason.CANCELLED)
-
-    @property
-    def num_active(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)

@@ -12,6 +12,7 @@ from typing import Protocol
 
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
+from qwen_relay.shards.stats import SliceStats
 
 # The environment of every slice process. Slices run one after another on the same cores, so OpenMP threads
 # must not spin for long after a forward (libgomp's default: 300000 spins) or they steal the next slice's
@@ -28,11 +29,9 @@ class SliceLost(RuntimeError):
 class Pipeline(Protocol):
     async def step(self, batch: StepBatch) -> list[int]: ...
 
-    def release(self, slots: list[int]) -> None: ...
-
     async def recover(self, timeout: float) -> bool: ...
 
-    async def stats(self) -> list[dict]: ...
+    async def stats(self) -> list[SliceStats]: ...
 
     async def load_adapter(self, name: str, path: str) -> list[dict]: ...
 
@@ -52,15 +51,11 @@ class LocalPipeline:
     def _step(self, batch: StepBatch) -> list[int]:
         out = None
         for runner in self.runners:
-            out = runner.step(batch, out)
+            out = runner.step(batch, out if len(batch) else None)
         return out
 
     async def step(self, batch: StepBatch) -> list[int]:
         return await asyncio.to_thread(self._step, batch)
-
-    def release(self, slots: list[int]) -> None:
-        for runner in self.runners:
-            runner.release(slots)
 
     async def recover(self, timeout: float) -> bool:
         """In-process slices cannot die on their own; just forget the caches so they can be replayed."""
@@ -68,9 +63,8 @@ class LocalPipeline:
             runner.reset()
         return True
 
-    async def stats(self) -> list[dict]:
-        return [{**r.stats(), "actor_id": "", "node_id": "", "healthy": True, "restarts": 0}
-                for r in self.runners]
+    async def stats(self) -> list[SliceStats]:
+        return [r.stats() for r in self.runners]
 
     async def load_adapter(self, name: str, path: str) -> list[dict]:
         """Every slice takes its own layers' share of the adapter; all slices or none."""

@@ -19,6 +19,7 @@ import torch
 
 from .batch import StepBatch
 from .runner import SliceRunner, SliceSpec
+from .stats import SliceStats
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,6 @@ class SliceActor:
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
         return self.runner.step(batch, hidden)
 
-    def release(self, slots: list[int]) -> None:
-        self.runner.release(slots)
-
     def reset(self) -> None:
         self.runner.reset()
 
@@ -50,7 +48,7 @@ class SliceActor:
     def unload_adapter(self, name: str) -> None:
         self.runner.unload_adapter(name)
 
-    def stats(self) -> dict:
+    def stats(self) -> SliceStats:
         context = ray.get_runtime_context()
-        return {**self.runner.stats(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
-                "incarnation": self.incarnation, "pid": os.getpid()}
+        return dataclasses.replace(self.runner.stats(), actor_id=context.get_actor_id(),
+                                   node_id=context.get_node_id(), incarnation=self.incarnation, pid=os.getpid())

@@ -26,7 +26,7 @@ def _kill(relay, index: int, how: str) -> None:
     if how == "ray.kill":
         ray.kill(actor, no_restart=False)
     else:  # the process dies at once, as with os._exit inside the actor: no cleanup, no goodbye
-        os.kill(ray.get(actor.stats.remote())["pid"], signal.SIGKILL)
+        os.kill(ray.get(actor.stats.remote()).pid, signal.SIGKILL)
 
 
 def _wait_caches_empty(client: RelayClient) -> None:

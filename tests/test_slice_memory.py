@@ -136,7 +136,7 @@ def test_tied_model_slices_hold_only_their_tensors(tiny_model):
     def weight_bytes(first: int, end: int, prepack: bool = True) -> int:
         spec = SliceSpec(model=str(tiny_model), first=first, end=end, dtype="float32", device="cpu", max_slots=1,
                          max_len=8, prepack=prepack)
-        return SliceRunner(spec).stats()["weight_bytes"]
+        return SliceRunner(spec).stats().weight_bytes
 
     assert weight_bytes(1, 3) == _layer_bytes(sizes, 1, 3)  # what GetModelInfo reports: no embedding
     assert weight_bytes(0, 2) == _layer_bytes(sizes, 0, 2) + embed
