@@ -8,6 +8,7 @@ runs each in its own Ray actor.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from qwen_relay.shards.batch import StepBatch
@@ -27,6 +28,13 @@ class SliceLost(RuntimeError):
 
 
 class Pipeline(Protocol):
+    """What the engine drives. `step` may be awaited up to `depth` times concurrently: the pipeline runs the
+    batches through every slice in the order they were submitted (slice k sees batch A before batch B), so
+    slice 1 can run A while slice 0 runs B, and each call returns its batch's token ids. When a slice is lost,
+    every outstanding step raises `SliceLost`; `recover` is called only once they have all settled."""
+
+    depth: int
+
     async def step(self, batch: StepBatch) -> list[int]: ...
 
     async def recover(self, timeout: float) -> bool: ...
@@ -41,21 +49,23 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    """All slices in this process; forwards run in a worker thread so the event loop keeps serving."""
+    """All slices in this process, each stage on a thread of its own so the event loop keeps serving and,
+    with several steps in flight, slice 0 runs the next batch while slice 1 runs this one. A single-thread
+    executor per slice runs its forwards in submission order, which is the order `Pipeline` promises."""
 
     def __init__(self, specs: list[SliceSpec]) -> None:
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
-
-    def _step(self, batch: StepBatch) -> list[int]:
-        out = None
-        for runner in self.runners:
-            out = runner.step(batch, out if len(batch) else None)
-        return out
+        self.depth = len(self.runners)
+        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
 
     async def step(self, batch: StepBatch) -> list[int]:
-        return await asyncio.to_thread(self._step, batch)
+        loop = asyncio.get_running_loop()
+        out = None
+        for runner, stage in zip(self.runners, self._stages, strict=True):
+            out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+        return out
 
     async def recover(self, timeout: float) -> bool:
         """In-process slices cannot die on their own; just forget the caches so they can be replayed."""
@@ -78,4 +88,6 @@ class LocalPipeline:
         await asyncio.to_thread(lambda: [r.unload_adapter(name) for r in self.runners])
 
     async def close(self) -> None:
+        for stage in self._stages:
+            stage.shutdown(wait=True, cancel_futures=True)
         self.runners = []

@@ -38,6 +38,7 @@ class RayPipeline:
     def __init__(self, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
                  strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1) -> None:
         self.specs = specs
+        self.depth = len(specs)  # Ray runs each actor's calls from this caller in submission order
         bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
         self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         try:

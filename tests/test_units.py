@@ -14,7 +14,7 @@ from qwen_relay.server.detokenizer import REPLACEMENT, Detokenizer
 from qwen_relay.server.engine import Engine, EngineConfig
 from qwen_relay.server.layout import describe, even_split, parse_layers
 from qwen_relay.server.scheduler import Scheduler
-from qwen_relay.server.sequence import GenerationParams, Sequence, Status
+from qwen_relay.server.sequence import GenerationParams, Sequence
 from qwen_relay.server.slots import SlotAllocator
 from qwen_relay.server.validation import (
     MAX_ADAPTER_CHARS,
@@ -246,7 +246,7 @@ def test_scheduler_prefill_then_decode():
     batch = sched.schedule()
     assert batch == [a, b]  # one prefill step for both
     assert [s.slot for s in batch] == [0, 1]
-    assert all(s.status is Status.RUNNING for s in batch)
+    assert all(s in sched.running for s in batch)
     assert [len(s.pending()) for s in batch] == [5, 3]
     _stepped(batch)
     batch = sched.schedule()
@@ -290,11 +290,11 @@ def test_scheduler_slot_reuse_and_finish():
     for s in (a, b, c):
         sched.add(s)
     assert sched.schedule() == [a, b]  # only two slots
-    assert c.status is Status.WAITING and c.slot is None
+    assert c in sched.waiting and c.slot is None
     _stepped([a, b])
     assert sched.schedule() == [a, b]  # still no slot for c: it keeps waiting, the others decode
     assert sched.finish(a) == 0  # the slot the slices must release
-    assert a.status is Status.FINISHED and a.slot is None and a not in sched.running
+    assert a.slot is None and a not in sched.running
     assert sched.slots.num_free == 1
     assert sched.schedule() == [c]
     assert c.slot == 0  # the freed slot is reused
@@ -356,6 +356,8 @@ def test_engine_fails_only_the_request_without_a_token(tokenizer):
     """A step whose last slice could not pick a token for one row ends that request; its neighbours go on."""
 
     class OneRowBroken:
+        depth = 1
+
         def __init__(self) -> None:
             self.released: list[int] = []
 
