@@ -67,6 +67,7 @@ class ServeOptions:
     max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
     recovery_timeout: float = 60.0
     max_queue: int = 256
+    max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice
     grace_seconds: float = 10.0
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters NAME -> PATH, loaded before SERVING
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, the port speaks TLS only
@@ -99,7 +100,8 @@ class Relay:
         self.metrics = Metrics()
         self.engine = Engine(
             EngineConfig(max_batch=options.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
-                         max_queue=options.max_queue, recovery_timeout=options.recovery_timeout),
+                         max_queue=options.max_queue, recovery_timeout=options.recovery_timeout,
+                         max_in_flight=options.max_in_flight),
             on_health=self._set_health, metrics=self.metrics)
         self.adapters = AdapterRegistry(self.config, options.model, self.engine)
         self.servicer = TextGenerationServicer(

@@ -11,6 +11,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
+
 GENERATE = "qwen_relay.v1.TextGeneration/Generate"
 STREAM = "qwen_relay.v1.TextGeneration/GenerateStream"
 SLICES = ("0", "1")

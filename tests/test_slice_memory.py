@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc")
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc"),
+              pytest.mark.slow]  # subprocesses that load a checkpoint
 
 MIB = 1 << 20
 MARGIN = 64 * MIB  # allocator slack, the forward's activations and KV cache, import-time noise
@@ -33,7 +34,6 @@ from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import KVCache
 from qwen_relay.shards.loader import load_slice
 from qwen_relay.shards.runner import peak_rss_bytes as peak  # VmHWM: this address space's, fresh at exec
-
 
 model, first, end, prepack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 torch.set_num_threads(1)
