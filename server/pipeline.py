@@ -1,4 +1,4 @@
-"""One decoding step through every slice, in order (DESIGN.md: Ray is the transport, not the engine).
+"""One decoding step through every slice, in order (docs/design.md: Ray is the transport, not the engine).
 
 `Pipeline` is what the engine drives. `LocalPipeline` runs the slices' `SliceRunner`s in this process, for
 tests and for machines without Ray (this module does not import Ray); `RayPipeline` (server/ray_pipeline.py)
