@@ -2,7 +2,8 @@
 
 Each step is either a prefill step (new sequences, or running ones whose caches must be rebuilt) or a decode
 step (every running sequence, one token each). Prefills go first so that new requests join the running batch
-at the next step boundary: continuous batching.
+at the next step boundary: continuous batching. Rebuilding lost caches obeys the same prefill token budget as
+new prompts, so a replay step is never larger than a normal one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from collections import deque
 
 from .sequence import Sequence, Status
 from .slots import SlotAllocator
+
+# A sequence in this many lost steps is a suspect (its step may be what kills the slice, e.g. out of memory):
+# it steps alone until one of its steps gets through, so its neighbours are not lost with it again.
+ISOLATE_AFTER_LOST_STEPS = 2
 
 
 class Scheduler:
@@ -28,8 +33,15 @@ class Scheduler:
 
     def schedule(self) -> list[Sequence]:
         """The next step's batch; empty when there is nothing to do."""
-        batch = [s for s in self.running if len(s.pending()) > 1]  # caches to rebuild
-        budget = self.max_prefill_tokens - sum(len(s.pending()) for s in batch)
+        suspect = next((s for s in self.running if s.lost_steps >= ISOLATE_AFTER_LOST_STEPS), None)
+        if suspect is not None:
+            return [suspect]  # steps alone until it gets through a step, so it cannot take others down again
+        batch, budget = [], self.max_prefill_tokens
+        for seq in (s for s in self.running if len(s.pending()) > 1):  # caches to rebuild, within the budget
+            if batch and len(seq.pending()) > budget:
+                return batch  # more rebuilds next step; new sequences wait until every cache is back
+            batch.append(seq)
+            budget -= len(seq.pending())
         while self.waiting and self.slots.num_free:
             seq = self.waiting[0]
             if batch and len(seq.pending()) > budget:

@@ -1,6 +1,6 @@
 """Validation at the edge: a request becomes a prompt and `GenerationParams`, or an error naming the field.
 
-Nothing invalid reaches the engine (DESIGN.md, decision 6); slices assume valid batches.
+Nothing invalid reaches the engine; slices assume valid batches.
 """
 
 from __future__ import annotations
@@ -41,8 +41,13 @@ def _quote(value: str) -> str:
 class Limits:
     vocab_size: int
     max_context: int
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int = 128  # when a request leaves max_new_tokens at 0; held to the cap
     max_new_tokens_cap: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap:
+            raise ValueError(f"--default-max-new-tokens {self.default_max_new_tokens} must lie in 1.."
+                             f"{self.max_new_tokens_cap} (--max-new-tokens-cap)")
 
 
 def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest,
