@@ -77,6 +77,7 @@ class ServeOptions:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     auth_token: str | None = field(default=None, repr=False)  # bearer token on every RPC but health; never logged
+    admin_token: str | None = field(default=None, repr=False)  # if set, AdapterAdmin needs it (not auth_token)
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
     stats_interval: float = 5.0  # seconds between the slice-stats snapshots the metrics report
 
@@ -130,8 +131,8 @@ class Relay:
         opts = self.options
         credentials = server_credentials(opts.tls_cert, opts.tls_key, opts.tls_client_ca)  # fails before binding
         interceptors = [RequestMetricsInterceptor(self.metrics)]  # first: it also counts refused calls
-        if opts.auth_token:
-            interceptors.append(BearerTokenInterceptor(opts.auth_token))
+        if opts.auth_token or opts.admin_token:
+            interceptors.append(BearerTokenInterceptor(opts.auth_token, opts.admin_token))
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -152,7 +153,8 @@ class Relay:
             self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
         security = ("mutual TLS" if opts.tls_client_ca else "TLS" if credentials is not None else "plaintext") + (
-            ", bearer token required" if opts.auth_token else "")
+            ", bearer token required" if opts.auth_token else "") + (
+            ", admin token required for AdapterAdmin" if opts.admin_token else "")
         log.info("listening on %s:%d, %s (NOT_SERVING until every slice is warm)", opts.host, self.port, security)
 
     async def _load(self) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from .app import ServeOptions, serve
-from .security import AUTH_TOKEN_ENV
+from .security import ADMIN_TOKEN_ENV, AUTH_TOKEN_ENV
 
 
 def bounded(kind: type, low: float, high: float | None = None):
@@ -75,6 +75,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           help="require client certificates signed by this CA (mutual TLS; needs --tls-cert)")
     security.add_argument("--auth-token", help=f"bearer token required on every RPC but health (default: "
                           f"${AUTH_TOKEN_ENV}; prefer the variable, a command line is visible to other users)")
+    security.add_argument("--admin-token", help=f"bearer token the AdapterAdmin service requires instead of "
+                          f"--auth-token (default: ${ADMIN_TOKEN_ENV}); without it, --auth-token covers both")
     parser.add_argument("--metrics-port", type=bounded(int, 0, 65535), default=0,
                         help="serve Prometheus metrics on --host:PORT/metrics (default 0: off)")
 
@@ -109,6 +111,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=_token(args.auth_token, AUTH_TOKEN_ENV),
+        admin_token=_token(args.admin_token, ADMIN_TOKEN_ENV),
         metrics_port=args.metrics_port,
     )
 
