@@ -170,3 +170,33 @@ def test_default_max_new_tokens_flag_and_cap(monkeypatch):
     assert options.auth_token == "s3cret"  # a trailing newline from $(cat token) does not lock everyone out
     with pytest.raises(ValueError, match="--default-max-new-tokens 2000 must lie in 1..1024"):
         Limits(vocab_size=10, max_context=4096, default_max_new_tokens=2000, max_new_tokens_cap=1024)
+
+
+def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
+    """30k tiny messages pass the size check yet take seconds to render: never on the loop every stream uses."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from qwen_relay.server.engine import Engine, EngineConfig
+    from qwen_relay.server.metrics import Metrics
+    from qwen_relay.server.servicer import ModelMeta, TextGenerationServicer
+    from qwen_relay.v1 import relay_pb2
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    threads: list[str] = []
+    render = tokenizer.apply_chat_template
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return render(*args, **kwargs)
+
+    tokenizer.apply_chat_template = recording
+    engine = Engine(EngineConfig(max_batch=1, max_context=256, eos_ids=frozenset()))
+    engine.pipeline = object()  # ready: the servicer validates before anything reaches the engine
+    servicer = TextGenerationServicer(engine, tokenizer, Limits(vocab_size=1024, max_context=256),
+                                      ModelMeta(model_id="m", num_layers=5, max_batch=1), set(), Metrics())
+    chat = [relay_pb2.ChatMessage(role="user", content="Merhaba")]
+    seq = asyncio.run(servicer._sequence(relay_pb2.GenerateRequest(messages=chat), context=None))
+    assert seq.prompt_ids and len(threads) == 1 and threads[0].startswith("tokenize")
+    assert threads[0] != threading.main_thread().name
