@@ -131,6 +131,7 @@ class LocalPipeline:
         return failed
 
     async def unload_adapter(self, name: str) -> list[int]:
+        self.adapters.pop(name, None)  # forgotten before any runner is asked: a recovery never restores it
         return await asyncio.to_thread(self._unload, name)
 
     async def close(self) -> None:
