@@ -218,8 +218,9 @@ class Relay:
         rest UNAVAILABLE, release the slices. Safe to call again (with grace 0) to cut a stop short."""
         grace = self.options.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self.server is not None and self._server_stop is None:  # refuses new calls at once
+        if self.server is not None and self._server_stop is None:
             self._server_stop = asyncio.ensure_future(self.server.stop(grace + STOP_SLACK_S))
+            await asyncio.sleep(0)  # the stop's first step runs: from here on new calls are refused UNAVAILABLE
         log.info("draining %d requests for up to %.0f s", len(self.engine.scheduler), grace)
         await self.engine.drain(grace)
         if self._server_stop is not None:  # the slack lets calls failed by the drain send their UNAVAILABLE
