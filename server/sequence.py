@@ -1,6 +1,6 @@
 """A request's whole life in the gateway: prompt, generated tokens, cache slot and stream of deltas.
 
-The gateway owns the truth (DESIGN.md, decision 1): a slice only caches keys and values, so everything needed
+The gateway owns the truth: a slice only caches keys and values, so everything needed
 to rebuild a lost cache (`tokens`) and to finish the request (stop checks, text) lives here.
 """
 
