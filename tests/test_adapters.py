@@ -287,3 +287,38 @@ def test_cli_adapter_flag():
         serve_options(parser.parse_args(["serve", "--model", "m", "--adapter", "a=/x", "--adapter", "a=/y"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--model", "m", "--adapter", "no-path"])
+
+
+def test_adapter_deleted_then_its_slice_killed_fails_its_requests_only(ray_relay, tiny_model, adapters,
+                                                                      peft_reference):
+    """The restarted slice cannot load the adapter again: its request fails FAILED_PRECONDITION at once, the
+    base request beside it completes exactly, the adapter is gone from the list, and health is SERVING."""
+    import shutil
+
+    import ray
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    doomed = adapters["all"].parent / "doomed"
+    shutil.copytree(adapters["late"], doomed)
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=180) as client:
+        client.load_adapter("doomed.v1", str(doomed))
+        lora = client.stream(prompt_token_ids=ids, adapter="doomed.v1", max_new_tokens=200, ignore_eos=True)
+        next(lora)
+        with ThreadPoolExecutor(1) as pool:
+            base = pool.submit(lambda: client.generate(prompt_token_ids=ids, max_new_tokens=MAX_NEW))
+            shutil.rmtree(doomed)
+            ray.kill(ray_relay.pipeline.actors[0], no_restart=False)
+            with pytest.raises(grpc.RpcError) as lost:
+                for _ in lora:
+                    pass
+            assert base.result(180).token_ids == peft_reference(None, ids)
+        assert lost.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'doomed.v1' was unloaded" in lost.value.details()
+        assert [a.name for a in client.list_adapters()] == ["all", "partial"]
+        with pytest.raises(grpc.RpcError) as gone:
+            client.generate(prompt_token_ids=ids, adapter="doomed.v1", max_new_tokens=2)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert client.health() == "SERVING"
+        assert client.generate(prompt_token_ids=ids, adapter="all",
+                               max_new_tokens=MAX_NEW).token_ids == peft_reference(adapters["all"], ids)
