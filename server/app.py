@@ -59,7 +59,7 @@ class ServeOptions:
     use_ray: bool = True  # False: every slice in this process (no actors)
     max_batch: int = 16
     max_context: int = 2048
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int | None = None  # None: 128, or the cap if lower
     max_new_tokens_cap: int = 1024
     cpus_per_slice: float = 1.0
     threads: int = 0

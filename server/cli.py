@@ -45,8 +45,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together (cache slots)")
     parser.add_argument("--max-context", type=bounded(int, 2), default=2048, help="prompt + new tokens per sequence")
     parser.add_argument("--max-new-tokens-cap", type=bounded(int, 1), default=1024)
-    parser.add_argument("--default-max-new-tokens", type=bounded(int, 1), default=128,
-                        help="new tokens for a request that does not say (at most --max-new-tokens-cap)")
+    parser.add_argument("--default-max-new-tokens", type=bounded(int, 1),
+                        help="new tokens for a request that does not say (default: 128, or the cap if lower)")
     parser.add_argument("--cpus-per-slice", type=bounded(float, 0.01), default=1.0, help="Ray CPUs reserved per slice")
     parser.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads per CPU slice (0: all cores)")
     parser.add_argument("--no-prepack", action="store_true",

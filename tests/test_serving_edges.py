@@ -170,6 +170,8 @@ def test_default_max_new_tokens_flag_and_cap(monkeypatch):
     assert options.auth_token == "s3cret"  # a trailing newline from $(cat token) does not lock everyone out
     with pytest.raises(ValueError, match="--default-max-new-tokens 2000 must lie in 1..1024"):
         Limits(vocab_size=10, max_context=4096, default_max_new_tokens=2000, max_new_tokens_cap=1024)
+    assert Limits(vocab_size=10, max_context=4096, max_new_tokens_cap=64).default_max_new_tokens == 64
+    assert Limits(vocab_size=10, max_context=4096).default_max_new_tokens == 128
 
 
 def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
