@@ -289,6 +289,7 @@ def test_cli_adapter_flag():
         parser.parse_args(["serve", "--model", "m", "--adapter", "no-path"])
 
 
+@pytest.mark.slow
 def test_adapter_deleted_then_its_slice_killed_fails_its_requests_only(ray_relay, tiny_model, adapters,
                                                                       peft_reference):
     """The restarted slice cannot load the adapter again: its request fails FAILED_PRECONDITION at once, the

@@ -16,6 +16,8 @@ from transformers import AutoTokenizer
 from qwen_relay.client import RelayClient
 from qwen_relay.server.app import ServeOptions
 
+pytestmark = pytest.mark.slow  # Ray actors killed for real (the in-process fault tests: test_engine_faults.py)
+
 PROMPTS = ["The quick brown fox", "Merhaba! Nasıl yardımcı olabilirim?", "def add(a, b):", "İstanbul",
            "Once upon a time", "1 2 3 4 5", "Ray actors", "gRPC streams"]
 MAX_NEW = 60
