@@ -20,7 +20,7 @@ from qwen_relay.shards.loader import load_config, model_dir
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
-from .admin import AdapterAdminServicer, AdapterRegistry
+from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
 from .engine import Engine, EngineConfig
 from .layout import describe, even_split, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 ADMIN_SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+STOP_SLACK_S = 2.0  # after the grace period, for calls to send the UNAVAILABLE they were failed with
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -58,7 +59,7 @@ class ServeOptions:
     use_ray: bool = True  # False: every slice in this process (no actors)
     max_batch: int = 16
     max_context: int = 2048
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int | None = None  # None: 128, or the cap if lower
     max_new_tokens_cap: int = 1024
     cpus_per_slice: float = 1.0
     threads: int = 0
@@ -70,10 +71,14 @@ class ServeOptions:
     max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice
     grace_seconds: float = 10.0
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters NAME -> PATH, loaded before SERVING
+    adapter_roots: tuple[str, ...] = ()  # LoadAdapter reads only under these; none: LoadAdapter is off
+    max_adapters: int = 16
+    max_adapter_bytes: int = 1 << 30
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, the port speaks TLS only
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     auth_token: str | None = field(default=None, repr=False)  # bearer token on every RPC but health; never logged
+    admin_token: str | None = field(default=None, repr=False)  # if set, AdapterAdmin needs it (not auth_token)
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
     stats_interval: float = 5.0  # seconds between the slice-stats snapshots the metrics report
 
@@ -102,13 +107,15 @@ class Relay:
             EngineConfig(max_batch=options.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
                          max_queue=options.max_queue, recovery_timeout=options.recovery_timeout,
                          max_in_flight=options.max_in_flight),
-            on_health=self._set_health, metrics=self.metrics)
-        self.adapters = AdapterRegistry(self.config, options.model, self.engine)
+            on_health=self._set_health, metrics=self.metrics, on_adapter_lost=self._adapter_lost)
+        self.adapters = AdapterRegistry(self.config, options.model, self.engine, AdapterPolicy(
+            roots=options.adapter_roots, max_adapters=options.max_adapters, max_bytes=options.max_adapter_bytes))
         self.servicer = TextGenerationServicer(
             self.engine, self.tokenizer, self.limits,
             ModelMeta(model_id=options.model, num_layers=self.config.num_hidden_layers, max_batch=options.max_batch),
             self.adapters, self.metrics)
         self._stats_task: asyncio.Task | None = None
+        self._server_stop: asyncio.Future | None = None
         self.port = 0
 
     @classmethod
@@ -126,8 +133,8 @@ class Relay:
         opts = self.options
         credentials = server_credentials(opts.tls_cert, opts.tls_key, opts.tls_client_ca)  # fails before binding
         interceptors = [RequestMetricsInterceptor(self.metrics)]  # first: it also counts refused calls
-        if opts.auth_token:
-            interceptors.append(BearerTokenInterceptor(opts.auth_token))
+        if opts.auth_token or opts.admin_token:
+            interceptors.append(BearerTokenInterceptor(opts.auth_token, opts.admin_token))
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -148,7 +155,8 @@ class Relay:
             self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
         security = ("mutual TLS" if opts.tls_client_ca else "TLS" if credentials is not None else "plaintext") + (
-            ", bearer token required" if opts.auth_token else "")
+            ", bearer token required" if opts.auth_token else "") + (
+            ", admin token required for AdapterAdmin" if opts.admin_token else "")
         log.info("listening on %s:%d, %s (NOT_SERVING until every slice is warm)", opts.host, self.port, security)
 
     async def _load(self) -> None:
@@ -179,7 +187,7 @@ class Relay:
         self.metrics.update_slices(stats)  # the baseline: warm-up forwards are not step time
         self.engine.start(self.pipeline)
         for name, path in opts.adapters.items():  # before SERVING, so no request races them
-            await self.adapters.load(name, path)
+            await self.adapters.load(name, path, trusted=True)
         if opts.metrics_port:
             self._stats_task = asyncio.create_task(self._push_slice_stats(), name="slice-stats")
         await self._set_health(True)
@@ -191,6 +199,9 @@ class Relay:
         while True:
             await asyncio.sleep(self.options.stats_interval)
             self.metrics.update_slices(await self.pipeline.stats())
+
+    def _adapter_lost(self, name: str) -> None:
+        self.adapters.forget(name)
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -205,17 +216,27 @@ class Relay:
             for i, s in enumerate(self.layout))
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop: NOT_SERVING, refuse new calls, let in-flight calls finish, release the slices."""
+        """Graceful stop: NOT_SERVING, refuse new calls, let in-flight calls finish for up to `grace` s, end the
+        rest UNAVAILABLE, release the slices. Safe to call again (with grace 0) to cut a stop short."""
         grace = self.options.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        if self.server is not None:
-            await self.server.stop(grace)
+        if self.server is not None and self._server_stop is None:
+            self._server_stop = asyncio.ensure_future(self.server.stop(grace + STOP_SLACK_S))
+            await asyncio.sleep(0)  # the stop's first step runs: from here on new calls are refused UNAVAILABLE
+        log.info("draining %d requests for up to %.0f s", len(self.engine.scheduler), grace)
+        await self.engine.drain(grace)
+        if self._server_stop is not None:  # the slack lets calls failed by the drain send their UNAVAILABLE
+            try:
+                await asyncio.wait_for(asyncio.shield(self._server_stop), STOP_SLACK_S)
+            except TimeoutError:
+                log.warning("calls still open after the grace period; stopping anyway")
         if self._stats_task is not None:
             self._stats_task.cancel()
             await asyncio.gather(self._stats_task, return_exceptions=True)
         await self.engine.stop()
-        if self.pipeline is not None:
-            await self.pipeline.close()
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            await pipeline.close()
         self.metrics.close()
         log.info("stopped")
 
@@ -234,13 +255,23 @@ def eos_token_ids(folder, tokenizer) -> frozenset[int]:
 
 
 async def serve(options: ServeOptions) -> None:
-    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    """Run until SIGINT/SIGTERM, then stop gracefully; a second signal cuts the grace period short."""
     relay = await Relay.start(options)
     log.info("qwen-relay listening on %s:%d; %s", options.host, relay.port, relay.describe_layout())
-    stop = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("signal received: draining for up to %.0f s", options.grace_seconds)
-    await relay.stop()
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    await signals.get()
+    log.info("signal received: draining for up to %.0f s (a second signal stops at once)", options.grace_seconds)
+    graceful = asyncio.ensure_future(relay.stop())
+    second = asyncio.ensure_future(signals.get())
+    await asyncio.wait({graceful, second}, return_when=asyncio.FIRST_COMPLETED)
+    if graceful.done():
+        second.cancel()
+        await graceful
+        return
+    log.warning("second signal: stopping now")
+    graceful.cancel()
+    await asyncio.gather(graceful, return_exceptions=True)
+    await relay.stop(grace=0)

@@ -9,41 +9,68 @@ import os
 import sys
 
 from .app import ServeOptions, serve
-from .security import AUTH_TOKEN_ENV
+from .security import ADMIN_TOKEN_ENV, AUTH_TOKEN_ENV
+
+
+def bounded(kind: type, low: float, high: float | None = None):
+    """An argparse type: `kind` within [low, high], named in the error otherwise (`--max-batch 0` is refused)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if value != value or value < low or (high is not None and value > high):  # NaN too
+            raise argparse.ArgumentTypeError(f"must lie in {low}..{high if high is not None else ''}, got {text}")
+        return value
+
+    return parse
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face checkpoint folder or hub id")
-    parser.add_argument("--shards", type=int, default=2, help="number of contiguous layer slices (even split)")
+    parser.add_argument("--shards", type=bounded(int, 1), default=2,
+                        help="number of contiguous layer slices (even split)")
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: one GPU per slice when the cluster has enough GPUs, else CPU")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
-    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--port", type=bounded(int, 0, 65535), default=50051)
     parser.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: start local Ray")
     parser.add_argument("--no-ray", action="store_true", help="run every slice in this process, without Ray")
-    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
-    parser.add_argument("--max-in-flight", type=int, default=0,
+    parser.add_argument("--max-batch", type=bounded(int, 1), default=16,
+                        help="sequences decoded together (cache slots)")
+    parser.add_argument("--max-in-flight", type=bounded(int, 0), default=0,
                         help="step batches in the pipe at once (default 0: one per slice, so every slice works; "
                              "1: one step at a time)")
-    parser.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens per sequence")
-    parser.add_argument("--max-new-tokens-cap", type=int, default=1024)
-    parser.add_argument("--cpus-per-slice", type=float, default=1.0, help="Ray CPUs reserved per slice")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU slice (0: all cores)")
+    parser.add_argument("--max-context", type=bounded(int, 2), default=2048, help="prompt + new tokens per sequence")
+    parser.add_argument("--max-new-tokens-cap", type=bounded(int, 1), default=1024)
+    parser.add_argument("--default-max-new-tokens", type=bounded(int, 1),
+                        help="new tokens for a request that does not say (default: 128, or the cap if lower)")
+    parser.add_argument("--cpus-per-slice", type=bounded(float, 0.01), default=1.0, help="Ray CPUs reserved per slice")
+    parser.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads per CPU slice (0: all cores)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="keep CPU weights dense (stock PyTorch kernels) instead of prepacked for oneDNN")
     parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="Ray placement-group strategy for the slices")
-    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
-    parser.add_argument("--max-queue", type=int, default=256,
+    parser.add_argument("--grace", type=bounded(float, 0), default=10.0, help="seconds in-flight calls get on shutdown")
+    parser.add_argument("--max-queue", type=bounded(int, 1), default=256,
                         help="requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
-    parser.add_argument("--recovery-timeout", type=float, default=60.0,
+    parser.add_argument("--recovery-timeout", type=bounded(float, 0), default=60.0,
                         help="seconds in-flight calls wait for a lost slice before UNAVAILABLE")
-    parser.add_argument("--max-restarts", type=int, default=-1, help="Ray restarts per slice actor (-1: unlimited)")
+    parser.add_argument("--max-restarts", type=bounded(int, -1), default=-1,
+                        help="Ray restarts per slice actor (-1: unlimited)")
     parser.add_argument("--adapter", action="append", type=adapter_argument, metavar="NAME=PATH",
                         help="load a PEFT LoRA adapter folder under NAME before serving (repeatable)")
+    parser.add_argument("--adapter-root", action="append", metavar="DIR",
+                        help="LoadAdapter may read adapter folders under DIR (repeatable); without it, adapters "
+                             "load only from --adapter")
+    parser.add_argument("--max-adapters", type=bounded(int, 1), default=16, help="adapters loaded at once")
+    parser.add_argument("--max-adapter-mib", type=bounded(float, 0.001), default=1024.0,
+                        help="largest adapter weights file loaded, in MiB")
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="PEM", help="server certificate chain: serve TLS only")
     security.add_argument("--tls-key", metavar="PEM", help="server private key (with --tls-cert)")
@@ -51,7 +78,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           help="require client certificates signed by this CA (mutual TLS; needs --tls-cert)")
     security.add_argument("--auth-token", help=f"bearer token required on every RPC but health (default: "
                           f"${AUTH_TOKEN_ENV}; prefer the variable, a command line is visible to other users)")
-    parser.add_argument("--metrics-port", type=int, default=0,
+    security.add_argument("--admin-token", help=f"bearer token the AdapterAdmin service requires instead of "
+                          f"--auth-token (default: ${ADMIN_TOKEN_ENV}); without it, --auth-token covers both")
+    parser.add_argument("--metrics-port", type=bounded(int, 0, 65535), default=0,
                         help="serve Prometheus metrics on --host:PORT/metrics (default 0: off)")
 
 
@@ -79,13 +108,22 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         max_batch=args.max_batch, max_in_flight=args.max_in_flight, max_context=args.max_context,
         max_new_tokens_cap=args.max_new_tokens_cap,
+        default_max_new_tokens=args.default_max_new_tokens, adapter_roots=tuple(args.adapter_root or ()),
+        max_adapters=args.max_adapters, max_adapter_bytes=int(args.max_adapter_mib * 2**20),
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, prepack=not args.no_prepack,
         placement_strategy=args.placement,
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca, auth_token=args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None,
+        tls_client_ca=args.tls_client_ca, auth_token=_token(args.auth_token, AUTH_TOKEN_ENV),
+        admin_token=_token(args.admin_token, ADMIN_TOKEN_ENV),
         metrics_port=args.metrics_port,
     )
+
+
+def _token(flag: str | None, env: str) -> str | None:
+    """A token from its flag or variable, stripped: a trailing newline from `$(cat file)` must not lock everyone
+    out (the client strips the same way)."""
+    return (flag or os.environ.get(env) or "").strip() or None
 
 
 def run_serve(args: argparse.Namespace) -> int:

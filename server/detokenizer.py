@@ -36,23 +36,26 @@ class Detokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release()
 
-    def _release(self) -> str:
-        """Emit held text up to a stop sequence (then stop) or up to a possible stop-sequence prefix."""
+    def _release(self, final: bool = False) -> str:
+        """Emit held text up to a stop sequence (then stop) or, unless `final`, up to a possible stop-sequence
+        prefix."""
         hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
             out, self.held = self.held[: min(hits)], ""
             return out
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        keep = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])),
+                                   default=0)
         out = self.held[: len(self.held) - keep]
         self.held = self.held[len(out):]
         return out
 
     def flush(self) -> str:
-        """At the end (EOS or length): whatever is held, including an incomplete character's U+FFFD."""
+        """At the end (EOS or length): whatever is held, including an incomplete character's U+FFFD, up to a
+        stop sequence if the tail completes one (then `stopped` is set)."""
         if self.stopped:
             return ""
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        tail = self._decode(self.ids[self.prefix_offset:])[len(prefix):]
-        out, self.held = self.held + tail, ""
-        return out
+        self.held += self._decode(self.ids[self.prefix_offset:])[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return self._release(final=True)

@@ -5,10 +5,23 @@ Cancellation is a flag the loop reaps between steps, so a slot is never freed wh
 flight. A freed slot travels to the slices on the next step (`StepBatch.release`), so every slice forgets it
 before it runs anything that reuses it.
 
-Faults: when a slice dies mid-step (`SliceLost`), the step's tokens never arrive, so nothing was appended.
-The loop waits (bounded) for Ray to bring the slice back, clears every cache and replays each running
-sequence by prefilling prompt + generated tokens: callers see no token lost, repeated or changed. If the
-slice does not come back in time, in-flight calls end UNAVAILABLE and the loop keeps probing until it does.
+Faults (docs/reliability.md lists each with its outcome):
+- A lost step (`SliceLost`: a slice died or restarted mid-step) appended nothing. Every sequence in it gets a
+  strike; the engine recovers (`_recover`: one probe loop with backoff until `pipeline.recover()` succeeds,
+  which clears every cache) and replays each running sequence by prefilling prompt + generated tokens, within
+  the prefill token budget: callers see no token lost, repeated or changed. A slice killed during replay is
+  just another lost step.
+- Replay is bounded: a sequence in two lost steps steps alone (server/scheduler.py), and one in
+  `max_lost_steps` lost steps fails (`ReplayLimit`), so a request whose step kills its slice every time cannot
+  keep the service down; its neighbours complete.
+- If the slices are not back within `recovery_timeout`, every request fails UNAVAILABLE and new ones are
+  refused until they are; probing goes on.
+- An adapter a restarted slice cannot load again is unloaded: its requests fail (`AdapterLost`), the rest
+  replay, and `on_adapter_lost` tells the registry.
+- The loop is supervised: if it dies, the reason is logged, every request fails UNAVAILABLE, health turns
+  NOT_SERVING and the loop restarts (with backoff), recovering the slices first. Restarting, not exiting: the
+  loop's state is only the requests just failed, while the slices hold weights that take minutes to reload;
+  a loop that keeps dying keeps health NOT_SERVING, which is what an orchestrator acts on.
 """
 
 from __future__ import annotations
@@ -32,13 +45,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+PROBE_FIRST_S = 0.05  # recovery probes back off from this ...
+PROBE_MAX_S = 2.0  # ... to this
+RESTART_FIRST_S = 0.1  # a dead loop restarts after this, doubling while it keeps dying ...
+RESTART_MAX_S = 30.0  # ... up to this
+
 
 class Overloaded(RuntimeError):
     """A limit is reached (maps to RESOURCE_EXHAUSTED: retrying at once would not help)."""
 
 
 class Unavailable(RuntimeError):
-    """A slice is down (maps to UNAVAILABLE: the service recovers by itself)."""
+    """A slice is down, the engine restarts or the server stops (UNAVAILABLE: retry, maybe elsewhere)."""
+
+
+class AdapterLost(RuntimeError):
+    """The request's adapter was unloaded because a restarted slice could not load it again
+    (FAILED_PRECONDITION: load it again, then retry)."""
+
+
+class ReplayLimit(RuntimeError):
+    """The request was in `max_lost_steps` steps that lost a slice (INTERNAL: its step likely kills the
+    slice, e.g. out of memory on a long prefill; retrying it as is would do the same)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,7 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for a cache slot; beyond it new ones are refused
     recovery_timeout: float = 60.0  # how long in-flight calls wait for a lost slice to come back
     max_in_flight: int = 0  # steps in the pipe at once; 0: the pipeline's depth (one per slice)
+    max_lost_steps: int = 3  # a request in this many lost steps fails (ReplayLimit)
 
 
 class Engine:
@@ -66,15 +95,21 @@ class Engine:
     are warm. Until then `ready` is False."""
 
     def __init__(self, config: EngineConfig, on_health: Callable[[bool], Awaitable[None]] | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, on_adapter_lost: Callable[[str], None] | None = None) -> None:
         self.pipeline: Pipeline | None = None
         self.config = config
         self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
         self.available = True
         self._on_health = on_health
+        self._on_adapter_lost = on_adapter_lost
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set whenever no request waits or runs (shutdown drains on it)
         self._task: asyncio.Task | None = None
         self._release: list[int] = []  # slots freed since the last step, released by the slices on the next
+        self._lost = False  # a step was lost (or the loop died): recover before the next step
+        self._closing = False
+        self._serving = True  # the last health reported; the app reports SERVING once the engine starts
+        self._restart_delay = RESTART_FIRST_S
         self.metrics = metrics
 
     @property
@@ -89,20 +124,36 @@ class Engine:
     def start(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.scheduler.depth = min(pipeline.depth, self.config.max_in_flight or pipeline.depth)
-        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+        self._task = asyncio.create_task(self._supervise(), name="engine-loop")
 
     def adapter_users(self, name: str) -> int:
         """Requests waiting for or holding a cache slot with adapter `name`."""
         return sum(1 for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name)
 
+    async def drain(self, timeout: float) -> None:
+        """Shutdown: refuse new requests, let queued and running ones finish for up to `timeout` s, then fail
+        the rest UNAVAILABLE, so their clients retry elsewhere (CANCELLED would say they gave up themselves)."""
+        self._closing = True
+        if len(self.scheduler):
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
+
     async def stop(self) -> None:
+        self._closing = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        self._fail_all(Unavailable("the server stopped"))
 
     async def generate(self, seq: Sequence) -> AsyncIterator[Delta]:
         """Submit `seq` and yield its deltas until it finishes. Leaving early cancels it."""
+        if self._closing:
+            raise Unavailable("the server is shutting down; retry on another replica")
         if not self.available:
             raise Unavailable("a model slice is down and being restored; retry shortly")
         if len(self.scheduler.waiting) >= self.config.max_queue:
@@ -124,14 +175,32 @@ class Engine:
                 seq.cancelled = True
                 self._wake.set()
 
+    async def _supervise(self) -> None:
+        """Run the loop; if it dies, log why, fail every request, report NOT_SERVING and restart it."""
+        while True:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - supervision: anything that ends the loop
+                delay = self._restart_delay
+                log.critical("the engine loop died; failing %d requests and restarting it in %.1f s",
+                             len(self.scheduler), delay, exc_info=True)
+                self.available = False
+                self._fail_all(Unavailable(f"the engine failed ({type(e).__name__}) and is restarting; retry "
+                                           f"shortly"))
+                await self._set_health(False)
+                self._lost = True  # the slices' caches are in an unknown state: clear them first
+                self._restart_delay = min(delay * 2, RESTART_MAX_S)
+                await asyncio.sleep(delay)
+
     async def _loop(self) -> None:
         """Keep up to `depth` steps in the pipe; postprocess each as it comes back, oldest first."""
         in_flight: dict[asyncio.Task[list[int]], InFlight] = {}
         try:
             while True:
-                if not self.available:
-                    await self._restore()
-                    continue
+                if self._lost:
+                    await self._recover()
                 self._wake.clear()  # before looking for work: a request added after this sets it again
                 self._reap_cancelled()
                 while len(in_flight) < self.depth and (step := self._next_step()) is not None:
@@ -153,14 +222,13 @@ class Engine:
                 if self._postprocess(in_flight.pop(oldest), oldest):
                     continue
                 # A slice was lost: every other step in the pipe fails or finishes; take what finished, then
-                # rebuild every cache and replay.
+                # (at the top of the loop) rebuild every cache and replay.
                 if in_flight:
                     await asyncio.wait(in_flight)
                 for task, step in in_flight.items():
                     self._postprocess(step, task)
                 in_flight.clear()
-                await self._recover()
-        finally:  # stopped: nothing will read these steps' results
+        finally:  # stopped, or the loop died: nothing will read these steps' results
             for task in in_flight:
                 task.cancel()
 
@@ -190,26 +258,35 @@ class Engine:
         try:
             tokens = task.result()
         except SliceLost as e:
-            log.warning("step of %d sequences lost: %s", len(step.seqs), e)
+            self._lost_step(step.seqs, e)
             return False
         except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
             log.error("step failed for %d sequences (requests %s): %s", len(step.seqs),
-                      ", ".join(s.request_id for s in step.seqs), e, exc_info=e)
+                      ", ".join(s.log_id for s in step.seqs), e, exc_info=e)
             self._release += step.batch.release  # some slices may not have seen them; releasing twice is harmless
-            for seq in step.seqs:
-                self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=e))
+            self._fail(step.seqs, e)
             return True
+        self._restart_delay = RESTART_FIRST_S  # the loop works again
         if self.metrics is not None and step.seqs:
             self.metrics.observe_step(time.perf_counter() - step.started)
+        if len(step.seqs) == 1:
+            step.seqs[0].lost_steps = 0  # it got through a step alone: not what kills the slice
         for seq, token in zip(step.seqs, tokens, strict=True):
             seq.num_cached = len(seq.tokens)
-            if token == NO_TOKEN:
-                log.error("request %s: the model produced non-finite logits", seq.request_id)
-                error = RuntimeError("the model produced non-finite logits (NaN or inf) for this request")
-                self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
-            else:
-                self._append(seq, token)
+            try:
+                self._take(seq, token)
+            except Exception as e:  # noqa: BLE001 - a bug in one request's postprocessing fails it alone
+                log.exception("request %s: postprocessing a token failed", seq.log_id)
+                self._fail([seq], e)
         return True
+
+    def _take(self, seq: Sequence, token: int) -> None:
+        if token == NO_TOKEN:
+            log.error("request %s: the model produced non-finite logits", seq.log_id)
+            error = RuntimeError("the model produced non-finite logits (NaN or inf) for this request")
+            self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
+        else:
+            self._append(seq, token)
 
     def _append(self, seq: Sequence, token: int) -> None:
         """Postprocess one new token: stop checks in the order a caller expects (stop string, EOS, length)."""
@@ -227,6 +304,8 @@ class Engine:
             return
         if reason is not FinishReason.STOP_SEQUENCE:
             text += seq.detokenizer.flush()
+            if seq.detokenizer.stopped:  # the held tail completed a stop string
+                reason = FinishReason.STOP_SEQUENCE
         self._finish(seq, reason, Delta(text, [token], reason))
 
     def _finish(self, seq: Sequence, reason: FinishReason, last: Delta | None = None) -> None:
@@ -236,33 +315,76 @@ class Engine:
             self._release.append(slot)
         if last is not None:
             seq.outbox.put_nowait(last)
+        if not len(self.scheduler):
+            self._idle.set()
 
-    async def _set_health(self, serving: bool) -> None:
-        if self._on_health is not None:
-            await self._on_health(serving)
-
-    async def _recover(self) -> None:
-        """After a lost step: wait for the slices, then replay every running sequence from its history."""
-        await self._set_health(False)
-        timeout = self.config.recovery_timeout
-        if await self.pipeline.recover(timeout):
-            for seq in self.scheduler.running:
-                seq.num_cached = 0  # the next step re-prefills prompt + generated tokens
-            log.info("slices back; replaying %d sequences", len(self.scheduler.running))
-            await self._set_health(True)
-            return
-        error = Unavailable(f"a model slice did not come back within {timeout:.0f} s; retry later")
-        log.error("%s: failing %d in-flight requests", error, len(self.scheduler))
-        self.available = False
-        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
+        for seq in seqs:
             self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
 
-    async def _restore(self) -> None:
-        """While unavailable: probe until every slice answers again, then serve again."""
-        if await self.pipeline.recover(self.config.recovery_timeout):
-            self.available = True
-            log.info("every slice answers again: serving")
-            await self._set_health(True)
+    def _fail_all(self, error: Exception) -> None:
+        self._fail([*self.scheduler.waiting, *self.scheduler.running], error)
+
+    async def _set_health(self, serving: bool) -> None:
+        """Report a change of health (only a change: recovery after a restarted loop does not repeat it)."""
+        if self._on_health is not None and serving != self._serving:
+            self._serving = serving
+            await self._on_health(serving)
+
+    def _lost_step(self, batch: list[Sequence], error: SliceLost) -> None:
+        """A step that lost a slice appended nothing: strike its sequences, fail those out of strikes."""
+        log.warning("step of %d sequences lost: %s", len(batch), error)
+        for seq in batch:
+            seq.lost_steps += 1
+            if seq.lost_steps >= self.config.max_lost_steps:
+                log.error("request %s: in %d steps that lost a slice; failing it", seq.log_id, seq.lost_steps)
+                self._fail([seq], ReplayLimit(
+                    f"this request was in {seq.lost_steps} steps that lost a model slice (its step may be what "
+                    f"kills the slice, e.g. out of memory); it is not replayed again"))
+        self._lost = True
+
+    async def _recover(self) -> None:
+        """Probe with backoff until `pipeline.recover()` succeeds (every slice answers, caches cleared), then
+        replay. Past `recovery_timeout`, fail every request UNAVAILABLE and refuse new ones until then."""
+        await self._set_health(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.recovery_timeout
+        delay = PROBE_FIRST_S
+        while True:
+            try:
+                recovery = await self.pipeline.recover()
+                break
+            except asyncio.CancelledError:
+                raise
+            except SliceLost as e:
+                log.info("waiting for the slices: %s", e)
+            except Exception as e:  # noqa: BLE001 - recovery itself failed: probe again
+                log.warning("recovering the slices failed (retrying): %r", e)
+            if self.available and loop.time() >= deadline:
+                error = Unavailable(f"a model slice did not come back within {self.config.recovery_timeout:.0f} "
+                                    f"s; retry later")
+                log.error("%s: failing %d in-flight requests", error, len(self.scheduler))
+                self.available = False
+                self._fail_all(error)
+            wait = delay if not self.available else min(delay, max(deadline - loop.time(), 0.0))
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, PROBE_MAX_S)
+        for name, reason in recovery.lost_adapters.items():
+            self._adapter_lost(name, reason)
+        for seq in self.scheduler.running:
+            seq.num_cached = 0  # the next steps re-prefill prompt + generated tokens
+        self._lost = False
+        self.available = True
+        log.info("slices back; replaying %d sequences", len(self.scheduler.running))
+        await self._set_health(True)
+
+    def _adapter_lost(self, name: str, reason: str) -> None:
+        users = [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name]
+        log.error("adapter %r was unloaded (%s): failing its %d requests", name, reason, len(users))
+        self._fail(users, AdapterLost(f"adapter {name!r} was unloaded: a restarted model slice could not load it "
+                                      f"again ({reason}); load it again, then retry"))
+        if self._on_adapter_lost is not None:
+            self._on_adapter_lost(name)
 
     def _report_load(self) -> None:
         if self.metrics is not None:
@@ -271,5 +393,5 @@ class Engine:
     def _reap_cancelled(self) -> None:
         """Finish cancelled sequences, except those in flight: their slot is in use until their step is back."""
         for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled and not s.in_flight]:
-            log.info("request %s cancelled after %d tokens", seq.request_id, seq.num_generated)
+            log.info("request %s cancelled after %d tokens", seq.log_id, seq.num_generated)
             self._finish(seq, FinishReason.CANCELLED)

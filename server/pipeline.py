@@ -8,10 +8,13 @@ runs each in its own Ray actor.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from qwen_relay.shards.batch import StepBatch
+from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
@@ -21,10 +24,29 @@ from qwen_relay.shards.stats import SliceStats
 # PASSIVE) cost 25-35 ms per token on the 0.5B shape. A short spin serves both (docs/benchmarks.md).
 SLICE_ENV = {"GOMP_SPINCOUNT": "10000"}
 
+log = logging.getLogger(__name__)
+
 
 class SliceLost(RuntimeError):
     """A slice died or restarted (its cache is gone): the step did not happen and must not be retried as is;
     the engine waits for the slice and rebuilds every cache by replay."""
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where a loaded adapter is read from, and the fingerprint of its files: a restarted slice loads it again
+    from `path` only if the files there still have that fingerprint (the same adapter the others hold)."""
+
+    path: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What `Pipeline.recover` could not bring back. Adapter name -> why: such an adapter is unloaded from every
+    slice and forgotten, so the engine fails its requests instead of replaying them forever."""
+
+    lost_adapters: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline(Protocol):
@@ -37,13 +59,18 @@ class Pipeline(Protocol):
 
     async def step(self, batch: StepBatch) -> list[int]: ...
 
-    async def recover(self, timeout: float) -> bool: ...
+    async def recover(self) -> Recovery:
+        """One attempt: every slice answers, restarted ones get their adapters back, every cache is cleared.
+        Raises (`SliceLost`) while a slice is still down; the engine retries with backoff."""
+        ...
 
     async def stats(self) -> list[SliceStats]: ...
 
-    async def load_adapter(self, name: str, path: str) -> list[dict]: ...
+    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]: ...
 
-    async def unload_adapter(self, name: str) -> None: ...
+    async def unload_adapter(self, name: str) -> list[int]:
+        """Forget the adapter, then drop it from every slice; returns the slices that failed to drop it."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -59,33 +86,63 @@ class LocalPipeline:
             runner.warmup()
         self.depth = len(self.runners)
         self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
+        self.adapters: dict[str, AdapterSource] = {}  # re-sent to every runner on recovery
+        self._lost: dict[str, str] = {}  # adapters dropped by a recovery attempt, reported by the next success
 
     async def step(self, batch: StepBatch) -> list[int]:
         loop = asyncio.get_running_loop()
         out = None
-        for runner, stage in zip(self.runners, self._stages, strict=True):
-            out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+        try:
+            for runner, stage in zip(self.runners, self._stages, strict=True):
+                out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+        except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
+            raise SliceLost(f"a slice lost its cache: {e}") from e
         return out
 
-    async def recover(self, timeout: float) -> bool:
-        """In-process slices cannot die on their own; just forget the caches so they can be replayed."""
+    def _recover(self) -> Recovery:
+        for name, source in list(self.adapters.items()):
+            try:
+                for runner in self.runners:
+                    runner.load_adapter(name, source.path, source.fingerprint)  # a no-op where it is held
+            except Exception as e:  # noqa: BLE001 - reported in the Recovery, and the adapter dropped
+                log.error("adapter %r cannot be restored on a rebuilt slice, unloading it: %s", name, e)
+                self._lost[name] = str(e)
+                self._unload(name)
         for runner in self.runners:
             runner.reset()
-        return True
+        recovery, self._lost = Recovery(dict(self._lost)), {}
+        return recovery
+
+    async def recover(self) -> Recovery:
+        return await asyncio.to_thread(self._recover)
 
     async def stats(self) -> list[SliceStats]:
         return [r.stats() for r in self.runners]
 
-    async def load_adapter(self, name: str, path: str) -> list[dict]:
+    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]:
         """Every slice takes its own layers' share of the adapter; all slices or none."""
         try:
-            return await asyncio.to_thread(lambda: [r.load_adapter(name, path) for r in self.runners])
+            infos = await asyncio.to_thread(lambda: [r.load_adapter(name, path, fingerprint) for r in self.runners])
         except Exception:
             await self.unload_adapter(name)
             raise
+        self.adapters[name] = AdapterSource(path, fingerprint)
+        return infos
 
-    async def unload_adapter(self, name: str) -> None:
-        await asyncio.to_thread(lambda: [r.unload_adapter(name) for r in self.runners])
+    def _unload(self, name: str) -> list[int]:
+        self.adapters.pop(name, None)
+        failed = []
+        for i, runner in enumerate(self.runners):
+            try:
+                runner.unload_adapter(name)
+            except Exception as e:  # noqa: BLE001 - the next load under this name replaces the leftover
+                log.warning("slice %d could not unload adapter %r: %s", i, name, e)
+                failed.append(i)
+        return failed
+
+    async def unload_adapter(self, name: str) -> list[int]:
+        self.adapters.pop(name, None)  # forgotten before any runner is asked: a recovery never restores it
+        return await asyncio.to_thread(self._unload, name)
 
     async def close(self) -> None:
         for stage in self._stages:

@@ -21,11 +21,19 @@ from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
-from .pipeline import SLICE_ENV, SliceLost
+from .pipeline import SLICE_ENV, AdapterSource, Recovery, SliceLost
 
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
+SLICE_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The slice's own exception inside Ray's wrapper (whose text is a remote traceback)."""
+    if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, Exception):
+        return error.cause
+    return error
 
 
 class RayPipeline:
@@ -62,7 +70,8 @@ class RayPipeline:
         first = ray.get([a.stats.remote() for a in self.actors], timeout=ready_timeout)
         self.incarnations = [s.incarnation for s in first]  # a new one means Ray restarted that slice
         self.restarts = [0] * len(specs)
-        self.adapters: dict[str, str] = {}  # name -> path: re-sent to slices after a restart
+        self.adapters: dict[str, AdapterSource] = {}  # re-sent to every slice on recovery
+        self._lost: dict[str, str] = {}  # adapters dropped by a recovery attempt, reported by the next success
 
     async def step(self, batch: StepBatch) -> list[int]:
         out = None
@@ -77,23 +86,33 @@ class RayPipeline:
                 raise SliceLost(f"a slice restarted and lost its cache: {e.cause}") from e
             raise
 
-    async def recover(self, timeout: float) -> bool:
-        """Wait (bounded) until every slice answers, then clear all caches for replay. False on timeout."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            stats = await self.stats()
-            if all(s.healthy for s in stats):
-                # A restarted slice was rebuilt from its spec alone: give it back its adapters (a no-op elsewhere).
-                loads = [a.load_adapter.remote(n, p) for a in self.actors for n, p in self.adapters.items()]
-                for failed in await asyncio.gather(*loads, return_exceptions=True):
-                    if isinstance(failed, Exception):
-                        log.error("could not restore an adapter on a restarted slice: %s", failed)
-                await asyncio.gather(*(a.reset.remote() for a in self.actors))
-                return True
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
+    async def recover(self) -> Recovery:
+        """One attempt: every slice answers, restarted ones get their adapters back, every cache is cleared.
+
+        Raises `SliceLost` while a slice is down or if one dies meanwhile. An adapter a restarted slice cannot
+        load again (its folder moved, or now holds other files) is unloaded everywhere and reported."""
+        down = [i for i, s in enumerate(await self.stats()) if not s.healthy]
+        if down:
+            raise SliceLost(f"slice(s) {', '.join(map(str, down))} not answering yet")
+        try:
+            for name, source in list(self.adapters.items()):  # a no-op on slices that still hold it
+                results = await asyncio.gather(
+                    *(a.load_adapter.remote(name, source.path, source.fingerprint) for a in self.actors),
+                    return_exceptions=True)
+                failures = [r for r in results if isinstance(r, BaseException)]
+                died = next((f for f in failures if isinstance(f, SLICE_DIED)), None)
+                if died is not None:
+                    raise died
+                if failures:
+                    reason = str(_cause(failures[0]))
+                    log.error("adapter %r cannot be restored on a restarted slice, unloading it: %s", name, reason)
+                    self._lost[name] = reason
+                    await self.unload_adapter(name)
+            await asyncio.gather(*(a.reset.remote() for a in self.actors))
+        except SLICE_DIED as e:
+            raise SliceLost(f"a slice died during recovery: {type(e).__name__}") from e
+        recovery, self._lost = Recovery(dict(self._lost)), {}
+        return recovery
 
     async def _stats(self, index: int) -> SliceStats:
         spec = self.specs[index]
@@ -112,19 +131,33 @@ class RayPipeline:
     async def stats(self) -> list[SliceStats]:
         return list(await asyncio.gather(*(self._stats(i) for i in range(len(self.actors)))))
 
-    async def load_adapter(self, name: str, path: str) -> list[dict]:
+    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]:
         """Every slice actor takes its own layers' share of the adapter; all slices or none."""
-        try:
-            infos = list(await asyncio.gather(*(a.load_adapter.remote(name, path) for a in self.actors)))
-        except ray.exceptions.RayTaskError as e:
-            await self.unload_adapter(name)
-            raise e.cause if isinstance(e.cause, Exception) else e from None
-        self.adapters[name] = path
-        return infos
+        results = await asyncio.gather(*(a.load_adapter.remote(name, path, fingerprint) for a in self.actors),
+                                       return_exceptions=True)
+        failures = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if not failures:
+            self.adapters[name] = AdapterSource(path, fingerprint)
+            return results
+        await self.unload_adapter(name)  # the slices that did load it drop it again
+        died = next((i for i, f in failures if isinstance(f, SLICE_DIED)), None)
+        if died is not None:
+            raise SliceLost(f"slice {died} died while loading adapter {name!r}; no slice keeps it: retry once the "
+                            f"slice is back")
+        raise _cause(failures[0][1]) from None
 
-    async def unload_adapter(self, name: str) -> None:
+    async def unload_adapter(self, name: str) -> list[int]:
+        """Forget the adapter first (a restarted slice never gets it back), then drop it from every slice.
+
+        Returns the slices that failed to: a dead one holds nothing any more; one that raised keeps a leftover
+        that the next load under this name replaces."""
         self.adapters.pop(name, None)
-        await asyncio.gather(*(a.unload_adapter.remote(name) for a in self.actors))
+        results = await asyncio.gather(*(a.unload_adapter.remote(name) for a in self.actors),
+                                       return_exceptions=True)
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        for i in failed:
+            log.warning("slice %d could not unload adapter %r: %s", i, name, _cause(results[i]))
+        return failed
 
     async def close(self) -> None:
         for actor in self.actors:

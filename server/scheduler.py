@@ -2,7 +2,8 @@
 
 Each step is either a prefill step (new sequences, or running ones whose caches must be rebuilt) or a decode
 step (running sequences, one token each). Prefills go first so that new requests join the running set at the
-next step boundary: continuous batching.
+next step boundary: continuous batching. Rebuilding lost caches obeys the same prefill token budget as new
+prompts, so a replay step is never larger than a normal one.
 
 Several steps can be in flight at once, one per slice (docs/design.md, "Several batches in flight"). A
 sequence's next token needs its last, so a sequence is in at most one in-flight step: `schedule` picks only
@@ -17,6 +18,10 @@ from collections import deque
 
 from .sequence import Sequence
 from .slots import SlotAllocator
+
+# A sequence in this many lost steps is a suspect (its step may be what kills the slice, e.g. out of memory):
+# it steps alone until one of its steps gets through, so its neighbours are not lost with it again.
+ISOLATE_AFTER_LOST_STEPS = 2
 
 
 class Scheduler:
@@ -36,8 +41,17 @@ class Scheduler:
     def schedule(self) -> list[Sequence]:
         """The next step's batch, from sequences not in flight; empty when there is nothing to do."""
         idle = [s for s in self.running if not s.in_flight]
-        batch = [s for s in idle if len(s.pending()) > 1]  # caches to rebuild
-        budget = self.max_prefill_tokens - sum(len(s.pending()) for s in batch)
+        suspect = next((s for s in self.running if s.lost_steps >= ISOLATE_AFTER_LOST_STEPS), None)
+        if suspect is not None:
+            # It steps alone, with nothing else in the pipe, until it gets through a step, so it cannot take
+            # others down again.
+            return [suspect] if len(idle) == len(self.running) else []
+        batch, budget = [], self.max_prefill_tokens
+        for seq in (s for s in idle if len(s.pending()) > 1):  # caches to rebuild, within the budget
+            if batch and len(seq.pending()) > budget:
+                return batch  # more rebuilds next step; new sequences wait until every cache is back
+            batch.append(seq)
+            budget -= len(seq.pending())
         while self.waiting and self.slots.num_free:
             seq = self.waiting[0]
             if batch and len(seq.pending()) > budget:

@@ -6,6 +6,11 @@ balancers probe health without holding secrets, and health reveals nothing but S
 Reflection is NOT exempt: it is a free map of the API for whoever reaches the port, and tools such as
 grpcurl send the token as easily as any other header.
 
+Administration (the AdapterAdmin service: it makes the gateway and every slice read folders) can require a
+token of its own (`--admin-token` / $QWEN_RELAY_ADMIN_TOKEN): then the generation token does not open it, so
+the many clients that generate need not hold the power to load adapters. Without one, the generation token
+covers both (adapter loads are still confined to --adapter-root, server/admin.py).
+
 The token itself is never logged: it stays out of `ServeOptions.__repr__`, and log lines say only whether
 a token is configured.
 """
@@ -23,6 +28,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 AUTH_TOKEN_ENV = "QWEN_RELAY_AUTH_TOKEN"  # the client CLI reads the same variable
+ADMIN_TOKEN_ENV = "QWEN_RELAY_ADMIN_TOKEN"
+ADMIN_PREFIX = "/qwen_relay.v1.AdapterAdmin/"  # methods the admin token guards, when one is set
 UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)  # methods callable without the token
 _BEARER = "bearer"
 
@@ -94,19 +101,26 @@ def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMet
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC but health; UNAUTHENTICATED otherwise.
+    """Requires `authorization: Bearer <token>` on every RPC but health; UNAUTHENTICATED otherwise. With an
+    `admin_token`, AdapterAdmin methods require that one instead; with only an admin token, generation is open.
 
     The comparison is constant-time (`hmac.compare_digest`), so response timing does not leak how much of a
     guessed token was right.
     """
 
-    def __init__(self, token: str) -> None:
-        if not token:
+    def __init__(self, token: str | None, admin_token: str | None = None) -> None:
+        if not token and not admin_token:
             raise ValueError("an empty auth token would let everyone in")
-        self._token = token.encode()
+        self._token = token.encode() if token else None
+        self._admin_token = admin_token.encode() if admin_token else None
 
     def __repr__(self) -> str:  # never show the token
         return f"{type(self).__name__}(token=<redacted>)"
+
+    def _expected(self, method: str) -> bytes | None:
+        if self._admin_token is not None and method.startswith(ADMIN_PREFIX):
+            return self._admin_token
+        return self._token
 
     async def intercept_service(
         self,
@@ -114,10 +128,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method.startswith(UNAUTHENTICATED_PREFIXES):
+        expected = self._expected(method)
+        if expected is None or method.startswith(UNAUTHENTICATED_PREFIXES):
             return await continuation(handler_call_details)
         token = _bearer_token(handler_call_details.invocation_metadata)
-        if token is not None and hmac.compare_digest(token.encode(), self._token):
+        if token is not None and hmac.compare_digest(token.encode(), expected):
             return await continuation(handler_call_details)
         reason = "missing bearer token" if token is None else "invalid bearer token"
         log.warning("refused %s: %s", method, reason)

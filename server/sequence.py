@@ -56,10 +56,17 @@ class Sequence:
     in_flight: bool = False  # in a step the slices are running; its next step waits for that one's token
     finish_reason: FinishReason | None = None
     cancelled: bool = False
+    lost_steps: int = 0  # steps this sequence was in that lost a slice (bounds its replays: server/engine.py)
     outbox: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt_ids)
+
+    @property
+    def log_id(self) -> str:
+        """The request id as log lines show it: control characters (a newline forging a log line) escaped."""
+        rid = self.request_id
+        return rid if rid.isprintable() else rid.encode("unicode_escape").decode("ascii")
 
     @property
     def num_generated(self) -> int:

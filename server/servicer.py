@@ -1,9 +1,16 @@
-"""The thin gRPC servicer (TGI style): validate at the edge, one call into the engine per RPC."""
+"""The thin gRPC servicer (TGI style): validate at the edge, one call into the engine per RPC.
+
+Requests are rendered and tokenized on one worker thread, not on the event loop: a chat of 30k small messages
+passes the size check yet takes seconds to render, and every stream would stall meanwhile. One thread, because
+a Hugging Face fast tokenizer must not be used by two threads at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Container
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -12,18 +19,36 @@ from transformers import PreTrainedTokenizerBase
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .detokenizer import Detokenizer
-from .engine import Engine, Overloaded, Unavailable
+from .engine import AdapterLost, Engine, Overloaded, ReplayLimit, Unavailable
 from .metrics import Metrics
 from .sequence import Delta, FinishReason, Sequence
 from .validation import InvalidRequest, Limits, check_size, render_prompt, validate
 
 log = logging.getLogger(__name__)
 
+MAX_ERROR_CHARS = 300
+ERROR_CODES = [  # engine errors a client can act on; anything else is INTERNAL
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (AdapterLost, grpc.StatusCode.FAILED_PRECONDITION),
+    (ReplayLimit, grpc.StatusCode.INTERNAL),
+]
+
 FINISH_REASONS = {
     FinishReason.EOS: relay_pb2.FINISH_REASON_EOS,
     FinishReason.LENGTH: relay_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: relay_pb2.FINISH_REASON_STOP_SEQUENCE,
 }
+
+
+def public_message(error: BaseException) -> str:
+    """An error as a client may read it: the root cause's first line, clipped. Never a remote traceback: Ray's
+    `RayTaskError` text is one, with file paths, addresses and pids (the full error goes to the log)."""
+    while isinstance(getattr(error, "cause", None), BaseException):
+        error = error.cause
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,10 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         self.meta = meta
         self.adapters = adapters  # names requests may pick (the gateway's AdapterRegistry)
         self.metrics = metrics
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see the module doc
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
         if not self.engine.ready:
@@ -55,7 +84,7 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
     async def _sequence(self, request: relay_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
         await self._ready(context)
         try:
-            request_id, prompt_ids, params = validate(request, self.tokenizer, self.limits)
+            request_id, prompt_ids, params = await self._off_loop(validate, request, self.tokenizer, self.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if params.adapter and params.adapter not in self.adapters:
@@ -63,23 +92,22 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         return Sequence(request_id, prompt_ids, params, Detokenizer(self.tokenizer, params.stop))
 
     async def _deltas(self, seq: Sequence, context: grpc.aio.ServicerContext) -> AsyncIterator[Delta]:
-        log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.request_id, len(seq.prompt_ids),
+        log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.log_id, len(seq.prompt_ids),
                  seq.params.max_new_tokens)
         timer = self.metrics.generation()
         try:
             async for delta in self.engine.generate(seq):
                 timer.tokens(len(delta.token_ids))
                 yield delta
-        except Overloaded as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except Unavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except Exception as e:  # noqa: BLE001 - a failed step ends this call, not the server
-            log.error("request %s failed: %s", seq.request_id, e)
-            await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {e}")
+            code = next((c for kind, c in ERROR_CODES if isinstance(e, kind)), None)
+            if code is None:
+                log.error("request %s failed: %r", seq.log_id, e)
+                await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {public_message(e)}")
+            await context.abort(code, str(e))
         finally:
             timer.finish()
-            log.info("request %s ended (%s): %d tokens, first after %s", seq.request_id,
+            log.info("request %s ended (%s): %d tokens, first after %s", seq.log_id,
                      seq.finish_reason.value if seq.finish_reason else "unfinished", timer.num_tokens,
                      f"{timer.ttft:.3f} s" if timer.ttft is not None else "-")
 
@@ -108,7 +136,7 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
     async def Tokenize(self, request, context):  # noqa: N802
         try:
             check_size(request, self.limits)
-            ids = render_prompt(request, self.tokenizer, self.limits.vocab_size)
+            ids = await self._off_loop(render_prompt, request, self.tokenizer, self.limits.vocab_size)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return relay_pb2.TokenizeResponse(token_ids=ids, count=len(ids))

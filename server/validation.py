@@ -1,6 +1,6 @@
 """Validation at the edge: a request becomes a prompt and `GenerationParams`, or an error naming the field.
 
-Nothing invalid reaches the engine (DESIGN.md, decision 6); slices assume valid batches.
+Nothing invalid reaches the engine; slices assume valid batches.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
+DEFAULT_MAX_NEW_TOKENS = 128
 MAX_ADAPTER_CHARS = 64  # adapter names are 1-64 characters (shards/adapters.py NAME_PATTERN)
 # Below this, logits / temperature overflows float32 to inf, softmax gives NaN and the sampler raises inside
 # the last slice, failing every sequence in that step (vLLM's sampling epsilon is the same).
@@ -41,8 +42,15 @@ def _quote(value: str) -> str:
 class Limits:
     vocab_size: int
     max_context: int
-    default_max_new_tokens: int = 128
+    default_max_new_tokens: int | None = None  # when a request leaves max_new_tokens at 0; None: 128 or the cap
     max_new_tokens_cap: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.default_max_new_tokens is None:  # held to the cap, so a lower cap alone does not break defaults
+            object.__setattr__(self, "default_max_new_tokens", min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens_cap))
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap:
+            raise ValueError(f"--default-max-new-tokens {self.default_max_new_tokens} must lie in 1.."
+                             f"{self.max_new_tokens_cap} (--max-new-tokens-cap)")
 
 
 def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest,

@@ -30,7 +30,7 @@ class SliceActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if spec.threads == 0 and not torch.cuda.is_available():
             # Ray pins OMP threads to the bundle's CPU count; the slices of one request run one after
-            # another, so each may use every core of its node (measured: one thread each cost 1.7x).
+            # another, so each may use every core of its node (one thread each measured 1.7x slower).
             spec = dataclasses.replace(spec, threads=os.cpu_count() or 1)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
         self.runner = SliceRunner(spec)
@@ -42,8 +42,8 @@ class SliceActor:
     def reset(self) -> None:
         self.runner.reset()
 
-    def load_adapter(self, name: str, path: str) -> dict:
-        return self.runner.load_adapter(name, path)
+    def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
+        return self.runner.load_adapter(name, path, fingerprint)
 
     def unload_adapter(self, name: str) -> None:
         self.runner.unload_adapter(name)

@@ -11,6 +11,14 @@ Mixed batches (rows with different adapters, or none) use PEFT's mixed-batch for
 names for one forward through forward pre-hooks, as PEFT's `_enable_peft_forward_hooks` does. Outside of it no
 adapter is active, so a plain forward is exactly the base model.
 
+Names: the API allows "." in adapter names ("v1.2"), but PEFT keeps adapters in `nn.ModuleDict`s, whose keys
+cannot contain ".". Inside PEFT an adapter goes by `peft_name(name)` ("." -> ":", a character no valid name
+has, so two names never collide); everywhere else by its own name.
+
+Identity: an adapter is its files, not its path. The gateway fingerprints them (`fingerprint`) when it loads
+an adapter, and a slice refuses a folder whose files no longer match, so a slice restarted after the folder was
+retrained in place cannot silently serve other weights than its neighbours.
+
 Base-model check (`inspect_adapter`, run by the gateway before any slice is asked): the adapter is injected
 into a meta-device copy of the whole served model (no memory, no weights read), and the tensor names and
 shapes PEFT expects there are compared with the ones in the adapter file. That catches every adapter that
@@ -23,6 +31,7 @@ difference alone says nothing, while a shape difference is certain.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import re
@@ -78,6 +87,22 @@ class AdapterSpec:
     target_modules: tuple[str, ...]
     layers: tuple[int, ...]  # global layer indices with adapter weights
     base_model: str  # base_model_name_or_path from adapter_config.json ("" when unset)
+    fingerprint: str = ""  # of the files the gateway checked (`fingerprint`); every slice must read the same
+    size_bytes: int = 0  # of the weights file
+
+
+def peft_name(name: str) -> str:
+    """The adapter's key inside PEFT's ModuleDicts, which refuse "." (see module doc)."""
+    return name.replace(".", ":")
+
+
+def fingerprint(folder: str | Path) -> str:
+    """sha256 over the adapter's config and weights files: the same adapter byte for byte, wherever it is read."""
+    digest = hashlib.sha256()
+    for file in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(Path(folder) / file, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def check_name(name: str) -> None:
@@ -154,10 +179,10 @@ def inspect_adapter(name: str, path: str | Path, config: PretrainedConfig, serve
                               f"model {served!r} has {num_layers} layers (0-{num_layers - 1}); it was made for "
                               f"{base or 'another model'!r}")
     try:
-        inject_adapter_in_model(copy.deepcopy(lora), whole, adapter_name=name, low_cpu_mem_usage=True)
+        inject_adapter_in_model(copy.deepcopy(lora), whole, adapter_name=peft_name(name), low_cpu_mem_usage=True)
     except ValueError as e:
         raise AdapterMismatch(f"adapter {name!r} does not fit the served model {served!r}: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(whole, adapter_name=name).items()}
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(whole, adapter_name=peft_name(name)).items()}
 
     problems = []
     for key in sorted(shapes.keys() - expected.keys()):
@@ -180,7 +205,8 @@ def inspect_adapter(name: str, path: str | Path, config: PretrainedConfig, serve
     targets = lora.target_modules
     target_modules = (targets,) if isinstance(targets, str) else tuple(sorted(targets or ()))
     return AdapterSpec(name=name, path=str(folder), r=lora.r, alpha=float(lora.lora_alpha),
-                       target_modules=target_modules, layers=tuple(layers), base_model=base)
+                       target_modules=target_modules, layers=tuple(layers), base_model=base,
+                       fingerprint=fingerprint(folder), size_bytes=(folder / WEIGHTS_FILE).stat().st_size)
 
 
 def _describe_target(model: nn.Module, key: str) -> str:
@@ -201,6 +227,7 @@ def _same_base(base: str, served: str, config: PretrainedConfig) -> bool:
 @dataclass(frozen=True)
 class HeldAdapter:
     path: str
+    fingerprint: str
     modules: tuple[str, ...]  # LoRA-wrapped modules of this slice carrying this adapter (empty: costs nothing)
     layers: tuple[int, ...]
 
@@ -219,40 +246,44 @@ class SliceAdapters:
         self.configs: dict[str, LoraConfig] = {}
         self._lora_layers: list[LoraLayer] = []
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.held)
-
-    def load(self, name: str, path: str) -> dict:
+    def load(self, name: str, path: str, expected: str = "") -> dict:
         """Inject this slice's share of the adapter at `path` (nothing, if it holds none of its modules).
 
-        Loading the same name and path again is a no-op (the gateway re-sends adapters after a restart).
+        Loading the same adapter again is a no-op (the gateway re-sends adapters after a restart). With
+        `expected`, the files must have that fingerprint. A different adapter held under the same name (a
+        leftover of an unload that failed here) is replaced: the gateway only loads names it does not serve.
         """
-        if name in self.held:
-            if self.held[name].path == path:
-                return self._info(name)
-            raise AdapterError(f"name: this slice already holds an adapter {name!r} from {self.held[name].path}")
+        held = self.held.get(name)
+        if held is not None and held.path == path and held.fingerprint == (expected or held.fingerprint):
+            return self._info(name)
         check_name(name)
         folder = Path(path)
         lora = read_config(folder)
+        actual = fingerprint(folder)
+        if expected and actual != expected:
+            raise AdapterMismatch(f"adapter {name!r}: the files at {path} changed since the gateway loaded it "
+                                  f"(fingerprint {actual[:12]}, expected {expected[:12]}); load it again under a "
+                                  f"new name")
+        if held is not None:
+            self.unload(name)
         own = set(dict(self.module.named_modules()))
         with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
             keys = [k for k in f.keys() if module_of(saved_key(k)) in own]
             tensors = {saved_key(k): f.get_tensor(k) for k in keys}
         if not tensors:
-            self.held[name] = HeldAdapter(path=path, modules=(), layers=())
+            self.held[name] = HeldAdapter(path=path, fingerprint=actual, modules=(), layers=())
             log.info("adapter %r targets none of layers %d-%d: nothing to load here", name, self.module.first,
                      self.module.end - 1)
             return self._info(name)
         try:
             with torch.no_grad():
-                self._inject(name, lora, tensors)
+                self._inject(peft_name(name), lora, tensors)
         except Exception:
-            self._remove(name)
+            self._remove(peft_name(name))
             raise
         modules = tuple(sorted({module_of(k) for k in tensors}))
         layers = tuple(sorted({int(m.group(1)) for k in modules if (m := LAYER_KEY.match(k + "."))}))
-        self.held[name] = HeldAdapter(path=path, modules=modules, layers=layers)
+        self.held[name] = HeldAdapter(path=path, fingerprint=actual, modules=modules, layers=layers)
         log.info("adapter %r: %d tensors on %d modules of layers %s", name, len(tensors), len(modules),
                  _layer_span(set(layers)) or "(none: embeddings/head)")
         return self._info(name)
@@ -276,8 +307,8 @@ class SliceAdapters:
         """Drop the adapter's LoRA weights; a module left with no adapter is unwrapped back to its base layer.
 
         Unloading an adapter this slice does not hold is a no-op, so cleanup after a failed load is simple."""
-        if self.held.pop(name, None) is not None or name in self.configs:
-            self._remove(name)
+        if self.held.pop(name, None) is not None or peft_name(name) in self.configs:
+            self._remove(peft_name(name))
             log.info("adapter %r unloaded from layers %d-%d", name, self.module.first, self.module.end - 1)
 
     def _remove(self, name: str) -> None:
@@ -316,7 +347,7 @@ class SliceAdapters:
         if not self._lora_layers:
             yield  # no LoRA weights on this slice at all: nothing to route
             return
-        hook = partial(_inject_names, names=[a or BASE for a in adapters])
+        hook = partial(_inject_names, names=[peft_name(a) if a else BASE for a in adapters])
         handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self._lora_layers]
         try:
             yield

@@ -100,10 +100,10 @@ class SliceRunner:
         self.steps += 1
         return out
 
-    def load_adapter(self, name: str, path: str) -> dict:
+    def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
         """This slice's share of a PEFT LoRA adapter (none if it holds none of its layers); idempotent."""
         with self._lock:
-            return self.adapters.load(name, path)
+            return self.adapters.load(name, path, fingerprint)
 
     def unload_adapter(self, name: str) -> None:
         """Drop an adapter's weights from this slice; a no-op for one it does not hold."""

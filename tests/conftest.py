@@ -42,13 +42,22 @@ def untied_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
+def ray_session() -> None:
+    """Ray for this test session, started on first use and shut down when the session ends
+    (`pytest_sessionfinish`), after every fixture, so a Ray relay still alive is stopped before Ray is."""
     import ray
 
-    # Logical CPUs: four 1-CPU slices must fit; the slices set their own torch threads.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    if not ray.is_initialized():
+        # Logical CPUs: four 1-CPU slices must fit; the slices set their own torch threads.
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 class LoopThread:

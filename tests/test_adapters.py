@@ -4,7 +4,6 @@ the AdapterAdmin RPCs load, unload and list while serving; wrong adapters get th
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,10 +83,12 @@ def peft_reference(tiny_model, reference):
 
 def _options(tiny_model: Path, adapters: dict[str, Path], *, ray: bool) -> ServeOptions:
     loaded = {"all": str(adapters["all"]), "partial": str(adapters["partial"])}
+    root = (str(adapters["all"].parent),)  # LoadAdapter reads only under it
     if ray:
         return ServeOptions(model=str(tiny_model), layers=SPLIT, max_context=512, recovery_timeout=120,
-                            adapters=loaded)
-    return ServeOptions(model=str(tiny_model), shards=1, use_ray=False, max_context=512, adapters=loaded)
+                            adapters=loaded, adapter_roots=root)
+    return ServeOptions(model=str(tiny_model), shards=1, use_ray=False, max_context=512, adapters=loaded,
+                        adapter_roots=root)
 
 
 @pytest.fixture
@@ -196,11 +197,16 @@ def test_adapter_for_another_base_model_is_failed_precondition(ray_relay, adapte
         assert deep.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "layer(s) 5, 6" in deep.value.details() and "has 5 layers" in deep.value.details()
 
-        for name, path in [("bad name!", str(adapters["all"])), ("ok", "/nonexistent/adapter"),
+        for name, path in [("bad name!", str(adapters["all"])), ("ok", str(adapters["all"].parent / "missing")),
                            ("ok", str(adapters["all"].parent))]:
             with pytest.raises(grpc.RpcError) as bad:
                 client.load_adapter(name, path)
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, path)
+        for path in ["/nonexistent/adapter", "/etc"]:  # outside the root: refused alike, existing or not
+            with pytest.raises(grpc.RpcError) as outside:
+                client.load_adapter("ok", path)
+            assert outside.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert outside.value.details() == "path: not under an allowed adapter root (serve --adapter-root)"
         # Nothing half-loaded is left behind.
         assert [a.name for a in client.list_adapters()] == ["all", "partial"]
 
@@ -210,35 +216,23 @@ def test_unloading_an_adapter_in_use_is_refused(ray_relay, tiny_model, adapters)
     ids = tokenizer.encode(PROMPTS[1], add_special_tokens=False)
     with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=120) as client:
         client.load_adapter("late", str(adapters["late"]))
-        started, done = threading.Event(), threading.Event()
-
-        def run() -> None:
-            for i, _ in enumerate(client.stream(prompt_token_ids=ids, adapter="late", max_new_tokens=200,
-                                                ignore_eos=True)):
-                if i == 2:
-                    started.set()
-                    assert done.wait(60)
-                    return  # leaving the stream cancels the request
-
-        thread = threading.Thread(target=run)
-        thread.start()
+        stream = client.stream(prompt_token_ids=ids, adapter="late", max_new_tokens=200, ignore_eos=True)
         try:
-            assert started.wait(60)
+            for i, _ in enumerate(stream):  # read in this thread: a failed assertion here is not lost
+                if i == 2:
+                    break
             with pytest.raises(grpc.RpcError) as busy:
                 client.unload_adapter("late")
             assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "in use by 1 request" in busy.value.details()
         finally:
-            done.set()
-            thread.join(60)
+            stream.close()  # leaving the stream cancels the request
+        engine = ray_relay.engine
         deadline = time.monotonic() + 30
-        while True:  # the cancelled request leaves the batch at the next step boundary
-            try:
-                client.unload_adapter("late")
-                break
-            except grpc.RpcError as e:
-                assert e.code() == grpc.StatusCode.FAILED_PRECONDITION and time.monotonic() < deadline
-                time.sleep(0.1)
+        while engine.adapter_users("late"):  # the cancelled request leaves the batch at the next step boundary
+            assert time.monotonic() < deadline, "the cancelled request still holds the adapter"
+            time.sleep(0.05)
+        client.unload_adapter("late")
         assert [a.name for a in client.list_adapters()] == ["all", "partial"]
 
 
@@ -295,3 +289,39 @@ def test_cli_adapter_flag():
         serve_options(parser.parse_args(["serve", "--model", "m", "--adapter", "a=/x", "--adapter", "a=/y"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--model", "m", "--adapter", "no-path"])
+
+
+@pytest.mark.slow
+def test_adapter_deleted_then_its_slice_killed_fails_its_requests_only(ray_relay, tiny_model, adapters,
+                                                                      peft_reference):
+    """The restarted slice cannot load the adapter again: its request fails FAILED_PRECONDITION at once, the
+    base request beside it completes exactly, the adapter is gone from the list, and health is SERVING."""
+    import shutil
+
+    import ray
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    doomed = adapters["all"].parent / "doomed"
+    shutil.copytree(adapters["late"], doomed)
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=180) as client:
+        client.load_adapter("doomed.v1", str(doomed))
+        lora = client.stream(prompt_token_ids=ids, adapter="doomed.v1", max_new_tokens=200, ignore_eos=True)
+        next(lora)
+        with ThreadPoolExecutor(1) as pool:
+            base = pool.submit(lambda: client.generate(prompt_token_ids=ids, max_new_tokens=MAX_NEW))
+            shutil.rmtree(doomed)
+            ray.kill(ray_relay.pipeline.actors[0], no_restart=False)
+            with pytest.raises(grpc.RpcError) as lost:
+                for _ in lora:
+                    pass
+            assert base.result(180).token_ids == peft_reference(None, ids)
+        assert lost.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'doomed.v1' was unloaded" in lost.value.details()
+        assert [a.name for a in client.list_adapters()] == ["all", "partial"]
+        with pytest.raises(grpc.RpcError) as gone:
+            client.generate(prompt_token_ids=ids, adapter="doomed.v1", max_new_tokens=2)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert client.health() == "SERVING"
+        assert client.generate(prompt_token_ids=ids, adapter="all",
+                               max_new_tokens=MAX_NEW).token_ids == peft_reference(adapters["all"], ids)

@@ -129,7 +129,7 @@ def test_start_commands(prepared: dict[str, Any]) -> None:
     head = " ; ".join(prepared["head_start_ray_commands"])
     assert "ray start --head --port=6379" in head
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
-    assert "--dashboard-host=0.0.0.0" in head
+    assert "--dashboard-host=127.0.0.1" in head  # the job API runs code: loopback only, reached over SSH
     worker = " ; ".join(prepared["worker_start_ray_commands"])
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
 
@@ -146,6 +146,8 @@ def test_grpc_port_is_documented_and_not_public(raw_config: dict[str, Any]) -> N
         cidrs = [r["CidrIp"] for r in rule.get("IpRanges", [])]
         cidrs += [r["CidrIpv6"] for r in rule.get("Ipv6Ranges", [])]
         assert cidrs and not {"0.0.0.0/0", "::/0"} & set(cidrs), f"port {GRPC_PORT} open to the world"
+    assert not [r for r in rules if r["FromPort"] <= 8265 <= r["ToPort"]], "the Ray job API (8265) runs code"
+    assert "no authentication of its own" not in text  # the gateway has a bearer token and TLS
 
 
 @pytest.mark.parametrize(

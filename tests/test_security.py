@@ -188,6 +188,22 @@ def _list_adapters(client):
                                                                         **client._call_kwargs(None))
 
 
+def test_admin_token_guards_adapter_admin_alone(relay_factory, tiny_model, monkeypatch):
+    from qwen_relay.server.cli import build_parser, serve_options
+    from qwen_relay.server.security import ADMIN_TOKEN_ENV
+
+    admin_token = "admin-" + TOKEN
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, admin_token + "\n")
+    assert serve_options(build_parser().parse_args(["serve", "--model", "m"])).admin_token == admin_token
+    relay = relay_factory(_options(tiny_model, auth_token=TOKEN, admin_token=admin_token))
+    with _client(relay, auth_token=TOKEN) as user:
+        assert user.generate("hello", max_new_tokens=2, ignore_eos=True).completion_tokens == 2
+        assert _code(lambda: _list_adapters(user)) == grpc.StatusCode.UNAUTHENTICATED  # generating is not enough
+    with _client(relay, auth_token=admin_token) as admin:
+        assert list(_list_adapters(admin).adapters) == []
+        assert _code(lambda: admin.generate("hello", max_new_tokens=2)) == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_reflection_with_token(relay_factory, tiny_model):
     relay = relay_factory(_options(tiny_model, auth_token=TOKEN))
     with _client(relay, auth_token=TOKEN) as client:

@@ -187,12 +187,19 @@ def test_validate_refuses(tokenizer, fields, field):
 
 
 def test_validate_accepts_the_boundaries(tokenizer):
-    validate(_request(max_new_tokens=32), tokenizer, LIMITS)  # at the cap
-    validate(relay_pb2.GenerateRequest(prompt_token_ids=[5] * 32, max_new_tokens=32), tokenizer, LIMITS)  # == 64
-    validate(relay_pb2.GenerateRequest(prompt_token_ids=[1023]), tokenizer, LIMITS)  # the last vocabulary id
-    validate(_request(temperature=1.0, top_p=1.0), tokenizer, LIMITS)
-    validate(_request(temperature=1e-5), tokenizer, LIMITS)  # exactly the floor (float32 on the wire)
-    validate(_request(stop=["s" * MAX_STOP_CHARS] * MAX_STOP_SEQUENCES), tokenizer, LIMITS)
+    def params(**fields) -> GenerationParams:
+        return validate(relay_pb2.GenerateRequest(**fields), tokenizer, LIMITS)[2]
+
+    assert params(prompt="Merhaba", max_new_tokens=32).max_new_tokens == 32  # at the cap
+    _, ids, at_context = validate(relay_pb2.GenerateRequest(prompt_token_ids=[5] * 32, max_new_tokens=32),
+                                  tokenizer, LIMITS)
+    assert len(ids) + at_context.max_new_tokens == LIMITS.max_context  # exactly fills the context
+    assert validate(relay_pb2.GenerateRequest(prompt_token_ids=[1023]), tokenizer, LIMITS)[1] == [1023]  # last id
+    top = params(prompt="Merhaba", temperature=1.0, top_p=1.0).sampling
+    assert (top.temperature, top.top_p) == (1.0, 1.0)
+    assert 0 < params(prompt="Merhaba", temperature=1e-5).sampling.temperature  # the floor (float32 on the wire)
+    stops = ["s" * MAX_STOP_CHARS] * MAX_STOP_SEQUENCES
+    assert params(prompt="Merhaba", stop=stops).stop == tuple(stops)
 
 
 def test_validate_refuses_a_prompt_that_renders_to_nothing():
@@ -323,6 +330,37 @@ def test_scheduler_rebuilds_lost_caches_as_a_prefill():
     batch = sched.schedule()
     assert batch == [a]
     assert a.pending() == a.tokens  # prompt + everything generated
+
+
+def test_scheduler_rebuilds_within_the_prefill_budget_before_admitting_anyone():
+    sched = Scheduler(num_slots=4, max_prefill_tokens=10)
+    a, b, c = _seq("a", 5), _seq("b", 4), _seq("c", 3)
+    for seq in (a, b, c):
+        sched.add(seq)
+    _stepped(sched.schedule())  # a + b (9 tokens)
+    _stepped(sched.schedule())  # c
+    for seq in (a, b, c):
+        seq.num_cached = 0  # every cache was lost: 6 + 5 + 4 tokens to rebuild
+    late = _seq("late", 2)
+    sched.add(late)
+    assert sched.schedule() == [a]  # 6; b's 5 more would pass the budget of 10
+    _stepped([a])
+    assert sched.schedule() == [b, c]  # 6 + 4 = 10; still no admission
+    _stepped([b, c])
+    assert sched.schedule() == [late]  # every cache is back: now the newcomer
+    assert list(sched.waiting) == []
+
+
+def test_scheduler_steps_a_suspect_alone():
+    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    a, b = _seq("a", 3), _seq("b", 3)
+    sched.add(a)
+    sched.add(b)
+    _stepped(sched.schedule())
+    b.lost_steps = 2  # in two lost steps: maybe what kills the slice
+    assert sched.schedule() == [b]
+    b.lost_steps = 0  # the engine clears it once b gets through a step alone
+    assert sched.schedule() == [a, b]
 
 
 def test_scheduler_idle_is_empty():
