@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 
 from .lora import LoraSettings
 
@@ -19,6 +21,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -44,11 +53,29 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
     g.add_argument(
         "--cpus-per-worker",
-        type=float,
-        default=1.0,
-        help="Ray CPUs per worker; also its torch threads on CPU (default 1)",
+        type=_positive_float,
+        default=None,
+        help="Ray CPUs per worker; also its torch threads on CPU (default: an equal share of the node when "
+        "train starts Ray itself, so any --workers fits; 1 on an existing cluster)",
     )
-    g.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: local Ray")
+    g.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster (e.g. auto; default $RAY_ADDRESS, else a Ray node of train's own)",
+    )
+    g.add_argument(
+        "--placement-timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds to wait for an existing cluster to place the workers, logging what is awaited every "
+        "15 s (default 600)",
+    )
+    g.add_argument(
+        "--collective-timeout",
+        type=_positive_float,
+        default=300.0,
+        help="seconds one collective across the workers (all-reduce, report barrier) may wait before the "
+        "run fails (default 300)",
+    )
     g.add_argument(
         "--max-failures",
         type=int,
@@ -193,14 +220,25 @@ def config_from_args(args: argparse.Namespace):  # -> TrainConfig (imported lazi
         run_name=args.run_name,
         storage_path=args.storage_path,
         ray_address=args.ray_address,
+        placement_timeout=args.placement_timeout,
+        collective_timeout=args.collective_timeout,
         progress=not args.no_progress,
     )
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .job import run_training
+    from .job import TrainingInterrupted, run_training
 
-    summary = run_training(config_from_args(args))
+    try:
+        summary = run_training(config_from_args(args))
+    except TrainingInterrupted as e:
+        # Exit now: Ray is already shut down (or given up on), and the interpreter's own exit would run
+        # Ray's exit hook again and wait on a thread still blocked in the interrupted fit.
+        log.warning("%s", e)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.exit_code)
     print(
         json.dumps(
             {
