@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 
 from .lora import LoraSettings
 
@@ -227,18 +225,9 @@ def config_from_args(args: argparse.Namespace):  # -> TrainConfig (imported lazi
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .job import TrainingInterrupted, run_training
+    from .job import run_training
 
-    try:
-        summary = run_training(config_from_args(args))
-    except TrainingInterrupted as e:
-        # Exit now: Ray is already shut down (or given up on), and the interpreter's own exit would run
-        # Ray's exit hook again and wait on a thread still blocked in the interrupted fit.
-        log.warning("%s", e)
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.exit_code)
+    summary = run_training(config_from_args(args), exit_on_signal=True)
     print(
         json.dumps(
             {

@@ -48,14 +48,14 @@ class WorkerShare:
 
 
 def local_ray_auth_mode() -> str:
-    """``RAY_AUTH_MODE`` for a Ray node that ``train`` starts itself: the caller's setting when there is
-    one, else ``token``.
+    """The authentication of a Ray node that ``train`` starts itself: ``RAY_AUTH_MODE`` when set, else
+    ``token``, Ray 2.60's own default.
 
-    A local Ray node listens on the machine's address and runs any code it is sent, so it keeps Ray's own
-    default, token authentication: the process that starts the node creates the token
-    (``~/.ray/auth_token``) and its workers read it, so nothing is asked of the user. Setting the mode
-    explicitly also drops the warning Ray 2.60 prints when it turns token authentication on by itself.
-    ``RAY_AUTH_MODE=disabled`` (the tests, ``make demo``) opts out.
+    Kept on purpose: a local Ray node listens on the machine's address and runs any code it is sent, and
+    the token costs the user nothing, since the process that starts the node creates it
+    (``~/.ray/auth_token``) and its workers read it. ``RAY_AUTH_MODE=disabled`` (the tests, ``make demo``)
+    opts out. The variable must be set before Ray is imported (Ray reads it once), so this is decided by
+    the environment the command starts in, never changed from inside it.
     """
     return os.environ.get(AUTH_MODE_VAR) or "token"
 
@@ -96,11 +96,19 @@ def shortfall(per_worker: dict[str, float], workers: int, total: dict[str, float
 
 
 def start_local_ray(num_cpus: int) -> None:
-    """Start a Ray node of this process's own (never join another one found on the machine)."""
+    """Start a Ray node of this process's own (never join another one found on the machine), with
+    :func:`local_ray_auth_mode`. Ray's warning that it turned token authentication on by default is
+    dropped: that is the decision made here, not news to the user."""
     import ray
 
-    os.environ[AUTH_MODE_VAR] = local_ray_auth_mode()
-    ray.init(address="local", num_cpus=num_cpus)
+    log.info("starting a local Ray node: %d CPUs, %s authentication", num_cpus, local_ray_auth_mode())
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = token_setup.level
+    token_setup.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus)
+    finally:
+        token_setup.setLevel(level)
 
 
 def _describe(resources: dict[str, float]) -> str:

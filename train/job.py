@@ -13,6 +13,7 @@ that waits on the controller, and reporting every step throttled training to abo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -59,7 +60,6 @@ __all__ = [
     "ADAPTER_FILES",
     "FingerprintMismatch",
     "TrainConfig",
-    "TrainingInterrupted",
     "run_training",
     "train_loop_per_worker",
 ]
@@ -436,18 +436,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # Driver side
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run; its checkpoints so far are kept."""
-
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
-
-
 @dataclass(frozen=True)
 class _Placement:
     """Where the workers go: each one's resources and threads, and whether this call initialized Ray
@@ -456,6 +444,7 @@ class _Placement:
     resources: dict[str, float]
     threads: int
     owns_ray: bool
+    own_node: bool
 
 
 def _place_workers(cfg: TrainConfig) -> _Placement:
@@ -490,20 +479,62 @@ def _place_workers(cfg: TrainConfig) -> _Placement:
             raise WorkerResourcesError(f"--workers {cfg.workers} need {needs}: lower --workers")
     else:
         wait_for_worker_resources(resources, cfg.workers, cfg.placement_timeout)
-    return _Placement(resources, share.threads, owns)
+    return _Placement(resources, share.threads, owns, started)
 
 
-def _fit_until_signal(trainer: Any, where: str) -> Any:
-    """``trainer.fit()``, returning early with :class:`TrainingInterrupted` on SIGINT or SIGTERM.
+def _end_child_processes(timeout_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``, to every process this one started: the Ray node of its
+    own (GCS, raylet, their agents and workers). Some block SIGINT, and the agents outlive a dead raylet
+    by minutes, so they are not left to notice on their own."""
+    import psutil
 
-    fit runs in a thread so the main thread keeps the signals (Ray Train would otherwise take SIGINT
-    for a graceful abort that needs Ray's own processes alive, which a signal to the whole process
-    group has already stopped). The caller shuts Ray down, which ends the workers.
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def _exit_on_signals(where: str, own_node: bool) -> None:
+    """From now on SIGINT (Ctrl-C) and SIGTERM end the process promptly with status 128 + the signal.
+
+    Installed after ``ray.init``, which puts in its own handlers (SIGTERM: ``sys.exit`` then a slow
+    ``ray.shutdown``, or a native stack dump and abort). Everything worth keeping is already on disk: each
+    checkpoint is complete in the run's storage before training goes on, and ``--resume`` continues from
+    the newest. The Ray node that ``train`` started (``own_node``) is ended process by process; on an
+    existing cluster the end of this driver ends its training run. Not ``ray.shutdown()``: when the signal
+    went to the whole process group Ray's processes are already stopping, and it waits on them for
+    seconds to minutes, then Ray ends the process with status 1.
     """
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.warning(
+            "training stopped by %s; its checkpoints so far are kept in %s: continue with --resume",
+            signal.Signals(signum).name,
+            where,
+        )
+        if own_node:
+            _end_child_processes()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def _fit_in_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` in a thread while the main thread waits, so the process's own signal handling
+    stays in force: Ray Train would otherwise replace SIGINT's with a graceful abort that needs Ray's
+    processes alive, which a signal to the whole process group has already ended. Ctrl-C in a script
+    then raises KeyboardInterrupt here, and ``qwen-relay train`` exits at once (:func:`_exit_on_signals`)."""
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
     outcome: dict[str, Any] = {}
-    received: list[int] = []
 
     def fit() -> None:
         try:
@@ -511,39 +542,13 @@ def _fit_until_signal(trainer: Any, where: str) -> Any:
         except BaseException as e:  # handed to the main thread below
             outcome["error"] = e
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        received.append(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=fit, name="train-fit", daemon=True)
-    try:
-        thread.start()
-        while thread.is_alive() and not received:
-            thread.join(0.2)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
-        name = signal.Signals(received[0]).name
-        raise TrainingInterrupted(
-            received[0], f"training stopped by {name}; its checkpoints so far are kept in {where}: continue "
-            "with --resume (and the same --output)"
-        )
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
-
-
-def _shutdown_ray(timeout_s: float = 20.0) -> None:
-    """``ray.shutdown()``, given at most ``timeout_s``: after a signal to the process group Ray's own
-    processes may already be gone, and waiting on them must not keep the command from exiting."""
-    import ray
-
-    thread = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        log.warning("Ray did not shut down within %.0f s; exiting anyway", timeout_s)
 
 
 def _check_resume(run_dir: Path, fingerprint: str) -> None:
@@ -604,8 +609,11 @@ def prepare_job_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreparedData, li
     return data, train, evals
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, Any]:
     """Run the whole job and write the adapter, tokenizer and training summary into ``cfg.output``.
+
+    ``exit_on_signal`` (the ``train`` command): once Ray is up, SIGINT and SIGTERM end the process at once,
+    keeping the checkpoints so far (:func:`_exit_on_signals`).
 
     Returns the summary (also written as ``training_summary.json``).
     """
@@ -632,7 +640,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     # Ray Train's own collectives (the barrier in every report) get the same bound as torch's.
     os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", f"{cfg.collective_timeout:g}")
     placement = _place_workers(cfg)
-    interrupted = False
+    if exit_on_signal:
+        _exit_on_signals(f"{storage}/{run_name}", placement.own_node)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -667,14 +676,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             run_name,
             storage,
         )
-        result = _fit_until_signal(trainer, f"{storage}/{run_name}")
-    except TrainingInterrupted:
-        interrupted = True
-        raise
+        result = _fit_in_thread(trainer)
     finally:
-        if placement.owns_ray and interrupted:
-            _shutdown_ray()
-        elif placement.owns_ray:
+        if placement.owns_ray:
             ray.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
