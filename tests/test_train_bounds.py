@@ -198,7 +198,7 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
     proc = _start_train([*args, "--epochs", "100000", "--no-progress"], ray_tmpdir, log, auth)
     try:
         deadline = time.monotonic() + 420
-        while not list(out.glob("ray/lora-*/checkpoint-*/train_state.json")):
+        while not list(out.glob("ray/lora-*/checkpoint_manager_snapshot.json")):  # what --resume reads
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint written"
             time.sleep(0.2)

@@ -606,6 +606,8 @@ def prepare_job_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreparedData, li
         len(train),
         len(evals),
     )
+    if cfg.eval_fraction > 0 and not evals:
+        log.warning("one usable record: no eval set (--eval-fraction needs at least 2 records to hold one out)")
     return data, train, evals
 
 
