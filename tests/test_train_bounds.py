@@ -110,8 +110,11 @@ def ray_tmpdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+NODE_CPUS = min(2, len(os.sched_getaffinity(0)))  # the subprocesses' node: 2 CPUs (1 on a 1-core machine)
+
+
 def _two_cpus() -> None:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:NODE_CPUS])
 
 
 def _start_train(args: list[str], ray_tmpdir: Path, log: Path, auth: str | None) -> subprocess.Popen:
@@ -154,7 +157,8 @@ def _wait_for_no_leftovers(pgid: int, ray_tmpdir: Path, timeout_s: float = 20.0)
 
 
 def test_more_workers_than_cores_and_records(tiny_model: Path, tmp_path: Path, ray_tmpdir: Path) -> None:
-    """3 workers on a node of 2 CPUs, 3 records (2 train, 1 eval): the workers share the node."""
+    """3 workers on a node of 2 CPUs, 3 records (2 train, 1 eval): the workers share the node (2/3 CPU
+    and one torch thread each)."""
     out, log = tmp_path / "out", tmp_path / "train.log"
     data = _chat_file(tmp_path / "chat.jsonl", 3)
     args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", "3", "--epochs", "2"]
@@ -166,7 +170,8 @@ def test_more_workers_than_cores_and_records(tiny_model: Path, tmp_path: Path, r
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 0, text[-3000:]
-    assert "{'CPU': 0.6666} each, 1 torch thread(s)" in text
+    share = math.floor(NODE_CPUS / 3 * 10_000) / 10_000
+    assert f"{{'CPU': {share}}} each, 1 torch thread(s)" in text
     summary = json.loads((out / "training_summary.json").read_text())
     assert (summary["records"]["train"], summary["records"]["eval"], summary["steps"]) == (2, 1, 2)
     assert len(summary["eval_history"]) == 2
@@ -176,10 +181,13 @@ def test_more_workers_than_cores_and_records(tiny_model: Path, tmp_path: Path, r
 def test_a_request_the_node_cannot_hold_fails_at_once(tiny_model: Path, tmp_path: Path, ray_tmpdir: Path) -> None:
     data = _chat_file(tmp_path / "chat.jsonl", 3)
     args = ["--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "out")]
-    proc = _start_train([*args, "--workers", "3", "--cpus-per-worker", "1"], ray_tmpdir, tmp_path / "log", "disabled")
+    workers = NODE_CPUS + 1
+    proc = _start_train(
+        [*args, "--workers", str(workers), "--cpus-per-worker", "1"], ray_tmpdir, tmp_path / "log", "disabled"
+    )
     assert proc.wait(timeout=120) == 2
     text = (tmp_path / "log").read_text()
-    assert "--workers 3 x --cpus-per-worker 1 needs 3 CPUs but this node has 2" in text
+    assert f"--workers {workers} x --cpus-per-worker 1 needs {workers} CPUs but this node has {NODE_CPUS}" in text
     assert "starting a local Ray node" not in text  # refused before Ray starts
 
 
