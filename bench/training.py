@@ -143,6 +143,7 @@ def bench(
         data=data,
         output=str(Path(out_dir) / "job"),
         workers=workers,
+        cpus_per_worker=1.0,  # one thread per worker, as the single-process modes are sized against
         epochs=epochs,
         batch_size=batch_size,
         max_length=max_length,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_relay.train.cli import add_parsers, config_from_args
+from qwen_relay.train.cluster import (
+    WorkerResourcesError,
+    WorkerShare,
+    local_ray_auth_mode,
+    shortfall,
+    worker_share,
+)
 from qwen_relay.train.data import (
     IGNORE_INDEX,
     DataValidationError,
@@ -21,8 +29,20 @@ from qwen_relay.train.data import (
     render_prompt,
     split_train_eval,
 )
-from qwen_relay.train.job import TrainConfig, run_training
-from qwen_relay.train.loop import epoch_batches, loss_sums, make_scheduler, train_single_process
+from qwen_relay.train.job import (
+    FingerprintMismatch,
+    TrainConfig,
+    _check_resume,
+    check_fingerprint,
+    run_training,
+)
+from qwen_relay.train.loop import (
+    batch_fingerprint,
+    epoch_batches,
+    loss_sums,
+    make_scheduler,
+    train_single_process,
+)
 from qwen_relay.train.lora import LoraSettings, build_lora_model
 from qwen_relay.train.summary import write_summary
 
@@ -337,3 +357,131 @@ def test_summary_files(tmp_path: Path) -> None:
     json_path, png_path = write_summary(tmp_path, {"model": "m", "history": history, "eval_history": evals})
     assert json.loads(json_path.read_text())["eval_history"] == evals
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- JSON Lines edge cases, sizes and settings (issue 9, 10) ----------------------------------------------
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_records(tokenizer, tmp_path: Path) -> None:
+    # json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw; str.splitlines() splits on them.
+    reply = "Satır\u2028ayırıcı\u2029paragraf\u0085son"
+    record = {"messages": [{"role": "user", "content": "Merhaba"}, {"role": "assistant", "content": reply}]}
+    path = _write(tmp_path / "data.jsonl", [record, GOOD], jsonl=True)
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    data = prepare_dataset(path, tokenizer, MAX_LENGTH)
+    assert [e.location for e in data.examples] == ["line 1", "line 2"]
+    first = data.examples[0]
+    assert reply in _labelled_text(tokenizer, first.input_ids, first.labels)
+
+
+def test_jsonl_with_bom_and_crlf(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\r\n").encode() * 2)
+    assert [e.location for e in prepare_dataset(path, tokenizer, MAX_LENGTH).examples] == ["line 1", "line 2"]
+    array = tmp_path / "data.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([GOOD]).encode())
+    assert len(prepare_dataset(array, tokenizer, MAX_LENGTH).examples) == 1
+
+
+def test_deeply_nested_json_is_a_problem_of_its_line(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"line 2: not valid JSON \(nested too deeply"):
+        prepare_dataset(path, tokenizer, MAX_LENGTH)
+    array = tmp_path / "data.json"
+    array.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        prepare_dataset(array, tokenizer, MAX_LENGTH)
+
+
+def test_not_utf8_is_named(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"not UTF-8 text \(byte \d+"):
+        prepare_dataset(path, tokenizer, MAX_LENGTH)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.99])
+def test_split_always_leaves_training_records(n: int, fraction: float) -> None:
+    examples = [Example([i, i], [i, i], f"index {i}") for i in range(n)]
+    train, evals = split_train_eval(examples, fraction, seed=0)
+    assert len(train) >= 1 and len(train) + len(evals) == n
+    assert len(evals) == (0 if fraction == 0 or n == 1 else max(1, int(n * fraction)))
+
+
+@pytest.mark.parametrize("n,world", [(1, 2), (2, 3), (1, 4), (3, 2)])
+def test_small_data_gives_every_rank_the_same_steps(n: int, world: int) -> None:
+    """Fewer records than workers: shards are padded by repetition, so every rank runs every step."""
+    for batch in (1, 4):
+        shards = [epoch_batches(n, batch, 0, 0, r, world) for r in range(world)]
+        assert len({len(s) for s in shards}) == 1 and all(shards)
+        assert {i for s in shards for b in s for i in b} == set(range(n))
+
+
+def test_train_config_refuses_bad_sizes_at_once(tmp_path: Path) -> None:
+    base = dict(model="m", data="d", output=str(tmp_path))
+    for field, value, words in [
+        ("eval_fraction", 1.0, "eval-fraction must be in [0, 1)"),
+        ("eval_fraction", -0.1, "eval-fraction must be in [0, 1)"),
+        ("cpus_per_worker", 0.0, "cpus-per-worker must be positive"),
+        ("placement_timeout", 0.0, "placement-timeout must be positive"),
+        ("collective_timeout", -1.0, "collective-timeout must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            TrainConfig(**base, **{field: value})
+
+
+def test_worker_share_fits_any_worker_count() -> None:
+    # Unset --cpus-per-worker: an equal share that never adds up to more than the node.
+    for cpus in (1, 2, 3, 16):
+        for workers in (1, 2, 3, 7, 40):
+            share = worker_share(workers, cpus, None)
+            assert 0 < share.cpus * workers <= cpus and share.threads >= 1
+            assert not shortfall({"CPU": share.cpus}, workers, {"CPU": float(cpus)})
+    assert worker_share(3, 2, None) == WorkerShare(0.6666, 1)
+    assert worker_share(2, 16, None) == WorkerShare(8.0, 8)
+    assert worker_share(2, 4, 1.5) == WorkerShare(1.5, 1)
+    # An explicit request that cannot fit is refused at once, with the numbers and the flags.
+    with pytest.raises(WorkerResourcesError) as info:
+        worker_share(3, 2, 1.0)
+    for words in ("--workers 3", "--cpus-per-worker 1", "needs 3 CPUs", "this node has 2"):
+        assert words in str(info.value)
+
+
+def test_shortfall_names_each_missing_resource() -> None:
+    assert shortfall({"CPU": 1.0, "GPU": 1.0}, 2, {"CPU": 4.0}) == {"GPU": (2.0, 0.0)}
+    assert shortfall({"CPU": 0.5}, 4, {"CPU": 2.0}) == {}
+
+
+def test_local_ray_auth_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert local_ray_auth_mode() == "token"  # Ray's own default, kept on purpose
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert local_ray_auth_mode() == "disabled"
+
+
+def test_fingerprint_follows_what_shapes_batches() -> None:
+    examples = [Example([i, i + 1], [-100, i + 1], f"line {i}") for i in range(5)]
+    base = batch_fingerprint(examples[:4], examples[4:], seed=0, batch_size=2)
+    assert base == batch_fingerprint(list(examples[:4]), examples[4:], seed=0, batch_size=2)
+    changed = [
+        batch_fingerprint(examples[:3], examples[3:], 0, 2),  # another split
+        batch_fingerprint([Example([9, 9], [-100, 9], "line 0")] + examples[1:4], examples[4:], 0, 2),
+        batch_fingerprint(examples[:4], examples[4:], 1, 2),
+        batch_fingerprint(examples[:4], examples[4:], 0, 4),
+    ]
+    assert len({base, *changed}) == 5
+
+
+def test_resume_on_changed_data_is_refused_before_any_worker(tmp_path: Path) -> None:
+    run = tmp_path / "lora-x"
+    for step, text in ((5, json.dumps({"step": 5, "fingerprint": "a" * 64})), (9, "{cut short")):
+        (run / f"checkpoint-{step:06d}").mkdir(parents=True)
+        (run / f"checkpoint-{step:06d}" / "train_state.json").write_text(text)
+    _check_resume(run, "a" * 64)  # the newest readable checkpoint matches
+    with pytest.raises(FingerprintMismatch) as info:
+        _check_resume(run, "b" * 64)
+    for words in ("--resume: run lora-x", "other data or batch settings", "--seed or --batch-size", "new --run-name"):
+        assert words in str(info.value)
+    check_fingerprint("", "b" * 64, "old checkpoint")  # written before fingerprints: warned, not refused

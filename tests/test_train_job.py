@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qwen_relay.train.data import render_prompt
 from qwen_relay.train.job import TrainConfig, run_training
 
-pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
+pytestmark = pytest.mark.slow  # Ray Train runs on the session's Ray
 
 CHATS = [
     ("Merhaba", "Merhaba! Nasıl yardımcı olabilirim?"),

@@ -22,6 +22,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
@@ -44,11 +51,29 @@ def _add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL (default: CPU, gloo)")
     g.add_argument(
         "--cpus-per-worker",
-        type=float,
-        default=1.0,
-        help="Ray CPUs per worker; also its torch threads on CPU (default 1)",
+        type=_positive_float,
+        default=None,
+        help="Ray CPUs per worker; also its torch threads on CPU (default: an equal share of the node when "
+        "train starts Ray itself, so any --workers fits; 1 on an existing cluster)",
     )
-    g.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: local Ray")
+    g.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster (e.g. auto; default $RAY_ADDRESS, else a Ray node of train's own)",
+    )
+    g.add_argument(
+        "--placement-timeout",
+        type=_positive_float,
+        default=600.0,
+        help="seconds to wait for an existing cluster to place the workers, logging what is awaited every "
+        "15 s (default 600)",
+    )
+    g.add_argument(
+        "--collective-timeout",
+        type=_positive_float,
+        default=300.0,
+        help="seconds one collective across the workers (all-reduce, report barrier) may wait before the "
+        "run fails (default 300)",
+    )
     g.add_argument(
         "--max-failures",
         type=int,
@@ -193,6 +218,8 @@ def config_from_args(args: argparse.Namespace):  # -> TrainConfig (imported lazi
         run_name=args.run_name,
         storage_path=args.storage_path,
         ray_address=args.ray_address,
+        placement_timeout=args.placement_timeout,
+        collective_timeout=args.collective_timeout,
         progress=not args.no_progress,
     )
 
@@ -200,7 +227,7 @@ def config_from_args(args: argparse.Namespace):  # -> TrainConfig (imported lazi
 def run_train(args: argparse.Namespace) -> int:
     from .job import run_training
 
-    summary = run_training(config_from_args(args))
+    summary = run_training(config_from_args(args), exit_on_signal=True)
     print(
         json.dumps(
             {

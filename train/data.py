@@ -107,31 +107,53 @@ class PreparedData:
         return len(self.problems)
 
 
+def _parse_json(text: str) -> Any:
+    """``json.loads`` with nesting too deep for the parser reported like any other JSON error."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+
+
+def _jsonl_lines(text: str) -> list[str]:
+    """JSON Lines lines: split on ``\\n`` only (and drop a ``\\r`` before it). ``str.splitlines`` would also
+    split on U+2028, U+2029, U+0085 and other separators that JSON strings may hold unescaped."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def load_records(path: str | Path) -> tuple[list[tuple[str, Any]], list[Problem]]:
     """Read a JSON array or JSON Lines file into ``(location, record)`` pairs.
 
     The format is chosen by content, not by file name: a file whose first non-blank character is ``[``
     is one JSON array (locations ``index N``, 0-based); anything else is JSON Lines (locations
     ``line N``, 1-based, blank lines ignored). A JSON Lines line that does not parse is a problem of that
-    line; an array that does not parse is an error for the whole file.
+    line; an array that does not parse is an error for the whole file. A UTF-8 byte order mark at the
+    start (some Windows editors write one) is skipped.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _parse_json(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         return [(f"index {i}", rec) for i, rec in enumerate(data)], []
     records: list[tuple[str, Any]] = []
     problems: list[Problem] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            records.append((f"line {lineno}", json.loads(line)))
+            records.append((f"line {lineno}", _parse_json(line)))
         except json.JSONDecodeError as e:
             problems.append(Problem(f"line {lineno}", f"not valid JSON (column {e.colno}: {e.msg})"))
+        except ValueError as e:
+            problems.append(Problem(f"line {lineno}", f"not valid JSON ({e})"))
     return records, problems
 
 
@@ -305,9 +327,13 @@ def prepare_dataset(
 def split_train_eval(
     examples: Sequence[Example], eval_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """A seeded random split; with a fraction > 0 and at least two examples, eval gets at least one."""
+    """A seeded random split; with a fraction > 0 and at least two examples, eval gets at least one.
+
+    Eval never takes the last training example: ``int(n * fraction) < n`` for a fraction below 1, so a
+    single example is all training (the caller logs that there is no eval set).
+    """
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+        raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     n_eval = int(len(examples) * eval_fraction)
     if eval_fraction > 0 and n_eval == 0 and len(examples) >= 2:
         n_eval = 1

@@ -13,12 +13,16 @@ that waits on the controller, and reporting every step throttled training to abo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -27,10 +31,20 @@ from typing import Any
 
 import torch
 
+from .cluster import (
+    WorkerResourcesError,
+    WorkerShare,
+    node_cpus,
+    shortfall,
+    start_local_ray,
+    wait_for_worker_resources,
+    worker_share,
+)
 from .data import Example, PreparedData, collate, prepare_dataset, split_train_eval
 from .loop import (
     LineWriter,
     TrainState,
+    batch_fingerprint,
     epoch_batches,
     evaluate,
     loss_sums,
@@ -42,7 +56,13 @@ from .loop import (
 from .lora import LoraSettings, build_lora_model, resolve_dtype
 from .summary import write_summary
 
-__all__ = ["ADAPTER_FILES", "TrainConfig", "run_training", "train_loop_per_worker"]
+__all__ = [
+    "ADAPTER_FILES",
+    "FingerprintMismatch",
+    "TrainConfig",
+    "run_training",
+    "train_loop_per_worker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +82,7 @@ class TrainConfig:
     output: str
     workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: a share of the node train starts, 1 on an existing cluster
     epochs: int = 3
     lr: float = 2e-4
     batch_size: int = 4  # per worker
@@ -84,6 +104,8 @@ class TrainConfig:
     run_name: str | None = None
     storage_path: str | None = None  # default: <output>/ray
     ray_address: str | None = None
+    placement_timeout: float = 600.0  # seconds to wait for the worker group's resources
+    collective_timeout: float = 300.0  # seconds any one collective (all-reduce, barrier) may take
     progress: bool = True
     # Fault injection for tests: the last rank exits hard once at this step (0: never).
     crash_at_step: int = 0
@@ -96,6 +118,12 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("cpus_per_worker", "placement_timeout", "collective_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive, got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -187,12 +215,48 @@ def _maybe_crash(cfg: TrainConfig, step: int, rank: int, world: int) -> None:
     os._exit(1)
 
 
+class FingerprintMismatch(ValueError):
+    """A checkpoint was trained on other data or batch settings than this run has."""
+
+
+def check_fingerprint(saved: str, current: str, where: str) -> None:
+    """Refuse to continue a checkpoint on data or settings that make other batches.
+
+    Refusing rather than starting over: the user asked to continue that checkpoint, and quietly dropping
+    it would throw away training they meant to keep; a new run is one flag away.
+    """
+    if not saved:
+        log.warning("%s has no data fingerprint (written by an older version): cannot check that the data "
+                    "and batch settings are unchanged", where)
+        return
+    if saved != current:
+        raise FingerprintMismatch(
+            f"{where} was trained on other data or batch settings (fingerprint {saved[:12]} here "
+            f"{current[:12]}): the data file, its tokenization (--max-length, --truncation, --bad-records), "
+            "--eval-fraction, --seed or --batch-size changed, so resuming would not continue its batches. "
+            "Resume with the original data and settings, or start a new run (without --resume, or with a "
+            "new --run-name)"
+        )
+
+
+def _all_reduce(tensor: torch.Tensor, what: str, cfg: TrainConfig) -> None:
+    """Sum ``tensor`` over the ranks, naming the step and the timeout if the collective fails."""
+    import torch.distributed as dist
+
+    try:
+        dist.all_reduce(tensor)
+    except Exception as e:
+        raise RuntimeError(
+            f"{what}: all-reduce across the workers failed or waited more than --collective-timeout "
+            f"{cfg.collective_timeout:g} s ({e})"
+        ) from e
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build the LoRA model, restore the latest checkpoint if any, train its shard."""
     import ray
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
     from tqdm import tqdm
 
     _setup_worker_logging()
@@ -200,10 +264,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_examples: list[Example] = ray.get(config["train_ref"])
     eval_examples: list[Example] = ray.get(config["eval_ref"])
     pad_token_id: int = config["pad_token_id"]
+    fingerprint: str = config["fingerprint"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
     dtype = resolve_dtype(cfg.dtype, cfg.use_gpu)
 
@@ -211,7 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = build_lora_model(cfg.model, cfg.lora, dtype)
     batches_per_epoch = len(epoch_batches(len(train_examples), cfg.batch_size, cfg.seed, 0, rank, world))
     total_steps = cfg.epochs * batches_per_epoch
-    state = TrainState(steps_per_epoch=batches_per_epoch, world_size=world)
+    state = TrainState(steps_per_epoch=batches_per_epoch, world_size=world, fingerprint=fingerprint)
 
     checkpoint = ray.train.get_checkpoint()
     restored_dir: tempfile.TemporaryDirectory | None = None
@@ -219,6 +284,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         restored_dir = tempfile.TemporaryDirectory(prefix="qwen-relay-restore-")
         directory = Path(checkpoint.to_directory(restored_dir.name))
         state = TrainState.from_dict(json.loads((directory / STATE_FILE).read_text(encoding="utf-8")))
+        check_fingerprint(state.fingerprint, fingerprint, f"checkpoint at step {state.step}")
+        state.fingerprint = fingerprint
         _load_adapter_weights(directory, model)
         if (state.world_size, state.steps_per_epoch) != (world, batches_per_epoch) and state.step_in_epoch:
             log.warning(
@@ -297,7 +364,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 device=device,
             )
             if world > 1:
-                dist.all_reduce(stats)
+                _all_reduce(stats, f"step {state.step + 1} loss", cfg)
             stats = stats.cpu()
             elapsed = time.perf_counter() - start
             state.step += 1
@@ -332,13 +399,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             if b + 1 == len(batches):  # end of epoch: eval, then a checkpoint
                 if eval_examples:
+                    # Each rank evaluates its own slice (possibly empty) on the bare model: DDP's forward
+                    # broadcasts buffers, a collective that ranks with different batch counts would not
+                    # pair up. The one all-reduce below is then the only collective, on every rank.
                     shard = eval_examples[rank::world]
-                    total, count = (
-                        evaluate(model, shard, cfg.batch_size, pad_token_id, device) if shard else (0, 0)
-                    )
+                    total, count = evaluate(unwrap(model), shard, cfg.batch_size, pad_token_id, device)
                     sums = torch.tensor([total, count], dtype=torch.float64, device=device)
                     if world > 1:
-                        dist.all_reduce(sums)
+                        _all_reduce(sums, f"epoch {epoch + 1} eval loss", cfg)
                     eval_loss = float(sums[0] / sums[1]) if float(sums[1]) else float("nan")
                     metrics["eval_loss"] = eval_loss
                     state.eval_history.append(
@@ -368,16 +436,130 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # Driver side
 
 
-def _init_ray(address: str | None) -> None:
-    """Connect to ``address`` when given; else reuse a running local Ray or start one."""
+@dataclass(frozen=True)
+class _Placement:
+    """Where the workers go: each one's resources and threads, and whether this call initialized Ray
+    (started a node or connected), so that it also shuts it down."""
+
+    resources: dict[str, float]
+    threads: int
+    owns_ray: bool
+    own_node: bool
+
+
+def _place_workers(cfg: TrainConfig) -> _Placement:
+    """Start a Ray node of our own, or join the cluster already there, and make sure the workers fit.
+
+    On our own node the workers are sized to fit it (or refused at once); on an existing cluster (given by
+    ``--ray-address``, ``RAY_ADDRESS``, or a ``ray.init`` the caller already made) the wait for their
+    resources is logged and bounded by ``--placement-timeout``.
+    """
     import ray
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    owns = not ray.is_initialized()
+    started = owns and not address
+    if started:
+        cpus = node_cpus()
+        share = worker_share(cfg.workers, cpus, cfg.cpus_per_worker)
+        start_local_ray(cpus)
     else:
-        ray.init()
+        if owns:
+            ray.init(address=address)
+        cpus_per_worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
+        share = WorkerShare(cpus_per_worker, max(1, int(cpus_per_worker)))
+    resources: dict[str, float] = {"CPU": share.cpus}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    if started:
+        missing = shortfall(resources, cfg.workers, ray.cluster_resources())
+        if missing:
+            ray.shutdown()
+            needs = ", ".join(f"{need:g} {name} (the node has {have:g})" for name, (need, have) in missing.items())
+            raise WorkerResourcesError(f"--workers {cfg.workers} need {needs}: lower --workers")
+    else:
+        wait_for_worker_resources(resources, cfg.workers, cfg.placement_timeout)
+    return _Placement(resources, share.threads, owns, started)
+
+
+def _end_child_processes(timeout_s: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``, to every process this one started: the Ray node of its
+    own (GCS, raylet, their agents and workers). Some block SIGINT, and the agents outlive a dead raylet
+    by minutes, so they are not left to notice on their own."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout_s)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def _exit_on_signals(where: str, own_node: bool) -> None:
+    """From now on SIGINT (Ctrl-C) and SIGTERM end the process promptly with status 128 + the signal.
+
+    Installed after ``ray.init``, which puts in its own handlers (SIGTERM: ``sys.exit`` then a slow
+    ``ray.shutdown``, or a native stack dump and abort). Everything worth keeping is already on disk: each
+    checkpoint is complete in the run's storage before training goes on, and ``--resume`` continues from
+    the newest. The Ray node that ``train`` started (``own_node``) is ended process by process; on an
+    existing cluster the end of this driver ends its training run. Not ``ray.shutdown()``: when the signal
+    went to the whole process group Ray's processes are already stopping, and it waits on them for
+    seconds to minutes, then Ray ends the process with status 1.
+    """
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.warning(
+            "training stopped by %s; its checkpoints so far are kept in %s: continue with --resume",
+            signal.Signals(signum).name,
+            where,
+        )
+        if own_node:
+            _end_child_processes()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def _fit_in_thread(trainer: Any) -> Any:
+    """``trainer.fit()`` in a thread while the main thread waits, so the process's own signal handling
+    stays in force: Ray Train would otherwise replace SIGINT's with a graceful abort that needs Ray's
+    processes alive, which a signal to the whole process group has already ended. Ctrl-C in a script
+    then raises KeyboardInterrupt here, and ``qwen-relay train`` exits at once (:func:`_exit_on_signals`)."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def _check_resume(run_dir: Path, fingerprint: str) -> None:
+    """Before any worker starts: refuse to resume a run whose checkpoints were trained on other batches."""
+    for state_file in sorted(run_dir.glob(f"checkpoint-*/{STATE_FILE}"), reverse=True):
+        try:
+            saved = json.loads(state_file.read_text(encoding="utf-8")).get("fingerprint", "")
+        except (OSError, ValueError):
+            continue  # a checkpoint cut short by a crash; an older one tells the same
+        check_fingerprint(saved, fingerprint, f"--resume: run {run_dir.name}")
+        return
 
 
 def _pick_run_name(storage: str, cfg: TrainConfig) -> str:
@@ -424,11 +606,16 @@ def prepare_job_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreparedData, li
         len(train),
         len(evals),
     )
+    if cfg.eval_fraction > 0 and not evals:
+        log.warning("one usable record: no eval set (--eval-fraction needs at least 2 records to hold one out)")
     return data, train, evals
 
 
-def run_training(cfg: TrainConfig) -> dict[str, Any]:
+def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, Any]:
     """Run the whole job and write the adapter, tokenizer and training summary into ``cfg.output``.
+
+    ``exit_on_signal`` (the ``train`` command): once Ray is up, SIGINT and SIGTERM end the process at once,
+    keeping the checkpoints so far (:func:`_exit_on_signals`).
 
     Returns the summary (also written as ``training_summary.json``).
     """
@@ -449,38 +636,52 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     data, train, evals = prepare_job_data(cfg, tokenizer)
-    _init_ray(cfg.ray_address)
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "train_ref": ray.put(train),
-            "eval_ref": ray.put(evals),
-            "pad_token_id": _pad_token_id(tokenizer),
-        },
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
-    log.info(
-        "training %s on %d %s worker(s), run %s in %s",
-        cfg.model,
-        cfg.workers,
-        "GPU" if cfg.use_gpu else "CPU",
-        run_name,
-        storage,
-    )
-    result = trainer.fit()
+    fingerprint = batch_fingerprint(train, evals, cfg.seed, cfg.batch_size)
+    if cfg.resume and "://" not in storage:
+        _check_resume(Path(storage) / run_name, fingerprint)
+    # Ray Train's own collectives (the barrier in every report) get the same bound as torch's.
+    os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", f"{cfg.collective_timeout:g}")
+    placement = _place_workers(cfg)
+    if exit_on_signal:
+        _exit_on_signals(f"{storage}/{run_name}", placement.own_node)
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "train_ref": ray.put(train),
+                "eval_ref": ray.put(evals),
+                "pad_token_id": _pad_token_id(tokenizer),
+                "fingerprint": fingerprint,
+                "threads": placement.threads,
+            },
+            torch_config=TorchConfig(
+                backend="nccl" if cfg.use_gpu else "gloo", timeout_s=math.ceil(cfg.collective_timeout)
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=placement.resources
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.keep_checkpoints)),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+            ),
+        )
+        log.info(
+            "training %s on %d %s worker(s) (%s each, %d torch thread(s)), run %s in %s",
+            cfg.model,
+            cfg.workers,
+            "GPU" if cfg.use_gpu else "CPU",
+            placement.resources,
+            placement.threads,
+            run_name,
+            storage,
+        )
+        result = _fit_in_thread(trainer)
+    finally:
+        if placement.owns_ray:
+            ray.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     with tempfile.TemporaryDirectory(prefix="qwen-relay-final-") as tmp:

@@ -8,6 +8,7 @@ checkpoint, after a crash or with ``--resume``, continue with exactly the losses
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ __all__ = [
     "LR_SCHEDULES",
     "LineWriter",
     "TrainState",
+    "batch_fingerprint",
     "epoch_batches",
     "evaluate",
     "loss_sums",
@@ -52,6 +54,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per step
     eval_history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
     restarts: list[int] = field(default_factory=list)  # the step each restart or resume began from
+    fingerprint: str = ""  # batch_fingerprint of the data and settings this run trains on
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +62,22 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def batch_fingerprint(
+    train: Sequence[Example], evals: Sequence[Example], seed: int, batch_size: int
+) -> str:
+    """A hash of everything that decides which batches each step sees: the encoded train and eval
+    examples in order (so the data file's content, the tokenizer, --max-length, --truncation,
+    --bad-records and the split) and the seed and per-worker batch size. The worker count is left out:
+    a resume on another count is handled by skipping to the next epoch; --epochs and --lr are left out so
+    a run can be continued for more epochs or at another rate."""
+    h = hashlib.sha256(json.dumps({"seed": seed, "batch_size": batch_size}).encode())
+    for name, examples in (("train", train), ("eval", evals)):
+        h.update(f"\n{name} {len(examples)}\n".encode())
+        for e in examples:
+            h.update(json.dumps([e.input_ids, e.labels]).encode())
+    return h.hexdigest()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,228 @@
+"""Training under the conditions users hit: fewer records than workers, more workers than cores, a cluster
+that cannot place the workers, and Ctrl-C or SIGTERM to the whole process group. Every wait is bounded.
+
+The in-process tests share the session's Ray (an existing cluster, from the job's point of view); the
+``qwen-relay train`` subprocesses start a Ray node of their own, limited to 2 CPUs by their affinity mask,
+with their own ``RAY_TMPDIR`` so that their processes can be told from any other Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from qwen_relay.train.cluster import WorkerResourcesError
+from qwen_relay.train.job import TrainConfig, _pick_run_name, run_training
+
+pytestmark = pytest.mark.slow
+
+CHATS = [
+    ("Merhaba", "Merhaba! Nasıl yardımcı olabilirim?"),
+    ("Hello", "Hello! How can I help you today?"),
+    ("Teşekkürler", "Teşekkür ederim, iyi günler dilerim!"),
+]
+
+
+def _chat_file(path: Path, n: int) -> Path:
+    records = [
+        {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]} for u, a in CHATS[:n]
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fast_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train drains worker reports on its health-check interval (2 s by default); faster polling
+    keeps these short runs short. Propagated to Ray Train's controller and to the subprocesses."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+@pytest.mark.parametrize("records", [1, 3])
+def test_fewer_records_than_a_worker_each_with_eval(ray_session, tiny_model: Path, tmp_path: Path, records: int):
+    """1 record (no eval set) and 3 records (2 train, 1 eval: one rank's eval shard is empty) on 2
+    workers with the default eval fraction: this used to hang at step 0 with 3 records."""
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        data=str(_chat_file(tmp_path / "chat.jsonl", records)),
+        output=str(tmp_path / "out"),
+        workers=2,
+        epochs=2,
+        collective_timeout=120,
+    )
+    summary = run_training(cfg)
+    assert (summary["records"]["train"], summary["records"]["eval"]) == ((1, 0) if records == 1 else (2, 1))
+    assert summary["steps"] == 2 and [h["step"] for h in summary["history"]] == [1, 2]
+    evals = [e["eval_loss"] for e in summary["eval_history"]]
+    assert len(evals) == (0 if records == 1 else 2) and all(math.isfinite(x) for x in evals)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_cluster_that_cannot_place_the_workers_fails_in_bounded_time(
+    ray_session, tiny_model: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    def live_groups() -> set[str]:
+        return {k for k, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+    cpus = ray.cluster_resources()["CPU"]
+    before = live_groups()
+    cfg = TrainConfig(
+        model=str(tiny_model),
+        data=str(_chat_file(tmp_path / "chat.jsonl", 1)),
+        output=str(tmp_path / "out"),
+        workers=2,
+        cpus_per_worker=cpus,  # two workers of the whole cluster each: never placed
+        placement_timeout=1.0,
+    )
+    start = time.monotonic()
+    with pytest.raises(WorkerResourcesError) as info:
+        run_training(cfg)
+    assert time.monotonic() - start < 60
+    message = str(info.value)
+    for words in ("--placement-timeout 1 s", f"2 worker(s) x {{CPU {cpus:g}}}", f"the cluster has {{CPU {cpus:g}"):
+        assert words in message
+    assert live_groups() == before  # the probe reservation is released
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `qwen-relay train` in a subprocess, with a Ray node of its own on 2 CPUs
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    """Short (Ray's socket paths must fit in 107 bytes) and unique: it names this run's Ray processes."""
+    path = Path(tempfile.mkdtemp(prefix="qr-train-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+NODE_CPUS = min(2, len(os.sched_getaffinity(0)))  # the subprocesses' node: 2 CPUs (1 on a 1-core machine)
+
+
+def _two_cpus() -> None:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:NODE_CPUS])
+
+
+def _start_train(args: list[str], ray_tmpdir: Path, log: Path, auth: str | None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["RAY_TMPDIR"] = str(ray_tmpdir)
+    if auth is None:  # Ray's default (token): the token it creates goes to this test's own HOME
+        env["HOME"] = str(ray_tmpdir)
+    else:
+        env["RAY_AUTH_MODE"] = auth
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qwen_relay.server.cli", "train", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_two_cpus,
+            start_new_session=True,  # its own process group, as a terminal gives a command
+        )
+
+
+def _leftovers(pgid: int, ray_tmpdir: Path) -> list[str]:
+    """Live processes of that group or that Ray node (zombies only wait for their parent to reap them)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if os.getpgid(proc.pid) == pgid or str(ray_tmpdir) in " ".join(proc.info["cmdline"] or []):
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])[:120]}")
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
+def _wait_for_no_leftovers(pgid: int, ray_tmpdir: Path, timeout_s: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _leftovers(pgid, ray_tmpdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_more_workers_than_cores_and_records(tiny_model: Path, tmp_path: Path, ray_tmpdir: Path) -> None:
+    """3 workers on a node of 2 CPUs, 3 records (2 train, 1 eval): the workers share the node (2/3 CPU
+    and one torch thread each)."""
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    data = _chat_file(tmp_path / "chat.jsonl", 3)
+    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", "3", "--epochs", "2"]
+    proc = _start_train(args, ray_tmpdir, log, auth="disabled")
+    try:
+        rc = proc.wait(timeout=480)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    share = math.floor(NODE_CPUS / 3 * 10_000) / 10_000
+    assert f"{{'CPU': {share}}} each, 1 torch thread(s)" in text
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert (summary["records"]["train"], summary["records"]["eval"], summary["steps"]) == (2, 1, 2)
+    assert len(summary["eval_history"]) == 2
+    assert _wait_for_no_leftovers(proc.pid, ray_tmpdir) == []
+
+
+def test_a_request_the_node_cannot_hold_fails_at_once(tiny_model: Path, tmp_path: Path, ray_tmpdir: Path) -> None:
+    data = _chat_file(tmp_path / "chat.jsonl", 3)
+    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "out")]
+    workers = NODE_CPUS + 1
+    proc = _start_train(
+        [*args, "--workers", str(workers), "--cpus-per-worker", "1"], ray_tmpdir, tmp_path / "log", "disabled"
+    )
+    assert proc.wait(timeout=120) == 2
+    text = (tmp_path / "log").read_text()
+    assert f"--workers {workers} x --cpus-per-worker 1 needs {workers} CPUs but this node has {NODE_CPUS}" in text
+    assert "starting a local Ray node" not in text  # refused before Ray starts
+
+
+@pytest.mark.parametrize(
+    "signum,auth", [(signal.SIGINT, "disabled"), (signal.SIGTERM, None)], ids=["sigint-group", "sigterm-group-token"]
+)
+def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
+    tiny_model: Path, tmp_path: Path, ray_tmpdir: Path, signum: int, auth: str | None
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) and systemd's SIGTERM to the control group, the
+    latter with Ray's default token authentication: prompt exit with 128 + the signal, the checkpoints
+    kept for --resume, no Ray process left."""
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    data = _chat_file(tmp_path / "chat.jsonl", 3)
+    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", "2"]
+    proc = _start_train([*args, "--epochs", "100000", "--no-progress"], ray_tmpdir, log, auth)
+    try:
+        deadline = time.monotonic() + 420
+        while not list(out.glob("ray/lora-*/checkpoint_manager_snapshot.json")):  # what --resume reads
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint written"
+            time.sleep(0.2)
+        sent = time.monotonic()
+        os.killpg(proc.pid, signum)
+        rc = proc.wait(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc == 128 + signum, text[-3000:]
+    assert elapsed < 15
+    assert f"training stopped by {signal.Signals(signum).name}" in text
+    assert "*** SIGTERM received" not in text  # no native stack dump
+    storage = str(out / "ray")
+    run = _pick_run_name(storage, TrainConfig(model="m", data="d", output=str(out), resume=True))
+    assert list((out / "ray" / run).glob("checkpoint-*/adapter_model.safetensors"))
+    assert _wait_for_no_leftovers(proc.pid, ray_tmpdir) == []

@@ -1,0 +1,154 @@
+"""Where the training workers run, and bounded waits for them.
+
+``train`` either starts a Ray node of its own on this machine or joins an existing cluster
+(``--ray-address``, or ``RAY_ADDRESS`` as ``ray job submit`` sets it). On its own node it sizes the workers
+so they always fit: with ``--cpus-per-worker`` unset the workers split the node's CPUs between them (DDP
+ranks compute at the same time, so each gets its share of the cores as torch threads), and an explicit
+request that cannot fit fails at once, naming what it needs, what the node has and the flag to change.
+On an existing cluster waiting for an autoscaler is normal, so the wait is logged every ~15 s and bounded
+by ``--placement-timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "AUTH_MODE_VAR",
+    "WorkerResourcesError",
+    "WorkerShare",
+    "local_ray_auth_mode",
+    "node_cpus",
+    "shortfall",
+    "start_local_ray",
+    "wait_for_worker_resources",
+    "worker_share",
+]
+
+log = logging.getLogger(__name__)
+
+AUTH_MODE_VAR = "RAY_AUTH_MODE"
+LOG_EVERY_S = 15.0
+
+
+class WorkerResourcesError(RuntimeError):
+    """The worker group cannot be placed: too big for the node, or not placed within the timeout."""
+
+
+@dataclass(frozen=True)
+class WorkerShare:
+    """What each worker reserves from Ray and how many torch threads it runs."""
+
+    cpus: float
+    threads: int
+
+
+def local_ray_auth_mode() -> str:
+    """The authentication of a Ray node that ``train`` starts itself: ``RAY_AUTH_MODE`` when set, else
+    ``token``, Ray 2.60's own default.
+
+    Kept on purpose: a local Ray node listens on the machine's address and runs any code it is sent, and
+    the token costs the user nothing, since the process that starts the node creates it
+    (``~/.ray/auth_token``) and its workers read it. ``RAY_AUTH_MODE=disabled`` (the tests, ``make demo``)
+    opts out. The variable must be set before Ray is imported (Ray reads it once), so this is decided by
+    the environment the command starts in, never changed from inside it.
+    """
+    return os.environ.get(AUTH_MODE_VAR) or "token"
+
+
+def node_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which ``taskset`` and cgroups narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def worker_share(workers: int, cpus: int, cpus_per_worker: float | None) -> WorkerShare:
+    """Each worker's share of a node of ``cpus`` CPUs that ``train`` started itself.
+
+    Unset ``cpus_per_worker``: an equal share, rounded down to Ray's resource precision so the shares add
+    up to at most the node (3 workers on 2 CPUs reserve 0.6666 each and run one torch thread each).
+    """
+    if cpus_per_worker is None:
+        share = math.floor(cpus / workers * 10_000) / 10_000
+        return WorkerShare(share, max(1, cpus // workers))
+    if workers * cpus_per_worker > cpus + 1e-9:
+        raise WorkerResourcesError(
+            f"--workers {workers} x --cpus-per-worker {cpus_per_worker:g} needs {workers * cpus_per_worker:g} "
+            f"CPUs but this node has {cpus}: lower --cpus-per-worker (or leave it unset so the workers share "
+            "the node) or --workers"
+        )
+    return WorkerShare(cpus_per_worker, max(1, int(cpus_per_worker)))
+
+
+def shortfall(per_worker: dict[str, float], workers: int, total: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """``{resource: (needed, available)}`` for each resource that ``workers`` bundles cannot get from
+    ``total``; empty when they fit."""
+    return {
+        name: (amount * workers, total.get(name, 0.0))
+        for name, amount in per_worker.items()
+        if amount * workers > total.get(name, 0.0) + 1e-9
+    }
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """Start a Ray node of this process's own (never join another one found on the machine), with
+    :func:`local_ray_auth_mode`. Ray's warning that it turned token authentication on by default is
+    dropped: that is the decision made here, not news to the user."""
+    import ray
+
+    log.info("starting a local Ray node: %d CPUs, %s authentication", num_cpus, local_ray_auth_mode())
+    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = token_setup.level
+    token_setup.setLevel(logging.ERROR)
+    try:
+        ray.init(address="local", num_cpus=num_cpus)
+    finally:
+        token_setup.setLevel(level)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    keys = [k for k in ("CPU", "GPU", "memory") if k in resources] + sorted(
+        k for k in resources if k not in ("CPU", "GPU", "memory") and not k.startswith(("node:", "accelerator"))
+    )
+    return ", ".join(
+        f"{k} {resources[k] / 2**30:.1f} GiB" if k in ("memory", "object_store_memory") else f"{k} {resources[k]:g}"
+        for k in keys
+    )
+
+
+def wait_for_worker_resources(per_worker: dict[str, float], workers: int, timeout_s: float) -> None:
+    """Wait until the cluster can place ``workers`` bundles of ``per_worker`` (as Ray Train will, PACK),
+    logging what is awaited every ~15 s; raise :class:`WorkerResourcesError` after ``timeout_s``.
+
+    A probe placement group is reserved and released: once it is placed the nodes exist (an autoscaler has
+    started them), and Ray Train's own group follows at once.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([dict(per_worker)] * workers, strategy="PACK")
+    start = time.monotonic()
+    try:
+        while True:
+            waited = time.monotonic() - start
+            ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(LOG_EVERY_S, timeout_s - waited)))
+            if ready:
+                return
+            waited = time.monotonic() - start
+            asked = f"{workers} worker(s) x {{{_describe(per_worker)}}}"
+            total, free = _describe(ray.cluster_resources()), _describe(ray.available_resources())
+            has = f"the cluster has {{{total}}}, free {{{free}}}"
+            if waited >= timeout_s:
+                raise WorkerResourcesError(
+                    f"the training workers were not placed within --placement-timeout {timeout_s:g} s: asked "
+                    f"for {asked}; {has}. Add nodes, lower --workers or --cpus-per-worker, or raise "
+                    "--placement-timeout"
+                )
+            log.info("waiting %.0f s of %g s for %s; %s", waited, timeout_s, asked, has)
+    finally:
+        remove_placement_group(pg)
