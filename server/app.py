@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +30,9 @@ from .pipeline import LocalPipeline, Pipeline
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
 from .validation import Limits
+
+if TYPE_CHECKING:
+    from .http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ class ServeOptions:
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     auth_token: str | None = field(default=None, repr=False)  # bearer token on every RPC but health; never logged
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
+    http_port: int | None = None  # OpenAI-compatible HTTP API on host:http_port (0: any free port); None: off
 
 
 class Relay:
@@ -100,6 +106,10 @@ class Relay:
         self.adapters = AdapterRegistry(self.config, options.model)
         self.port = 0
         self.metrics = Metrics()
+        self.http: HttpServer | None = None  # with --http-port: the OpenAI-compatible API on this engine
+        self.http_port = 0
+        self.serving = False  # what health says; HTTP /health mirrors it
+        self.started = time.time()
 
     @classmethod
     async def start(cls, options: ServeOptions) -> Relay:
@@ -139,6 +149,13 @@ class Relay:
         if opts.metrics_port:
             self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
+        if opts.http_port is not None:
+            from .http import HttpServer  # only here: FastAPI and uvicorn load only when HTTP is asked for
+
+            self.http = HttpServer(self)
+            self.http_port = self.http.port
+            self.http.start()
+            log.info("HTTP (OpenAI-compatible) on %s:%d", opts.host, self.http_port)
         security = ("mutual TLS" if opts.tls_client_ca else "TLS" if credentials is not None else "plaintext") + (
             ", bearer token required" if opts.auth_token else "")
         log.info("listening on %s:%d, %s (NOT_SERVING until every slice is warm)", opts.host, self.port, security)
@@ -187,6 +204,7 @@ class Relay:
         log.info("SERVING %s", self.describe_layout())
 
     async def _set_health(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -201,9 +219,12 @@ class Relay:
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, let in-flight calls finish, release the slices."""
         grace = self.options.grace_seconds if grace is None else grace
+        self.serving = False
         await self.health.enter_graceful_shutdown()
+        stopping = [self.http.stop(grace)] if self.http is not None else []
         if self.server is not None:
-            await self.server.stop(grace)
+            stopping.append(self.server.stop(grace))
+        await asyncio.gather(*stopping)
         if self.engine is not None:
             await self.engine.stop()
         if self.pipeline is not None:

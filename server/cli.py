@@ -50,6 +50,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           f"${AUTH_TOKEN_ENV}; prefer the variable, a command line is visible to other users)")
     parser.add_argument("--metrics-port", type=int, default=0,
                         help="serve Prometheus metrics on --host:PORT/metrics (default 0: off)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                             "/v1/models, /health) on --host:PORT, with the same TLS and token (default: off)")
 
 
 def adapter_argument(value: str) -> tuple[str, str]:
@@ -80,7 +83,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, http_port=args.http_port,
     )
 
 
