@@ -481,7 +481,8 @@ class HttpServer:
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, give open responses up to `grace` seconds, then cancel what is left."""
-        self.server.config.timeout_graceful_shutdown = grace
+        # uvicorn reports a zero timeout as exceeded even with nothing open: give it a moment at least.
+        self.server.config.timeout_graceful_shutdown = max(grace, 0.1)
         self.server.should_exit = True
         if self._task is not None:
             await self._task
