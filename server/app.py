@@ -1,4 +1,5 @@
-"""Assemble and run the gateway: tokenizer and limits, slices (Ray actors or in-process), engine, gRPC.
+"""Assemble and run the gateway: tokenizer and limits, slices (Ray actors or in-process), engine, gRPC, and
+with `http_port` the OpenAI-compatible HTTP API (server/http.py) on the same engine.
 
 The gRPC port opens first with health NOT_SERVING, so an orchestrator can watch the slices load; health
 turns SERVING only once every slice has loaded its weights and run a warm-up step.

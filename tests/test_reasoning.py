@@ -8,6 +8,7 @@ is reasoning until it closes the block. (The tiny random model repeats the promp
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from transformers import AutoTokenizer
 
 from qwen_relay.checkpoints.synthetic import CHAT_TEMPLATE
 from qwen_relay.client import RelayClient
+from qwen_relay.client.cli import template_option
+from qwen_relay.client.common import build_generate_request
 from qwen_relay.server.app import Relay, ServeOptions
 from qwen_relay.server.reasoning import ReasoningSplitter, opens_reasoning
 
@@ -153,3 +156,17 @@ def test_template_options_are_allow_listed(client):
     with pytest.raises(grpc.RpcError) as err:
         client.generate("plain prompt", chat_template_kwargs={"enable_thinking": False})
     assert "only applies to messages" in err.value.details()
+
+
+def test_client_builds_template_options():
+    request = build_generate_request(messages=MESSAGES, chat_template_kwargs={"enable_thinking": False, "k": 2},
+                                     separate_reasoning=True)
+    assert request.chat_template_kwargs["enable_thinking"].bool_value is False
+    assert request.chat_template_kwargs["k"].number_value == 2 and request.separate_reasoning
+    assert not build_generate_request("x").chat_template_kwargs  # unset stays unset (old servers see nothing)
+    with pytest.raises(TypeError):
+        build_generate_request(messages=MESSAGES, chat_template_kwargs={"tools": [1]})
+    assert template_option("enable_thinking=false") == ("enable_thinking", False)
+    for bad in ("enable_thinking", "enable_thinking=nope", "=true", "x=[1]"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            template_option(bad)
