@@ -21,9 +21,9 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -276,6 +277,29 @@ def _engine_error(e: BaseException) -> ApiError:
     return ApiError(500, f"generation failed: {e}", None, "generation_failed")
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T], seq: Sequence) -> T:
+    """Await `work` (a unary answer) unless the client goes away first; then cancel it, which cancels the
+    generation and frees its cache slots, as gRPC does for a cancelled unary call."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task in done:
+        return task.result()
+    log.info("request %s: the client disconnected; generation cancelled", seq.request_id)
+    raise ApiError(499, "the client closed the connection", None, "client_closed")
+
+
 class _ClosingStream(StreamingResponse):
     """Closes the body generator however the response ends. Starlette cancels the sending task when the
     client disconnects, which may leave the generator suspended at a `yield`; closing it runs the engine's
@@ -368,7 +392,7 @@ def build_app(relay: Relay) -> FastAPI:
         raise ApiError(404, f"model: no model or adapter named {model!r} is served (GET /v1/models lists them)",
                        "model", "model_not_found")
 
-    async def complete(body: _Sampling) -> Any:
+    async def complete(body: _Sampling, http_request: Request) -> Any:
         eng = engine()
         _refuse_unsupported(body)
         request = _generate_request(body, adapter_for(body.model))
@@ -395,29 +419,32 @@ def build_app(relay: Relay) -> FastAPI:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return _ClosingStream(_events(reply, first, deltas, reasoning, include_usage),
                                   media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        thoughts, texts, delta = [], [], first
-        try:
-            while True:
-                thought, text = split(reasoning, delta)
-                thoughts.append(thought)
-                texts.append(text)
-                if delta.finish_reason is not None:
-                    break
-                delta = await anext(deltas)
-        except Exception as e:  # noqa: BLE001 - mapped to a status
-            raise _engine_error(e) from None
-        finally:
-            await deltas.aclose()
-        choice = reply.choice("".join(thoughts), "".join(texts), delta.finish_reason, chunk=False)
-        return {**reply.head(False), "choices": [choice], "usage": reply.usage()}
+        async def collect() -> dict[str, Any]:
+            thoughts, texts, delta = [], [], first
+            try:
+                while True:
+                    thought, text = split(reasoning, delta)
+                    thoughts.append(thought)
+                    texts.append(text)
+                    if delta.finish_reason is not None:
+                        break
+                    delta = await anext(deltas)
+            except Exception as e:  # noqa: BLE001 - mapped to a status
+                raise _engine_error(e) from None
+            finally:
+                await deltas.aclose()
+            choice = reply.choice("".join(thoughts), "".join(texts), delta.finish_reason, chunk=False)
+            return {**reply.head(False), "choices": [choice], "usage": reply.usage()}
+
+        return await _unless_disconnected(http_request, collect(), seq)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
-        return await complete(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        return await complete(body, request)
 
     @api.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        return await complete(body)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        return await complete(body, request)
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:

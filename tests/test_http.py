@@ -357,19 +357,31 @@ def _steps(relay) -> float:
     return relay.metrics.registry.get_sample_value("qwen_relay_step_seconds_count") or 0.0
 
 
-def check_disconnect_cancels(relay, client: RelayClient, model: str, token: str | None) -> None:
-    """Open a long stream, read a few events, drop the connection: every slice frees the sequence's cache."""
+def _wait_generating(client: RelayClient) -> None:
+    """Until every slice holds a cache entry (a unary answer shows nothing before it ends)."""
+    deadline = time.monotonic() + DRAIN_WAIT_S
+    while not all(s.cache_entries >= 1 for s in client.model_info().slices):
+        assert time.monotonic() < deadline, "the request never started generating"
+        time.sleep(0.05)
+
+
+def check_disconnect_cancels(relay, client: RelayClient, model: str, token: str | None,
+                             stream: bool = True) -> None:
+    """Start a long generation, drop the connection: every slice frees the sequence's cache."""
     steps_before = _steps(relay)
-    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": CAP, "temperature": 0, "stream": True,
+    body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": CAP, "temperature": 0, "stream": stream,
                        "ignore_eos": True}).encode()
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     sock = socket.create_connection(("127.0.0.1", relay.http_port), timeout=120)
     sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    received = b""
-    while received.count(b"data: ") < 4:
-        received += sock.recv(65536)
-    assert received.startswith(b"HTTP/1.1 200")
+    if stream:
+        received = b""
+        while received.count(b"data: ") < 4:
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200")
+    else:
+        _wait_generating(client)
     during = client.model_info().slices
     sock.close()
     assert len(during) >= 2 and all(s.cache_entries >= 1 for s in during), during
@@ -377,8 +389,9 @@ def check_disconnect_cancels(relay, client: RelayClient, model: str, token: str 
     assert _steps(relay) - steps_before < CAP  # generation stopped instead of running on for nobody
 
 
-def test_disconnect_mid_stream_frees_every_slice(relay, grpc_client, tiny_model):
-    check_disconnect_cancels(relay, grpc_client, str(tiny_model), TOKEN)
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream):
+    check_disconnect_cancels(relay, grpc_client, str(tiny_model), TOKEN, stream)
     # The relay keeps serving afterwards.
     assert grpc_client.generate(PROMPT, max_new_tokens=4).completion_tokens == 4
 
