@@ -110,6 +110,7 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extra, as vLLM's
+    return_token_ids: bool = False  # an extra, as vLLM's: the generated token ids beside the text
     user: str | None = None  # accepted and unused, as OpenAI's own API does not act on it either
     n: int = 1
     presence_penalty: float = 0.0
@@ -243,6 +244,7 @@ class _Reply:
     chat: bool
     created: int
     separates_reasoning: bool  # unary chat answers carry reasoning_content (maybe empty)
+    token_ids: bool  # choices carry the generated token ids (return_token_ids)
 
     def head(self, chunk: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
@@ -253,16 +255,19 @@ class _Reply:
         prompt, completion = len(self.seq.prompt_ids), self.seq.num_generated
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def choice(self, reasoning: str, text: str, reason: FinishReason | None, chunk: bool) -> dict[str, Any]:
+    def choice(self, reasoning: str, text: str, reason: FinishReason | None, chunk: bool,
+               token_ids: list[int]) -> dict[str, Any]:
         finish = FINISH_REASONS.get(reason) if reason is not None else None
+        ids = {"token_ids": token_ids} if self.token_ids else {}
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **ids}
         message: dict[str, Any] = {} if chunk else {"role": "assistant", "content": text}
         if chunk and text:
             message["content"] = text
         if reasoning or (not chunk and self.separates_reasoning):
             message["reasoning_content"] = reasoning
-        return {"index": 0, ("delta" if chunk else "message"): message, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, ("delta" if chunk else "message"): message, "logprobs": None, "finish_reason": finish,
+                **ids}
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -323,8 +328,8 @@ async def _events(reply: _Reply, first: Delta, rest: AsyncIterator[Delta], reaso
         delta: Delta | None = first
         while delta is not None:
             thought, text = split(reasoning, delta)
-            if thought or text or delta.finish_reason is not None:
-                choice = reply.choice(thought, text, delta.finish_reason, chunk=True)
+            if thought or text or delta.finish_reason is not None or reply.token_ids:
+                choice = reply.choice(thought, text, delta.finish_reason, True, delta.token_ids)
                 yield _sse({**reply.head(True), "choices": [choice], **usage})
             if delta.finish_reason is not None:
                 break
@@ -408,7 +413,7 @@ def build_app(relay: Relay) -> FastAPI:
         except UnknownAdapter as e:
             raise ApiError(404, str(e), "model", "model_not_found") from None
         reply = _Reply(seq, body.model, isinstance(body, ChatCompletionRequest), int(time.time()),
-                       request.separate_reasoning)
+                       request.separate_reasoning, body.return_token_ids)
         reasoning = splitter(request, seq, servicer.tokenizer)
         deltas = run(eng, seq, servicer.metrics)
         try:
@@ -433,7 +438,7 @@ def build_app(relay: Relay) -> FastAPI:
                 raise _engine_error(e) from None
             finally:
                 await deltas.aclose()
-            choice = reply.choice("".join(thoughts), "".join(texts), delta.finish_reason, chunk=False)
+            choice = reply.choice("".join(thoughts), "".join(texts), delta.finish_reason, False, seq.generated)
             return {**reply.head(False), "choices": [choice], "usage": reply.usage()}
 
         return await _unless_disconnected(http_request, collect(), seq)

@@ -127,7 +127,11 @@ def test_chat_greedy_equals_grpc_and_generate(relay, oai, grpc_client, tokenizer
     grpc_run = grpc_client.generate(messages=MESSAGES, max_new_tokens=MAX_NEW, ignore_eos=True)
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    assert grpc_run.token_ids == reference(tiny_model, prompt_ids, MAX_NEW)
+    expected = reference(tiny_model, prompt_ids, MAX_NEW)
+    assert grpc_run.token_ids == expected
+    with_ids = oai.chat.completions.create(model=model, **{**body, "extra_body": {"ignore_eos": True,
+                                                                                  "return_token_ids": True}})
+    assert with_ids.choices[0].model_extra["token_ids"] == expected  # token for token
     assert unary.choices[0].message.content == grpc_run.text
     assert unary.choices[0].message.role == "assistant"
     assert unary.choices[0].finish_reason == "length"
@@ -141,6 +145,10 @@ def test_chat_greedy_equals_grpc_and_generate(relay, oai, grpc_client, tokenizer
                    if c.text]
     assert pieces == grpc_pieces
     assert "".join(pieces) == grpc_run.text and "\ufffd" not in grpc_run.text
+    streamed_ids = [i for c in oai.chat.completions.create(
+        model=model, stream=True, **{**body, "extra_body": {"ignore_eos": True, "return_token_ids": True}})
+        for i in (c.choices[0].model_extra.get("token_ids", []) if c.choices else [])]
+    assert streamed_ids == expected
 
 
 def test_completions_prompt_string_and_token_ids(oai, grpc_client, tokenizer, tiny_model, reference):
@@ -150,8 +158,9 @@ def test_completions_prompt_string_and_token_ids(oai, grpc_client, tokenizer, ti
     assert grpc_run.token_ids == expected
     for prompt in (PROMPT, ids):
         out = oai.completions.create(model=str(tiny_model), prompt=prompt, max_tokens=MAX_NEW, temperature=0,
-                                     extra_body={"ignore_eos": True})
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
         assert out.object == "text_completion"
+        assert out.choices[0].model_extra["token_ids"] == expected
         assert out.choices[0].text == grpc_run.text
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), MAX_NEW)
     streamed = oai.completions.create(model=str(tiny_model), prompt=PROMPT, max_tokens=MAX_NEW, temperature=0,
@@ -396,6 +405,17 @@ def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream):
     assert grpc_client.generate(PROMPT, max_new_tokens=4).completion_tokens == 4
 
 
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_http_port_is_off_unless_given():
+    from qwen_relay.server.cli import build_parser, serve_options
+
+    parser = build_parser()
+    assert serve_options(parser.parse_args(["serve", "--model", "m"])).http_port is None
+    assert serve_options(parser.parse_args(["serve", "--model", "m", "--http-port", "8000"])).http_port == 8000
+
+
 # ------------------------------------------------------------------------------------------------- TLS
 
 
@@ -434,8 +454,8 @@ def test_http_on_ray_slices_parity_and_disconnect(relay_factory, tiny_model, ref
         grpc_run = client.generate(prompt_token_ids=ids, max_new_tokens=MAX_NEW, ignore_eos=True)
         assert grpc_run.token_ids == expected
         out = oai.completions.create(model=str(tiny_model), prompt=ids, max_tokens=MAX_NEW, temperature=0,
-                                     extra_body={"ignore_eos": True})
-        assert out.choices[0].text == grpc_run.text
+                                     extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert out.choices[0].text == grpc_run.text and out.choices[0].model_extra["token_ids"] == expected
         streamed = oai.chat.completions.create(model=str(tiny_model), messages=MESSAGES, max_tokens=MAX_NEW,
                                                temperature=0, stream=True)
         chat = client.generate(messages=MESSAGES, max_new_tokens=MAX_NEW)
