@@ -51,6 +51,7 @@ UINT64_MAX = 2**64 - 1
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
 FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
+PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"})  # metric labels
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for system messages
 
 
@@ -347,6 +348,33 @@ async def _events(reply: _Reply, first: Delta, rest: AsyncIterator[Delta], reaso
 # ------------------------------------------------------------------------------------------------ the app
 
 
+class _CountRequests:
+    """Counts every HTTP request in the gateway's request counter (as gRPC's interceptor counts RPCs), by
+    "METHOD /path" and final HTTP status; a plain ASGI wrapper, so streaming and disconnects pass untouched."""
+
+    def __init__(self, app: Any, counter: Any, paths: frozenset[str]) -> None:
+        self.app, self.counter, self.paths = app, counter, paths
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.paths else "other"  # bounded label values
+        counted = False
+
+        async def sending(message) -> None:
+            nonlocal counted
+            if message["type"] == "http.response.start":  # counted before the caller can see the answer
+                self.counter.labels(f"{scope['method']} {path}", str(message["status"])).inc()
+                counted = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            if not counted:  # the client went away before any answer
+                self.counter.labels(f"{scope['method']} {path}", "499").inc()
+
+
 def _bearer(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -468,6 +496,7 @@ def build_app(relay: Relay) -> FastAPI:
         return JSONResponse({"status": status}, status_code=200 if relay.serving else 503)
 
     app.include_router(api)
+    app.add_middleware(_CountRequests, counter=relay.metrics.requests, paths=PATHS)
     return app
 
 

@@ -316,6 +316,19 @@ def test_bad_json_is_400(relay):
     assert status == 400 and _error(status, body)["type"] == "invalid_request_error"
 
 
+def test_http_requests_are_counted_with_grpc(relay, tiny_model):
+    def count(method: str, code: str) -> float:
+        labels = {"method": method, "code": code}
+        return relay.metrics.registry.get_sample_value("qwen_relay_requests_total", labels) or 0.0
+
+    before = count("POST /v1/completions", "200"), count("POST /v1/completions", "400"), count("GET other", "404")
+    _post(relay.http_port, "/v1/completions", {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 2})
+    _post(relay.http_port, "/v1/completions", {"model": str(tiny_model), "prompt": PROMPT, "n": 3})
+    _post(relay.http_port, "/no/such/path", None)
+    after = count("POST /v1/completions", "200"), count("POST /v1/completions", "400"), count("GET other", "404")
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_full_queue_429_and_slice_down_503(relay, tiny_model, stream):
     engine = relay.engine
