@@ -453,7 +453,7 @@ def kill_slice(pipeline: Any, index: int, how: str = "ray.kill") -> Callable[[],
         if how == "ray.kill":
             ray.kill(actor, no_restart=False)
             return f"ray.kill(slice {index}, no_restart=False)"
-        pid = (await actor.stats.remote())["pid"]
+        pid = (await actor.stats.remote()).pid
         os.kill(pid, signal.SIGKILL)
         return f"SIGKILL to slice {index} (pid {pid})"
 

@@ -555,11 +555,10 @@ class RelayUnderTest:
         info = await self.client.model_info()
         stats = await self.relay.pipeline.stats()
         return {"dtype": info.dtype, "slices": [
-            {"index": i, "layers": f"{s['first']}-{s['end'] - 1}", "device": s["device"],
-             "has_embeddings": s["has_embeddings"], "has_lm_head": s["has_lm_head"],
-             "weight_bytes": s["weight_bytes"], "cache_bytes": s.get("cache_bytes", 0),
-             "peak_rss_bytes": s["peak_rss_bytes"], "forward_seconds": s.get("forward_seconds"),
-             "steps": s.get("steps")}
+            {"index": i, "layers": f"{s.first}-{s.end - 1}", "device": s.device,
+             "has_embeddings": s.has_embeddings, "has_lm_head": s.has_lm_head,
+             "weight_bytes": s.weight_bytes, "cache_bytes": s.cache_bytes,
+             "peak_rss_bytes": s.peak_rss_bytes, "forward_seconds": s.forward_seconds, "steps": s.steps}
             for i, s in enumerate(stats)]}
 
     async def stop(self) -> None:

@@ -21,7 +21,6 @@ from qwen_relay.shards.adapters import AdapterError, AdapterMismatch, AdapterSpe
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .engine import Engine
-from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +45,18 @@ class AdapterInUse(RuntimeError):
 class AdapterRegistry:
     """Loaded adapters by name; `name in registry` is what request validation asks."""
 
-    def __init__(self, config: PretrainedConfig, model_id: str) -> None:
+    def __init__(self, config: PretrainedConfig, model_id: str, engine: Engine) -> None:
         self.config = config
         self.model_id = model_id
+        self.engine = engine  # its pipeline holds the slices' adapters; it knows which requests use one
         self.specs: dict[str, AdapterSpec] = {}
         self._busy: set[str] = set()  # names being loaded or unloaded
-        self.pipeline: Pipeline | None = None
-        self.engine: Engine | None = None
 
     def __contains__(self, name: object) -> bool:
         return name in self.specs
 
-    def attach(self, pipeline: Pipeline, engine: Engine) -> None:
-        self.pipeline, self.engine = pipeline, engine
-
     def list(self) -> list[AdapterSpec]:
         return [self.specs[n] for n in sorted(self.specs)]
-
-    def in_use(self, name: str) -> int:
-        """Requests waiting for or holding a cache slot with this adapter."""
-        if self.engine is None:
-            return 0
-        scheduler = self.engine.scheduler
-        return sum(1 for s in (*scheduler.waiting, *scheduler.running) if s.params.adapter == name)
 
     async def load(self, name: str, path: str) -> AdapterSpec:
         """Check the adapter against the served model here, then have every slice load its share."""
@@ -82,7 +70,7 @@ class AdapterRegistry:
         self._busy.add(name)
         try:
             spec = await asyncio.to_thread(inspect_adapter, name, path, self.config, self.model_id)
-            await self.pipeline.load_adapter(name, spec.path)
+            await self.engine.pipeline.load_adapter(name, spec.path)
             self.specs[name] = spec
         finally:
             self._busy.discard(name)
@@ -93,13 +81,13 @@ class AdapterRegistry:
     async def unload(self, name: str) -> None:
         if name not in self.specs:
             raise AdapterNotFound(f"name: no adapter named {name!r} is loaded")
-        users = self.in_use(name)
+        users = self.engine.adapter_users(name)
         if users:
             raise AdapterInUse(f"adapter {name!r} is in use by {users} request(s); unload it once they finish")
         spec = self.specs.pop(name)  # new requests get NOT_FOUND from here on
         self._busy.add(name)
         try:
-            await self.pipeline.unload_adapter(name)
+            await self.engine.pipeline.unload_adapter(name)
         except BaseException:
             self.specs[name] = spec
             raise
@@ -129,7 +117,7 @@ class AdapterAdminServicer(relay_pb2_grpc.AdapterAdminServicer):
 
     async def _call(self, context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:
         """Run `action`, answering each adapter error with its status code."""
-        if self.registry.engine is None:
+        if not self.registry.engine.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         try:
             return await action()

@@ -73,6 +73,7 @@ class ServeOptions:
     max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
     recovery_timeout: float = 60.0
     max_queue: int = 256
+    max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice
     grace_seconds: float = 10.0
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters NAME -> PATH, loaded before SERVING
     tls_cert: str | None = None  # PEM server certificate chain; with tls_key, the port speaks TLS only
@@ -80,6 +81,7 @@ class ServeOptions:
     tls_client_ca: str | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     auth_token: str | None = field(default=None, repr=False)  # bearer token on every RPC but health; never logged
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
+    stats_interval: float = 5.0  # seconds between the slice-stats snapshots the metrics report
     http_port: int | None = None  # OpenAI-compatible HTTP API on host:http_port (0: any free port); None: off
 
 
@@ -100,13 +102,21 @@ class Relay:
                              default_max_new_tokens=options.default_max_new_tokens,
                              max_new_tokens_cap=options.max_new_tokens_cap)
         self.health = health.aio.HealthServicer()
-        self.servicer: TextGenerationServicer | None = None
         self.server: grpc.aio.Server | None = None
-        self.engine: Engine | None = None
         self.pipeline: Pipeline | None = None
-        self.adapters = AdapterRegistry(self.config, options.model)
-        self.port = 0
         self.metrics = Metrics()
+        self.engine = Engine(
+            EngineConfig(max_batch=options.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
+                         max_queue=options.max_queue, recovery_timeout=options.recovery_timeout,
+                         max_in_flight=options.max_in_flight),
+            on_health=self._set_health, metrics=self.metrics)
+        self.adapters = AdapterRegistry(self.config, options.model, self.engine)
+        self.servicer = TextGenerationServicer(
+            self.engine, self.tokenizer, self.limits,
+            ModelMeta(model_id=options.model, num_layers=self.config.num_hidden_layers, max_batch=options.max_batch),
+            self.adapters, self.metrics)
+        self._stats_task: asyncio.Task | None = None
+        self.port = 0
         self.http: HttpServer | None = None  # with --http-port: the OpenAI-compatible API on this engine
         self.http_port = 0
         self.serving = False  # what health says; HTTP /health mirrors it
@@ -132,9 +142,7 @@ class Relay:
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.servicer = TextGenerationServicer(self.tokenizer, self.limits, self._meta("loading"), self.metrics)
         relay_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
-        self.servicer.adapters = self.adapters
         relay_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self.adapters), self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -161,10 +169,6 @@ class Relay:
             ", bearer token required" if opts.auth_token else "")
         log.info("listening on %s:%d, %s (NOT_SERVING until every slice is warm)", opts.host, self.port, security)
 
-    def _meta(self, dtype: str) -> ModelMeta:
-        return ModelMeta(model_id=self.options.model, dtype=dtype, num_layers=self.config.num_hidden_layers,
-                         max_batch=self.options.max_batch)
-
     async def _load(self) -> None:
         opts = self.options
         use_gpu = False
@@ -190,19 +194,21 @@ class Relay:
         else:
             self.pipeline = await asyncio.to_thread(LocalPipeline, specs)
         stats = await self.pipeline.stats()
-        config = EngineConfig(max_batch=opts.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
-                              max_queue=opts.max_queue, recovery_timeout=opts.recovery_timeout)
-        self.engine = Engine(self.pipeline, config, on_health=self._set_health, metrics=self.metrics)
-        self.metrics.watch(self.engine, self.pipeline, baseline=stats)
-        self.engine.start()
-        self.adapters.attach(self.pipeline, self.engine)
+        self.metrics.update_slices(stats)  # the baseline: warm-up forwards are not step time
+        self.engine.start(self.pipeline)
         for name, path in opts.adapters.items():  # before SERVING, so no request races them
             await self.adapters.load(name, path)
-        self.servicer.meta = self._meta(stats[0]["dtype"])
-        self.servicer.engine = self.engine
+        if opts.metrics_port:
+            self._stats_task = asyncio.create_task(self._push_slice_stats(), name="slice-stats")
         await self._set_health(True)
         self.layout = stats
         log.info("SERVING %s", self.describe_layout())
+
+    async def _push_slice_stats(self) -> None:
+        """Feed the metrics a fresh snapshot of the slices' stats every `stats_interval` seconds."""
+        while True:
+            await asyncio.sleep(self.options.stats_interval)
+            self.metrics.update_slices(await self.pipeline.stats())
 
     async def _set_health(self, serving: bool) -> None:
         self.serving = serving
@@ -212,9 +218,9 @@ class Relay:
 
     def describe_layout(self) -> str:
         return "; ".join(
-            f"slice {i}: layers {s['first']}-{s['end'] - 1} on {s['device']}"
-            f"{' node ' + s['node_id'][:8] if s['node_id'] else ''}"
-            f"{' +embed' if s['has_embeddings'] else ''}{' +head' if s['has_lm_head'] else ''}"
+            f"slice {i}: layers {s.first}-{s.end - 1} on {s.device}"
+            f"{' node ' + s.node_id[:8] if s.node_id else ''}"
+            f"{' +embed' if s.has_embeddings else ''}{' +head' if s.has_lm_head else ''}"
             for i, s in enumerate(self.layout))
 
     async def stop(self, grace: float | None = None) -> None:
@@ -226,8 +232,10 @@ class Relay:
         if self.server is not None:
             stopping.append(self.server.stop(grace))
         await asyncio.gather(*stopping)
-        if self.engine is not None:
-            await self.engine.stop()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            await asyncio.gather(self._stats_task, return_exceptions=True)
+        await self.engine.stop()
         if self.pipeline is not None:
             await self.pipeline.close()
         self.metrics.close()

@@ -25,6 +25,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: start local Ray")
     parser.add_argument("--no-ray", action="store_true", help="run every slice in this process, without Ray")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
+    parser.add_argument("--max-in-flight", type=int, default=0,
+                        help="step batches in the pipe at once (default 0: one per slice, so every slice works; "
+                             "1: one step at a time)")
     parser.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens per sequence")
     parser.add_argument("--max-new-tokens-cap", type=int, default=1024)
     parser.add_argument("--cpus-per-slice", type=float, default=1.0, help="Ray CPUs reserved per slice")
@@ -77,7 +80,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         adapters=parse_adapters(args.adapter or []),
         model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
-        max_batch=args.max_batch, max_context=args.max_context, max_new_tokens_cap=args.max_new_tokens_cap,
+        max_batch=args.max_batch, max_in_flight=args.max_in_flight, max_context=args.max_context,
+        max_new_tokens_cap=args.max_new_tokens_cap,
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, prepack=not args.no_prepack,
         placement_strategy=args.placement,
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,

@@ -413,9 +413,9 @@ def build_app(relay: Relay) -> FastAPI:
     api = APIRouter(dependencies=[Depends(authorize)])
 
     def engine():
-        if relay.servicer.engine is None:
+        if not relay.engine.ready:
             raise ApiError(503, "the model is still loading; retry shortly", None, "loading")
-        return relay.servicer.engine
+        return relay.engine
 
     def adapter_for(model: str) -> str:
         if model == opts.model:

@@ -7,19 +7,18 @@ Where the numbers come from:
 - `qwen_relay_time_to_first_token_seconds`, `qwen_relay_time_per_output_token_seconds`,
   `qwen_relay_generated_tokens_total`: the servicer, per delta (`GenerationTimer`). The clock starts when
   the validated request is handed to the engine, so TTFT = queueing + prefill + streaming the first token.
-- `qwen_relay_queue_depth`, `qwen_relay_active_sequences`: read from the engine at scrape time (exact).
+- `qwen_relay_queue_depth`, `qwen_relay_active_sequences`: pushed by the engine whenever they change.
 - `qwen_relay_step_seconds`: the engine, one histogram sample per step through every slice.
 - `qwen_relay_kv_cache_entries{slice}`, `qwen_relay_slice_forward_seconds_total{slice}` (slice compute,
   cumulative; restarts from 0 when a slice restarts), `qwen_relay_slice_healthy{slice}`: the slices' own
-  `stats()`, fetched at scrape time.
+  stats, pushed by the gateway's stats poller (`update_slices`) every few seconds. A scrape never calls a
+  slice: a stats call waits behind the slice's steps, and scrapes would add to that queue.
 - `qwen_relay_hop_transfer_seconds_total`: derived, not measured: (time inside steps - slice compute time
   over those steps) / hops, with hops = slices + 1 (gateway -> slice 0, slice i -> i+1, last -> gateway).
   It is everything a step spends outside `SliceRunner.step` (serialization, object transfer, Ray
   scheduling), spread evenly over the hops. Mean per-hop time per step:
   `rate(qwen_relay_hop_transfer_seconds_total[5m]) / rate(qwen_relay_step_seconds_count[5m])`.
-- `qwen_relay_slice_restarts_total{slice}`: `Metrics.slice_restarted(i)`, and the pipeline's own per-slice
-  restart count (`stats()["restarts"]`), whichever is higher, so counting one restart in both places
-  does not count it twice.
+- `qwen_relay_slice_restarts_total{slice}`: the pipeline's per-slice restart count (`SliceStats.restarts`).
 """
 
 from __future__ import annotations
@@ -30,20 +29,17 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from .engine import Engine
-    from .pipeline import Pipeline
+from qwen_relay.shards.stats import SliceStats
 
 log = logging.getLogger(__name__)
 
-STATS_TIMEOUT_S = 5.0  # a scrape waits this long for the slices' stats, then reports without them
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -102,13 +98,12 @@ class Metrics:
         self.step_seconds = Histogram("qwen_relay_step_seconds", "One engine step through every slice",
                                       buckets=STEP_BUCKETS, registry=r)
         self._lock = threading.Lock()
+        self._slices: list[SliceStats] = []  # the latest snapshot
         self._restarts: dict[int, int] = {}
         self._step_total = 0.0  # seconds inside successful steps
         self._forward_last: dict[int, float] = {}  # last cumulative forward_seconds seen, per slice
-        self._forward_total = 0.0  # slice compute time since the baseline, summed over slices
+        self._forward_total = 0.0  # slice compute time since the first snapshot, summed over slices
         self._hop_total = 0.0
-        self._pipeline: Pipeline | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._http: Any = None
         self.port = 0
         r.register(_SliceCollector(self))
@@ -125,24 +120,28 @@ class Metrics:
         with self._lock:
             self._step_total += seconds
 
-    def slice_restarted(self, index: int, count: int = 1) -> None:
-        """Slice `index` was restarted (called by fault handling; see the module docstring on double counting)."""
-        with self._lock:
-            self._restarts[index] = self._restarts.get(index, 0) + count
+    def observe_load(self, waiting: int, active: int) -> None:
+        """Requests waiting for a cache slot, and sequences holding one."""
+        self.queue_depth.set(waiting)
+        self.active_sequences.set(active)
 
-    def watch(self, engine: Engine, pipeline: Pipeline, baseline: list[dict] | None = None) -> None:
-        """Read queue depth and active sequences from `engine`, slice stats from `pipeline`, at scrape time.
-
-        Call from the event loop that owns the pipeline. `baseline` (stats taken before the first step) keeps
-        warm-up forwards out of the hop-transfer estimate.
-        """
-        self.queue_depth.set_function(lambda: engine.num_waiting)
-        self.active_sequences.set_function(lambda: engine.num_active)
-        self._loop = asyncio.get_running_loop()
-        self._pipeline = pipeline
+    def update_slices(self, stats: list[SliceStats]) -> None:
+        """Fold one snapshot of the slices' stats into the per-slice series, restart counts and the
+        hop-transfer estimate. The first snapshot (taken before any step) is the baseline: warm-up forwards do
+        not count as step time."""
         with self._lock:
-            for i, s in enumerate(baseline or ()):
-                self._forward_last[i] = float(s.get("forward_seconds", 0.0))
+            self._slices = list(stats)
+            for i, s in enumerate(stats):
+                self._restarts[i] = max(self._restarts.get(i, 0), s.restarts)
+                if not s.healthy:
+                    continue
+                last = self._forward_last.get(i)
+                if last is not None:
+                    now = s.forward_seconds
+                    self._forward_total += now - last if now >= last else now  # restarted: counts from 0
+                self._forward_last[i] = s.forward_seconds
+            transfer = (self._step_total - self._forward_total) / (len(stats) + 1)
+            self._hop_total = max(self._hop_total, transfer)  # a counter never goes down
 
     # ------------------------------------------------------------------------------------------ exposure
 
@@ -161,49 +160,10 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
-        self._pipeline = None
-
-    # ---------------------------------------------------------------------------------------- internals
-
-    def _slice_stats(self) -> list[dict] | None:
-        """The pipeline's stats, fetched on its event loop from the scraping thread; None if unavailable."""
-        loop, pipeline = self._loop, self._pipeline
-        if loop is None or pipeline is None or loop.is_closed():
-            return None
-        try:
-            if asyncio.get_running_loop() is loop:
-                return None  # a collect() on the loop's own thread would wait for itself
-        except RuntimeError:
-            pass
-        try:
-            future = asyncio.run_coroutine_threadsafe(pipeline.stats(), loop)
-        except RuntimeError:
-            return None
-        try:
-            return future.result(STATS_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - a scrape reports what it can
-            future.cancel()
-            log.debug("slice stats unavailable for a scrape: %s", type(e).__name__)
-            return None
-
-    def _update_from(self, stats: list[dict]) -> None:
-        """Fold one stats snapshot into restart counts and the hop-transfer estimate."""
-        with self._lock:
-            for i, s in enumerate(stats):
-                self._restarts[i] = max(self._restarts.get(i, 0), int(s.get("restarts", 0)))
-                if not s.get("healthy", True):
-                    continue
-                now = float(s.get("forward_seconds", 0.0))
-                last = self._forward_last.get(i)
-                if last is not None:
-                    self._forward_total += now - last if now >= last else now  # restarted: counts from 0
-                self._forward_last[i] = now
-            transfer = (self._step_total - self._forward_total) / (len(stats) + 1)
-            self._hop_total = max(self._hop_total, transfer)  # a counter never goes down
 
 
 class _SliceCollector(Collector):
-    """Per-slice series, read from the slices when Prometheus scrapes."""
+    """Per-slice series from the latest pushed snapshot."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -213,9 +173,9 @@ class _SliceCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         m = self._metrics
-        stats = m._slice_stats()
-        if stats is not None:
-            m._update_from(stats)
+        with m._lock:
+            stats, hop, restarts = list(m._slices), m._hop_total, dict(m._restarts)
+        if stats:
             kv = GaugeMetricFamily("qwen_relay_kv_cache_entries", "Sequences holding KV cache in the slice",
                                    labels=["slice"])
             forward = CounterMetricFamily("qwen_relay_slice_forward_seconds",
@@ -224,12 +184,10 @@ class _SliceCollector(Collector):
             healthy = GaugeMetricFamily("qwen_relay_slice_healthy", "1 when the slice answered its stats call",
                                         labels=["slice"])
             for i, s in enumerate(stats):
-                kv.add_metric([str(i)], s.get("cache_entries", 0))
-                forward.add_metric([str(i)], s.get("forward_seconds", 0.0))
-                healthy.add_metric([str(i)], 1.0 if s.get("healthy", True) else 0.0)
+                kv.add_metric([str(i)], s.cache_entries)
+                forward.add_metric([str(i)], s.forward_seconds)
+                healthy.add_metric([str(i)], 1.0 if s.healthy else 0.0)
             yield from (kv, forward, healthy)
-        with m._lock:
-            hop, restarts = m._hop_total, dict(m._restarts)
         yield CounterMetricFamily("qwen_relay_hop_transfer_seconds",
                                   "Step time outside slice compute, divided by hops (slices + 1)", value=hop)
         family = CounterMetricFamily("qwen_relay_slice_restarts", "Times a slice was restarted", labels=["slice"])

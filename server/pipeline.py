@@ -1,4 +1,4 @@
-"""One decoding step through every slice, in order (DESIGN.md: Ray is the transport, not the engine).
+"""One decoding step through every slice, in order (docs/design.md: Ray is the transport, not the engine).
 
 `Pipeline` is what the engine drives. `LocalPipeline` runs the slices' `SliceRunner`s in this process, for
 tests and for machines without Ray (this module does not import Ray); `RayPipeline` (server/ray_pipeline.py)
@@ -8,10 +8,12 @@ runs each in its own Ray actor.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
+from qwen_relay.shards.stats import SliceStats
 
 # The environment of every slice process. Slices run one after another on the same cores, so OpenMP threads
 # must not spin for long after a forward (libgomp's default: 300000 spins) or they steal the next slice's
@@ -26,13 +28,18 @@ class SliceLost(RuntimeError):
 
 
 class Pipeline(Protocol):
-    async def step(self, batch: StepBatch) -> list[int]: ...
+    """What the engine drives. `step` may be awaited up to `depth` times concurrently: the pipeline runs the
+    batches through every slice in the order they were submitted (slice k sees batch A before batch B), so
+    slice 1 can run A while slice 0 runs B, and each call returns its batch's token ids. When a slice is lost,
+    every outstanding step raises `SliceLost`; `recover` is called only once they have all settled."""
 
-    def release(self, slots: list[int]) -> None: ...
+    depth: int
+
+    async def step(self, batch: StepBatch) -> list[int]: ...
 
     async def recover(self, timeout: float) -> bool: ...
 
-    async def stats(self) -> list[dict]: ...
+    async def stats(self) -> list[SliceStats]: ...
 
     async def load_adapter(self, name: str, path: str) -> list[dict]: ...
 
@@ -42,25 +49,23 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    """All slices in this process; forwards run in a worker thread so the event loop keeps serving."""
+    """All slices in this process, each stage on a thread of its own so the event loop keeps serving and,
+    with several steps in flight, slice 0 runs the next batch while slice 1 runs this one. A single-thread
+    executor per slice runs its forwards in submission order, which is the order `Pipeline` promises."""
 
     def __init__(self, specs: list[SliceSpec]) -> None:
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
-
-    def _step(self, batch: StepBatch) -> list[int]:
-        out = None
-        for runner in self.runners:
-            out = runner.step(batch, out)
-        return out
+        self.depth = len(self.runners)
+        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
 
     async def step(self, batch: StepBatch) -> list[int]:
-        return await asyncio.to_thread(self._step, batch)
-
-    def release(self, slots: list[int]) -> None:
-        for runner in self.runners:
-            runner.release(slots)
+        loop = asyncio.get_running_loop()
+        out = None
+        for runner, stage in zip(self.runners, self._stages, strict=True):
+            out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+        return out
 
     async def recover(self, timeout: float) -> bool:
         """In-process slices cannot die on their own; just forget the caches so they can be replayed."""
@@ -68,9 +73,8 @@ class LocalPipeline:
             runner.reset()
         return True
 
-    async def stats(self) -> list[dict]:
-        return [{**r.stats(), "actor_id": "", "node_id": "", "healthy": True, "restarts": 0}
-                for r in self.runners]
+    async def stats(self) -> list[SliceStats]:
+        return [r.stats() for r in self.runners]
 
     async def load_adapter(self, name: str, path: str) -> list[dict]:
         """Every slice takes its own layers' share of the adapter; all slices or none."""
@@ -84,4 +88,6 @@ class LocalPipeline:
         await asyncio.to_thread(lambda: [r.unload_adapter(name) for r in self.runners])
 
     async def close(self) -> None:
+        for stage in self._stages:
+            stage.shutdown(wait=True, cancel_futures=True)
         self.runners = []

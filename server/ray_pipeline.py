@@ -8,6 +8,7 @@ can still serve with in-process slices (`--no-ray`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import ray
@@ -18,6 +19,7 @@ from qwen_relay.shards.actor import SliceActor
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceSpec
+from qwen_relay.shards.stats import SliceStats
 
 from .pipeline import SLICE_ENV, SliceLost
 
@@ -36,6 +38,7 @@ class RayPipeline:
     def __init__(self, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
                  strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1) -> None:
         self.specs = specs
+        self.depth = len(specs)  # Ray runs each actor's calls from this caller in submission order
         bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
         self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         try:
@@ -57,7 +60,7 @@ class RayPipeline:
         ]
         # Constructors load weights and warm up; wait for all of them so health turns SERVING only then.
         first = ray.get([a.stats.remote() for a in self.actors], timeout=ready_timeout)
-        self.incarnations = [s["incarnation"] for s in first]  # a new one means Ray restarted that slice
+        self.incarnations = [s.incarnation for s in first]  # a new one means Ray restarted that slice
         self.restarts = [0] * len(specs)
         self.adapters: dict[str, str] = {}  # name -> path: re-sent to slices after a restart
 
@@ -74,17 +77,13 @@ class RayPipeline:
                 raise SliceLost(f"a slice restarted and lost its cache: {e.cause}") from e
             raise
 
-    def release(self, slots: list[int]) -> None:
-        for actor in self.actors:
-            actor.release.remote(slots)
-
     async def recover(self, timeout: float) -> bool:
         """Wait (bounded) until every slice answers, then clear all caches for replay. False on timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             stats = await self.stats()
-            if all(s["healthy"] for s in stats):
+            if all(s.healthy for s in stats):
                 # A restarted slice was rebuilt from its spec alone: give it back its adapters (a no-op elsewhere).
                 loads = [a.load_adapter.remote(n, p) for a in self.actors for n, p in self.adapters.items()]
                 for failed in await asyncio.gather(*loads, return_exceptions=True):
@@ -96,25 +95,21 @@ class RayPipeline:
                 return False
             await asyncio.sleep(min(0.5, max(deadline - loop.time(), 0)))
 
-    async def _stats(self, index: int) -> dict:
+    async def _stats(self, index: int) -> SliceStats:
         spec = self.specs[index]
         try:
             stats = await asyncio.wait_for(self.actors[index].stats.remote(), STATS_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - an unreachable slice is reported, not raised
             log.warning("slice %d (layers %d-%d) is not answering: %s", index, spec.first, spec.end - 1,
                         type(e).__name__)
-            return {"first": spec.first, "end": spec.end, "has_embeddings": spec.first == 0,
-                    "has_lm_head": index == len(self.specs) - 1,
-                    "device": "", "dtype": "", "cache_entries": 0, "cache_bytes": 0,
-                    "weight_bytes": 0, "peak_rss_bytes": 0, "forward_seconds": 0.0, "steps": 0,
-                    "actor_id": "", "node_id": "", "healthy": False, "restarts": self.restarts[index]}
-        if stats["incarnation"] != self.incarnations[index]:
-            self.incarnations[index] = stats["incarnation"]
+            return SliceStats.down(spec.first, spec.end, self.specs[-1].end, self.restarts[index])
+        if stats.incarnation != self.incarnations[index]:
+            self.incarnations[index] = stats.incarnation
             self.restarts[index] += 1
             log.warning("slice %d was restarted by Ray (restart #%d)", index, self.restarts[index])
-        return {**stats, "healthy": True, "restarts": self.restarts[index]}
+        return dataclasses.replace(stats, healthy=True, restarts=self.restarts[index])
 
-    async def stats(self) -> list[dict]:
+    async def stats(self) -> list[SliceStats]:
         return list(await asyncio.gather(*(self._stats(i) for i in range(len(self.actors)))))
 
     async def load_adapter(self, name: str, path: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """A request's whole life in the gateway: prompt, generated tokens, cache slot and stream of deltas.
 
-The gateway owns the truth (DESIGN.md, decision 1): a slice only caches keys and values, so everything needed
-to rebuild a lost cache (`tokens`) and to finish the request (stop checks, text) lives here.
+The gateway owns the truth (docs/design.md, "Who owns what"): a slice only caches keys and values, so
+everything needed to rebuild a lost cache (`tokens`) and to finish the request (stop checks, text) lives here.
 """
 
 from __future__ import annotations
@@ -13,12 +13,6 @@ from dataclasses import dataclass, field
 from qwen_relay.shards.batch import SamplingParams
 
 from .detokenizer import Detokenizer
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 class FinishReason(enum.Enum):
@@ -59,7 +53,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # leading tokens whose keys/values the slices hold
     slot: int | None = None
-    status: Status = Status.WAITING
+    in_flight: bool = False  # in a step the slices are running; its next step waits for that one's token
     finish_reason: FinishReason | None = None
     cancelled: bool = False
     outbox: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue)

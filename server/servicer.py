@@ -31,7 +31,6 @@ class ModelMeta:
     """What GetModelInfo reports besides the live per-slice numbers."""
 
     model_id: str
-    dtype: str
     num_layers: int
     max_batch: int
 
@@ -73,17 +72,19 @@ def split(splitter: ReasoningSplitter | None, delta: Delta) -> tuple[str, str]:
 
 
 class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, limits: Limits, meta: ModelMeta,
-                 metrics: Metrics | None = None) -> None:
-        self.engine: Engine | None = None  # set once every slice is loaded and warm
+    """Built complete before the slices load: until the engine is `ready`, calls get UNAVAILABLE."""
+
+    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, limits: Limits, meta: ModelMeta,
+                 adapters: Container[str], metrics: Metrics) -> None:
+        self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
         self.meta = meta
-        self.adapters: Container[str] = frozenset()  # names requests may pick (the gateway's AdapterRegistry)
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.adapters = adapters  # names requests may pick (the gateway's AdapterRegistry)
+        self.metrics = metrics
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
-        if self.engine is None:
+        if not self.engine.ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
         return self.engine
 
@@ -145,21 +146,22 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         return relay_pb2.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def GetModelInfo(self, request, context):  # noqa: N802
+        engine = await self._ready(context)
+        stats = await engine.pipeline.stats()
         info = relay_pb2.ModelInfo(
             model_id=self.meta.model_id,
-            dtype=self.meta.dtype,
+            dtype=next((s.dtype for s in stats if s.dtype), ""),  # a slice that is down reports none
             num_layers=self.meta.num_layers,
             max_context=self.limits.max_context,
             vocab_size=self.limits.vocab_size,
             max_new_tokens_cap=self.limits.max_new_tokens_cap,
             max_batch_size=self.meta.max_batch,
         )
-        engine = await self._ready(context)
-        for i, s in enumerate(await engine.pipeline.stats()):
+        for i, s in enumerate(stats):
             info.slices.add(
-                index=i, first_layer=s["first"], last_layer=s["end"] - 1, has_embeddings=s["has_embeddings"],
-                has_lm_head=s["has_lm_head"], actor_id=s["actor_id"], node_id=s["node_id"], device=s["device"],
-                cache_entries=s["cache_entries"], weight_bytes=s["weight_bytes"],
-                peak_rss_bytes=s["peak_rss_bytes"], healthy=s.get("healthy", True), restarts=s.get("restarts", 0),
+                index=i, first_layer=s.first, last_layer=s.end - 1, has_embeddings=s.has_embeddings,
+                has_lm_head=s.has_lm_head, actor_id=s.actor_id, node_id=s.node_id, device=s.device,
+                cache_entries=s.cache_entries, weight_bytes=s.weight_bytes,
+                peak_rss_bytes=s.peak_rss_bytes, healthy=s.healthy, restarts=s.restarts,
             )
         return info

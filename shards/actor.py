@@ -19,6 +19,7 @@ import torch
 
 from .batch import StepBatch
 from .runner import SliceRunner, SliceSpec
+from .stats import SliceStats
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ class SliceActor:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         if spec.threads == 0 and not torch.cuda.is_available():
             # Ray pins OMP threads to the bundle's CPU count; the slices of one request run one after
-            # another, so each may use every core of its node (FACTS.md: one thread each cost 1.7x).
+            # another, so each may use every core of its node (measured: one thread each cost 1.7x).
             spec = dataclasses.replace(spec, threads=os.cpu_count() or 1)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
         self.runner = SliceRunner(spec)
@@ -37,9 +38,6 @@ class SliceActor:
 
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
         return self.runner.step(batch, hidden)
-
-    def release(self, slots: list[int]) -> None:
-        self.runner.release(slots)
 
     def reset(self) -> None:
         self.runner.reset()
@@ -50,7 +48,7 @@ class SliceActor:
     def unload_adapter(self, name: str) -> None:
         self.runner.unload_adapter(name)
 
-    def stats(self) -> dict:
+    def stats(self) -> SliceStats:
         context = ray.get_runtime_context()
-        return {**self.runner.stats(), "actor_id": context.get_actor_id(), "node_id": context.get_node_id(),
-                "incarnation": self.incarnation, "pid": os.getpid()}
+        return dataclasses.replace(self.runner.stats(), actor_id=context.get_actor_id(),
+                                   node_id=context.get_node_id(), incarnation=self.incarnation, pid=os.getpid())

@@ -6,7 +6,7 @@ to ask the gateway anything: slot and start say where the new tokens' keys and v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,11 @@ class StepBatch:
 
     A prefill has `starts[i] == 0` and the whole prompt; a decode has one token; a replay after a lost cache
     is a prefill of prompt plus everything generated so far. One shape covers all three.
+
+    `release` lists slots of finished sequences that every slice forgets before it runs the rows. Carried on
+    the step, a release reaches each slice in step order with no ordering of its own: a slot freed and handed
+    to a new sequence in the same step is released before the new prefill is checked. A batch may carry only
+    releases (no rows).
     """
 
     slots: list[int]
@@ -38,6 +43,7 @@ class StepBatch:
     token_ids: list[list[int]]
     sampling: list[SamplingParams]
     adapters: list[str] | None = None
+    release: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.slots)

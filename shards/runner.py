@@ -20,6 +20,7 @@ from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .kv_cache import KVCache
 from .loader import load_slice, resolve_dtype
+from .stats import SliceStats
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ class SliceRunner:
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
         """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice."""
         start = time.perf_counter()
+        self.cache.release(batch.release)
+        if not len(batch):
+            return []  # releases only
         ends = batch.ends()
         self.cache.check(batch.slots, batch.starts, ends)
         if hidden is not None:
@@ -106,10 +110,6 @@ class SliceRunner:
         with self._lock:
             self.adapters.unload(name)
 
-    def release(self, slots: list[int]) -> None:
-        """Forget finished or cancelled sequences' caches (the buffers stay; the slots become free)."""
-        self.cache.release(slots)
-
     def reset(self) -> None:
         """Forget every cache: after a fault the gateway rebuilds them all by replaying token histories."""
         self.cache.release(list(self.cache.lengths))
@@ -121,20 +121,20 @@ class SliceRunner:
         if not self.slice.is_first:
             hidden = torch.zeros(1, 2, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
         self.step(batch, hidden)
-        self.release([0])
+        self.reset()
 
-    def stats(self) -> dict:
-        return {
-            "first": self.spec.first,
-            "end": self.spec.end,
-            "has_embeddings": self.slice.is_first,
-            "has_lm_head": self.slice.is_last,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "cache_entries": len(self.cache.lengths),
-            "cache_bytes": self.cache.nbytes,
-            "weight_bytes": sum(p.nbytes for p in self.slice.parameters()),  # a tied weight counts once
-            "peak_rss_bytes": peak_rss_bytes(),
-            "forward_seconds": self.forward_seconds,
-            "steps": self.steps,
-        }
+    def stats(self) -> SliceStats:
+        return SliceStats(
+            first=self.spec.first,
+            end=self.spec.end,
+            has_embeddings=self.slice.is_first,
+            has_lm_head=self.slice.is_last,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            cache_entries=len(self.cache.lengths),
+            cache_bytes=self.cache.nbytes,
+            weight_bytes=sum(p.nbytes for p in self.slice.parameters()),  # a tied weight counts once
+            peak_rss_bytes=peak_rss_bytes(),
+            forward_seconds=self.forward_seconds,
+            steps=self.steps,
+        )

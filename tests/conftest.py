@@ -1,8 +1,10 @@
 """Shared fixtures: tiny real Qwen2 checkpoints, one Ray session, and relays serving them on loopback.
 
-Ray starts once per test session; a relay (gRPC server + slice actors) runs on a background event loop so
-tests can call it with the real synchronous client. At most one relay lives at a time, keyed by its
-options, so parametrized tests over layer splits reuse it and the 2-core CI machine is not oversubscribed.
+A relay (gRPC server + slices) runs on a background event loop so tests can call it with the real
+synchronous client. Its slices run in this process (`use_ray=False`: the fast tier) or in Ray actors; Ray
+starts once per test session, and only when a test asks for a Ray relay. At most one relay lives at a time,
+keyed by its options, so tests with the same options reuse it and the 2-core CI machine is not
+oversubscribed.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def loop_thread() -> LoopThread:
 
 
 @pytest.fixture(scope="session")
-def relay_factory(ray_session, loop_thread) -> Iterator[Callable]:
+def relay_factory(request, loop_thread) -> Iterator[Callable]:
     """`relay_factory(options) -> Relay`: reuses the live relay if the options match, else replaces it."""
     from qwen_relay.server.app import Relay
 
@@ -75,9 +77,12 @@ def relay_factory(ray_session, loop_thread) -> Iterator[Callable]:
 
     def get(options):
         options = replace(options, port=0)
+        if options.use_ray:
+            request.getfixturevalue("ray_session")
         if live.get("options") != options:
             if "relay" in live:
                 loop_thread.run(live.pop("relay").stop(grace=0))
+                del live["options"]
             live["relay"] = loop_thread.run(Relay.start(options))
             live["options"] = options
         return live["relay"]
@@ -89,6 +94,15 @@ def relay_factory(ray_session, loop_thread) -> Iterator[Callable]:
 
 @pytest.fixture
 def relay(relay_factory, tiny_model):
+    """The tiny model in 2 slices (layers 0-2 and 3-4), in this process."""
+    from qwen_relay.server.app import ServeOptions
+
+    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=256,
+                                      use_ray=False))
+
+
+@pytest.fixture
+def ray_relay(relay_factory, tiny_model):
     """The tiny model in 2 slices (layers 0-2 and 3-4) on Ray actors."""
     from qwen_relay.server.app import ServeOptions
 

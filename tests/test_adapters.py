@@ -17,6 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from qwen_relay.client import RelayClient
 from qwen_relay.server.app import ServeOptions
 
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
+
 MAX_NEW = 20
 PROMPTS = ["The quick brown fox", "Merhaba! Nasıl yardımcı olabilirim?", "def add(a, b):\n    return a + b\n"]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

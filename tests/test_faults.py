@@ -16,6 +16,8 @@ from transformers import AutoTokenizer
 from qwen_relay.client import RelayClient
 from qwen_relay.server.app import ServeOptions
 
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
+
 PROMPTS = ["The quick brown fox", "Merhaba! Nasıl yardımcı olabilirim?", "def add(a, b):", "İstanbul",
            "Once upon a time", "1 2 3 4 5", "Ray actors", "gRPC streams"]
 MAX_NEW = 60
@@ -26,7 +28,7 @@ def _kill(relay, index: int, how: str) -> None:
     if how == "ray.kill":
         ray.kill(actor, no_restart=False)
     else:  # the process dies at once, as with os._exit inside the actor: no cleanup, no goodbye
-        os.kill(ray.get(actor.stats.remote())["pid"], signal.SIGKILL)
+        os.kill(ray.get(actor.stats.remote()).pid, signal.SIGKILL)
 
 
 def _wait_caches_empty(client: RelayClient) -> None:

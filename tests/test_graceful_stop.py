@@ -12,8 +12,11 @@ import threading
 import time
 
 import grpc
+import pytest
 
 from qwen_relay.client import RelayClient
+
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
 
 
 def test_sigterm_drains_in_flight_calls(tiny_model):

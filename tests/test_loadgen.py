@@ -82,6 +82,7 @@ def fault_relay(relay_factory, tiny_model):
     return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=120))
 
 
+@pytest.mark.slow
 def test_forty_requests_survive_a_slice_killed_mid_run(fault_relay, tiny_model, reference):
     """40 streams at concurrency 8; slice 0's process is SIGKILLed once 10 have ended: none lost or changed."""
     config = LoadConfig(requests=40, concurrency=8, distinct=8, prompt_tokens=(4, 24), max_new_tokens=(16, 32),

@@ -5,10 +5,13 @@ from __future__ import annotations
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
 
 GENERATE = "qwen_relay.v1.TextGeneration/Generate"
 STREAM = "qwen_relay.v1.TextGeneration/GenerateStream"
@@ -44,20 +47,26 @@ def metered(relay_factory, tiny_model):
     from qwen_relay.server.app import ServeOptions
 
     relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=512,
-                                       metrics_port=_free_port()))
+                                       metrics_port=_free_port(), stats_interval=0.2))
     assert relay.metrics.port == relay.options.metrics_port
     return relay
 
 
-def _settled(port: int, timeout: float = 10.0) -> Scrape:
-    """A scrape once every slice has dropped its caches (a release reaches the actors asynchronously)."""
+def _scrape_when(port: int, ready: Callable[[Scrape], bool], what: str, timeout: float = 30.0) -> Scrape:
+    """The first scrape that satisfies `ready`: slice stats reach the metrics on the stats poller's clock."""
     deadline = time.monotonic() + timeout
     while True:
         scrape = Scrape(port)
-        if all(scrape["qwen_relay_kv_cache_entries", {"slice": i}] == 0 for i in SLICES) or \
-                time.monotonic() > deadline:
+        if ready(scrape):
             return scrape
+        assert time.monotonic() < deadline, f"no scrape showed {what} within {timeout:.0f} s"
         time.sleep(0.1)
+
+
+def _settled(port: int) -> Scrape:
+    """A scrape once every slice has dropped its caches and the metrics have seen it."""
+    return _scrape_when(port, lambda s: all(s["qwen_relay_kv_cache_entries", {"slice": i}] == 0 for i in SLICES)
+                        and s["qwen_relay_active_sequences"] == 0, "empty caches")
 
 
 def test_metrics_follow_requests(metered):
@@ -75,7 +84,8 @@ def test_metrics_follow_requests(metered):
         # While a long stream is open: one active sequence, holding a cache entry in every slice.
         stream = client.stream("a long one", max_new_tokens=500, ignore_eos=True)
         next(stream)
-        during = Scrape(port)
+        during = _scrape_when(port, lambda s: all(s["qwen_relay_kv_cache_entries", {"slice": i}] == 1
+                                                  for i in SLICES), "the open stream's cache entries")
         stream.close()  # cancels the call: the server frees the slot
 
         info = client.model_info()
@@ -97,30 +107,46 @@ def test_metrics_follow_requests(metered):
     assert 1 <= cancelled_tokens <= 500
     assert delta("qwen_relay_step_seconds_count") >= max(c.completion_tokens for c in completions)
 
-    assert during["qwen_relay_active_sequences"] == 1 or during["qwen_relay_queue_depth"] == 1
-    assert all(during["qwen_relay_kv_cache_entries", {"slice": i}] == 1 for i in SLICES)
+    assert during["qwen_relay_active_sequences"] == 1 and during["qwen_relay_queue_depth"] == 0
     for i in SLICES:
         assert after["qwen_relay_kv_cache_entries", {"slice": i}] == 0
         assert after["qwen_relay_slice_healthy", {"slice": i}] == 1
         assert delta("qwen_relay_slice_forward_seconds_total", slice=i) > 0
     assert after["qwen_relay_active_sequences"] == 0 and after["qwen_relay_queue_depth"] == 0
-    assert after["qwen_relay_hop_transfer_seconds_total"] >= 0
+    # Steps took longer than the slices' forwards inside them: the hops cost something.
+    assert after["qwen_relay_hop_transfer_seconds_total"] > 0
 
     assert [(s.index, s.healthy, s.restarts) for s in info.slices] == [(0, True, 0), (1, True, 0)]
 
 
-def test_slice_restarts_are_counted_once(metered):
-    port = metered.options.metrics_port
-    before = Scrape(port)
-    metered.metrics.slice_restarted(1)
-    after = Scrape(port)
-    assert after["qwen_relay_slice_restarts_total", {"slice": "1"}] - \
-        before["qwen_relay_slice_restarts_total", {"slice": "1"}] == 1
-    # The pipeline reporting the same restart in its stats does not count it again.
-    metered.metrics._update_from([{"restarts": 0}, {"restarts": int(after["qwen_relay_slice_restarts_total",
-                                                                            {"slice": "1"}])}])
-    assert Scrape(port)["qwen_relay_slice_restarts_total", {"slice": "1"}] == \
-        after["qwen_relay_slice_restarts_total", {"slice": "1"}]
+def test_slice_snapshots_count_restarts_and_slice_compute():
+    """Restarts come from the pipeline's counts; forward time restarts from 0 with its slice and still adds up."""
+    from qwen_relay.server.metrics import Metrics
+    from qwen_relay.shards.stats import SliceStats
+
+    metrics = Metrics()
+
+    def snapshot(forward: tuple[float, float], restarts: tuple[int, int], healthy: bool = True) -> None:
+        metrics.update_slices([SliceStats(first=0, end=2, has_embeddings=True, has_lm_head=False,
+                                          forward_seconds=forward[0], restarts=restarts[0]),
+                               SliceStats(first=2, end=4, has_embeddings=False, has_lm_head=True,
+                                          forward_seconds=forward[1], restarts=restarts[1], healthy=healthy)])
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(name, labels)
+
+    snapshot((1.0, 2.0), (0, 0))  # baseline: warm-up
+    metrics.observe_step(4.0)
+    snapshot((2.0, 3.0), (0, 0))  # 2 s of the 4 in forwards: 2 s over 3 hops
+    assert value("qwen_relay_hop_transfer_seconds_total") == pytest.approx(2 / 3)
+    snapshot((2.0, 0.0), (0, 1), healthy=False)  # slice 1 is down: its numbers are not folded in
+    assert value("qwen_relay_slice_restarts_total", slice="1") == 1
+    assert value("qwen_relay_slice_healthy", slice="1") == 0
+    metrics.observe_step(1.0)
+    snapshot((2.5, 0.5), (0, 1))  # restarted: its 0.5 s count from 0; 5 s of steps, 3 s of forwards
+    assert value("qwen_relay_hop_transfer_seconds_total") == pytest.approx(2 / 3)
+    assert value("qwen_relay_slice_restarts_total", slice="1") == 1  # the same restart, reported again
+    assert value("qwen_relay_slice_forward_seconds_total", slice="1") == 0.5
 
 
 def test_metrics_registries_are_per_relay():

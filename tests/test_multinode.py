@@ -24,6 +24,8 @@ from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
 
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
+
 RAY = str(Path(sys.executable).with_name("ray"))
 MAX_NEW = 60
 # Detect a dead node in ~2 s instead of Ray's default ~15-30 s.

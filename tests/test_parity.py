@@ -1,5 +1,8 @@
 """The contract: served greedy output is token-for-token `generate()` on the whole model (fp32), for any
-split, every input kind, batched or not, through both RPCs."""
+split, every input kind, batched or not, with one or several steps in flight, through both RPCs.
+
+Every split runs in-process (the fast tier: the same slices, engine and gRPC server, without Ray); a few run
+on Ray actors too (slow)."""
 
 from __future__ import annotations
 
@@ -34,6 +37,12 @@ SPLITS = [
     ("untied_model", 2, None),
     ("untied_model", None, "0-3,4-4"),
 ]
+RAY_SPLITS = [SPLITS[1], SPLITS[4], SPLITS[5]]
+
+
+def _split_id(split: tuple) -> str:
+    model, shards, layers = split
+    return f"{model.split('_')[0]}-{shards or layers}"
 
 
 def _inputs(tokenizer) -> list[tuple[dict, list[int]]]:
@@ -47,18 +56,18 @@ def _inputs(tokenizer) -> list[tuple[dict, list[int]]]:
     return cases
 
 
-@pytest.mark.parametrize(("model_fixture", "shards", "layers"), SPLITS,
-                         ids=[f"{m.split('_')[0]}-{s or lay}" for m, s, lay in SPLITS])
-def test_batched_parity_for_every_split(request, relay_factory, reference, model_fixture, shards, layers):
-    model_dir = request.getfixturevalue(model_fixture)
-    relay = relay_factory(ServeOptions(model=str(model_dir), shards=shards or 1, layers=layers,
-                                       max_context=512))
+def _check_parity(relay, model_dir, reference, batched: bool) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cases = _inputs(tokenizer)
     with RelayClient(f"127.0.0.1:{relay.port}", timeout=120) as client:
-        # All requests in flight at once: they are decoded together in one batch.
-        with ThreadPoolExecutor(len(cases)) as pool:
-            results = list(pool.map(lambda c: client.generate(**c[0], max_new_tokens=MAX_NEW), cases))
+        def run(case):
+            return client.generate(**case[0], max_new_tokens=MAX_NEW)
+
+        if batched:  # all requests in flight at once: they are decoded together
+            with ThreadPoolExecutor(len(cases)) as pool:
+                results = list(pool.map(run, cases))
+        else:
+            results = [run(case) for case in cases]
         for (kwargs, prompt_ids), result in zip(cases, results, strict=True):
             expected = reference(model_dir, prompt_ids, MAX_NEW)
             assert result.prompt_tokens == len(prompt_ids), kwargs
@@ -72,6 +81,27 @@ def test_batched_parity_for_every_split(request, relay_factory, reference, model
         assert [t for c in chunks for t in c.token_ids] == results[0].token_ids
         assert chunks[-1].finish_reason == results[0].finish_reason
         assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("in_flight", [1, 0], ids=["one-step-in-flight", "step-per-slice-in-flight"])
+@pytest.mark.parametrize(("model_fixture", "shards", "layers"), SPLITS, ids=[_split_id(s) for s in SPLITS])
+def test_parity_for_every_split(request, relay_factory, reference, model_fixture, shards, layers, in_flight):
+    model_dir = request.getfixturevalue(model_fixture)
+    relay = relay_factory(ServeOptions(model=str(model_dir), shards=shards or 1, layers=layers, max_context=512,
+                                       use_ray=False, max_in_flight=in_flight))
+    assert relay.engine.depth == (in_flight or len(relay.ranges))
+    _check_parity(relay, model_dir, reference, batched=True)
+    if in_flight == 1:  # a lone request is one step in flight whatever the depth
+        _check_parity(relay, model_dir, reference, batched=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_fixture", "shards", "layers"), RAY_SPLITS, ids=[_split_id(s) for s in RAY_SPLITS])
+def test_parity_on_ray_actors(request, relay_factory, reference, model_fixture, shards, layers):
+    model_dir = request.getfixturevalue(model_fixture)
+    relay = relay_factory(ServeOptions(model=str(model_dir), shards=shards or 1, layers=layers, max_context=512))
+    assert relay.engine.depth == len(relay.ranges)
+    _check_parity(relay, model_dir, reference, batched=True)
 
 
 def test_requests_join_a_running_batch(relay, tiny_model, reference):

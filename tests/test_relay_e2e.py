@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from transformers import AutoTokenizer
 
+from qwen_relay.client import RelayClient
 from qwen_relay.v1 import relay_pb2
 
 SERVICE = "qwen_relay.v1.TextGeneration"
@@ -132,9 +133,6 @@ def test_model_info_layout(client):
     assert all(s.first_layer <= s.last_layer for s in slices)
     assert [s.has_embeddings for s in slices] == [True] + [False] * (len(slices) - 1)
     assert [s.has_lm_head for s in slices] == [False] * (len(slices) - 1) + [True]
-    assert all(s.actor_id for s in slices)
-    assert len({s.actor_id for s in slices}) == len(slices)
-    assert all(s.node_id for s in slices)
     assert all(s.device == "cpu" for s in slices)
     assert all(s.weight_bytes > 0 for s in slices)
     assert all(s.healthy for s in slices)
@@ -359,3 +357,12 @@ def test_concurrent_streams_equal_unary_greedy(client):
         assert text == expected.text, prompt
         assert reason == "length"
     assert len({tuple(u.token_ids) for u in unary}) > 1  # the prompts really differ in output
+
+
+@pytest.mark.slow
+def test_model_info_names_each_slices_ray_actor_and_node(ray_relay):
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=60) as client:
+        slices = client.model_info().slices
+    assert len({s.actor_id for s in slices}) == len(slices) == 2 and all(s.actor_id for s in slices)
+    assert all(s.node_id for s in slices)
+    assert all(s.healthy and s.restarts == 0 and s.weight_bytes > 0 for s in slices)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc")
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc"),
+              pytest.mark.slow]  # subprocesses that load a checkpoint
 
 MIB = 1 << 20
 MARGIN = 64 * MIB  # allocator slack, the forward's activations and KV cache, import-time noise
@@ -33,7 +34,6 @@ from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import KVCache
 from qwen_relay.shards.loader import load_slice
 from qwen_relay.shards.runner import peak_rss_bytes as peak  # VmHWM: this address space's, fresh at exec
-
 
 model, first, end, prepack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 torch.set_num_threads(1)
@@ -136,7 +136,7 @@ def test_tied_model_slices_hold_only_their_tensors(tiny_model):
     def weight_bytes(first: int, end: int, prepack: bool = True) -> int:
         spec = SliceSpec(model=str(tiny_model), first=first, end=end, dtype="float32", device="cpu", max_slots=1,
                          max_len=8, prepack=prepack)
-        return SliceRunner(spec).stats()["weight_bytes"]
+        return SliceRunner(spec).stats().weight_bytes
 
     assert weight_bytes(1, 3) == _layer_bytes(sizes, 1, 3)  # what GetModelInfo reports: no embedding
     assert weight_bytes(0, 2) == _layer_bytes(sizes, 0, 2) + embed

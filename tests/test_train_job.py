@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qwen_relay.train.data import render_prompt
 from qwen_relay.train.job import TrainConfig, run_training
 
+pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
+
 CHATS = [
     ("Merhaba", "Merhaba! Nasıl yardımcı olabilirim?"),
     ("Hello", "Hello! How can I help you today?"),
