@@ -512,8 +512,11 @@ class _Server(uvicorn.Server):
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound now so a taken port fails at start and port 0 has its number at once."""
-    family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
-    return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    try:
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host.strip("[]"), port), family=family, backlog=2048)
+    except OSError as e:  # as the gRPC port reports it: the CLI prints the reason, not a traceback
+        raise RuntimeError(f"cannot listen on {host}:{port} (HTTP): {e.strerror or e}") from e
 
 
 class HttpServer:

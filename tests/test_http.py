@@ -421,6 +421,12 @@ def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream):
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def test_taken_http_port_fails_the_start(loop_thread, tiny_model, relay):
+    options = ServeOptions(model=str(tiny_model), shards=1, use_ray=False, port=0, http_port=relay.http_port)
+    with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{relay.http_port} \\(HTTP\\)"):
+        loop_thread.run(Relay.start(options))
+
+
 def test_cli_http_port_is_off_unless_given():
     from qwen_relay.server.cli import build_parser, serve_options
 
