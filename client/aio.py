@@ -7,7 +7,7 @@ Errors are not translated: a failed call raises ``grpc.aio.AioRpcError`` (a ``gr
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -104,10 +104,11 @@ class AsyncRelayClient(BaseClient):
         prompt: str | None = None,
         messages: Iterable[MessageLike] | None = None,
         *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> TokenizeResult:
         """Token ids as the server's tokenizer (and chat template, for messages) makes them."""
-        request = build_tokenize_request(prompt, messages)
+        request = build_tokenize_request(prompt, messages, chat_template_kwargs)
         response = await self.stub.Tokenize(request, **self._call_kwargs(timeout))
         return tokenize_result_from_response(response)
 

@@ -56,6 +56,22 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     group.add_argument("--adapter", default=None, help="LoRA adapter name (default: the base model)")
+    group.add_argument(
+        "--template-option", action="append", type=template_option, default=None, metavar="NAME=JSON",
+        help="chat-template option for chat messages, e.g. enable_thinking=false (repeatable)",
+    )
+
+
+def template_option(value: str) -> tuple[str, Any]:
+    """``NAME=JSON`` of --template-option: ``enable_thinking=false`` gives ("enable_thinking", False)."""
+    name, sep, raw = value.partition("=")
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError:
+        parsed = None
+    if not sep or not name or not isinstance(parsed, bool | int | float | str):
+        raise argparse.ArgumentTypeError(f"expected NAME=JSON (a bool, number or quoted string), got {value!r}")
+    return name, parsed
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -122,6 +138,7 @@ def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
         "adapter": args.adapter,
+        "chat_template_kwargs": dict(args.template_option or ()),
     }
 
 

@@ -6,7 +6,7 @@ Errors are not translated: a failed call raises ``grpc.RpcError`` so callers can
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -41,7 +41,8 @@ class RelayClient(BaseClient):
     Constructor arguments are ``BaseClient``'s: ``target``, then keyword-only ``timeout``, TLS material,
     ``auth_token``, extra ``metadata``/``options``, ``wait_for_ready``.
     Generation parameters (``**params``) are those of ``build_generate_request``: max_new_tokens,
-    temperature, top_p, top_k, seed, stop, ignore_eos, adapter, request_id.
+    temperature, top_p, top_k, seed, stop, ignore_eos, adapter, request_id, chat_template_kwargs,
+    separate_reasoning.
     """
 
     def _open_channel(self) -> grpc.Channel:
@@ -101,10 +102,12 @@ class RelayClient(BaseClient):
         prompt: str | None = None,
         messages: Iterable[MessageLike] | None = None,
         *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> TokenizeResult:
         """Token ids as the server's tokenizer (and chat template, for messages) makes them."""
-        response = self.stub.Tokenize(build_tokenize_request(prompt, messages), **self._call_kwargs(timeout))
+        request = build_tokenize_request(prompt, messages, chat_template_kwargs)
+        response = self.stub.Tokenize(request, **self._call_kwargs(timeout))
         return tokenize_result_from_response(response)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:

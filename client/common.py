@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
@@ -50,6 +51,22 @@ def _exactly_one(**inputs: Any) -> None:
         raise ValueError(f"pass exactly one of {names}; got {', '.join(given) or 'none'}")
 
 
+def _template_value(name: str, value: Any) -> struct_pb2.Value:
+    """One chat-template option as a protobuf Value (JSON types: bool, number, string)."""
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, int | float):
+        return struct_pb2.Value(number_value=value)
+    if isinstance(value, str):
+        return struct_pb2.Value(string_value=value)
+    raise TypeError(f"chat_template_kwargs[{name!r}] must be a bool, number or string, not {type(value).__name__}")
+
+
+def _set_template_kwargs(request: Any, options: Mapping[str, Any] | None) -> None:
+    for name, value in (options or {}).items():
+        request.chat_template_kwargs[name].CopyFrom(_template_value(name, value))
+
+
 def build_generate_request(
     prompt: str | None = None,
     *,
@@ -64,6 +81,8 @@ def build_generate_request(
     ignore_eos: bool = False,
     adapter: str | None = None,
     request_id: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    separate_reasoning: bool = False,
 ) -> relay_pb2.GenerateRequest:
     """Builds the one GenerateRequest both clients send.
 
@@ -71,6 +90,10 @@ def build_generate_request(
     and top_p / seed stay unset (they are proto3 ``optional``, so unset differs from 0). A single ``stop``
     string is accepted as a list of one. Unknown keyword arguments raise TypeError, so a misspelt parameter
     never silently does nothing. Range checks (top_p in (0, 1], caps) are the server's job.
+
+    ``chat_template_kwargs`` (with ``messages``) passes options to the chat template, e.g.
+    ``{"enable_thinking": False}``; the server accepts an allow-listed set. ``separate_reasoning`` asks for
+    the model's ``<think>`` block in ``reasoning``, apart from ``text``.
     """
     _exactly_one(prompt=prompt, messages=messages, prompt_token_ids=prompt_token_ids)
     request = relay_pb2.GenerateRequest()
@@ -98,18 +121,25 @@ def build_generate_request(
     request.ignore_eos = bool(ignore_eos)
     if adapter:
         request.adapter = adapter
+    _set_template_kwargs(request, chat_template_kwargs)
+    request.separate_reasoning = bool(separate_reasoning)
     return request
 
 
 def build_tokenize_request(
-    prompt: str | None = None, messages: Iterable[MessageLike] | None = None
+    prompt: str | None = None,
+    messages: Iterable[MessageLike] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> relay_pb2.TokenizeRequest:
-    """Builds a TokenizeRequest from exactly one of a prompt or chat messages."""
+    """Builds a TokenizeRequest from exactly one of a prompt or chat messages (and template options)."""
     _exactly_one(prompt=prompt, messages=messages)
     if prompt is not None:
-        return relay_pb2.TokenizeRequest(prompt=prompt)
-    assert messages is not None
-    return relay_pb2.TokenizeRequest(messages=[to_chat_message(m) for m in messages])
+        request = relay_pb2.TokenizeRequest(prompt=prompt)
+    else:
+        assert messages is not None
+        request = relay_pb2.TokenizeRequest(messages=[to_chat_message(m) for m in messages])
+    _set_template_kwargs(request, chat_template_kwargs)
+    return request
 
 
 # -------------------------------------------------------------------------------------------- responses
@@ -149,6 +179,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     request_id: str
+    reasoning: str = ""  # with separate_reasoning: the <think> block's text, apart from ``text``
     raw: relay_pb2.GenerateResponse | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,6 +197,7 @@ class Chunk:
     request_id: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning: str = ""  # with separate_reasoning: this delta's share of the <think> block
     raw: relay_pb2.GenerateResponse | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -254,6 +286,7 @@ def completion_from_response(response: relay_pb2.GenerateResponse) -> Completion
         prompt_tokens=response.usage.prompt_tokens,
         completion_tokens=response.usage.completion_tokens,
         request_id=response.request_id,
+        reasoning=response.reasoning,
         raw=response,
     )
 
@@ -267,6 +300,7 @@ def chunk_from_response(response: relay_pb2.GenerateResponse) -> Chunk:
         request_id=response.request_id,
         prompt_tokens=response.usage.prompt_tokens if has_usage else None,
         completion_tokens=response.usage.completion_tokens if has_usage else None,
+        reasoning=response.reasoning,
         raw=response,
     )
 
@@ -296,6 +330,7 @@ class CompletionBuilder:
 
     def __init__(self) -> None:
         self._text: list[str] = []
+        self._reasoning: list[str] = []
         self._token_ids: list[int] = []
         self._finish_reason: str | None = None
         self._request_id = ""
@@ -304,6 +339,7 @@ class CompletionBuilder:
 
     def add(self, chunk: Chunk) -> None:
         self._text.append(chunk.text)
+        self._reasoning.append(chunk.reasoning)
         self._token_ids.extend(chunk.token_ids)
         self._request_id = self._request_id or chunk.request_id
         if chunk.finish_reason is not None:
@@ -328,6 +364,7 @@ class CompletionBuilder:
                 self._completion_tokens if self._completion_tokens is not None else len(self._token_ids)
             ),
             request_id=self._request_id,
+            reasoning="".join(self._reasoning),
         )
 
 

@@ -1,4 +1,5 @@
-"""Assemble and run the gateway: tokenizer and limits, slices (Ray actors or in-process), engine, gRPC.
+"""Assemble and run the gateway: tokenizer and limits, slices (Ray actors or in-process), engine, gRPC, and
+with `http_port` the OpenAI-compatible HTTP API (server/http.py) on the same engine.
 
 The gRPC port opens first with health NOT_SERVING, so an orchestrator can watch the slices load; health
 turns SERVING only once every slice has loaded its weights and run a warm-up step.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,6 +31,9 @@ from .pipeline import LocalPipeline, Pipeline
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
 from .validation import Limits
+
+if TYPE_CHECKING:
+    from .http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,7 @@ class ServeOptions:
     admin_token: str | None = field(default=None, repr=False)  # if set, AdapterAdmin needs it (not auth_token)
     metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0: off
     stats_interval: float = 5.0  # seconds between the slice-stats snapshots the metrics report
+    http_port: int | None = None  # OpenAI-compatible HTTP API on host:http_port (0: any free port); None: off
 
 
 class Relay:
@@ -116,7 +123,12 @@ class Relay:
             self.adapters, self.metrics)
         self._stats_task: asyncio.Task | None = None
         self._server_stop: asyncio.Future | None = None
+        self._http_stop: asyncio.Future | None = None
         self.port = 0
+        self.http: HttpServer | None = None  # with --http-port: the OpenAI-compatible API on this engine
+        self.http_port = 0
+        self.serving = False  # what health says; HTTP /health mirrors it
+        self.started = time.time()
 
     @classmethod
     async def start(cls, options: ServeOptions) -> Relay:
@@ -154,6 +166,13 @@ class Relay:
         if opts.metrics_port:
             self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
+        if opts.http_port is not None:
+            from .http import HttpServer  # only here: FastAPI and uvicorn load only when HTTP is asked for
+
+            self.http = HttpServer(self)
+            self.http_port = self.http.port
+            self.http.start()
+            log.info("HTTP (OpenAI-compatible) on %s:%d", opts.host, self.http_port)
         security = ("mutual TLS" if opts.tls_client_ca else "TLS" if credentials is not None else "plaintext") + (
             ", bearer token required" if opts.auth_token else "") + (
             ", admin token required for AdapterAdmin" if opts.admin_token else "")
@@ -204,6 +223,7 @@ class Relay:
         self.adapters.forget(name)
 
     async def _set_health(self, serving: bool) -> None:
+        self.serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -219,16 +239,19 @@ class Relay:
         """Graceful stop: NOT_SERVING, refuse new calls, let in-flight calls finish for up to `grace` s, end the
         rest UNAVAILABLE, release the slices. Safe to call again (with grace 0) to cut a stop short."""
         grace = self.options.grace_seconds if grace is None else grace
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         if self.server is not None and self._server_stop is None:
             self._server_stop = asyncio.ensure_future(self.server.stop(grace + STOP_SLACK_S))
             await asyncio.sleep(0)  # the stop's first step runs: from here on new calls are refused UNAVAILABLE
+        if self.http is not None and self._http_stop is None:
+            self._http_stop = asyncio.ensure_future(self.http.stop(grace + STOP_SLACK_S))
         log.info("draining %d requests for up to %.0f s", len(self.engine.scheduler), grace)
         await self.engine.drain(grace)
-        if self._server_stop is not None:  # the slack lets calls failed by the drain send their UNAVAILABLE
-            try:
-                await asyncio.wait_for(asyncio.shield(self._server_stop), STOP_SLACK_S)
-            except TimeoutError:
+        stopping = [s for s in (self._server_stop, self._http_stop) if s is not None]
+        if stopping:  # the slack lets calls failed by the drain send their UNAVAILABLE
+            _, late = await asyncio.wait([asyncio.shield(s) for s in stopping], timeout=STOP_SLACK_S)
+            if late:
                 log.warning("calls still open after the grace period; stopping anyway")
         if self._stats_task is not None:
             self._stats_task.cancel()

@@ -82,6 +82,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                           f"--auth-token (default: ${ADMIN_TOKEN_ENV}); without it, --auth-token covers both")
     parser.add_argument("--metrics-port", type=bounded(int, 0, 65535), default=0,
                         help="serve Prometheus metrics on --host:PORT/metrics (default 0: off)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                             "/v1/models, /health) on --host:PORT, with the same TLS and token (default: off)")
 
 
 def adapter_argument(value: str) -> tuple[str, str]:
@@ -116,7 +119,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=_token(args.auth_token, AUTH_TOKEN_ENV),
         admin_token=_token(args.admin_token, ADMIN_TOKEN_ENV),
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, http_port=args.http_port,
     )
 
 

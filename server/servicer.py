@@ -18,11 +18,11 @@ from transformers import PreTrainedTokenizerBase
 
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
-from .detokenizer import Detokenizer
 from .engine import AdapterLost, Engine, Overloaded, ReplayLimit, Unavailable
 from .metrics import Metrics
+from .reasoning import ReasoningSplitter, opens_reasoning
 from .sequence import Delta, FinishReason, Sequence
-from .validation import InvalidRequest, Limits, check_size, render_prompt, validate
+from .validation import InvalidRequest, Limits, UnknownAdapter, check_size, prepare, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,42 @@ class ModelMeta:
     max_batch: int
 
 
+async def run(engine: Engine, seq: Sequence, metrics: Metrics) -> AsyncIterator[Delta]:
+    """The deltas of one request, timed and logged; what every front end (gRPC, HTTP) generates through.
+    Raises the engine's errors (`Overloaded`, `Unavailable`, a failed step) for the caller to map."""
+    log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.log_id, len(seq.prompt_ids),
+             seq.params.max_new_tokens)
+    timer = metrics.generation()
+    try:
+        async for delta in engine.generate(seq):
+            timer.tokens(len(delta.token_ids))
+            yield delta
+    finally:
+        timer.finish()
+        log.info("request %s ended (%s): %d tokens, first after %s", seq.log_id,
+                 seq.finish_reason.value if seq.finish_reason else "unfinished", timer.num_tokens,
+                 f"{timer.ttft:.3f} s" if timer.ttft is not None else "-")
+
+
+def splitter(request: relay_pb2.GenerateRequest, seq: Sequence, tokenizer: PreTrainedTokenizerBase
+             ) -> ReasoningSplitter | None:
+    """A reasoning splitter when the request asks for one."""
+    if not request.separate_reasoning:
+        return None
+    return ReasoningSplitter(opens_reasoning(tokenizer, seq.prompt_ids))
+
+
+def split(splitter: ReasoningSplitter | None, delta: Delta) -> tuple[str, str]:
+    """(reasoning, answer) of one delta; everything is answer without a splitter."""
+    if splitter is None:
+        return "", delta.text
+    reasoning, answer = splitter.add(delta.text)
+    if delta.finish_reason is not None:
+        tail = splitter.flush()
+        reasoning, answer = reasoning + tail[0], answer + tail[1]
+    return reasoning, answer
+
+
 class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
     """Built complete before the slices load: until the engine is `ready`, calls get UNAVAILABLE."""
 
@@ -73,7 +109,8 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         self.metrics = metrics
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see the module doc
 
-    async def _off_loop(self, fn, *args):
+    async def off_loop(self, fn, *args):
+        """`fn(*args)` on the tokenizing thread (see the module doc); HTTP requests are prepared here too."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
@@ -84,20 +121,15 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
     async def _sequence(self, request: relay_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
         await self._ready(context)
         try:
-            request_id, prompt_ids, params = await self._off_loop(validate, request, self.tokenizer, self.limits)
+            return await self.off_loop(prepare, request, self.tokenizer, self.limits, self.adapters)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if params.adapter and params.adapter not in self.adapters:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"adapter: no adapter named {params.adapter!r} is loaded")
-        return Sequence(request_id, prompt_ids, params, Detokenizer(self.tokenizer, params.stop))
+        except UnknownAdapter as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
     async def _deltas(self, seq: Sequence, context: grpc.aio.ServicerContext) -> AsyncIterator[Delta]:
-        log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.log_id, len(seq.prompt_ids),
-                 seq.params.max_new_tokens)
-        timer = self.metrics.generation()
         try:
-            async for delta in self.engine.generate(seq):
-                timer.tokens(len(delta.token_ids))
+            async for delta in run(self.engine, seq, self.metrics):
                 yield delta
         except Exception as e:  # noqa: BLE001 - a failed step ends this call, not the server
             code = next((c for kind, c in ERROR_CODES if isinstance(e, kind)), None)
@@ -105,15 +137,11 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
                 log.error("request %s failed: %r", seq.log_id, e)
                 await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {public_message(e)}")
             await context.abort(code, str(e))
-        finally:
-            timer.finish()
-            log.info("request %s ended (%s): %d tokens, first after %s", seq.log_id,
-                     seq.finish_reason.value if seq.finish_reason else "unfinished", timer.num_tokens,
-                     f"{timer.ttft:.3f} s" if timer.ttft is not None else "-")
 
-    def _response(self, seq: Sequence, text: str, token_ids: list[int],
-                  reason: FinishReason | None) -> relay_pb2.GenerateResponse:
-        response = relay_pb2.GenerateResponse(request_id=seq.request_id, text=text, token_ids=token_ids)
+    def _response(self, seq: Sequence, text: str, token_ids: list[int], reason: FinishReason | None,
+                  reasoning: str = "") -> relay_pb2.GenerateResponse:
+        response = relay_pb2.GenerateResponse(request_id=seq.request_id, text=text, token_ids=token_ids,
+                                              reasoning=reasoning)
         if reason is not None:
             response.finish_reason = FINISH_REASONS[reason]
             response.usage.prompt_tokens = len(seq.prompt_ids)
@@ -122,21 +150,26 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
 
     async def Generate(self, request, context):  # noqa: N802 - gRPC method names
         seq = await self._sequence(request, context)
-        texts, reason = [], None
+        reasoning = splitter(request, seq, self.tokenizer)
+        thoughts, texts, reason = [], [], None
         async for delta in self._deltas(seq, context):
-            texts.append(delta.text)
+            thought, text = split(reasoning, delta)
+            thoughts.append(thought)
+            texts.append(text)
             reason = delta.finish_reason
-        return self._response(seq, "".join(texts), seq.generated, reason)
+        return self._response(seq, "".join(texts), seq.generated, reason, "".join(thoughts))
 
     async def GenerateStream(self, request, context):  # noqa: N802
         seq = await self._sequence(request, context)
+        reasoning = splitter(request, seq, self.tokenizer)
         async for delta in self._deltas(seq, context):
-            yield self._response(seq, delta.text, delta.token_ids, delta.finish_reason)
+            thought, text = split(reasoning, delta)
+            yield self._response(seq, text, delta.token_ids, delta.finish_reason, thought)
 
     async def Tokenize(self, request, context):  # noqa: N802
         try:
             check_size(request, self.limits)
-            ids = await self._off_loop(render_prompt, request, self.tokenizer, self.limits.vocab_size)
+            ids = await self.off_loop(render_prompt, request, self.tokenizer, self.limits.vocab_size)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return relay_pb2.TokenizeResponse(token_ids=ids, count=len(ids))

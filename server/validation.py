@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Container
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -14,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 from qwen_relay.shards.batch import SamplingParams
 from qwen_relay.v1 import relay_pb2
 
-from .sequence import GenerationParams
+from .detokenizer import Detokenizer
+from .sequence import GenerationParams, Sequence
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_SEQUENCES = 16
@@ -26,10 +28,25 @@ MAX_ADAPTER_CHARS = 64  # adapter names are 1-64 characters (shards/adapters.py 
 # the last slice, failing every sequence in that step (vLLM's sampling epsilon is the same).
 MIN_TEMPERATURE = 1e-5
 ECHO_CHARS = 40  # error messages quote at most this much of a value: gRPC trailers are limited to 8-16 KiB
+# Chat-template options a request may set, with the JSON type each takes. An allow-list: templates are code,
+# and a free map would let callers steer any variable a template reads (tools, documents, date strings...).
+CHAT_TEMPLATE_OPTIONS: dict[str, str] = {"enable_thinking": "bool_value"}
 
 
 class InvalidRequest(ValueError):
     """Maps to INVALID_ARGUMENT; the message starts with the offending field."""
+
+    @property
+    def field(self) -> str:
+        """The request field the message starts with, without indices ("messages" for "messages[2].role")."""
+        return str(self).partition(":")[0].partition("[")[0].partition(".")[0]
+
+
+class UnknownAdapter(LookupError):
+    """Maps to NOT_FOUND: the request names an adapter that is not loaded."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def _quote(value: str) -> str:
@@ -53,6 +70,22 @@ class Limits:
                              f"{self.max_new_tokens_cap} (--max-new-tokens-cap)")
 
 
+def template_options(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest) -> dict[str, object]:
+    """`chat_template_kwargs` as Python values, each checked against `CHAT_TEMPLATE_OPTIONS`."""
+    options: dict[str, object] = {}
+    for name, value in sorted(request.chat_template_kwargs.items()):
+        kind = CHAT_TEMPLATE_OPTIONS.get(name)
+        if kind is None:
+            raise InvalidRequest(f"chat_template_kwargs: {_quote(name)} is not an allowed option (allowed: "
+                                 f"{', '.join(sorted(CHAT_TEMPLATE_OPTIONS))})")
+        if value.WhichOneof("kind") != kind:
+            raise InvalidRequest(f"chat_template_kwargs: {name} must be a {kind.removesuffix('_value')}")
+        options[name] = getattr(value, kind)
+    if options and not request.messages:
+        raise InvalidRequest("chat_template_kwargs: only applies to messages (the chat template renders them)")
+    return options
+
+
 def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest,
                   tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
     """The prompt's token ids from whichever single input the request carries."""
@@ -64,6 +97,7 @@ def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest
         raise InvalidRequest("prompt: no input given (set exactly one of prompt, messages, prompt_token_ids)")
     if len(given) > 1:
         raise InvalidRequest(f"{given[1]}: only one input is allowed, but {' and '.join(given)} are set")
+    options = template_options(request)
     if request.prompt:
         return tokenizer.encode(request.prompt, add_special_tokens=False)
     if token_ids:
@@ -78,7 +112,7 @@ def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest
             raise InvalidRequest(f"messages[{i}].role: unknown role {_quote(message.role)} "
                                  f"(expected one of {', '.join(sorted(ROLES))})")
         messages.append({"role": message.role, "content": message.content})
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **options)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -136,3 +170,13 @@ def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerB
     params = GenerationParams(max_new_tokens=max_new, sampling=sampling, stop=tuple(request.stop),
                               ignore_eos=request.ignore_eos, adapter=request.adapter)
     return request_id, prompt_ids, params
+
+
+def prepare(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits,
+            adapters: Container[str]) -> Sequence:
+    """The one way a request becomes a `Sequence`, for gRPC and HTTP alike: `InvalidRequest` or
+    `UnknownAdapter` otherwise."""
+    request_id, prompt_ids, params = validate(request, tokenizer, limits)
+    if params.adapter and params.adapter not in adapters:
+        raise UnknownAdapter(f"adapter: no adapter named {params.adapter!r} is loaded")
+    return Sequence(request_id, prompt_ids, params, Detokenizer(tokenizer, params.stop))
