@@ -8,6 +8,7 @@ runs each in its own Ray actor.
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from qwen_relay.shards.batch import StepBatch
@@ -27,6 +28,12 @@ class SliceLost(RuntimeError):
 
 
 class Pipeline(Protocol):
+    """`step` may be called concurrently, up to `depth` calls outstanding (one per slice): every slice runs the
+    batches in call order, so while slice 1 runs one batch slice 0 runs the next. `recover` only once every
+    outstanding step has settled."""
+
+    depth: int
+
     async def step(self, batch: StepBatch) -> list[int]: ...
 
     async def recover(self, timeout: float) -> bool: ...
@@ -41,21 +48,23 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    """All slices in this process; forwards run in a worker thread so the event loop keeps serving."""
+    """All slices in this process, each forwarding on its own worker thread (torch releases the GIL), so the
+    event loop keeps serving and concurrent steps overlap slice by slice. One thread per slice runs its
+    calls first come, first served, and a step reaches slice i+1 only after slice i: the order holds."""
 
     def __init__(self, specs: list[SliceSpec]) -> None:
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
-
-    def _step(self, batch: StepBatch) -> list[int]:
-        out = None
-        for runner in self.runners:
-            out = runner.step(batch, out if len(batch) else None)
-        return out
+        self.depth = len(self.runners)
+        self.threads = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(self.depth)]
 
     async def step(self, batch: StepBatch) -> list[int]:
-        return await asyncio.to_thread(self._step, batch)
+        loop = asyncio.get_running_loop()
+        out = None
+        for runner, thread in zip(self.runners, self.threads, strict=True):
+            out = await loop.run_in_executor(thread, runner.step, batch, out if len(batch) else None)
+        return out
 
     async def recover(self, timeout: float) -> bool:
         """In-process slices cannot die on their own; just forget the caches so they can be replayed."""
@@ -78,4 +87,6 @@ class LocalPipeline:
         await asyncio.to_thread(lambda: [r.unload_adapter(name) for r in self.runners])
 
     async def close(self) -> None:
+        for thread in self.threads:
+            thread.shutdown(wait=True)
         self.runners = []
