@@ -1,4 +1,4 @@
-"""One decoding step through every slice, in order (DESIGN.md: Ray is the transport, not the engine).
+"""One decoding step through every slice, in order (docs/design.md: Ray is the transport, not the engine).
 
 `Pipeline` is what the engine drives. `LocalPipeline` runs the slices' `SliceRunner`s in this process, for
 tests and for machines without Ray (this module does not import Ray); `RayPipeline` (server/ray_pipeline.py)
@@ -28,9 +28,10 @@ class SliceLost(RuntimeError):
 
 
 class Pipeline(Protocol):
-    """`step` may be called concurrently, up to `depth` calls outstanding (one per slice): every slice runs the
-    batches in call order, so while slice 1 runs one batch slice 0 runs the next. `recover` only once every
-    outstanding step has settled."""
+    """What the engine drives. `step` may be awaited up to `depth` times concurrently: the pipeline runs the
+    batches through every slice in the order they were submitted (slice k sees batch A before batch B), so
+    slice 1 can run A while slice 0 runs B, and each call returns its batch's token ids. When a slice is lost,
+    every outstanding step raises `SliceLost`; `recover` is called only once they have all settled."""
 
     depth: int
 
@@ -48,22 +49,22 @@ class Pipeline(Protocol):
 
 
 class LocalPipeline:
-    """All slices in this process, each forwarding on its own worker thread (torch releases the GIL), so the
-    event loop keeps serving and concurrent steps overlap slice by slice. One thread per slice runs its
-    calls first come, first served, and a step reaches slice i+1 only after slice i: the order holds."""
+    """All slices in this process, each stage on a thread of its own so the event loop keeps serving and,
+    with several steps in flight, slice 0 runs the next batch while slice 1 runs this one. A single-thread
+    executor per slice runs its forwards in submission order, which is the order `Pipeline` promises."""
 
     def __init__(self, specs: list[SliceSpec]) -> None:
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
         self.depth = len(self.runners)
-        self.threads = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(self.depth)]
+        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
 
     async def step(self, batch: StepBatch) -> list[int]:
         loop = asyncio.get_running_loop()
         out = None
-        for runner, thread in zip(self.runners, self.threads, strict=True):
-            out = await loop.run_in_executor(thread, runner.step, batch, out if len(batch) else None)
+        for runner, stage in zip(self.runners, self._stages, strict=True):
+            out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
         return out
 
     async def recover(self, timeout: float) -> bool:
@@ -87,6 +88,6 @@ class LocalPipeline:
         await asyncio.to_thread(lambda: [r.unload_adapter(name) for r in self.runners])
 
     async def close(self) -> None:
-        for thread in self.threads:
-            thread.shutdown(wait=True)
+        for stage in self._stages:
+            stage.shutdown(wait=True, cancel_futures=True)
         self.runners = []

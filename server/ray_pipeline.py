@@ -41,7 +41,7 @@ class RayPipeline:
                  strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1,
                  transport: str = "auto") -> None:
         self.specs = specs
-        self.depth = len(specs)  # steps that may be in flight at once
+        self.depth = len(specs)  # Ray runs each actor's calls from this caller in submission order
         self.use_gpu = use_gpu
         self.transport_mode = transport
         self.transport: Transport | None = None  # built in the event loop, by the first step
