@@ -425,7 +425,7 @@ class HfRunner:
         return hf_static_batches(self.model, phase.requests, phase.concurrency, self.pad_id)
 
     def memory(self) -> dict[str, Any]:
-        params = {p.data_ptr(): p.nbytes for p in self.model.parameters()}
+        params = {id(p): p.nbytes for p in self.model.parameters()}  # tied weights once; packed ones have no data_ptr
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": sum(params.values()),
                 "overhead_bytes": self.overhead, "gpu_peak_bytes": gpu}

@@ -209,3 +209,21 @@ def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline
     loop_thread.run(decode(pipeline, seqs, 3))
     check(tiny_model, reference, seqs)
     assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 0, 0]
+
+
+def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
+    from qwen_relay.server import transport
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("no shared memory here")
+
+    monkeypatch.setattr(transport, "CompiledGraph", cannot)
+    with caplog.at_level("INFO", logger="qwen_relay.server.transport"):
+        chosen = transport.build_transport(["a", "b"], 2)
+    assert chosen.name == "actor calls" and chosen.actors == ["a", "b"]
+    assert "no shared memory here" in caplog.text
+    with pytest.raises(RuntimeError, match="no shared memory"):
+        transport.build_transport(["a"], 1, mode="compiled")
+    assert transport.build_transport(["a"], 1, mode="calls").name == "actor calls"
+    with pytest.raises(ValueError, match="transport"):
+        transport.build_transport(["a"], 1, mode="nccl")
