@@ -227,3 +227,32 @@ def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
     assert transport.build_transport(["a"], 1, mode="calls").name == "actor calls"
     with pytest.raises(ValueError, match="transport"):
         transport.build_transport(["a"], 1, mode="nccl")
+
+
+@pytest.mark.slow
+def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, reference, monkeypatch):
+    """A graph whose teardown never returns: past the bound its slices are killed, Ray restarts them, and
+    recovery goes on with a new graph instead of waiting forever."""
+    import threading
+
+    from qwen_relay.server import transport
+
+    pipeline = ray_pipeline(2)
+    seqs = make_seqs()
+    loop_thread.run(step(pipeline, seqs))
+    graph = pipeline.transport
+    hang = threading.Event()
+    monkeypatch.setattr(graph.dag, "teardown", lambda *args, **kwargs: hang.wait())
+    monkeypatch.setattr(transport, "TEARDOWN_TIMEOUT_S", 1.0)
+    try:
+        os.kill(_pid(pipeline, 1), signal.SIGKILL)
+        with pytest.raises(SliceLost):
+            loop_thread.run(asyncio.wait_for(step(pipeline, seqs), 60))
+        assert loop_thread.run(pipeline.recover(120))
+    finally:
+        hang.set()
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
+    assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 1]  # slice 0 killed by the bound
+    replay(seqs)
+    loop_thread.run(decode(pipeline, seqs, 2))
+    check(tiny_model, reference, seqs)
