@@ -120,6 +120,7 @@ def test_hf_runner(tmp_path, tiny_model, pool):
     assert hf["memory"]["peak_rss_bytes"] > hf["memory"]["weight_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
     """hf in a subprocess, the overhead probe, one relay over gRPC, then every output file."""
     cfg = tiny_config(tiny_model, tmp_path / "out", shards=(1, 2), threads_per_slice=True)
