@@ -52,6 +52,14 @@ MIB = 2**20
 # Peak memory target: peak RSS <= MEMORY_FACTOR x (weights + KV cache + fixed runtime overhead).
 MEMORY_FACTOR = 1.3
 TARGETS = {"single_ms_per_token": 1.10, "mixed_tokens_per_s": 1.5, "uniform_tokens_per_s": 0.95}
+# `generate()` on stock kernels (the user's baseline) and on the slices' prepacked ones (shards/packed.py): the
+# second shows what the relay's design is worth apart from kernel choice.
+BASELINES = ("hf", "hf-packed")
+# Pipelining (--threads-per-slice): relay-2 against relay-1 and against hf-packed, each slice one thread.
+PIPELINE_TARGETS = {"uniform_2_over_1": (">=", 1.7), "mixed_2_over_1": (">=", 1.6), "busy_fraction": (">=", 0.85),
+                    "single_2_over_1": ("<=", 1.05), "slowest_over_mean": ("<=", 1.10),
+                    "mixed_over_hf_packed": (">=", 1.5), "uniform_over_hf_packed": (">=", 1.0),
+                    "single_over_hf_packed": ("<=", 1.05)}
 
 
 # ------------------------------------------------------------------------------------------- configuration
@@ -68,6 +76,9 @@ class BenchConfig:
     dtype: str = "auto"
     seed: int = 0
     threads: int = 0  # torch threads of the hf process and of each CPU slice; 0: os.cpu_count()
+    # Each slice one thread and one Ray CPU, emulating one device per slice (the baselines keep `threads`).
+    threads_per_slice: bool = False
+    baselines: tuple[str, ...] = BASELINES
     use_ray: bool = True
     prepack: bool = True  # the relay's CPU weights prepacked for oneDNN (hf always runs stock kernels)
     max_batch: int = 16
@@ -362,13 +373,30 @@ def summary(value: dict[str, Any]) -> str:
     return f"TTFT {value['ttft_ms']:.0f} ms, {value['ms_per_token_p50'] or 0:.1f} ms/token p50"
 
 
-class HfRunner:
-    """`transformers` `generate()` on the whole model in this process: the baseline every ratio divides by."""
+def prepack_model(model: Any) -> None:
+    """Put a whole `transformers` model on the kernels the slices use: every linear layer and the LM head
+    prepacked for oneDNN, as shards/loader.py packs a slice's (a tied head keeps the dense embedding)."""
+    from torch import nn
 
-    def __init__(self, cfg: BenchConfig) -> None:
+    from qwen_relay.shards.packed import HEAD_BLOCK_ROWS, can_prepack, prepack_head, prepack_linear
+
+    if not can_prepack(model.device, model.dtype):
+        raise ValueError(f"hf-packed needs fp32 on an x86-64 CPU with oneDNN, not {model.dtype} on {model.device}")
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name != "lm_head":
+            prepack_linear(model, name, module.weight.detach())
+    prepack_head(model, model.lm_head.weight.detach().split(HEAD_BLOCK_ROWS))
+
+
+class HfRunner:
+    """`transformers` `generate()` on the whole model in this process: the baseline every ratio divides by.
+    `packed`: the same on the slices' prepacked kernels (`hf-packed`)."""
+
+    def __init__(self, cfg: BenchConfig, packed: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
+        self.name = "hf-packed" if packed else "hf"
         self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
         torch.set_num_threads(cfg.num_threads)
         a = torch.ones(256, 256)
@@ -379,14 +407,16 @@ class HfRunner:
         if self.device.type == "cuda":
             kwargs["device_map"] = str(self.device)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs).eval()
+        if packed:
+            prepack_model(self.model)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        log.info("hf: loaded %s (%s, %s, %d threads) in %.1f s", cfg.model, self.device, self.dtype,
+        log.info("%s: loaded %s (%s, %s, %d threads) in %.1f s", self.name, cfg.model, self.device, self.dtype,
                  torch.get_num_threads(), time.perf_counter() - start)
         hf_generate(self.model, [Request(tuple(range(1, 9)), 2)], self.pad_id)  # warm-up: lazy initialisation
 
     def info(self) -> dict[str, Any]:
-        return {"system": "hf", "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        return {"system": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "openmp_env": {k: os.environ.get(k) for k in SLICE_ENV}}
 
     def run(self, phase: Phase) -> dict[str, Any]:
@@ -395,19 +425,19 @@ class HfRunner:
         return hf_static_batches(self.model, phase.requests, phase.concurrency, self.pad_id)
 
     def memory(self) -> dict[str, Any]:
-        params = {p.data_ptr(): p.nbytes for p in self.model.parameters()}
+        params = {id(p): p.nbytes for p in self.model.parameters()}  # tied weights once; packed ones have no data_ptr
         gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         return {"peak_rss_bytes": peak_rss_bytes(), "weight_bytes": sum(params.values()),
                 "overhead_bytes": self.overhead, "gpu_peak_bytes": gpu}
 
 
-def run_hf(cfg: BenchConfig, work: Workloads) -> dict[str, Any]:
+def run_hf(cfg: BenchConfig, work: Workloads, packed: bool = False) -> dict[str, Any]:
     """The whole hf side in this process, phase after phase (the bench runs it in `HfProcess` instead)."""
-    runner = HfRunner(cfg)
+    runner = HfRunner(cfg, packed)
     result = runner.info()
     for phase in plan(cfg, work):
         store(result, phase, value := runner.run(phase))
-        log.info("hf %s: %s", phase.describe(), summary(value))
+        log.info("%s %s: %s", runner.name, phase.describe(), summary(value))
     result["memory"] = runner.memory()
     return result
 
@@ -415,10 +445,10 @@ def run_hf(cfg: BenchConfig, work: Workloads) -> dict[str, Any]:
 _WORKER: HfRunner | None = None  # the HfRunner of an HfProcess, in that process
 
 
-def _worker_init(cfg: BenchConfig, level: int) -> None:
+def _worker_init(cfg: BenchConfig, packed: bool, level: int) -> None:
     global _WORKER
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    _WORKER = HfRunner(cfg)
+    _WORKER = HfRunner(cfg, packed)
 
 
 def _worker_call(method: str, *args: Any) -> Any:
@@ -447,10 +477,13 @@ class HfProcess:
     can alternate with the relays'. Construction blocks until the model is loaded and warm.
     """
 
-    def __init__(self, cfg: BenchConfig) -> None:
+    def __init__(self, cfg: BenchConfig, name: str = "hf") -> None:
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}: one of {', '.join(BASELINES)}")
         with _environ(SLICE_ENV):  # hf's process waits as the slices' do
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,
-                                            initargs=(cfg, logging.getLogger().getEffectiveLevel()))
+                                            initargs=(cfg, name == "hf-packed",
+                                                      logging.getLogger().getEffectiveLevel()))
             self.header = self.pool.submit(_worker_call, "info").result()  # starts it inside the block
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -510,11 +543,11 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     from qwen_relay.server.app import ServeOptions
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    threads = (1 if cfg.threads_per_slice else cfg.num_threads) if device.type == "cpu" else 0
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
-                        dtype=str(dtype).removeprefix("torch."),
-                        threads=cfg.num_threads if device.type == "cpu" else 0, prepack=cfg.prepack,
-                        grace_seconds=0)
+                        dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
+                        prepack=cfg.prepack, grace_seconds=0)
 
 
 class RelayUnderTest:
@@ -546,9 +579,15 @@ class RelayUnderTest:
         return cls(cfg, shards, relay, client, startup)
 
     async def run(self, phase: Phase) -> dict[str, Any]:
+        """The phase's figures, plus each slice's time in forwards during it (for the busy fraction)."""
+        before = [s.forward_seconds for s in await self.relay.pipeline.stats()]
         if phase.section == "single":
-            return await relay_single(self.client, phase.requests[0], self.cfg.single_repeats)
-        return await relay_load(self.client, phase.requests, phase.concurrency)
+            value = await relay_single(self.client, phase.requests[0], self.cfg.single_repeats)
+        else:
+            value = await relay_load(self.client, phase.requests, phase.concurrency)
+        after = [s.forward_seconds for s in await self.relay.pipeline.stats()]
+        value["slice_forward_s"] = [b - a for a, b in zip(before, after, strict=True)]
+        return value
 
     async def slices(self) -> dict[str, Any]:
         """Where the slices ran and their memory: peak RSS per slice process, weights, preallocated KV cache."""
@@ -577,20 +616,25 @@ async def run_systems(cfg: BenchConfig, work: Workloads) -> dict[str, Any]:
         reset_peak_rss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-    log.info("hf: loading in a subprocess")
-    hf = await asyncio.to_thread(HfProcess, cfg)
+    baselines: dict[str, HfProcess] = {}
     relays: list[RelayUnderTest] = []
     try:
+        for name in cfg.baselines:
+            log.info("%s: loading in a subprocess", name)
+            baselines[name] = await asyncio.to_thread(HfProcess, cfg, name)
         for shards in cfg.shards:
             relays.append(await RelayUnderTest.start(cfg, shards))
-        systems: dict[str, Any] = {"hf": dict(hf.header), **{r.name: dict(r.header) for r in relays}}
+        systems: dict[str, Any] = {**{n: dict(b.header) for n, b in baselines.items()},
+                                   **{r.name: dict(r.header) for r in relays}}
         for phase in plan(cfg, work):
-            store(systems["hf"], phase, value := await hf.call("run", phase))
-            log.info("%s | hf: %s", phase.describe(), summary(value))
+            for name, baseline in baselines.items():
+                store(systems[name], phase, value := await baseline.call("run", phase))
+                log.info("%s | %s: %s", phase.describe(), name, summary(value))
             for r in relays:
                 store(systems[r.name], phase, value := await r.run(phase))
                 log.info("%s | %s: %s", phase.describe(), r.name, summary(value))
-        systems["hf"]["memory"] = await hf.call("memory")
+        for name, baseline in baselines.items():
+            systems[name]["memory"] = await baseline.call("memory")
         for r in relays:
             systems[r.name].update(await r.slices())
         out: dict[str, Any] = {"systems": systems}
@@ -602,7 +646,8 @@ async def run_systems(cfg: BenchConfig, work: Workloads) -> dict[str, Any]:
     finally:
         for r in relays:
             await r.stop()
-        hf.close()
+        for baseline in baselines.values():
+            baseline.close()
 
 
 def _overhead_probe(threads: int) -> int:
@@ -630,6 +675,10 @@ def runtime_overhead(cfg: BenchConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- the report
+
+
+def relay_names(result: dict[str, Any]) -> list[str]:
+    return [n for n in result["systems"] if n not in BASELINES]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -662,9 +711,12 @@ def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
 def memory_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per process: peak, what it must hold, and peak / (weights + cache + overhead)."""
     overhead = result["runtime_overhead_bytes"]
-    hf = result["systems"]["hf"]["memory"]
-    rows = [{"process": "hf", "peak": hf["peak_rss_bytes"], "weights": hf["weight_bytes"], "cache": None,
-             "overhead": hf.get("overhead_bytes", overhead), "gpu_peak": hf.get("gpu_peak_bytes") or None}]
+    rows = []
+    for name in BASELINES:
+        if name in result["systems"]:
+            hf = result["systems"][name]["memory"]
+            rows.append({"process": name, "peak": hf["peak_rss_bytes"], "weights": hf["weight_bytes"], "cache": None,
+                         "overhead": hf.get("overhead_bytes", overhead), "gpu_peak": hf.get("gpu_peak_bytes") or None})
     gateway = result.get("gateway_process")
     if gateway:  # --no-ray: every slice of every relay in this process
         names = gateway["relays"]
@@ -674,10 +726,8 @@ def memory_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "cache": sum(s["cache_bytes"] for s in slices), "overhead": overhead,
                      "gpu_peak": gateway.get("gpu_peak_bytes") or None})
         return _with_budget(rows)
-    for name, sysres in result["systems"].items():
-        if name == "hf":
-            continue
-        for s in sysres["slices"]:
+    for name in relay_names(result):
+        for s in result["systems"][name]["slices"]:
             rows.append({"process": f"{name} slice {s['index']} (layers {s['layers']})", "peak": s["peak_rss_bytes"],
                          "weights": s["weight_bytes"], "cache": s["cache_bytes"], "overhead": overhead,
                          "gpu_peak": None})
@@ -693,7 +743,7 @@ def _with_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def target_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, evaluated for the largest relay that ran (2 slices by default)."""
-    relays = [n for n in result["systems"] if n != "hf"]
+    relays = relay_names(result)
     if not relays:
         return []
     name = max(relays, key=lambda n: result["systems"][n]["shards"])
@@ -719,6 +769,54 @@ def target_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append({"target": f"{row['process']} peak memory", "value": row["ratio"],
                          "goal": f"<= {MEMORY_FACTOR} x (weights + KV cache + overhead)",
                          "met": row["ratio"] is not None and row["ratio"] <= MEMORY_FACTOR})
+    return rows
+
+
+def pipeline_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """What pipelining is worth: the largest relay against relay-1 and hf-packed, its slices' busy fraction
+    on the uniform workload (forward time summed over slices / (slices x wall)) and its slowest slice's
+    forward time against the mean. Meant for `--threads-per-slice`, where each slice stands for one device."""
+    systems, cfg = result["systems"], result["config"]
+    relays = relay_names(result)
+    if "relay-1" not in systems or len(relays) < 2:
+        return []
+    name = max(relays, key=lambda n: systems[n]["shards"])
+    one, many, n = systems["relay-1"], systems[name], systems[name]["shards"]
+    top, short, uc = str(max(cfg["concurrency"])), str(min(cfg["single_prompts"])), cfg["uniform_concurrency"]
+    forward = many["uniform"].get("slice_forward_s") or []
+
+    def mixed(sysres: dict[str, Any]) -> float:
+        return sysres["mixed"][top]["tokens_per_s"]
+
+    def uniform(sysres: dict[str, Any]) -> float:
+        return sysres["uniform"]["tokens_per_s"]
+
+    def single(sysres: dict[str, Any]) -> float | None:
+        return sysres["single"][short]["ms_per_token_mean"]
+
+    values = {
+        "uniform_2_over_1": (f"{name} / relay-1 uniform tokens/s (c={uc})", _ratio(uniform(many), uniform(one))),
+        "mixed_2_over_1": (f"{name} / relay-1 mixed tokens/s (c={top})", _ratio(mixed(many), mixed(one))),
+        "busy_fraction": (f"{name} slice busy fraction, uniform workload",
+                          _ratio(sum(forward), n * many["uniform"]["wall_s"]) if forward else None),
+        "single_2_over_1": (f"{name} / relay-1 single-stream ms/token (mean, {short}-token prompt)",
+                            _ratio(single(many), single(one))),
+        "slowest_over_mean": (f"{name} slowest slice's forward time / mean, uniform workload",
+                              _ratio(max(forward), sum(forward) / len(forward)) if forward else None),
+    }
+    packed = systems.get("hf-packed")
+    if packed:
+        values["mixed_over_hf_packed"] = (f"{name} / hf-packed mixed tokens/s (c={top})",
+                                          _ratio(mixed(many), mixed(packed)))
+        values["uniform_over_hf_packed"] = (f"{name} / hf-packed uniform tokens/s (c={uc})",
+                                            _ratio(uniform(many), uniform(packed)))
+        values["single_over_hf_packed"] = (f"{name} / hf-packed single-stream ms/token (mean, {short}-token prompt)",
+                                           _ratio(single(many), single(packed)))
+    rows = []
+    for key, (label, value) in values.items():
+        op, goal = PIPELINE_TARGETS[key]
+        met = value is not None and (value >= goal if op == ">=" else value <= goal)
+        rows.append({"key": key, "target": label, "value": value, "goal": f"{op} {goal:.2f}", "met": met})
     return rows
 
 
@@ -813,6 +911,14 @@ def render_table(result: dict[str, Any]) -> str:
         out += ["", "**Targets**", "", "| target | value | goal | met |", "|---|---:|---|---|"]
         out += [f"| {r['target']} | {_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |"
                 for r in rows]
+    rows = result.get("pipeline") or []
+    if rows:
+        mode = ("each slice one thread and one Ray CPU (`--threads-per-slice`); baselines "
+                f"{cfg['num_threads']} threads" if cfg.get("threads_per_slice") else
+                f"every slice {cfg['num_threads']} threads")
+        out += ["", f"**Pipelining** ({mode})", "", "| figure | value | goal | met |", "|---|---:|---|---|"]
+        out += [f"| {r['target']} | {_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |"
+                for r in rows]
     return "\n".join(out) + "\n"
 
 
@@ -886,6 +992,7 @@ def write_report(result: dict[str, Any], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     result["ratios"] = compute_ratios(result)
     result["targets"] = target_rows(result)
+    result["pipeline"] = pipeline_rows(result)
     table = render_table(result)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "table.md").write_text(table)
@@ -990,8 +1097,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if getattr(args, key) is not None:
             values[key] = parse(getattr(args, key))
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
+    baselines = tuple(dict.fromkeys(b.strip() for b in args.baselines.split(",") if b.strip()))
+    if not baselines or not set(baselines) <= set(BASELINES) or baselines[0] != "hf":
+        raise SystemExit(f"--baselines: hf first, then any of {', '.join(BASELINES)}; got {args.baselines!r}")
     return BenchConfig(model=args.model, out=str(args.out), shards=shards, device=args.device,
                        dtype=args.dtype, seed=args.seed, threads=args.threads, use_ray=not args.no_ray,
+                       threads_per_slice=args.threads_per_slice, baselines=baselines,
                        prepack=not args.no_prepack,
                        max_batch=args.max_batch, max_context=args.max_context, **values)
 
@@ -1061,6 +1172,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seeds the workload's prompts and lengths")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the hf process and of each CPU slice (0: all cores)")
+    p.add_argument("--threads-per-slice", action="store_true",
+                   help="each relay slice one torch thread and one Ray CPU, emulating one device per slice; "
+                   "reports relay-2 against relay-1 and hf-packed (the baselines keep --threads)")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help="generate() baselines: hf (stock kernels) and hf-packed (the slices' prepacked kernels)")
     p.add_argument("--no-ray", action="store_true", help="relay slices in this process (LocalPipeline)")
     p.add_argument("--no-prepack", action="store_true",
                    help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")

@@ -25,7 +25,7 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
 from .engine import Engine, EngineConfig
-from .layout import describe, even_split, parse_layers
+from .layout import balanced_split, describe, model_costs, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
@@ -102,7 +102,7 @@ class Relay:
         self.max_context = min(options.max_context, self.config.max_position_embeddings)
         num_layers = self.config.num_hidden_layers
         self.ranges = (parse_layers(options.layers, num_layers) if options.layers
-                       else even_split(num_layers, options.shards))
+                       else balanced_split(model_costs(self.config), options.shards))
         self.limits = Limits(vocab_size=self.config.vocab_size, max_context=self.max_context,
                              default_max_new_tokens=options.default_max_new_tokens,
                              max_new_tokens_cap=options.max_new_tokens_cap)

@@ -31,7 +31,7 @@ def bounded(kind: type, low: float, high: float | None = None):
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local Hugging Face checkpoint folder or hub id")
     parser.add_argument("--shards", type=bounded(int, 1), default=2,
-                        help="number of contiguous layer slices (even split)")
+                        help="number of contiguous layer slices, sized to even out their cost (LM head included)")
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU")

@@ -1,7 +1,8 @@
-"""`RayPipeline`: one Ray actor per slice, actor calls chained by object ref.
+"""`RayPipeline`: one Ray actor per slice, stepped through a compiled graph (or chained actor calls).
 
-Slice i+1 receives slice i's output ref, so hidden states never pass through the gateway's Python code and
-only the last slice's token ids come back. Kept apart from server/pipeline.py so that a machine without Ray
+Hidden states go slice to slice without passing through the gateway and only the last slice's token ids come
+back (server/transport.py). Up to `depth` (= the number of slices) steps may be in flight at once, so while
+slice 1 runs one batch slice 0 runs the next. Kept apart from server/pipeline.py so that a machine without Ray
 can still serve with in-process slices (`--no-ray`).
 """
 
@@ -17,11 +18,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qwen_relay.shards.actor import SliceActor
 from qwen_relay.shards.batch import StepBatch
-from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
 from .pipeline import SLICE_ENV, AdapterSource, Recovery, SliceLost
+from .transport import Transport, build_transport
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,18 @@ class RayPipeline:
     """One `SliceActor` per slice, each in its own placement-group bundle (one GPU each where GPUs exist).
 
     Ray restarts a dead actor, re-placing it on a surviving node if its node is gone; calls are never retried
-    by Ray. A failed step surfaces as `SliceLost` and the engine decides what to do.
+    by Ray. A failed step surfaces as `SliceLost` and the engine decides what to do. `transport`: "auto" (a
+    compiled graph, else actor calls), "compiled" or "calls".
     """
 
     def __init__(self, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
-                 strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1) -> None:
+                 strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1,
+                 transport: str = "auto") -> None:
         self.specs = specs
         self.depth = len(specs)  # Ray runs each actor's calls from this caller in submission order
+        self.use_gpu = use_gpu
+        self.transport_mode = transport
+        self.transport: Transport | None = None  # built in the event loop, by the first step
         bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
         self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         try:
@@ -73,24 +79,28 @@ class RayPipeline:
         self.adapters: dict[str, AdapterSource] = {}  # re-sent to every slice on recovery
         self._lost: dict[str, str] = {}  # adapters dropped by a recovery attempt, reported by the next success
 
+    def _transport(self) -> Transport:
+        if self.transport is None:
+            self.transport = build_transport(self.actors, self.depth, mode=self.transport_mode,
+                                             use_gpu=self.use_gpu)
+        return self.transport
+
     async def step(self, batch: StepBatch) -> list[int]:
-        out = None
-        for actor in self.actors:
-            out = actor.step.remote(batch, out)
-        try:
-            return await out
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            raise SliceLost(f"a slice actor died: {type(e).__name__}") from e
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, CacheMismatch):
-                raise SliceLost(f"a slice restarted and lost its cache: {e.cause}") from e
-            raise
+        """Up to `depth` calls may be outstanding; slices see the batches in call order."""
+        return await self._transport().step(batch)
+
+    async def _drop_transport(self) -> None:
+        """Tear down the transport (bounded); the next step or recovery builds a fresh one."""
+        if self.transport is not None:
+            old, self.transport = self.transport, None
+            await old.close()
 
     async def recover(self) -> Recovery:
         """One attempt: every slice answers, restarted ones get their adapters back, every cache is cleared.
 
         Raises `SliceLost` while a slice is down or if one dies meanwhile. An adapter a restarted slice cannot
         load again (its folder moved, or now holds other files) is unloaded everywhere and reported."""
+        await self._drop_transport()
         down = [i for i, s in enumerate(await self.stats()) if not s.healthy]
         if down:
             raise SliceLost(f"slice(s) {', '.join(map(str, down))} not answering yet")
@@ -111,6 +121,7 @@ class RayPipeline:
             await asyncio.gather(*(a.reset.remote() for a in self.actors))
         except SLICE_DIED as e:
             raise SliceLost(f"a slice died during recovery: {type(e).__name__}") from e
+        self._transport()  # over the restarted slices
         recovery, self._lost = Recovery(dict(self._lost)), {}
         return recovery
 
@@ -160,6 +171,7 @@ class RayPipeline:
         return failed
 
     async def close(self) -> None:
+        await self._drop_transport()
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

@@ -91,6 +91,22 @@ def test_hf_static_batches_count_only_requested_tokens(tiny_model):
     assert alone == padded
 
 
+def test_hf_packed_generates_what_hf_does(tiny_model):
+    """hf-packed is generate() on the slices' prepacked kernels: same greedy tokens, other kernels."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen_relay.shards.packed import PackedHead, PackedLinear
+
+    requests = [Request((5, 6, 7), 6), Request((8,) * 9, 6)]
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    packed = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    bench.prepack_model(packed)
+    assert isinstance(packed.lm_head, PackedHead)
+    assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
+    assert torch.equal(bench.hf_generate(packed, requests, 0), bench.hf_generate(stock, requests, 0))
+
+
 def test_hf_runner(tmp_path, tiny_model, pool):
     cfg = tiny_config(tiny_model, tmp_path)
     work = bench.make_workloads(cfg, pool)
@@ -107,9 +123,10 @@ def test_hf_runner(tmp_path, tiny_model, pool):
 @pytest.mark.slow
 def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
     """hf in a subprocess, the overhead probe, one relay over gRPC, then every output file."""
-    cfg = tiny_config(tiny_model, tmp_path / "out")
+    cfg = tiny_config(tiny_model, tmp_path / "out", shards=(1, 2), threads_per_slice=True)
     result = bench.run_benchmark(cfg, command="qwen-relay bench --test")
-    assert set(result["systems"]) == {"hf", "relay-1"}
+    assert set(result["systems"]) == {"hf", "hf-packed", "relay-1", "relay-2"}
+    assert result["systems"]["hf-packed"]["uniform"]["output_tokens"] == 8
     relay = result["systems"]["relay-1"]
     assert relay["uniform"]["output_tokens"] == 8
     assert relay["mixed"]["2"]["requests"] == 5
@@ -127,8 +144,14 @@ def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
     assert saved["config"]["concurrency"] == [1, 2]
     table = (out / "table.md").read_text()
     for heading in ("Single stream", "Mixed workload", "Uniform workload", "Peak memory", "bandwidth floor",
-                    "Targets"):
+                    "Targets", "Pipelining"):
         assert heading in table
+    two = result["systems"]["relay-2"]
+    assert len(two["uniform"]["slice_forward_s"]) == 2 and min(two["uniform"]["slice_forward_s"]) > 0
+    pipeline = {r["key"]: r["value"] for r in result["pipeline"]}
+    assert 0 < pipeline["busy_fraction"] <= 1 and pipeline["slowest_over_mean"] >= 1
+    assert pipeline["uniform_2_over_1"] == pytest.approx(two["uniform"]["tokens_per_s"]
+                                                         / relay["uniform"]["tokens_per_s"])
 
 
 def _fake_system(name: str, speed: float, shards: int | None = None) -> dict:
@@ -137,6 +160,8 @@ def _fake_system(name: str, speed: float, shards: int | None = None) -> dict:
                        "ms_per_token_p50": 50 / speed, "ms_per_token_p95": 60 / speed,
                        "ms_per_token_mean": 52 / speed} for n in (16, 512)}
     load = {"requests": 4, "output_tokens": 100, "generated_tokens": 120, "wall_s": 1.0}
+    if shards is not None:
+        load["slice_forward_s"] = [0.5 + 0.1 * i for i in range(shards)]
     system = {"system": name, "single": single,
               "mixed": {str(c): {**load, "concurrency": c, "tokens_per_s": speed * c} for c in (1, 4, 16)},
               "uniform": {**load, "concurrency": 16, "tokens_per_s": speed * 10 + rng.random()}}
@@ -173,6 +198,30 @@ def test_report_from_a_result(tmp_path):
     assert "| relay-2 slice 1 (layers 1-1) | 2048 | 1024 | 256 | 512 | 1792 | 1.14 |" in table
     assert (tmp_path / "table.md").read_text() == table
     assert json.loads((tmp_path / "bench.json").read_text())["ratios"]["relay-2"]["uniform"] > 1
+    assert result["pipeline"] == []  # no relay-1 to compare with
+
+
+def test_pipelining_figures():
+    """relay-2 against relay-1 and hf-packed; busy fraction and slice balance from the uniform phase."""
+    cfg = BenchConfig(model="m", threads_per_slice=True)
+    result = {"config": {**dataclasses.asdict(cfg), "num_threads": 2},
+              "systems": {"hf": _fake_system("hf", 1.0), "hf-packed": _fake_system("hf-packed", 1.5),
+                          "relay-1": _fake_system("relay-1", 1.0, shards=1),
+                          "relay-2": _fake_system("relay-2", 1.8, shards=2)}}
+    rows = {r["key"]: r for r in bench.pipeline_rows(result)}
+    systems = result["systems"]
+    assert rows["mixed_2_over_1"]["value"] == pytest.approx(1.8) and rows["mixed_2_over_1"]["met"]
+    assert rows["uniform_2_over_1"]["value"] == pytest.approx(systems["relay-2"]["uniform"]["tokens_per_s"]
+                                                              / systems["relay-1"]["uniform"]["tokens_per_s"])
+    assert rows["busy_fraction"]["value"] == pytest.approx((0.5 + 0.6) / (2 * 1.0))
+    assert not rows["busy_fraction"]["met"]
+    assert rows["slowest_over_mean"]["value"] == pytest.approx(0.6 / 0.55) and rows["slowest_over_mean"]["met"]
+    assert rows["single_2_over_1"]["value"] == pytest.approx(1 / 1.8)
+    assert rows["mixed_over_hf_packed"]["value"] == pytest.approx(1.8 / 1.5)
+    assert rows["single_over_hf_packed"]["value"] == pytest.approx(1.5 / 1.8)
+    assert rows["single_over_hf_packed"]["goal"] == "<= 1.05"
+    del systems["hf-packed"]
+    assert "mixed_over_hf_packed" not in {r["key"] for r in bench.pipeline_rows(result)}
 
 
 def test_cli_flags(tmp_path):
@@ -186,6 +235,13 @@ def test_cli_flags(tmp_path):
     full = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m"]))
     assert full.mixed_requests == 32 and full.concurrency == (1, 4, 16) and full.shards == (1, 2)
     assert args.func is bench.run_bench
+    assert full.baselines == ("hf", "hf-packed") and not full.threads_per_slice
+    mode = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
+                                                             "--baselines", "hf"]))
+    assert mode.threads_per_slice and mode.baselines == ("hf",)
+    assert bench.relay_options(mode, 2).threads == 1 and bench.relay_options(mode, 2).cpus_per_slice == 1
+    with pytest.raises(SystemExit, match="baselines"):
+        bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
 
 
 def test_memory_rows_without_ray():

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from qwen_relay.server.detokenizer import REPLACEMENT, Detokenizer
 from qwen_relay.server.engine import Engine, EngineConfig
-from qwen_relay.server.layout import describe, even_split, parse_layers
+from qwen_relay.server.layout import ModelCosts, balanced_split, describe, model_costs, parse_layers
 from qwen_relay.server.scheduler import Scheduler
 from qwen_relay.server.sequence import GenerationParams, Sequence
 from qwen_relay.server.slots import SlotAllocator
@@ -43,6 +43,10 @@ def tokenizer(tiny_model):
 # ------------------------------------------------------------------------------------------------ layout
 
 
+def uniform(layers: int) -> ModelCosts:
+    return ModelCosts(layers=(1.0,) * layers, embed=0.0, head=0.0)
+
+
 @pytest.mark.parametrize(("layers", "shards", "expected"), [
     (5, 1, [(0, 5)]),
     (5, 2, [(0, 3), (3, 5)]),
@@ -52,8 +56,8 @@ def tokenizer(tiny_model):
     (24, 4, [(0, 6), (6, 12), (12, 18), (18, 24)]),
     (28, 3, [(0, 10), (10, 19), (19, 28)]),
 ])
-def test_even_split(layers, shards, expected):
-    ranges = even_split(layers, shards)
+def test_equal_costs_split_evenly(layers, shards, expected):
+    ranges = balanced_split(uniform(layers), shards)
     assert ranges == expected
     sizes = [b - a for a, b in ranges]
     assert max(sizes) - min(sizes) <= 1
@@ -61,9 +65,53 @@ def test_even_split(layers, shards, expected):
 
 
 @pytest.mark.parametrize("shards", [0, -1, 6])
-def test_even_split_refuses_impossible_counts(shards):
+def test_balanced_split_refuses_impossible_counts(shards):
     with pytest.raises(ValueError, match="shards"):
-        even_split(5, shards)
+        balanced_split(uniform(5), shards)
+
+
+def _slice_costs(costs: ModelCosts, ranges: list[tuple[int, int]]) -> list[float]:
+    out = [sum(costs.layers[a:b]) for a, b in ranges]
+    out[0] += costs.embed
+    out[-1] += costs.head
+    return out
+
+
+def test_balanced_split_is_optimal_against_every_split():
+    """Exhaustive over all cut points: the costliest slice is the cheapest possible, then the sum of squares."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 8)
+        costs = ModelCosts(tuple(rng.choice([1.0, 2.0, 3.0, rng.random() * 4]) for _ in range(n)),
+                           embed=rng.random(), head=rng.choice([0.0, 1.0, 9.0, rng.random() * 10]))
+        shards = rng.randint(1, n)
+        got = _slice_costs(costs, balanced_split(costs, shards))
+        best = min((max(c), sum(x * x for x in c))
+                   for cuts in itertools.combinations(range(1, n), shards - 1)
+                   for c in [_slice_costs(costs, list(zip((0, *cuts), (*cuts, n), strict=True)))])
+        assert max(got) == pytest.approx(best[0])
+        assert sum(x * x for x in got) == pytest.approx(best[1])
+
+
+def test_lm_head_counts_as_layers_of_work():
+    """Qwen2.5-0.5B's shape: the 151936 x 896 head is ~9 layers' worth, so the head's slice gets fewer layers."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)
+    costs = model_costs(config)
+    layer = 896 * 896 * 2 + 896 * 128 * 2 + (896 + 128 * 2) + 3 * 896 * 4864 + 2 * 896  # q,o; k,v; biases; MLP; norms
+    assert costs.layers == (float(layer),) * 24
+    assert costs.head == 151936 * 896 + 896 and costs.embed == 896
+    assert balanced_split(costs, 2) == [(0, 17), (17, 24)]
+    assert balanced_split(costs, 3) == [(0, 11), (11, 22), (22, 24)]
+    even = _slice_costs(costs, [(0, 12), (12, 24)])
+    balanced = _slice_costs(costs, balanced_split(costs, 2))
+    assert max(even) / (sum(even) / 2) > 1.25 and max(balanced) / (sum(balanced) / 2) < 1.05
+    assert balanced_split(costs, 24) == [(i, i + 1) for i in range(24)]  # one layer each: nothing to move
 
 
 @pytest.mark.parametrize(("spec", "expected"), [

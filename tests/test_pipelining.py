@@ -1,0 +1,273 @@
+"""Several step batches in flight through the slices, driven straight at a pipeline as the engine drives it.
+
+The running sequences are split into `in_flight` groups, each stepping on its own (a sequence's next token
+needs its last), so up to `in_flight` steps are outstanding at once. Every group must get `generate()`'s
+tokens: a batch overtaking another at any slice would write a cache out of order and change them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+
+from qwen_relay.server.pipeline import LocalPipeline, SliceLost
+from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.runner import SliceSpec
+
+SPLITS = {1: [(0, 5)], 2: [(0, 3), (3, 5)], 3: [(0, 2), (2, 4), (4, 5)], 4: [(0, 2), (2, 3), (3, 4), (4, 5)]}
+
+PROMPTS = [[5, 17, 300, 42, 7, 999, 3], [11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410],
+           [9], [250, 7, 250, 7, 250], [1000, 2, 3, 4]]
+NEW = [9, 6, 8, 5, 7, 9]
+
+
+@dataclass
+class Seq:
+    """What the engine keeps per sequence: its slot, prompt, generated tokens and what the slices hold."""
+
+    slot: int
+    prompt: list[int]
+    max_new: int
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0
+
+    @property
+    def done(self) -> bool:
+        return len(self.generated) >= self.max_new
+
+    def pending(self) -> list[int]:
+        return (self.prompt + self.generated)[self.cached:]
+
+async def _recovered(pipeline, timeout: float = 120.0) -> None:
+    """Retry `recover` (one attempt each; it raises SliceLost while a slice is down) until it succeeds."""
+    from qwen_relay.server.pipeline import SliceLost
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await pipeline.recover()
+            return
+        except SliceLost:
+            assert loop.time() < deadline, "the slices did not come back"
+            await asyncio.sleep(0.2)
+
+
+
+def make_seqs() -> list[Seq]:
+    return [Seq(slot, list(p), n) for slot, (p, n) in enumerate(zip(PROMPTS, NEW, strict=True))]
+
+
+def groups(seqs: list[Seq], in_flight: int) -> list[list[Seq]]:
+    return [seqs[i::in_flight] for i in range(in_flight)]
+
+
+async def step(pipeline, group: list[Seq]) -> None:
+    """One step of a group's unfinished sequences, releasing the slots of those that finished."""
+    active = [s for s in group if not s.done]
+    finished = [s.slot for s in group if s.done and s.cached >= 0]
+    batch = StepBatch(slots=[s.slot for s in active], starts=[s.cached for s in active],
+                      token_ids=[s.pending() for s in active], sampling=[SamplingParams()] * len(active),
+                      release=finished)
+    tokens = await pipeline.step(batch)
+    assert len(tokens) == len(active)
+    for s, token in zip(active, tokens, strict=True):
+        s.cached = len(s.prompt) + len(s.generated)
+        s.generated.append(token)
+    for s in group:
+        if s.slot in finished:
+            s.cached = -1  # released: its slot is free in every slice
+
+
+async def run_group(pipeline, group: list[Seq]) -> None:
+    while any(s.cached >= 0 for s in group):
+        await step(pipeline, group)
+
+
+async def decode(pipeline, seqs: list[Seq], in_flight: int) -> None:
+    await asyncio.gather(*(run_group(pipeline, g) for g in groups(seqs, in_flight)))
+
+
+def specs(model, shards: int) -> list[SliceSpec]:
+    return [SliceSpec(model=str(model), first=a, end=b, max_slots=8, max_len=128, threads=1)
+            for a, b in SPLITS[shards]]
+
+
+def check(model, reference, seqs: list[Seq]) -> None:
+    for s in seqs:
+        assert s.generated == reference(model, s.prompt, s.max_new), f"slot {s.slot}"
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference, shards):
+    pipeline = LocalPipeline(specs(tiny_model, shards))
+    try:
+        for in_flight in sorted({1, pipeline.depth}):
+            seqs = make_seqs()
+            asyncio.run(decode(pipeline, seqs, in_flight))
+            check(tiny_model, reference, seqs)
+            assert all(r.stats().cache_entries == 0 for r in pipeline.runners)
+    finally:
+        asyncio.run(pipeline.close())
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+
+
+@pytest.fixture
+def ray_pipeline(ray_session, loop_thread, tiny_model):
+    """`ray_pipeline(shards, transport)`: a RayPipeline over the tiny model, closed after the test."""
+    from qwen_relay.server.ray_pipeline import RayPipeline
+
+    made = []
+
+    def make(shards: int, transport: str = "compiled") -> RayPipeline:
+        pipeline = RayPipeline(specs(tiny_model, shards), use_gpu=False, transport=transport, ready_timeout=300)
+        made.append(pipeline)
+        return pipeline
+
+    yield make
+    for pipeline in made:
+        loop_thread.run(pipeline.close())
+
+
+def _pid(pipeline, index: int) -> int:
+    import ray
+
+    return ray.get(pipeline.actors[index].stats.remote(), timeout=60).pid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("shards", "transport"), [(2, "compiled"), (3, "compiled"), (4, "compiled"),
+                                                   (2, "calls"), (3, "calls")])
+def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, tiny_model, reference, shards,
+                                                    transport):
+    pipeline = ray_pipeline(shards, transport)
+    for in_flight in sorted({1, 2, pipeline.depth}):
+        seqs = make_seqs()
+        loop_thread.run(decode(pipeline, seqs, in_flight))
+        check(tiny_model, reference, seqs)
+    assert pipeline.transport.name == ("compiled graph" if transport == "compiled" else "actor calls")
+    stats = loop_thread.run(pipeline.stats())  # answered while the graph's loops occupy the actors
+    assert all(s.healthy and s.cache_entries == 0 for s in stats)
+    assert loop_thread.run(pipeline.step(StepBatch([], [], [], [], release=[0]))) == []
+
+
+@pytest.mark.slow
+def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, loop_thread, tiny_model, reference):
+    pipeline = ray_pipeline(2)
+    seqs = make_seqs()
+    a, b = groups(seqs, 2)
+
+    async def two_steps() -> None:
+        await asyncio.gather(step(pipeline, a), step(pipeline, b))
+
+    for _ in range(3):
+        loop_thread.run(two_steps())
+    graph = pipeline.transport
+    pid = _pid(pipeline, 1)
+    os.kill(pid, signal.SIGSTOP)  # both steps stay in the graph until the slice dies
+
+    async def lost_in_flight() -> list[BaseException | None]:
+        tasks = [asyncio.ensure_future(pipeline.step(_batch(g))) for g in (a, b)]
+        await asyncio.sleep(0)  # both submitted
+        assert not any(t.done() for t in tasks)
+        os.kill(pid, signal.SIGKILL)
+        return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+
+    results = loop_thread.run(lost_in_flight())
+    assert [type(r) for r in results] == [SliceLost, SliceLost]
+    loop_thread.run(_recovered(pipeline))
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"  # rebuilt
+    assert graph.broken.is_set()
+    replay(seqs)
+    loop_thread.run(decode(pipeline, seqs, 2))
+    check(tiny_model, reference, seqs)
+    stats = loop_thread.run(pipeline.stats())
+    assert [s.restarts for s in stats] == [0, 1]
+
+
+def replay(seqs: list[Seq]) -> None:
+    """After `recover` every cache is empty: each unfinished sequence prefills prompt + generated so far."""
+    for s in seqs:
+        if not s.done:
+            s.cached = 0
+
+
+def _batch(group: list[Seq]) -> StepBatch:
+    active = [s for s in group if not s.done]
+    return StepBatch(slots=[s.slot for s in active], starts=[s.cached for s in active],
+                     token_ids=[s.pending() for s in active], sampling=[SamplingParams()] * len(active))
+
+
+@pytest.mark.slow
+def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline, loop_thread, tiny_model,
+                                                                      reference):
+    import ray
+
+    pipeline = ray_pipeline(3)
+    seqs = make_seqs()
+    loop_thread.run(step(pipeline, seqs))
+    graph = pipeline.transport
+    ray.kill(pipeline.actors[0], no_restart=False)  # between steps: the graph's loops wait on their inputs
+    with pytest.raises(SliceLost):
+        loop_thread.run(asyncio.wait_for(step(pipeline, seqs), 60))
+    assert graph.broken.is_set()
+    loop_thread.run(_recovered(pipeline))
+    assert graph.dag.is_teardown
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
+    replay(seqs)
+    loop_thread.run(decode(pipeline, seqs, 3))
+    check(tiny_model, reference, seqs)
+    assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 0, 0]
+
+
+def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
+    from qwen_relay.server import transport
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("no shared memory here")
+
+    monkeypatch.setattr(transport, "CompiledGraph", cannot)
+    with caplog.at_level("INFO", logger="qwen_relay.server.transport"):
+        chosen = transport.build_transport(["a", "b"], 2)
+    assert chosen.name == "actor calls" and chosen.actors == ["a", "b"]
+    assert "no shared memory here" in caplog.text
+    with pytest.raises(RuntimeError, match="no shared memory"):
+        transport.build_transport(["a"], 1, mode="compiled")
+    assert transport.build_transport(["a"], 1, mode="calls").name == "actor calls"
+    with pytest.raises(ValueError, match="transport"):
+        transport.build_transport(["a"], 1, mode="nccl")
+
+
+@pytest.mark.slow
+def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, reference, monkeypatch):
+    """A graph whose teardown never returns: past the bound its slices are killed, Ray restarts them, and
+    recovery goes on with a new graph instead of waiting forever."""
+    import threading
+
+    from qwen_relay.server import transport
+
+    pipeline = ray_pipeline(2)
+    seqs = make_seqs()
+    loop_thread.run(step(pipeline, seqs))
+    graph = pipeline.transport
+    hang = threading.Event()
+    monkeypatch.setattr(graph.dag, "teardown", lambda *args, **kwargs: hang.wait())
+    monkeypatch.setattr(transport, "TEARDOWN_TIMEOUT_S", 1.0)
+    try:
+        os.kill(_pid(pipeline, 1), signal.SIGKILL)
+        with pytest.raises(SliceLost):
+            loop_thread.run(asyncio.wait_for(step(pipeline, seqs), 60))
+        loop_thread.run(_recovered(pipeline))
+    finally:
+        hang.set()
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
+    assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 1]  # slice 0 killed by the bound
+    replay(seqs)
+    loop_thread.run(decode(pipeline, seqs, 2))
+    check(tiny_model, reference, seqs)
