@@ -20,6 +20,8 @@ from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .kv_cache import KVCache
 from .loader import load_slice, resolve_dtype
+from .model import StepMetadata
+from .sampler import sample
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +81,21 @@ class SliceRunner:
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
-        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice."""
+        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice.
+
+        The last slice samples here, next to its logits, so only token ids (never vocab-sized logits) leave it.
+        """
         start = time.perf_counter()
         ends = batch.ends()
         self.cache.check(batch.slots, batch.starts, ends)
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
+        meta = StepMetadata.build(batch, self.device)
         with self._lock, self.adapters.routed(batch.adapters):
-            out = self.slice(batch, hidden, self.cache)
+            out = self.slice(meta, hidden, self.cache)
         self.cache.commit(batch.slots, ends)
         if self.slice.is_last:
-            out = out.tolist()
+            out = sample(out, batch.sampling, ends).tolist()
         elif self.device.type != "cpu":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - start
