@@ -66,13 +66,14 @@ class SliceRunner:
         self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack)
         config = self.slice.config
         self.cache = KVCache(
-            num_layers=spec.end - spec.first,
+            num_layers=self.slice.num_attention_layers,
             num_slots=spec.max_slots,
             max_len=spec.max_len,
             num_kv_heads=config.num_key_value_heads,
             head_dim=self.slice.head_dim,
             dtype=self.dtype,
             device=device,
+            recurrent=self.slice.recurrent_shape,
         )
         self.forward_seconds = 0.0
         self.steps = 0

@@ -93,3 +93,31 @@ def test_qwen2_parity(tiny_model, shards, layers):
 
 def test_qwen2_untied_parity(untied_model):
     assert_parity(untied_model, "0-3,4-4", 1)
+
+
+def test_qwen3_parity_every_split(qwen3_model):
+    for shards, layers in QWEN2_SPLITS:
+        assert_parity(qwen3_model, layers, shards or 1)
+
+
+def test_qwen3_tied_parity(tmp_path):
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    tied = build_checkpoint(tmp_path, "tiny-qwen3", num_hidden_layers=3, tie_word_embeddings=True)
+    assert_parity(tied, "0-0,1-2", 1)
+    assert_parity(tied, None, 1)  # one slice: the head is the embedding itself
+
+
+def test_qwen3_moe_parity_every_split(qwen3_moe_model):
+    for shards, layers in QWEN2_SPLITS:
+        assert_parity(qwen3_moe_model, layers, shards or 1)
+
+
+# Qwen3.5's 8 layers are L L L F L L L F: splits on and inside the pattern, slices with linear layers only,
+# with one full-attention layer only, and every kind of boundary.
+QWEN3_5_SPLITS = [(1, None), (2, None), (3, None), (4, None), (None, "0-0,1-4,5-7"), (None, "0-2,3-3,4-7")]
+
+
+@pytest.mark.parametrize(("shards", "layers"), QWEN3_5_SPLITS, ids=[str(s or lay) for s, lay in QWEN3_5_SPLITS])
+def test_qwen3_5_parity(qwen3_5_model, shards, layers):
+    assert_parity(qwen3_5_model, layers, shards or 1)
