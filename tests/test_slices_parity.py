@@ -54,7 +54,7 @@ def greedy(runners: list[SliceRunner], prompts: list[list[int]], max_new: int, r
         for g, t in zip(generated, tokens, strict=True):
             g.append(t)
     for runner in runners:
-        runner.release(slots)
+        runner.reset()
     return generated
 
 
