@@ -1,4 +1,4 @@
-"""Stock `nn.Linear` (MKL sgemm on x86 CPUs) against oneDNN with a prepacked weight, at Qwen2.5 shapes.
+"""Stock `nn.Linear` (MKL sgemm on x86 CPUs) against oneDNN with a prepacked weight, at Qwen model shapes.
 
 The measurement behind shards/packed.py: one decoder layer's seven projections and the LM head, fp32, at the
 row counts a decode step (1, 16) and a prefill (128, 512) present, median of repeated calls, side by side in
@@ -53,12 +53,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    hidden, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size or 1024
-    kv = hidden // shape.num_attention_heads * shape.num_key_value_heads
+    hidden, vocab = shape.hidden_size, shape.vocab_size or 1024
+    # A MoE layer's MLP GEMMs are one expert's; Qwen3.5's attention is its full-attention layers'.
+    inter = shape.config.get("moe_intermediate_size", shape.intermediate_size)
+    head_dim = shape.config.get("head_dim", hidden // shape.num_attention_heads)
+    q, kv = shape.num_attention_heads * head_dim, shape.num_key_value_heads * head_dim
+    q_out = 2 * q if shape.family == "qwen3_5" else q  # Qwen3.5's q_proj also yields the output gate
+    bias = shape.family == "qwen2"  # only Qwen2 has q/k/v biases
     torch.manual_seed(0)
-    # q, k, v (with bias), o, gate, up, down: one decoder layer's projections.
+    # q, k, v, o, gate, up, down: one decoder layer's projections.
     layer = [torch.nn.Linear(i, o, bias=b) for i, o, b in
-             [(hidden, hidden, True), (hidden, kv, True), (hidden, kv, True), (hidden, hidden, False),
+             [(hidden, q_out, bias), (hidden, kv, bias), (hidden, kv, bias), (q, hidden, False),
               (hidden, inter, False), (hidden, inter, False), (inter, hidden, False)]]
     packed = [PackedLinear(m, m.weight) for m in layer]
     head = torch.nn.Linear(hidden, vocab, bias=False)

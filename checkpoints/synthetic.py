@@ -1,17 +1,22 @@
-"""Random-weight Qwen2 checkpoints that load like real ones, for tests, the demo and benchmarks.
+"""Random-weight Qwen checkpoints that load like real ones, for tests, the demo and benchmarks.
 
 No model hub is reachable where this project is built and tested, yet every part of it (slice loading,
-the KV cache, streaming detokenisation, LoRA training) has to run against a real Hugging Face Qwen2
-checkpoint directory. This module writes one: ``config.json``, ``generation_config.json``, safetensors
+the KV cache, streaming detokenisation, LoRA training) has to run against a real Hugging Face Qwen
+checkpoint directory, of each family the relay serves: Qwen2, Qwen3, Qwen3-MoE and Qwen3.5.
+This module writes one: ``config.json``, ``generation_config.json``, safetensors
 weights (sharded with ``model.safetensors.index.json`` when asked) and a small byte-level BPE tokenizer
 with Qwen's special tokens and ChatML chat template. ``AutoTokenizer.from_pretrained(dir)`` and
 ``AutoModelForCausalLM.from_pretrained(dir)`` load the result offline.
 
 The weights are written tensor by tensor, in chunks, straight into the safetensors files (the model is
 only ever built on the ``meta`` device, to learn the key names and shapes), so memory stays at a few
-hundred MB even for the 7B shape, and no time is spent on default initialisation. Each tensor is drawn
-from its own generator seeded from ``(seed, key name)``: the values do not depend on how the checkpoint is
-sharded, and a bf16 build is exactly the fp32 build cast to bf16.
+hundred MB even for the 7B shape, and no time is spent on default initialisation. The tensors are named
+and laid out as the published checkpoints are (what ``save_pretrained`` writes): Qwen3-MoE experts one by
+one (``mlp.experts.E.gate_proj.weight``), not fused as the model holds them; a Qwen3.5 checkpoint optionally
+as Qwen publishes it, the multimodal ``Qwen3_5ForConditionalGeneration`` with the text model under
+``model.language_model.``, a (tiny) vision tower and multi-token-prediction weights (``mtp.*``) beside it.
+Each tensor is drawn from its own generator seeded from ``(seed, key name)``: the values do not depend
+on how the checkpoint is sharded, and a bf16 build is exactly the fp32 build cast to bf16.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,21 @@ from tokenizers import (
     processors,
     trainers,
 )
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3_5Config,
+    Qwen3_5ForCausalLM,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5TextConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -61,7 +80,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Shape:
-    """The architecture numbers of a Qwen2 model (the parts of ``Qwen2Config`` that set its size)."""
+    """The architecture numbers of a Qwen model (the parts of its config that set its size)."""
 
     hidden_size: int
     num_hidden_layers: int
@@ -71,6 +90,14 @@ class Shape:
     vocab_size: int | None  # None: the tokenizer's size rounded up to a multiple of 64
     tie_word_embeddings: bool
     max_position_embeddings: int
+    family: str = "qwen2"  # qwen2, qwen3, qwen3_moe or qwen3_5
+    config: dict[str, Any] = field(default_factory=dict)  # the family's own fields (head_dim, experts, ...)
+
+
+# The newer families' test shapes: a few seconds to build and run, each family's features present, untied (a tied
+# random model this small mostly repeats its input token, which would make parity tests vacuous).
+_TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=None,
+             max_position_embeddings=1024)
 
 
 SHAPES: dict[str, Shape] = {
@@ -107,7 +134,45 @@ SHAPES: dict[str, Shape] = {
         tie_word_embeddings=False,
         max_position_embeddings=32768,
     ),
+    # Qwen3: an explicit head_dim with heads x head_dim (128) != hidden (64), as in Qwen3-0.6B (16 x 128, 1024).
+    "tiny-qwen3": Shape(**_TINY, num_hidden_layers=4, tie_word_embeddings=False, family="qwen3",
+                        config=dict(head_dim=32)),
+    # Qwen3-MoE: 8 experts, top-2, normalised; layer 1 dense through mlp_only_layers.
+    "tiny-qwen3-moe": Shape(**_TINY, num_hidden_layers=4, tie_word_embeddings=False, family="qwen3_moe",
+                            config=dict(head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1])),
+    # Qwen3.5: 3 linear-attention layers then one full-attention layer, twice (layer_types is the default).
+    "tiny-qwen3.5": Shape(**_TINY, num_hidden_layers=8, tie_word_embeddings=False, family="qwen3_5",
+                          config=dict(head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                                      linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
+    # Same tensor shapes as Qwen/Qwen3-8B: 8.2B parameters, untied, 36 layers, GQA 32/8, head_dim 128.
+    "qwen3-8b": Shape(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                      intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False,
+                      max_position_embeddings=40960, family="qwen3", config=dict(head_dim=128)),
+    # Qwen3-30B-A3B's layout: 128 experts, 8 per token, 48 layers (30.5B parameters, 3.3B active).
+    "qwen3-30b-a3b": Shape(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                           intermediate_size=6144, vocab_size=151936, tie_word_embeddings=False,
+                           max_position_embeddings=40960, family="qwen3_moe",
+                           config=dict(head_dim=128, num_experts=128, num_experts_per_tok=8,
+                                       moe_intermediate_size=768, norm_topk_prob=True)),
+    # Qwen3.5-9B-like (transformers' Qwen3_5TextConfig defaults): 32 layers, 3 of every 4 Gated DeltaNet.
+    "qwen3.5-9b": Shape(hidden_size=4096, num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                        intermediate_size=12288, vocab_size=248320, tie_word_embeddings=False,
+                        max_position_embeddings=32768, family="qwen3_5",
+                        config=dict(head_dim=256, linear_num_key_heads=16, linear_num_value_heads=32,
+                                    linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4)),
 }
+
+# Each family's config and model classes: (config, causal LM, published multimodal class or None).
+_CLASSES: dict[str, tuple[type, type, type | None]] = {
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, None),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, None),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, None),
+    "qwen3_5": (Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration),
+}
+# A vision tower just big enough to be there: slices must never read it.
+_TINY_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+                    spatial_merge_size=2, num_position_embeddings=16)
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -280,7 +345,8 @@ def _resolve_shape(shape: Shape | str) -> Shape:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}") from None
 
 
-def _make_config(shape: Shape, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype, extra: dict[str, Any]):
+def _make_config(shape: Shape, tokenizer: PreTrainedTokenizerFast, dtype: torch.dtype, extra: dict[str, Any],
+                 multimodal: bool = False) -> PretrainedConfig:
     vocab_size = shape.vocab_size
     if vocab_size is None:
         vocab_size = 64 * math.ceil(len(tokenizer) / 64)
@@ -300,34 +366,82 @@ def _make_config(shape: Shape, tokenizer: PreTrainedTokenizerFast, dtype: torch.
         hidden_act="silu",
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False,
-        sliding_window=None,
-        max_window_layers=shape.num_hidden_layers,
         attention_dropout=0.0,
         initializer_range=0.02,
         use_cache=True,
         bos_token_id=endoftext,
         eos_token_id=im_end,
     )
+    if shape.family == "qwen3_5":
+        # A quarter of each head rotated; the multimodal rotary's sections cover those frequencies.
+        half = int(shape.config.get("head_dim", 256) * 0.25) // 2
+        kwargs["rope_parameters"] = {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                                     "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+    else:
+        kwargs.update(use_sliding_window=False, sliding_window=None, max_window_layers=shape.num_hidden_layers)
+    kwargs.update(shape.config)
     kwargs.update(extra)
-    config = Qwen2Config(**kwargs)
-    config.architectures = ["Qwen2ForCausalLM"]
+    config_class, model_class, multimodal_class = _CLASSES[shape.family]
+    config = config_class(**kwargs)
+    config.architectures = [model_class.__name__]
+    if multimodal:
+        if multimodal_class is None:
+            raise ValueError(f"the {shape.family} family has no multimodal published layout")
+        config = Qwen3_5Config(text_config=config.to_dict(), vision_config={**_TINY_VISION,
+                               "out_hidden_size": shape.hidden_size}, tie_word_embeddings=shape.tie_word_embeddings,
+                               bos_token_id=endoftext, eos_token_id=im_end)
+        config.architectures = [multimodal_class.__name__]
     config.dtype = dtype
     return config
 
 
-def _checkpoint_tensors(config: Qwen2Config) -> list[tuple[str, tuple[int, ...]]]:
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def _published(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """A parameter as the published checkpoint stores it: fused MoE experts become one tensor per expert and
+    projection (``experts.E.gate_proj.weight`` [I, H], ``up_proj``, ``down_proj`` [H, I]), as
+    ``save_pretrained`` writes them."""
+    m = _FUSED_EXPERTS.match(name)
+    if not m:
+        return [(name, shape)]
+    prefix, fused = m.groups()
+    experts, rows, cols = shape
+    if fused == "down_proj":
+        return [(f"{prefix}.{e}.down_proj.weight", (rows, cols)) for e in range(experts)]
+    return [(f"{prefix}.{e}.{proj}.weight", (rows // 2, cols)) for e in range(experts)
+            for proj in ("gate_proj", "up_proj")]
+
+
+def _mtp_tensors(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Multi-token-prediction weights as a published Qwen3.5 checkpoint has them beside the model (transformers
+    skips them when loading; the relay must never read them): a fusion projection, its norms, one layer."""
+    hidden = config.text_config.hidden_size
+    inter = config.text_config.intermediate_size
+    return [("mtp.fc.weight", (hidden, 2 * hidden)), ("mtp.pre_fc_norm_embedding.weight", (hidden,)),
+            ("mtp.pre_fc_norm_hidden.weight", (hidden,)), ("mtp.layers.0.mlp.up_proj.weight", (inter, hidden)),
+            ("mtp.norm.weight", (hidden,))]
+
+
+def _checkpoint_tensors(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Key names and shapes exactly as ``save_pretrained`` would write them (tied lm_head left out).
 
     The model is built on the ``meta`` device, so this costs no memory and no initialisation time.
     ``named_parameters`` drops duplicates, so a tied ``lm_head.weight`` is not listed.
     """
+    multimodal = isinstance(config, Qwen3_5Config)
+    model_class = Qwen3_5ForConditionalGeneration if multimodal else _CLASSES[_family(config)][1]
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
+        model = model_class(config)
     persistent_buffers = [k for k, _ in model.named_buffers() if k in model.state_dict()]
     if persistent_buffers:
         raise RuntimeError(f"unexpected persistent buffers, no init rule for them: {persistent_buffers}")
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    tensors = [t for name, p in model.named_parameters() for t in _published(name, tuple(p.shape))]
+    return tensors + (_mtp_tensors(config) if multimodal else [])
+
+
+def _family(config: PretrainedConfig) -> str:
+    return "qwen3_5" if config.model_type in ("qwen3_5", "qwen3_5_text") else config.model_type
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -343,21 +457,27 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 
 def _tensor_chunks(
-    seed: int, name: str, shape: tuple[int, ...], dtype: torch.dtype
+    seed: int, name: str, shape: tuple[int, ...], dtype: torch.dtype, zero_centred_norms: bool = False
 ) -> Iterator[torch.Tensor]:
     """The values of one tensor, as contiguous chunks of whole rows in row-major order.
 
-    Norm weights are ones (as Qwen2RMSNorm initialises them); everything else is normal(0, 0.02), drawn
+    Norm weights are ones (as Qwen2RMSNorm initialises them), or zeros for Qwen3.5's zero-centred norms
+    (``1 + weight``; its gated DeltaNet norm is a plain one); a DeltaNet's ``dt_bias`` is ones and ``A_log`` the
+    log of a uniform draw in [1, 16], as the model initialises them; everything else is normal(0, 0.02), drawn
     in fp32 and then cast, so builds in different dtypes hold the same numbers up to rounding.
     """
     numel = math.prod(shape)
     row = math.prod(shape[1:]) if len(shape) > 1 else 1
     rows = shape[0] if shape else 1
-    if name.endswith("norm.weight"):
-        yield torch.ones(numel, dtype=dtype)
+    generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    if name.endswith("norm.weight") or name.endswith(".dt_bias"):
+        zero = zero_centred_norms and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight")
+        yield (torch.zeros if zero else torch.ones)(numel, dtype=dtype)
+        return
+    if name.endswith(".A_log"):
+        yield torch.empty(numel).uniform_(1.0, 16.0, generator=generator).log_().to(dtype)
         return
     std = _BIAS_STD if name.endswith(".bias") else _WEIGHT_STD
-    generator = torch.Generator().manual_seed(_tensor_seed(seed, name))
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // row)
     for start in range(0, rows, rows_per_chunk):
         n = min(rows_per_chunk, rows - start) * row
@@ -399,7 +519,8 @@ def _plan_shards(
 
 
 def _write_safetensors(
-    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int
+    path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int,
+    zero_centred_norms: bool = False,
 ) -> None:
     """Write one safetensors file, header first, then each tensor's bytes as they are generated.
 
@@ -423,7 +544,7 @@ def _write_safetensors(
         f.write(len(header_bytes).to_bytes(8, "little"))
         f.write(header_bytes)
         for name, shape in tensors:
-            for chunk in _tensor_chunks(seed, name, shape, dtype):
+            for chunk in _tensor_chunks(seed, name, shape, dtype, zero_centred_norms):
                 f.write(chunk.view(torch.uint8).numpy().data)
         if f.tell() != 8 + len(header_bytes) + offset:
             raise RuntimeError(f"{path}: wrote {f.tell()} bytes, expected {8 + len(header_bytes) + offset}")
@@ -442,12 +563,15 @@ def build_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_shard_size: int | str | None = None,
+    multimodal: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Write a random-weight Qwen2 checkpoint (config, generation config, weights, tokenizer) to ``out_dir``.
+    """Write a random-weight Qwen checkpoint (config, generation config, weights, tokenizer) to ``out_dir``.
 
     ``overrides`` change the shape's fields (``num_hidden_layers=3``, ``tie_word_embeddings=False``, ...)
-    or set any other ``Qwen2Config`` field. ``max_shard_size`` (default "2GB") caps each safetensors file;
+    or set any other field of the family's config. ``multimodal`` (Qwen3.5 only) writes the published
+    layout: ``Qwen3_5ForConditionalGeneration`` with a tiny vision tower and MTP weights.
+    ``max_shard_size`` (default "2GB") caps each safetensors file;
     when more than one file results, ``model.safetensors.index.json`` maps keys to files, as
     ``save_pretrained`` does. The same arguments always produce the same bytes. Returns the directory.
     """
@@ -462,7 +586,7 @@ def build_checkpoint(
     extra = {k: v for k, v in overrides.items() if k not in shape_fields}
 
     tokenizer = build_tokenizer(out)
-    config = _make_config(base, tokenizer, dtype, extra)
+    config = _make_config(base, tokenizer, dtype, extra, multimodal)
     config.save_pretrained(str(out))
     endoftext = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -474,6 +598,7 @@ def build_checkpoint(
     ).save_pretrained(str(out))
 
     tensors = _checkpoint_tensors(config)
+    zero_centred = base.family == "qwen3_5"
     itemsize = torch.empty((), dtype=dtype).element_size()
     max_bytes = _parse_size(max_shard_size if max_shard_size is not None else "2GB")
     shards = _plan_shards(tensors, itemsize, max_bytes)
@@ -483,18 +608,18 @@ def build_checkpoint(
         "writing %s checkpoint to %s: %d layers, %.1fM parameters, %s, %d shard(s)",
         shape if isinstance(shape, str) else "custom",
         out,
-        config.num_hidden_layers,
+        base.num_hidden_layers,
         total_params / 1e6,
         str(dtype).removeprefix("torch."),
         len(shards),
     )
     if len(shards) == 1:
-        _write_safetensors(out / "model.safetensors", shards[0], dtype, seed)
+        _write_safetensors(out / "model.safetensors", shards[0], dtype, seed, zero_centred)
     else:
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(shards, start=1):
             filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(out / filename, shard, dtype, seed)
+            _write_safetensors(out / filename, shard, dtype, seed, zero_centred)
             weight_map.update((name, filename) for name, _ in shard)
             log.info("wrote %s (%d tensors)", filename, len(shard))
         index = {
@@ -521,6 +646,7 @@ def _run_build_checkpoint(args: argparse.Namespace) -> int:
         seed=args.seed,
         dtype=_DTYPES[args.dtype],
         max_shard_size=args.max_shard_size,
+        multimodal=args.multimodal,
         **overrides,
     )
     print(out)
@@ -531,7 +657,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``build-checkpoint`` on a CLI's subparsers; its handler is ``args.func(args)``."""
     p = subparsers.add_parser(
         "build-checkpoint",
-        help="write a random-weight Qwen2 checkpoint (with tokenizer) for tests, demos and benchmarks",
+        help="write a random-weight Qwen checkpoint (with tokenizer) for tests, demos and benchmarks",
         description=build_checkpoint.__doc__,
     )
     p.add_argument("--out", required=True, help="output directory (created if missing)")
@@ -541,6 +667,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     p.add_argument("--untied", action="store_true", help="write a separate lm_head.weight")
+    p.add_argument("--multimodal", action="store_true",
+                   help="Qwen3.5 shapes: the published multimodal layout (vision tower and MTP weights beside)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument(
         "--max-shard-size", default=None, help="largest safetensors file, e.g. 500MB (default: 2GB)"

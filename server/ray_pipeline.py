@@ -97,6 +97,7 @@ class RayPipeline:
 
     async def recover(self) -> Recovery:
         """One attempt: every slice answers, restarted ones get their adapters back, every cache is cleared.
+        The transport is torn down first; the next step builds a new one over the (restarted) slices.
 
         Raises `SliceLost` while a slice is down or if one dies meanwhile. An adapter a restarted slice cannot
         load again (its folder moved, or now holds other files) is unloaded everywhere and reported."""
@@ -121,7 +122,6 @@ class RayPipeline:
             await asyncio.gather(*(a.reset.remote() for a in self.actors))
         except SLICE_DIED as e:
             raise SliceLost(f"a slice died during recovery: {type(e).__name__}") from e
-        self._transport()  # over the restarted slices
         recovery, self._lost = Recovery(dict(self._lost)), {}
         return recovery
 

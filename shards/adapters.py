@@ -134,6 +134,9 @@ def read_config(path: Path) -> LoraConfig:
     if config.modules_to_save or config.trainable_token_indices:
         raise AdapterError("path: adapters with modules_to_save or trainable tokens replace whole base modules "
                            "and are not served; keep only LoRA weights")
+    if getattr(config, "target_parameters", None):
+        raise AdapterError("path: adapters on parameters (target_parameters, such as fused MoE experts) are not "
+                           "served; target linear modules")
     config.inference_mode = True  # frozen weights, as PeftModel.from_pretrained makes them
     return config
 
@@ -183,6 +186,11 @@ def inspect_adapter(name: str, path: str | Path, config: PretrainedConfig, serve
     except ValueError as e:
         raise AdapterMismatch(f"adapter {name!r} does not fit the served model {served!r}: {e}") from e
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(whole, adapter_name=peft_name(name)).items()}
+    convs = sorted({module_of(k).rsplit(".", 1)[-1] for k in expected if ".conv1d." in k})
+    if convs:  # shards/deltanet.py runs Qwen3.5's short convolution from its weight, past any LoRA wrapper
+        raise AdapterError(f"adapter {name!r} adapts {convs[0]}, which the relay cannot serve with LoRA; Qwen3.5's "
+                           f"linear-attention layers take LoRA on in_proj_qkv, in_proj_z, in_proj_a, in_proj_b and "
+                           f"out_proj")
 
     problems = []
     for key in sorted(shapes.keys() - expected.keys()):

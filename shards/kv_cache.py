@@ -1,14 +1,33 @@
-"""A preallocated, slot-indexed KV cache for one slice's layers (gpt-fast style buffers).
+"""A preallocated, slot-indexed cache for one slice's layers (gpt-fast style buffers).
 
-Every sequence owns one slot for its lifetime; its keys and values for position p of local layer l live at
-`k[l, slot, :, p]`. Sequences join and leave between steps without copying anyone else's cache. The buffers
-are zero-filled so that never-written positions (masked out in attention) are finite: a NaN there would
-poison the softmax even under a -inf mask.
+Every sequence owns one slot for its lifetime; its keys and values for position p of the slice's l-th
+full-attention layer live at `k[l, slot, :, p]`. Sequences join and leave between steps without copying
+anyone else's cache. The buffers are zero-filled so that never-written positions (masked out in attention)
+are finite: a NaN there would poison the softmax even under a -inf mask.
+
+Linear-attention layers (Qwen3.5's Gated DeltaNet) keep a fixed-size state per sequence instead, allocated
+per slot the same way: the conv state `conv[l, slot]` [conv_dim, kernel] and the DeltaNet state
+`state[l, slot]` [heads, key_dim, value_dim], kept in fp32 as the kernels compute it. A step replaces them;
+`lengths` counts the tokens they have absorbed, like the tokens cached for attention.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class RecurrentShape:
+    """The per-sequence state of a slice's linear-attention layers."""
+
+    layers: int
+    conv_dim: int
+    conv_kernel: int
+    heads: int
+    key_dim: int
+    value_dim: int
 
 
 class CacheMismatch(RuntimeError):
@@ -27,17 +46,22 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        recurrent: RecurrentShape | None = None,
     ) -> None:
         shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        r = recurrent or RecurrentShape(0, 0, 0, 0, 0, 0)
+        self.conv = torch.zeros((r.layers, num_slots, r.conv_dim, r.conv_kernel), dtype=dtype, device=device)
+        self.state = torch.zeros((r.layers, num_slots, r.heads, r.key_dim, r.value_dim), dtype=torch.float32,
+                                 device=device)
         self.num_slots = num_slots
         self.max_len = max_len
         self.lengths: dict[int, int] = {}  # slot -> tokens cached; a slot absent here holds nothing
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + self.conv.nbytes + self.state.nbytes
 
     def check(self, slots: list[int], starts: list[int], ends: list[int]) -> None:
         """Refuse a step that does not continue what this cache holds (say, after the actor restarted)."""
@@ -76,3 +100,14 @@ class KVCache:
         else:
             rows = torch.tensor(slots, device=self.k.device)
         return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
+
+    def read_state(self, layer: int, slots: torch.Tensor, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the conv and DeltaNet states [B, ...] of linear layer `layer`; zeros for `fresh` rows (a
+        sequence starting at position 0), whatever an earlier owner of the slot left there."""
+        conv = torch.where(fresh[:, None, None], 0.0, self.conv[layer, slots])
+        state = torch.where(fresh[:, None, None, None], 0.0, self.state[layer, slots])
+        return conv, state
+
+    def write_state(self, layer: int, slots: torch.Tensor, conv: torch.Tensor, state: torch.Tensor) -> None:
+        self.conv[layer, slots] = conv.to(self.conv.dtype)
+        self.state[layer, slots] = state.to(self.state.dtype)

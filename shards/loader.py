@@ -1,10 +1,14 @@
-"""Load one slice of a Hugging Face Qwen2 checkpoint, reading only that slice's tensors.
+"""Load one slice of a Hugging Face Qwen checkpoint, reading only that slice's tensors.
 
 The slice is built on the meta device (accelerate's `init_empty_weights`), then each tensor it owns is read
 with `safetensors.safe_open` from the one file the index names for it and placed with accelerate's
 `set_module_tensor_to_device`. Nothing else of the checkpoint is read, so a slice's peak memory is its own
 share of the weights, not the whole model's. On a CPU, linear weights are prepacked for oneDNN as they are
 read (shards/packed.py), one at a time, so packing does not raise that peak.
+
+A multimodal checkpoint as Qwen publishes Qwen3.5 keeps the text model under `model.language_model.`, beside
+the vision tower (`model.visual.`) and the multi-token-prediction head (`mtp.`); a slice's `model.` names map
+into the language model, and nothing else of it is ever read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from .family import text_config
 from .model import ModelSlice
 from .packed import HEAD_BLOCK_ROWS, can_prepack, is_linear_weight, prepack_head, prepack_linear
 
@@ -62,14 +67,12 @@ def weight_file(model: str, folder: Path, filename: str) -> Path:
 
 
 def load_config(folder: Path) -> PretrainedConfig:
-    """The checkpoint's config, checked to be a Qwen2-architecture decoder this relay can serve."""
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type != "qwen2":
-        raise ValueError(f"{folder}: model_type {config.model_type!r} is not a Qwen2 checkpoint")
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        raise ValueError(f"{folder}: sliding-window attention layers are not supported")
-    config._attn_implementation = "sdpa"
-    return config
+    """The config of the decoder the slices serve (a multimodal checkpoint's text model), refused at once,
+    with the supported model types named, when the relay cannot serve it."""
+    try:
+        return text_config(AutoConfig.from_pretrained(folder))
+    except ValueError as e:
+        raise type(e)(f"{folder}: {e}") from e
 
 
 def weight_map(folder: Path) -> dict[str, str]:
@@ -84,10 +87,16 @@ def weight_map(folder: Path) -> dict[str, str]:
         return dict.fromkeys(f.keys(), SINGLE_FILE)
 
 
+LANGUAGE_MODEL = "model.language_model."  # the text model's prefix in a multimodal checkpoint
+
+
 def checkpoint_key(name: str, config: PretrainedConfig, wmap: dict[str, str]) -> str:
-    """Where a slice parameter lives in the checkpoint: a tied LM head reads the embedding."""
+    """Where a slice parameter lives in the checkpoint: a tied LM head reads the embedding; a multimodal
+    checkpoint holds the decoder under its language model."""
     if name == "lm_head.weight" and "lm_head.weight" not in wmap and config.tie_word_embeddings:
-        return "model.embed_tokens.weight"
+        name = "model.embed_tokens.weight"
+    if name.startswith("model.") and name not in wmap and LANGUAGE_MODEL + name.removeprefix("model.") in wmap:
+        return LANGUAGE_MODEL + name.removeprefix("model.")
     return name
 
 

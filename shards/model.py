@@ -1,50 +1,88 @@
-"""The forward of one layer slice of a Qwen2 decoder, with the KV cache in plain sight (gpt-fast style).
+"""The forward of one layer slice of a Qwen decoder, with the cache in plain sight (gpt-fast style).
 
-The slice keeps Hugging Face's own modules (`Qwen2DecoderLayer`, its projections, norms and MLP) under the
-checkpoint's parameter names, so weights load by name and PEFT can wrap `q_proj`/`v_proj`; only the
-attention glue is written here, because it reads and writes our slot-indexed cache instead of HF's `Cache`.
+The slice keeps Hugging Face's own modules (the family's decoder layer, its projections, norms and MLP;
+shards/family.py) under the checkpoint's parameter names, so weights load by name and PEFT can wrap
+`q_proj`/`v_proj`; only the glue that touches the cache is written here, because it reads and writes our
+slot-indexed cache instead of HF's `Cache`: attention below, Qwen3.5's linear attention in shards/deltanet.py.
 Batches are right-padded: row i holds `len(token_ids[i])` real tokens at positions `start_i ...`, and a key
 at position p is visible to a query at position q iff p <= q. Padded queries attend to their row's first
 token (so softmax never sees an all-masked row) and are never written to the cache.
+
+The forward returns hidden states, or on the last slice the logits of each row's last token; the runner
+samples (shards/runner.py), as in gpt-fast and nano-vllm.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Qwen2Config
-from transformers.models.qwen2.modeling_qwen2 import (
-    Qwen2DecoderLayer,
-    Qwen2RMSNorm,
-    Qwen2RotaryEmbedding,
-    apply_rotary_pos_emb,
-)
+from transformers import PretrainedConfig
 
 from .batch import StepBatch
-from .kv_cache import KVCache
-from .sampler import sample
+from .deltanet import gated_deltanet
+from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
+from .kv_cache import KVCache, RecurrentShape
+
+
+@dataclass(frozen=True)
+class StepMetadata:
+    """What every layer of a slice needs to know about one step's batch, built once per step."""
+
+    ids: torch.Tensor  # [B, T] right-padded token ids (read by the first slice only)
+    positions: torch.Tensor  # [B, T] absolute positions; pads continue past the row's end
+    valid: torch.Tensor  # [B, T] True for real tokens
+    mask: torch.Tensor  # [B, 1, T, L] key p visible to query q iff p <= q (pads see their row's first key)
+    slots: list[int]  # cache slot of each row
+    slot_index: torch.Tensor  # [B] the same, as a tensor
+    length: int  # L: keys read per row (the longest row's cache length after the step)
+    write_rows: torch.Tensor  # [N] row of each real token, to write its key/value
+    write_cols: torch.Tensor  # [N] its column in the padded batch
+    write_slots: torch.Tensor  # [N] its cache slot
+    write_pos: torch.Tensor  # [N] its position in that slot
+    last: torch.Tensor  # [B] column of each row's last real token
+    fresh: torch.Tensor  # [B] rows starting at position 0: their recurrent state starts from zeros
+
+    @classmethod
+    def build(cls, batch: StepBatch, device: torch.device) -> StepMetadata:
+        ids, positions, valid = batch.padded(device)
+        length = max(batch.ends())
+        key_pos = torch.arange(length, device=device)
+        query_pos = torch.where(valid, positions, 0)
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+        rows, cols = valid.nonzero(as_tuple=True)
+        slots = torch.tensor(batch.slots, device=device)
+        last = torch.tensor([len(t) - 1 for t in batch.token_ids], device=device)
+        fresh = torch.tensor([s == 0 for s in batch.starts], device=device)
+        return cls(ids=ids, positions=positions, valid=valid, mask=mask, slots=list(batch.slots), slot_index=slots,
+                   length=length, write_rows=rows, write_cols=cols, write_slots=slots[rows],
+                   write_pos=positions[rows, cols], last=last, fresh=fresh)
 
 
 class SliceBody(nn.Module):
-    """Mirror of `Qwen2Model` holding only this slice's parts, so state-dict keys match the checkpoint."""
+    """Mirror of the family's decoder model holding only this slice's parts, so state-dict keys match the
+    checkpoint (for a multimodal checkpoint, its language model's keys: shards/loader.py maps them)."""
 
-    def __init__(self, config: Qwen2Config, first: int, end: int, has_embed: bool, has_norm: bool) -> None:
+    def __init__(self, config: PretrainedConfig, first: int, end: int, has_embed: bool, has_norm: bool) -> None:
         super().__init__()
+        family = family_of(config)
         if has_embed:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Keyed by the global layer index: "model.layers.17.mlp..." loads as-is and adapters map by name.
-        self.layers = nn.ModuleDict({str(i): Qwen2DecoderLayer(config, i) for i in range(first, end)})
+        self.layers = nn.ModuleDict({str(i): family.decoder_layer(config, i) for i in range(first, end)})
         if has_norm:
-            self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.norm = family.norm(config.hidden_size, eps=config.rms_norm_eps)
 
 
 class ModelSlice(nn.Module):
-    """Layers [first, end) of a Qwen2 model; embeddings if first == 0; norm and LM head if end == all."""
+    """Layers [first, end) of a Qwen model; embeddings if first == 0; norm and LM head if end == all."""
 
-    def __init__(self, config: Qwen2Config, first: int, end: int) -> None:
+    def __init__(self, config: PretrainedConfig, first: int, end: int) -> None:
         super().__init__()
         self.config = config
+        self.family = family_of(config)
         self.first, self.end = first, end
         self.is_first = first == 0
         self.is_last = end == config.num_hidden_layers
@@ -52,66 +90,66 @@ class ModelSlice(nn.Module):
         if self.is_last:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # Each layer's kind and its index among the slice's layers of that kind (its place in the cache).
+        kinds = [layer_kind(config, i) for i in range(first, end)]
+        self.mixers = [(kind, kinds[:n].count(kind)) for n, kind in enumerate(kinds)]
+        self.num_attention_layers = kinds.count(FULL_ATTENTION)
+        self.recurrent_shape = self._recurrent_shape(kinds.count(LINEAR_ATTENTION))
+
+    def _recurrent_shape(self, layers: int) -> RecurrentShape | None:
+        if layers == 0:
+            return None
+        c = self.config
+        key_dim = c.linear_key_head_dim * c.linear_num_key_heads
+        return RecurrentShape(layers=layers, conv_dim=2 * key_dim + c.linear_value_head_dim * c.linear_num_value_heads,
+                              conv_kernel=c.linear_conv_kernel_dim, heads=c.linear_num_value_heads,
+                              key_dim=c.linear_key_head_dim, value_dim=c.linear_value_head_dim)
 
     def attach_rotary(self, device: torch.device) -> None:
         """Build RoPE outside any meta-device context: its inv_freq buffer is not in the checkpoint."""
-        self.rotary_emb = Qwen2RotaryEmbedding(self.config).to(device)
+        self.rotary_emb = self.family.rotary(self.config).to(device)
 
-    def forward(self, batch: StepBatch, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Run the batch through this slice: token ids in (first slice) or hidden states [B, T, H] in;
-        hidden states out, or, on the last slice, the chosen token ids [B]."""
-        device = next(self.parameters()).device
-        ids, positions, valid = batch.padded(device)
-        h = self.model.embed_tokens(ids) if self.is_first else hidden
-        cos, sin = self.rotary_emb(h, positions)
-
-        ends = batch.ends()
-        length = max(ends)
-        key_pos = torch.arange(length, device=device)
-        query_pos = torch.where(valid, positions, 0)
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # [B, 1, T, L]
-
-        rows, cols = valid.nonzero(as_tuple=True)
-        slots = torch.tensor(batch.slots, device=device)
-        write_slots, write_pos = slots[rows], positions[rows, cols]
-
-        for local, layer in enumerate(self.model.layers.values()):
-            residual = h
+    def forward(self, meta: StepMetadata, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Run one step through this slice: token ids (first slice) or hidden states [B, T, H] in; hidden
+        states out, or, on the last slice, the logits [B, V] of each row's last token."""
+        h = self.model.embed_tokens(meta.ids) if self.is_first else hidden
+        cos, sin = self.rotary_emb(h, meta.positions) if self.num_attention_layers else (None, None)
+        lengths = meta.last + 1
+        for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = layer.input_layernorm(h)
-            x = self._attention(layer.self_attn, x, cos, sin, mask, cache, local, batch.slots, length,
-                                (rows, cols, write_slots, write_pos))
-            h = residual + x
+            if kind == LINEAR_ATTENTION:
+                h = h + gated_deltanet(layer.linear_attn, x, meta.valid, lengths, meta.fresh, meta.slot_index,
+                                       cache, index)
+            else:
+                h = h + self._attention(layer.self_attn, x, cos, sin, meta, cache, index)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-
         if not self.is_last:
             return h
-        last = torch.tensor([len(t) - 1 for t in batch.token_ids], device=device)
-        h_last = self.model.norm(h[torch.arange(len(batch), device=device), last])
-        logits = self.lm_head(h_last).float()
-        return sample(logits, batch.sampling, ends)
+        h_last = self.model.norm(h[torch.arange(h.shape[0], device=h.device), meta.last])
+        return self.lm_head(h_last).float()
 
-    def _attention(
-        self,
-        attn: nn.Module,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
-        cache: KVCache,
-        local: int,
-        slots: list[int],
-        length: int,
-        writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
         bsz, width, _ = x.shape
-        q = attn.q_proj(x).view(bsz, width, -1, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(bsz, width, -1, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(bsz, width, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        heads = (bsz, width, -1, self.head_dim)
+        if self.family.gated_query:  # Qwen3.5: q_proj yields each head's query and its output gate side by side
+            q, gate = torch.chunk(attn.q_proj(x).view(bsz, width, -1, 2 * self.head_dim), 2, dim=-1)
+            gate = gate.reshape(bsz, width, -1)
+        else:
+            q = attn.q_proj(x).view(heads)
+        k = attn.k_proj(x).view(heads)
+        if hasattr(attn, "q_norm"):  # Qwen3 and later: an RMSNorm over each query and key head
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(x).view(heads).transpose(1, 2)
+        q, k = self.family.apply_rotary(q, k, cos, sin)
 
-        rows, cols, write_slots, write_pos = writes
-        cache.write(local, write_slots, write_pos, k[rows, :, cols], v[rows, :, cols])
-        keys, values = cache.read(local, slots, length)
+        rows, cols = meta.write_rows, meta.write_cols
+        cache.write(index, meta.write_slots, meta.write_pos, k[rows, :, cols], v[rows, :, cols])
+        keys, values = cache.read(index, meta.slots, meta.length)
 
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return attn.o_proj(out.transpose(1, 2).reshape(bsz, width, -1))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(bsz, width, -1)
+        if self.family.gated_query:
+            out = out * torch.sigmoid(gate)
+        return attn.o_proj(out)

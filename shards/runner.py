@@ -20,6 +20,8 @@ from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .kv_cache import KVCache
 from .loader import load_slice, resolve_dtype
+from .model import StepMetadata
+from .sampler import sample
 from .stats import SliceStats
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,14 @@ class SliceRunner:
         self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack)
         config = self.slice.config
         self.cache = KVCache(
-            num_layers=spec.end - spec.first,
+            num_layers=self.slice.num_attention_layers,
             num_slots=spec.max_slots,
             max_len=spec.max_len,
             num_kv_heads=config.num_key_value_heads,
             head_dim=self.slice.head_dim,
             dtype=self.dtype,
             device=device,
+            recurrent=self.slice.recurrent_shape,
         )
         self.forward_seconds = 0.0
         self.steps = 0
@@ -80,7 +83,10 @@ class SliceRunner:
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
-        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice."""
+        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice.
+
+        The last slice samples here, next to its logits, so only token ids (never vocab-sized logits) leave it.
+        """
         start = time.perf_counter()
         self.cache.release(batch.release)
         if not len(batch):
@@ -89,11 +95,12 @@ class SliceRunner:
         self.cache.check(batch.slots, batch.starts, ends)
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
+        meta = StepMetadata.build(batch, self.device)
         with self._lock, self.adapters.routed(batch.adapters):
-            out = self.slice(batch, hidden, self.cache)
+            out = self.slice(meta, hidden, self.cache)
         self.cache.commit(batch.slots, ends)
         if self.slice.is_last:
-            out = out.tolist()
+            out = sample(out, batch.sampling, ends).tolist()
         elif self.device.type != "cpu":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - start

@@ -143,3 +143,29 @@ def reference(tiny_model, untied_model) -> Callable:
         return out[0, len(prompt_ids):].tolist()
 
     return generate
+
+
+@pytest.fixture(scope="session")
+def qwen3_model(tmp_path_factory) -> Path:
+    """Qwen3 dense: q/k head norms, no q/k/v bias, head_dim x heads != hidden; untied, sharded."""
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3"), "tiny-qwen3", num_hidden_layers=NUM_LAYERS,
+                            max_shard_size="100KB")
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_model(tmp_path_factory) -> Path:
+    """Qwen3-MoE: 8 experts, top-2, layer 1 dense (mlp_only_layers), experts stored one by one."""
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "tiny-qwen3-moe", num_hidden_layers=NUM_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def qwen3_5_model(tmp_path_factory) -> Path:
+    """Qwen3.5 as Qwen publishes it: the multimodal class, text model under model.language_model, a vision tower
+    and MTP weights beside it; layers L L L F L L L F (L: Gated DeltaNet, F: full attention)."""
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3_5"), "tiny-qwen3.5", multimodal=True)

@@ -33,6 +33,7 @@ import transformers  # noqa: F401
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import KVCache
 from qwen_relay.shards.loader import load_slice
+from qwen_relay.shards.model import StepMetadata
 from qwen_relay.shards.runner import peak_rss_bytes as peak  # VmHWM: this address space's, fresh at exec
 
 model, first, end, prepack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
@@ -55,7 +56,7 @@ with torch.inference_mode():
     cache = KVCache(end - first, 1, 16, config.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
     batch = StepBatch(slots=[0], starts=[0], token_ids=[[1] * 8], sampling=[SamplingParams()])
     hidden = None if part.is_first else torch.randn(1, 8, config.hidden_size)
-    out = part(batch, hidden, cache)
+    out = part(StepMetadata.build(batch, torch.device("cpu")), hidden, cache)
 after = peak()
 names = [n for n, _ in part.named_parameters()]
 print(json.dumps({"before": before, "after": after, "names": names,

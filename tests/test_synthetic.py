@@ -203,3 +203,35 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = AutoConfig.from_pretrained(out)
     assert config.num_hidden_layers == 2 and not config.tie_word_embeddings and config.dtype == torch.bfloat16
     assert "lm_head.weight" in _tensors(out)
+
+
+@pytest.mark.parametrize(("shape", "multimodal"), [("tiny-qwen3", False), ("tiny-qwen3-moe", False),
+                                                   ("tiny-qwen3.5", False), ("tiny-qwen3.5", True)])
+def test_newer_families_in_the_published_layout_load_completely(tmp_path: Path, shape: str, multimodal: bool):
+    out = build_checkpoint(tmp_path / "ck", shape, num_hidden_layers=4, multimodal=multimodal)
+    tensors = _tensors(out)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert not (set(info["unexpected_keys"]) - {k for k in tensors if k.startswith("mtp.")})
+    if not multimodal:  # the names and shapes transformers itself writes
+        model.save_pretrained(tmp_path / "saved")
+        saved = _tensors(tmp_path / "saved")
+        assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in tensors.items()}
+    config = AutoConfig.from_pretrained(out)
+    if shape == "tiny-qwen3":
+        assert config.model_type == "qwen3" and config.head_dim == 32
+        assert "model.layers.0.self_attn.q_norm.weight" in tensors
+        assert "model.layers.0.self_attn.q_proj.bias" not in tensors
+    if shape == "tiny-qwen3-moe":  # experts one by one, as save_pretrained writes them; layer 1 dense
+        assert tensors["model.layers.0.mlp.experts.7.gate_proj.weight"].shape == (32, 64)
+        assert tensors["model.layers.0.mlp.experts.7.down_proj.weight"].shape == (64, 32)
+        assert "model.layers.1.mlp.gate_proj.weight" in tensors and not any("gate_up_proj" in k for k in tensors)
+    if shape == "tiny-qwen3.5":
+        prefix = "model.language_model." if multimodal else "model."
+        assert config.model_type == ("qwen3_5" if multimodal else "qwen3_5_text")
+        assert config.architectures == ["Qwen3_5ForConditionalGeneration" if multimodal else "Qwen3_5ForCausalLM"]
+        assert torch.equal(tensors[prefix + "norm.weight"], torch.zeros(64))  # zero-centred: 1 + weight
+        assert torch.equal(tensors[prefix + "layers.0.linear_attn.norm.weight"], torch.ones(16))  # a plain one
+        assert (tensors[prefix + "layers.0.linear_attn.A_log"].exp() >= 1).all()
+        assert any(k.startswith("model.visual.") for k in tensors) == multimodal
+        assert any(k.startswith("mtp.") for k in tensors) == multimodal

@@ -10,17 +10,44 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoraSettings", "build_lora_model", "load_base_model", "resolve_dtype", "trainable_parameters"]
+__all__ = [
+    "LINEAR_ATTENTION_TARGETS",
+    "LoraSettings",
+    "build_lora_model",
+    "check_targets",
+    "load_base_model",
+    "resolve_dtype",
+    "trainable_parameters",
+]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# What LoRA can target, per family (config.json's model_type), and what the default q_proj/v_proj means there:
+# - qwen2, qwen3: every attention and MLP projection; the default is each layer's query and value projections.
+# - qwen3_moe: attention projections (the default) and the dense MLPs of `mlp_only_layers`. Not the experts:
+#   transformers holds them as fused 3-D parameters, not linear modules, and not the router.
+# - qwen3_5: q_proj/v_proj exist only in the full-attention layers (one in four), so the default adapts those;
+#   the Gated DeltaNet layers' linear projections can take LoRA too: LINEAR_ATTENTION_TARGETS. Their short
+#   convolution (`conv1d`) and the per-head A_log / dt_bias parameters cannot.
+LINEAR_ATTENTION_TARGETS = ("in_proj_qkv", "in_proj_z", "in_proj_a", "in_proj_b", "out_proj")
+
+
+def check_targets(model_type: str, targets: tuple[str, ...]) -> None:
+    """Refuse a target an adapter could be trained on but the relay could not serve exactly: Qwen3.5's
+    `conv1d`, which the served slices run from its weight (shards/deltanet.py)."""
+    if model_type.startswith("qwen3_5") and "conv1d" in targets:
+        raise ValueError(f"target module 'conv1d' cannot take LoRA in a served Qwen3.5 model; its linear-attention "
+                         f"layers take LoRA on {', '.join(LINEAR_ATTENTION_TARGETS)}")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """PEFT LoRA knobs. The defaults (r=16, alpha=32 on q_proj and v_proj) are the usual Qwen LoRA recipe:
-    small enough to train on a CPU, and the adapter stays a few MB even for 7B."""
+    small enough to train on a CPU, and the adapter stays a few MB even for 7B. q_proj/v_proj are attention
+    projections in every family (in Qwen3.5, of its full-attention layers only; see above)."""
 
     r: int = 16
     alpha: int = 32
@@ -74,11 +101,13 @@ def build_lora_model(model: str | Path, settings: LoraSettings, dtype: torch.dty
     from peft import get_peft_model
 
     base = load_base_model(model, dtype)
+    check_targets(base.config.model_type, settings.target_modules)
     missing = [t for t in settings.target_modules if not any(n.endswith(t) for n, _ in base.named_modules())]
     if missing:
+        linear = ", " + ", ".join(LINEAR_ATTENTION_TARGETS) if base.config.model_type.startswith("qwen3_5") else ""
         raise ValueError(
             f"target modules {missing} are not in the model (e.g. q_proj, k_proj, v_proj, o_proj, "
-            "gate_proj, up_proj, down_proj)"
+            f"gate_proj, up_proj, down_proj{linear})"
         )
     peft_model = get_peft_model(base, settings.peft_config())
     trainable, total = trainable_parameters(peft_model)
