@@ -119,6 +119,14 @@ def ray_relay(relay_factory, tiny_model):
 
 
 @pytest.fixture
+def fault_relay(relay_factory, tiny_model):
+    """The tiny model in 2 slices on Ray actors, waiting up to 2 minutes for a killed slice to come back."""
+    from qwen_relay.server.app import ServeOptions
+
+    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=120))
+
+
+@pytest.fixture
 def client(relay):
     from qwen_relay.client import RelayClient
 

@@ -40,11 +40,6 @@ def _wait_caches_empty(client: RelayClient) -> None:
     raise AssertionError(f"caches still hold entries: {client.model_info().slices}")
 
 
-@pytest.fixture
-def fault_relay(relay_factory, tiny_model):
-    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=120))
-
-
 @pytest.mark.parametrize("how", ["ray.kill", "process-exit"])
 def test_stream_survives_a_slice_dying(fault_relay, tiny_model, reference, how):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -18,7 +18,6 @@ from qwen_relay.bench.loadgen import (
     percentile,
     run_load,
 )
-from qwen_relay.server.app import ServeOptions
 
 
 def test_percentile_interpolates_like_numpy():
@@ -74,12 +73,6 @@ def test_cli_registers_loadtest():
     assert args.max_new_tokens == (8, 12) and args.requests == 200 and args.concurrency == 16
     with pytest.raises(ValueError, match="--kill-slice needs --model"):
         run_loadtest(build_parser().parse_args(["loadtest", "--target", "127.0.0.1:1", "--kill-slice", "0"]))
-
-
-@pytest.fixture
-def fault_relay(relay_factory, tiny_model):
-    # The same options as tests/test_faults.py, so the session's live relay is reused, not rebuilt.
-    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=120))
 
 
 @pytest.mark.slow
