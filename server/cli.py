@@ -27,12 +27,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
     parser.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens per sequence")
     parser.add_argument("--max-new-tokens-cap", type=int, default=1024)
-    parser.add_argument("--cpus-per-slice", type=float, default=1.0, help="Ray CPUs reserved per slice")
+    parser.add_argument("--cpus-per-slice", type=float, default=None,
+                        help="Ray CPUs reserved per CPU slice (default: 1; on the local Ray serve starts, a share "
+                        "of the node small enough for every slice to fit, since slices take turns on the cores)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per CPU slice (0: all cores)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="keep CPU weights dense (stock PyTorch kernels) instead of prepacked for oneDNN")
     parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="Ray placement-group strategy for the slices")
+    parser.add_argument("--placement-timeout", type=float, default=600.0,
+                        help="seconds to wait for an existing cluster (--ray-address) to place the slices, e.g. "
+                        "while an autoscaler adds nodes; logged every 15 s (default 600)")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get on shutdown")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
@@ -76,7 +81,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         max_batch=args.max_batch, max_context=args.max_context, max_new_tokens_cap=args.max_new_tokens_cap,
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, prepack=not args.no_prepack,
-        placement_strategy=args.placement,
+        placement_strategy=args.placement, placement_timeout=args.placement_timeout,
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=args.auth_token or os.environ.get(AUTH_TOKEN_ENV) or None,
