@@ -36,4 +36,4 @@ protos: setup
 		--grpc_python_out=protos protos/qwen_relay/v1/*.proto
 
 clean:
-	rm -rf $(VENV) demo-model .pytest_cache
+	rm -rf $(VENV) demo-model demo-work .pytest_cache
