@@ -57,6 +57,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     ray_address: str | None = None
+    local_ray_cpus: int | None = None  # CPUs of the local Ray serve starts without ray_address (None: all cores)
     use_ray: bool = True  # False: every slice in this process (no actors)
     max_batch: int = 16
     max_context: int = 2048
@@ -293,7 +294,7 @@ async def serve(options: ServeOptions) -> None:
             import ray
 
             if not options.ray_address:
-                local_ray = await _unless_stopped(LocalRay.start(), stop)
+                local_ray = await _unless_stopped(LocalRay.start(options.local_ray_cpus), stop)
             ray.init(address=local_ray.address if local_ray else options.ray_address, log_to_driver=True)
             handle_signals()  # ray.init put its own SIGTERM handler (sys.exit) in place of ours
         relay = await _unless_stopped(Relay.start(options, local_ray), stop)

@@ -23,6 +23,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=int, default=50051)
     parser.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: start local Ray")
+    parser.add_argument("--local-ray-cpus", type=int, default=None,
+                        help="CPUs of the local Ray node serve starts without --ray-address (default: all cores)")
     parser.add_argument("--no-ray", action="store_true", help="run every slice in this process, without Ray")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
     parser.add_argument("--max-context", type=int, default=2048, help="prompt + new tokens per sequence")
@@ -79,6 +81,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         adapters=parse_adapters(args.adapter or []),
         model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
+        local_ray_cpus=args.local_ray_cpus,
         max_batch=args.max_batch, max_context=args.max_context, max_new_tokens_cap=args.max_new_tokens_cap,
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, prepack=not args.no_prepack,
         placement_strategy=args.placement, placement_timeout=args.placement_timeout,
