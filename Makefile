@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/qwen-relay demo
+	$(BIN)/qwen-relay demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -277,7 +277,7 @@ async def serve(options: ServeOptions) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully; a signal while starting ends the start the same way.
 
     Without --ray-address, serve starts local Ray in a session of its own, so a signal to serve's process group
-    does not stop Ray under the draining gateway, and stops it last (server/local_ray.py, docs/design.md).
+    does not stop Ray under the draining gateway, and stops it last (docs/local-ray.md).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

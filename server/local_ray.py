@@ -1,6 +1,6 @@
 """The local Ray cluster that `serve` (and the demo) start when no `--ray-address` is given.
 
-It runs as `ray start --head --block` in a session of its own (docs/design.md, "Local Ray"):
+It runs as `ray start --head --block` in a session of its own (docs/local-ray.md):
 
 - a signal to serve's process group (Ctrl-C, `kill -- -PGID`, systemd's `KillMode=control-group`) reaches the
   gateway only, so the gateway drains its calls on a live cluster and then stops Ray itself;
