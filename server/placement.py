@@ -70,18 +70,18 @@ async def wait_placed(ready: Awaitable[Any], *, what: str, timeout: float,
     try:
         while True:
             left = timeout - (time.monotonic() - start)
-            if left <= 0:
-                total, available = resources()
-                raise PlacementError(
-                    f"Ray could not place {what} within --placement-timeout {timeout:g} s; the cluster has "
-                    f"{describe_resources(total)} ({describe_resources(available)} free)")
-            done, _ = await asyncio.wait({future}, timeout=min(LOG_EVERY_S, left))
+            done, _ = await asyncio.wait({future}, timeout=max(min(LOG_EVERY_S, left), 0))
             if done:
                 future.result()
                 return
+            waited = time.monotonic() - start
             total, available = resources()
+            if waited >= timeout:
+                raise PlacementError(
+                    f"Ray could not place {what} within --placement-timeout {timeout:g} s; the cluster has "
+                    f"{describe_resources(total)} ({describe_resources(available)} free)")
             log.info("waiting %.0f s for Ray to place %s: the cluster has %s (%s free); giving up in %.0f s "
-                     "(--placement-timeout)", time.monotonic() - start, what, describe_resources(total),
-                     describe_resources(available), max(timeout - (time.monotonic() - start), 0))
+                     "(--placement-timeout)", waited, what, describe_resources(total),
+                     describe_resources(available), timeout - waited)
     finally:
         future.cancel()
