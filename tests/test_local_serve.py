@@ -148,3 +148,20 @@ def test_on_an_existing_cluster_the_wait_is_logged_and_a_signal_ends_it(tiny_mod
                          r"\d+ s \(--placement-timeout\)", serve.output), serve.output
     finally:
         cluster.stop()
+
+
+def test_serve_killed_outright_takes_its_ray_cluster_with_it(tiny_model, tmp_path):
+    """SIGKILL leaves serve no chance to clean up: the kernel signals `ray start` (PR_SET_PDEATHSIG), which
+    stops the cluster."""
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES)
+    try:
+        serve.wait_for_line("app: SERVING")
+        ray_sid = serve.ray_session()
+        serve.proc.kill()
+        serve.proc.wait()
+        deadline = time.monotonic() + 30
+        while _session_pids(ray_sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_pids(ray_sid) == [], "Ray processes outlived serve"
+    finally:
+        serve.kill()
