@@ -123,7 +123,17 @@ def run_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # a tiny job: collect reports promptly
     logging.getLogger().setLevel(logging.INFO)
     total = time.perf_counter()
+    try:
+        run_steps(args, workdir, log_path, out)
+    except BaseException as e:  # the terminal only sees `out`: say what happened and where to look
+        out.write(f"demo failed ({type(e).__name__}: {e}); see {log_path}\n")
+        raise
+    out.write(f"demo done in {time.perf_counter() - total:.1f} s; logs: {log_path}\n")
+    return 0
 
+
+def run_steps(args: argparse.Namespace, workdir: Path, log_path: Path, out: TextIO) -> None:
+    """Checkpoint, local Ray, training, serving and the conversation, each step timed on `out`."""
     model = args.model
     if model is None:
         from qwen_relay.checkpoints.synthetic import build_checkpoint
@@ -155,8 +165,6 @@ def run_demo(args: argparse.Namespace) -> int:
         if ray.is_initialized():
             ray.shutdown()
         local_ray.stop()
-    out.write(f"demo done in {time.perf_counter() - total:.1f} s; logs: {log_path}\n")
-    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
         logging.getLogger("qwen_relay").error("%s", e)
         return 2
 
