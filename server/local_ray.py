@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 STARTED_LINE = "Ray runtime started."
+NODE_TIMEOUT_LINE = "timed out during startup"  # Ray gives the raylet 30 s, too little on a loaded machine
+START_ATTEMPTS = 2
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -52,6 +54,10 @@ def local_ray_auth_env(environ: Mapping[str, str] = os.environ) -> dict[str, str
     if environ.get(AUTH_MODE_ENV):
         return {}
     return {AUTH_MODE_ENV: "token", AUTH_TOKEN_ENV: secrets.token_hex(32)}
+
+
+class RayStartTimeout(RuntimeError):
+    """`ray start` gave up waiting for its own raylet: worth one more try."""
 
 
 def _use_env(env: dict[str, str]) -> None:
@@ -96,6 +102,7 @@ class LocalRay:
     temp_dir: str
     process: subprocess.Popen
     log_path: str
+    log_offset: int  # where this cluster's output starts in log_path (the demo shares one log)
 
     @classmethod
     async def start(cls, num_cpus: int | None = None, num_gpus: int | None = None,
@@ -105,40 +112,59 @@ class LocalRay:
         Its auth settings (`local_ray_auth_env`) go into this process's environment too, so `ray.init` here
         and everything Ray starts agree. Cancelling the wait (a signal) stops what was started.
         """
-        num_cpus = num_cpus or os.cpu_count() or 1
+        _use_env(local_ray_auth_env())
+        for attempt in range(1, START_ATTEMPTS + 1):
+            ray = cls._launch(num_cpus or os.cpu_count() or 1, num_gpus, log_path)
+            try:
+                await ray._wait_started()
+                return ray
+            except RayStartTimeout:
+                ray.stop()
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.warning("local Ray timed out while starting (a busy machine?): trying again")
+            except BaseException:
+                ray.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _launch(cls, num_cpus: int, num_gpus: int | None, log_path: str | None) -> LocalRay:
         port = _free_port()
         temp_dir = tempfile.mkdtemp(prefix="qr-", dir="/tmp")  # short: Ray's socket paths have a length limit
         log_path = log_path or os.path.join(temp_dir, "ray-start.log")
-        _use_env(local_ray_auth_env())
-        command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+        # This interpreter, not the `ray` script's: Ray's workers run the Python that started the node, and they
+        # must import the same code as this process (ray.init() does the same).
+        command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                    f"--port={port}", f"--ray-client-server-port={_free_port()}",
                    f"--dashboard-agent-listen-port={_free_port()}", "--node-ip-address=127.0.0.1",
-                   f"--num-cpus={num_cpus}",
-                   "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+                   f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+                   f"--temp-dir={temp_dir}"]
         if num_gpus is not None:
             command.append(f"--num-gpus={num_gpus}")
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
+        offset = out.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True, preexec_fn=_die_with_parent)
         out.close()
-        ray = cls(address=f"127.0.0.1:{port}", num_cpus=num_cpus, temp_dir=temp_dir, process=process,
-                  log_path=log_path)
-        log.info("starting local Ray (%d CPUs) at %s, its own session %d; its log: %s", num_cpus, ray.address,
+        log.info("starting local Ray (%d CPUs) at 127.0.0.1:%d, its own session %d; its log: %s", num_cpus, port,
                  process.pid, log_path)
-        try:
-            await ray._wait_started()
-        except BaseException:
-            ray.stop()
-            raise
-        return ray
+        return cls(address=f"127.0.0.1:{port}", num_cpus=num_cpus, temp_dir=temp_dir, process=process,
+                   log_path=log_path, log_offset=offset)
+
+    def _log(self) -> str:
+        """What `ray start` has written so far."""
+        with open(self.log_path, errors="replace") as f:
+            f.seek(self.log_offset)
+            return f.read()
 
     async def _wait_started(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while STARTED_LINE not in Path(self.log_path).read_text(errors="replace"):
+        while STARTED_LINE not in (output := self._log()):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = Path(self.log_path).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"local Ray did not start (exit status {self.process.poll()}); "
-                                   f"the end of {self.log_path}:\n{tail}")
+                error = RayStartTimeout if NODE_TIMEOUT_LINE in output else RuntimeError
+                raise error(f"local Ray did not start (exit status {self.process.poll()}); the end of "
+                            f"{self.log_path}:\n{output[-2000:]}")
             await asyncio.sleep(0.2)
 
     def stop(self) -> None:
