@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/qwen-relay demo
+	$(BIN)/qwen-relay demo
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -36,4 +36,4 @@ protos: setup
 		--grpc_python_out=protos protos/qwen_relay/v1/*.proto
 
 clean:
-	rm -rf $(VENV) demo-model .pytest_cache
+	rm -rf $(VENV) demo-model demo-work .pytest_cache

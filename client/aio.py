@@ -40,7 +40,9 @@ class AsyncRelayClient(BaseClient):
     """Async client over one ``grpc.aio`` channel; ``async with`` it or ``await close()``.
 
     Constructor arguments are ``BaseClient``'s: ``target``, then keyword-only ``timeout``, TLS material,
-    ``auth_token``, extra ``metadata``/``options``, ``wait_for_ready``.
+    ``auth_token``, extra ``metadata``/``options``, ``wait_for_ready``. Every call has a deadline
+    (``Deadlines``: 30 s for calls that make no tokens, 60 s + 2 s per new token for generations) unless
+    ``timeout`` says otherwise.
     Generation parameters (``**params``) are those of ``build_generate_request``.
     """
 
@@ -62,7 +64,7 @@ class AsyncRelayClient(BaseClient):
         request = build_generate_request(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, **params
         )
-        response = await self.stub.Generate(request, **self._call_kwargs(timeout))
+        response = await self.stub.Generate(request, **self._generation_kwargs(request, timeout))
         return completion_from_response(response)
 
     def stream(
@@ -88,7 +90,7 @@ class AsyncRelayClient(BaseClient):
     async def _stream(
         self, request: relay_pb2.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[Chunk]:
-        call = self.stub.GenerateStream(request, **self._call_kwargs(timeout))
+        call = self.stub.GenerateStream(request, **self._generation_kwargs(request, timeout))
         try:
             async for response in call:
                 yield chunk_from_response(response)
@@ -119,7 +121,8 @@ class AsyncRelayClient(BaseClient):
     async def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
         """Loads the PEFT LoRA adapter folder ``path`` (as the server sees it) under ``name``."""
         request = relay_pb2.LoadAdapterRequest(name=name, path=str(path))
-        return adapter_info_from_response(await self.admin.LoadAdapter(request, **self._call_kwargs(timeout)))
+        kwargs = self._call_kwargs(timeout, self.deadlines.load_adapter)
+        return adapter_info_from_response(await self.admin.LoadAdapter(request, **kwargs))
 
     async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
         """Unloads an adapter; FAILED_PRECONDITION while requests still use it."""

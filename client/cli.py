@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,13 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
     """Flags that say where the gateway is and how to reach it (shared by every client subcommand)."""
     group = parser.add_argument_group("connection")
     group.add_argument("--target", default=DEFAULT_TARGET, help="gateway host:port (default: %(default)s)")
-    group.add_argument("--timeout", type=float, default=None, help="deadline per call, in seconds")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline per call in seconds (default: 60 s + 2 s per new token for a generation, 30 s otherwise; "
+        "a stream's covers the whole stream)",
+    )
     group.add_argument(
         "--auth-token",
         default=None,
@@ -194,7 +201,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """``qwen-relay chat``: the interactive chat on stdin/stdout."""
+    """``qwen-relay chat``: the interactive chat on stdin/stdout.
+
+    Only warnings and errors are logged (to stderr) unless ``-v``: INFO lines would land in the middle of the
+    conversation; a failed turn is reported inline with its status instead.
+    """
+    if not getattr(args, "verbose", False):
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     client = _connect(args)
     if client is None:
         return EXIT_USAGE

@@ -39,7 +39,9 @@ class RelayClient(BaseClient):
     """Sync client over one ``grpc`` channel; use it as a context manager or call ``close()``.
 
     Constructor arguments are ``BaseClient``'s: ``target``, then keyword-only ``timeout``, TLS material,
-    ``auth_token``, extra ``metadata``/``options``, ``wait_for_ready``.
+    ``auth_token``, extra ``metadata``/``options``, ``wait_for_ready``. Every call has a deadline
+    (``Deadlines``: 30 s for calls that make no tokens, 60 s + 2 s per new token for generations) unless
+    ``timeout`` says otherwise.
     Generation parameters (``**params``) are those of ``build_generate_request``: max_new_tokens,
     temperature, top_p, top_k, seed, stop, ignore_eos, adapter, request_id, chat_template_kwargs,
     separate_reasoning.
@@ -63,7 +65,7 @@ class RelayClient(BaseClient):
         request = build_generate_request(
             prompt, messages=messages, prompt_token_ids=prompt_token_ids, **params
         )
-        response = self.stub.Generate(request, **self._call_kwargs(timeout))
+        response = self.stub.Generate(request, **self._generation_kwargs(request, timeout))
         return completion_from_response(response)
 
     def stream(
@@ -86,7 +88,7 @@ class RelayClient(BaseClient):
         return self._stream(request, timeout)
 
     def _stream(self, request: relay_pb2.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
-        call = self.stub.GenerateStream(request, **self._call_kwargs(timeout))
+        call = self.stub.GenerateStream(request, **self._generation_kwargs(request, timeout))
         try:
             for response in call:
                 yield chunk_from_response(response)
@@ -117,7 +119,8 @@ class RelayClient(BaseClient):
     def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
         """Loads the PEFT LoRA adapter folder ``path`` (as the server sees it) under ``name``."""
         request = relay_pb2.LoadAdapterRequest(name=name, path=str(path))
-        return adapter_info_from_response(self.admin.LoadAdapter(request, **self._call_kwargs(timeout)))
+        kwargs = self._call_kwargs(timeout, self.deadlines.load_adapter)
+        return adapter_info_from_response(self.admin.LoadAdapter(request, **kwargs))
 
     def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
         """Unloads an adapter; FAILED_PRECONDITION while requests still use it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,27 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_NEW_TOKENS = 128  # what the server uses for max_new_tokens 0 (ServeOptions.default_max_new_tokens)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Default deadlines, so that a stuck or unreachable server never hangs a caller.
+
+    A call that makes no tokens (health, tokenize, model info, adapters) gets ``connect`` seconds: enough to
+    connect and answer. A generation gets ``start`` seconds (connecting, queueing for a slot, the prefill)
+    plus ``per_token`` seconds for each requested new token; a stream's deadline covers the whole stream.
+    ``per_token`` is generous for a model that fits its slices (tens to hundreds of ms per token on CPU).
+    """
+
+    connect: float = 30.0
+    start: float = 60.0
+    per_token: float = 2.0
+    load_adapter: float = 300.0  # reads the adapter's weights on every slice
+
+    def generation(self, max_new_tokens: int | None) -> float:
+        """The deadline of a generation; 0 or None new tokens means the server's default (128)."""
+        return self.start + self.per_token * (max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
 
 # A chat message as callers write it: {"role": ..., "content": ...} or the proto itself.
 MessageLike = Mapping[str, str] | relay_pb2.ChatMessage
@@ -420,8 +442,9 @@ class BaseClient:
 
     Args:
         target: ``host:port`` of the gateway.
-        timeout: default deadline in seconds for every call (a stream's deadline covers the whole stream);
-            None waits forever. Each method takes ``timeout=`` to override it per call.
+        timeout: one deadline in seconds for every call (a stream's deadline covers the whole stream), in place
+            of ``deadlines``; ``math.inf`` waits forever. Each method takes ``timeout=`` to override it per call.
+        deadlines: the default deadlines when ``timeout`` is None (see ``Deadlines``).
         tls: use TLS with the system roots even when no certificate is given.
         root_certificates / private_key / certificate_chain: PEM bytes for ``grpc.ssl_channel_credentials``.
         server_name_override: the name to check the server certificate against (a test certificate issued
@@ -437,6 +460,7 @@ class BaseClient:
         target: str = DEFAULT_TARGET,
         *,
         timeout: float | None = None,
+        deadlines: Deadlines = Deadlines(),
         tls: bool = False,
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
@@ -449,6 +473,7 @@ class BaseClient:
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self.deadlines = deadlines
         self._credentials = channel_credentials(tls, root_certificates, private_key, certificate_chain)
         self._options = list(options or ())
         if server_name_override:
@@ -474,12 +499,18 @@ class BaseClient:
     def _open_channel(self) -> Any:
         raise NotImplementedError
 
-    def _call_kwargs(self, timeout: float | None) -> dict[str, Any]:
+    def _call_kwargs(self, timeout: float | None, default: float | None = None) -> dict[str, Any]:
+        """Keyword arguments of one call: its deadline is ``timeout``, else the client's ``timeout``, else
+        ``default`` (the ``Deadlines`` value for this kind of call), else ``deadlines.connect``."""
+        chosen = next(t for t in (timeout, self.timeout, default, self.deadlines.connect) if t is not None)
         return {
-            "timeout": self.timeout if timeout is None else timeout,
+            "timeout": None if math.isinf(chosen) else chosen,
             "metadata": self._metadata,
             "wait_for_ready": self._wait_for_ready,
         }
+
+    def _generation_kwargs(self, request: relay_pb2.GenerateRequest, timeout: float | None) -> dict[str, Any]:
+        return self._call_kwargs(timeout, self.deadlines.generation(request.max_new_tokens))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r}, tls={self.secure})"

@@ -26,8 +26,10 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
 from .engine import Engine, EngineConfig
 from .layout import balanced_split, describe, model_costs, parse_layers
+from .local_ray import LocalRay
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
+from .placement import check_fits_node, local_cpu_share
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
 from .validation import Limits
@@ -62,15 +64,17 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 50051
     ray_address: str | None = None
+    local_ray_cpus: int | None = None  # CPUs of the local Ray serve starts without ray_address (None: all cores)
     use_ray: bool = True  # False: every slice in this process (no actors)
     max_batch: int = 16
     max_context: int = 2048
     default_max_new_tokens: int | None = None  # None: 128, or the cap if lower
     max_new_tokens_cap: int = 1024
-    cpus_per_slice: float = 1.0
+    cpus_per_slice: float | None = None  # Ray CPUs per CPU slice; None: 1, or a share of a local node
     threads: int = 0
     prepack: bool = True  # CPU fp32: linear weights prepacked for oneDNN (shards/packed.py)
     placement_strategy: str = "PACK"
+    placement_timeout: float = 600.0  # seconds to wait for Ray to place the slices (an autoscaler may add nodes)
     max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
     recovery_timeout: float = 60.0
     max_queue: int = 256
@@ -93,8 +97,9 @@ class ServeOptions:
 class Relay:
     """A running gateway; `await Relay.start(options)`, then `await relay.stop()`."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, local_ray: LocalRay | None = None) -> None:
         self.options = options
+        self.local_ray = local_ray  # the Ray node serve started itself: it cannot grow, so fit it
         folder = model_dir(options.model)
         self.config = load_config(folder)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -131,8 +136,9 @@ class Relay:
         self.started = time.time()
 
     @classmethod
-    async def start(cls, options: ServeOptions) -> Relay:
-        relay = cls(options)
+    async def start(cls, options: ServeOptions, local_ray: LocalRay | None = None) -> Relay:
+        """Open the port, then load the slices; on any failure or cancellation, release what was started."""
+        relay = cls(options, local_ray)
         await relay._open_port()
         try:
             await relay._load()
@@ -185,7 +191,8 @@ class Relay:
             import ray  # only here: --no-ray serves on machines without Ray
 
             if not ray.is_initialized():
-                ray.init(address=opts.ray_address, log_to_driver=True)
+                ray.init(address=self.local_ray.address if self.local_ray else opts.ray_address,
+                         log_to_driver=True)
             use_gpu = opts.device == "cuda" or (
                 opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
@@ -193,14 +200,18 @@ class Relay:
                            max_slots=opts.max_batch, max_len=self.max_context, threads=opts.threads,
                            prepack=opts.prepack)
                  for a, b in self.ranges]
-        log.info("loading %d slices (layers %s) of %s", len(specs), describe(self.ranges), opts.model)
         if opts.use_ray:
             from .ray_pipeline import RayPipeline
 
-            self.pipeline = await asyncio.to_thread(
-                RayPipeline, specs, use_gpu=use_gpu, cpus_per_slice=opts.cpus_per_slice,
-                strategy=opts.placement_strategy, max_restarts=opts.max_restarts)
+            cpus = self._cpus_per_slice(ray.cluster_resources(), use_gpu)
+            log.info("loading %d slices (layers %s) of %s, %g Ray CPU each", len(specs), describe(self.ranges),
+                     opts.model, cpus)
+            self.pipeline = await RayPipeline.start(
+                specs, use_gpu=use_gpu, cpus_per_slice=cpus, strategy=opts.placement_strategy,
+                placement_timeout=opts.placement_timeout, max_restarts=opts.max_restarts)
         else:
+            log.info("loading %d slices (layers %s) of %s in this process", len(specs), describe(self.ranges),
+                     opts.model)
             self.pipeline = await asyncio.to_thread(LocalPipeline, specs)
         stats = await self.pipeline.stats()
         self.metrics.update_slices(stats)  # the baseline: warm-up forwards are not step time
@@ -212,6 +223,18 @@ class Relay:
         await self._set_health(True)
         self.layout = stats
         log.info("SERVING %s", self.describe_layout())
+
+    def _cpus_per_slice(self, cluster: dict[str, float], use_gpu: bool) -> float:
+        """--cpus-per-slice, else 1 CPU per slice, or on a local node a share that lets every slice fit."""
+        opts, count = self.options, len(self.ranges)
+        cpus = opts.cpus_per_slice
+        if self.local_ray is None:
+            return 1.0 if cpus is None else cpus
+        if cpus is None:
+            cpus = local_cpu_share(cluster.get("CPU", 0), count)
+        bundle = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
+        check_fits_node([bundle] * count, opts.placement_strategy, cluster)
+        return cpus
 
     async def _push_slice_stats(self) -> None:
         """Feed the metrics a fresh snapshot of the slices' stats every `stats_interval` seconds."""
@@ -277,24 +300,75 @@ def eos_token_ids(folder, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+class Stopped(Exception):
+    """A signal arrived before serve was up; what had started is released, and serve exits 0."""
+
+
+async def _unless_stopped(work, stop: asyncio.Event):
+    """Run `work` to its end, or cancel it (it cleans up after itself) and raise Stopped once `stop` is set."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise Stopped
+    return task.result()
+
+
 async def serve(options: ServeOptions) -> None:
-    """Run until SIGINT/SIGTERM, then stop gracefully; a second signal cuts the grace period short."""
-    relay = await Relay.start(options)
-    log.info("qwen-relay listening on %s:%d; %s", options.host, relay.port, relay.describe_layout())
-    signals: asyncio.Queue[int] = asyncio.Queue()
+    """Run until SIGINT/SIGTERM, then stop gracefully; a second signal cuts the grace period short, and a signal
+    while starting ends the start.
+
+    Without --ray-address, serve starts local Ray in a session of its own, so a signal to serve's process group
+    does not stop Ray under the draining gateway, and stops it last (docs/local-ray.md).
+    """
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signals.put_nowait, sig)
-    await signals.get()
-    log.info("signal received: draining for up to %.0f s (a second signal stops at once)", options.grace_seconds)
-    graceful = asyncio.ensure_future(relay.stop())
-    second = asyncio.ensure_future(signals.get())
-    await asyncio.wait({graceful, second}, return_when=asyncio.FIRST_COMPLETED)
-    if graceful.done():
-        second.cancel()
-        await graceful
-        return
-    log.warning("second signal: stopping now")
-    graceful.cancel()
-    await asyncio.gather(graceful, return_exceptions=True)
-    await relay.stop(grace=0)
+    stop = asyncio.Event()
+    signals: asyncio.Queue[int] = asyncio.Queue()
+
+    def on_signal(sig: int) -> None:
+        stop.set()
+        signals.put_nowait(sig)
+
+    def handle_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    handle_signals()
+    local_ray: LocalRay | None = None
+    ray = None
+    try:
+        if options.use_ray:
+            import ray
+
+            if not options.ray_address:
+                local_ray = await _unless_stopped(LocalRay.start(options.local_ray_cpus), stop)
+            ray.init(address=local_ray.address if local_ray else options.ray_address, log_to_driver=True)
+            handle_signals()  # ray.init put its own SIGTERM handler (sys.exit) in place of ours
+        relay = await _unless_stopped(Relay.start(options, local_ray), stop)
+        log.info("qwen-relay listening on %s:%d; %s", options.host, relay.port, relay.describe_layout())
+        await signals.get()
+        log.info("signal received: draining for up to %.0f s (a second signal stops at once)",
+                 options.grace_seconds)
+        graceful = asyncio.ensure_future(relay.stop())
+        second = asyncio.ensure_future(signals.get())
+        await asyncio.wait({graceful, second}, return_when=asyncio.FIRST_COMPLETED)
+        if graceful.done():
+            second.cancel()
+            await graceful
+        else:
+            log.warning("second signal: stopping now")
+            graceful.cancel()
+            await asyncio.gather(graceful, return_exceptions=True)
+            await relay.stop(grace=0)
+    except Stopped:
+        log.info("signal received while starting: stopped")
+    finally:
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        if local_ray is not None:
+            local_ray.stop()

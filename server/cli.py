@@ -40,6 +40,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=bounded(int, 0, 65535), default=50051)
     parser.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: start local Ray")
+    parser.add_argument("--local-ray-cpus", type=bounded(int, 1), default=None,
+                        help="CPUs of the local Ray node serve starts without --ray-address (default: all cores)")
     parser.add_argument("--no-ray", action="store_true", help="run every slice in this process, without Ray")
     parser.add_argument("--max-batch", type=bounded(int, 1), default=16,
                         help="sequences decoded together (cache slots)")
@@ -50,12 +52,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens-cap", type=bounded(int, 1), default=1024)
     parser.add_argument("--default-max-new-tokens", type=bounded(int, 1),
                         help="new tokens for a request that does not say (default: 128, or the cap if lower)")
-    parser.add_argument("--cpus-per-slice", type=bounded(float, 0.01), default=1.0, help="Ray CPUs reserved per slice")
+    parser.add_argument("--cpus-per-slice", type=bounded(float, 0.01), default=None,
+                        help="Ray CPUs reserved per CPU slice (default: 1; on the local Ray serve starts, a share "
+                        "of the node small enough for every slice to fit, since slices take turns on the cores)")
     parser.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads per CPU slice (0: all cores)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="keep CPU weights dense (stock PyTorch kernels) instead of prepacked for oneDNN")
     parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="Ray placement-group strategy for the slices")
+    parser.add_argument("--placement-timeout", type=bounded(float, 0), default=600.0,
+                        help="seconds to wait for an existing cluster (--ray-address) to place the slices, e.g. "
+                        "while an autoscaler adds nodes; logged every 15 s (default 600)")
     parser.add_argument("--grace", type=bounded(float, 0), default=10.0, help="seconds in-flight calls get on shutdown")
     parser.add_argument("--max-queue", type=bounded(int, 1), default=256,
                         help="requests waiting for a slot before new ones get RESOURCE_EXHAUSTED")
@@ -109,12 +116,13 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         adapters=parse_adapters(args.adapter or []),
         model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
+        local_ray_cpus=args.local_ray_cpus,
         max_batch=args.max_batch, max_in_flight=args.max_in_flight, max_context=args.max_context,
         max_new_tokens_cap=args.max_new_tokens_cap,
         default_max_new_tokens=args.default_max_new_tokens, adapter_roots=tuple(args.adapter_root or ()),
         max_adapters=args.max_adapters, max_adapter_bytes=int(args.max_adapter_mib * 2**20),
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, prepack=not args.no_prepack,
-        placement_strategy=args.placement,
+        placement_strategy=args.placement, placement_timeout=args.placement_timeout,
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, auth_token=_token(args.auth_token, AUTH_TOKEN_ENV),
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
         logging.getLogger("qwen_relay").error("%s", e)
         return 2
 

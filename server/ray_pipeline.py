@@ -13,7 +13,7 @@ import dataclasses
 import logging
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from qwen_relay.shards.actor import SliceActor
@@ -22,6 +22,7 @@ from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
 from .pipeline import SLICE_ENV, AdapterSource, Recovery, SliceLost
+from .placement import PlacementError, describe_resources, wait_placed
 from .transport import Transport, build_transport
 
 log = logging.getLogger(__name__)
@@ -45,35 +46,15 @@ class RayPipeline:
     compiled graph, else actor calls), "compiled" or "calls".
     """
 
-    def __init__(self, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
-                 strategy: str = "PACK", ready_timeout: float = 600.0, max_restarts: int = -1,
-                 transport: str = "auto") -> None:
+    def __init__(self, specs: list[SliceSpec], actors: list, group: PlacementGroup, first: list[SliceStats], *,
+                 use_gpu: bool, transport: str = "auto") -> None:
         self.specs = specs
-        self.depth = len(specs)  # Ray runs each actor's calls from this caller in submission order
+        self.actors = actors
+        self.group = group
+        self.depth = len(specs)  # steps that may be in flight at once
         self.use_gpu = use_gpu
         self.transport_mode = transport
         self.transport: Transport | None = None  # built in the event loop, by the first step
-        bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
-        self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
-        try:
-            ray.get(self.group.ready(), timeout=ready_timeout)
-        except ray.exceptions.GetTimeoutError as e:
-            remove_placement_group(self.group)
-            raise RuntimeError(f"Ray could not place {len(specs)} slices of {bundle} ({strategy}) "
-                               f"within {ready_timeout:.0f} s; cluster has {ray.cluster_resources()}") from e
-        self.actors = [
-            SliceActor.options(
-                num_cpus=cpus_per_slice,
-                num_gpus=1 if use_gpu else 0,
-                max_restarts=max_restarts,
-                max_task_retries=0,
-                runtime_env={"env_vars": SLICE_ENV},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
-            ).remote(spec)
-            for i, spec in enumerate(specs)
-        ]
-        # Constructors load weights and warm up; wait for all of them so health turns SERVING only then.
-        first = ray.get([a.stats.remote() for a in self.actors], timeout=ready_timeout)
         self.incarnations = [s.incarnation for s in first]  # a new one means Ray restarted that slice
         self.restarts = [0] * len(specs)
         self.adapters: dict[str, AdapterSource] = {}  # re-sent to every slice on recovery
@@ -84,6 +65,44 @@ class RayPipeline:
             self.transport = build_transport(self.actors, self.depth, mode=self.transport_mode,
                                              use_gpu=self.use_gpu)
         return self.transport
+
+    @classmethod
+    async def start(cls, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
+                    strategy: str = "PACK", placement_timeout: float = 600.0, load_timeout: float = 600.0,
+                    max_restarts: int = -1, transport: str = "auto") -> RayPipeline:
+        """Reserve a bundle per slice, start the actors and wait until every slice has loaded and warmed up.
+
+        Both waits are bounded and logged (server/placement.py); cancelling them (a signal during the load)
+        releases the actors and the placement group before the cancellation goes on.
+        """
+        bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
+        what = f"{len(specs)} slices of {describe_resources(bundle)} ({strategy})"
+        group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
+        actors: list = []
+        try:
+            await wait_placed(group.ready(), what=what, timeout=placement_timeout,
+                              resources=lambda: (ray.cluster_resources(), ray.available_resources()))
+            actors = [
+                SliceActor.options(
+                    num_cpus=cpus_per_slice,
+                    num_gpus=1 if use_gpu else 0,
+                    max_restarts=max_restarts,
+                    max_task_retries=0,
+                    runtime_env={"env_vars": SLICE_ENV},
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+                ).remote(spec)
+                for i, spec in enumerate(specs)
+            ]
+            # Constructors load weights and warm up; wait for all of them so health turns SERVING only then.
+            first = await asyncio.wait_for(_all([a.stats.remote() for a in actors]), load_timeout)
+        except BaseException as e:
+            for actor in actors:
+                ray.kill(actor)
+            remove_placement_group(group)
+            if isinstance(e, asyncio.TimeoutError):
+                raise PlacementError(f"the slices did not load within {load_timeout:.0f} s") from e
+            raise
+        return cls(specs, actors, group, first, use_gpu=use_gpu, transport=transport)
 
     async def step(self, batch: StepBatch) -> list[int]:
         """Up to `depth` calls may be outstanding; slices see the batches in call order."""
@@ -176,3 +195,8 @@ class RayPipeline:
             ray.kill(actor)
         self.actors = []
         remove_placement_group(self.group)
+
+
+async def _all(refs: list) -> list:
+    """The refs' values in order; unlike gather, cancelling it leaves no orphaned future behind."""
+    return [await ref for ref in refs]

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from qwen_relay.client import (
     AsyncRelayClient,
+    Deadlines,
     RelayClient,
     build_generate_request,
     build_tokenize_request,
@@ -530,3 +531,68 @@ def test_cli_registers_on_a_foreign_parser():
     params = client_cli.sampling_params(args)
     assert params["max_new_tokens"] == 4 and params["adapter"] == "x" and params["ignore_eos"] is True
     assert build_generate_request(args.prompt, **params).max_new_tokens == 4
+
+
+# ------------------------------------------------------------------------------------ default deadlines
+
+
+@pytest.fixture
+def silent_server():
+    """A port that accepts TCP connections and never answers: a stuck server as a client sees it."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_generation_deadline_grows_with_max_new_tokens():
+    deadlines = Deadlines(start=60, per_token=2)
+    assert deadlines.generation(10) == 80
+    assert deadlines.generation(None) == deadlines.generation(0) == 60 + 2 * 128  # the server's default
+
+
+def test_a_stuck_server_does_not_hang_calls_by_default(silent_server):
+    with RelayClient(silent_server, deadlines=Deadlines(connect=0.3, start=0.3, per_token=0.01)) as c:
+        for call in (c.health, c.model_info, lambda: c.generate("hi", max_new_tokens=5)):
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 5
+
+
+def test_the_default_stream_deadline_ends_a_stuck_stream(fake):
+    _, target = fake
+    with RelayClient(target, deadlines=Deadlines(start=0.2, per_token=0.0)) as c, pytest.raises(grpc.RpcError) as info:
+        list(c.stream("slow"))
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_async_client_has_default_deadlines_too(silent_server):
+    async def call() -> grpc.StatusCode:
+        async with AsyncRelayClient(silent_server, deadlines=Deadlines(connect=0.3, start=0.3)) as c:
+            with pytest.raises(grpc.RpcError) as info:
+                await c.generate("hi", max_new_tokens=2)
+            return info.value.code()
+
+    assert asyncio.run(call()) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_explicit_timeout_wins_and_inf_waits_forever():
+    client = RelayClient("127.0.0.1:1")
+    try:
+        assert client._call_kwargs(None)["timeout"] == Deadlines().connect
+        assert client._call_kwargs(7)["timeout"] == 7
+        request = build_generate_request("hi", max_new_tokens=4)
+        assert client._generation_kwargs(request, None)["timeout"] == Deadlines().generation(4)
+        assert client._generation_kwargs(request, float("inf"))["timeout"] is None
+    finally:
+        client.close()
+
+
+def test_cli_client_uses_the_default_deadlines_unless_told():
+    parser = client_cli.build_parser()
+    assert client_cli.client_from_args(parser.parse_args(["generate", "hi"])).timeout is None
+    assert client_cli.client_from_args(parser.parse_args(["generate", "hi", "--timeout", "3"])).timeout == 3

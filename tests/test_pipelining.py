@@ -126,7 +126,8 @@ def ray_pipeline(ray_session, loop_thread, tiny_model):
     made = []
 
     def make(shards: int, transport: str = "compiled") -> RayPipeline:
-        pipeline = RayPipeline(specs(tiny_model, shards), use_gpu=False, transport=transport, ready_timeout=300)
+        pipeline = loop_thread.run(RayPipeline.start(specs(tiny_model, shards), use_gpu=False, transport=transport,
+                                                     load_timeout=300))
         made.append(pipeline)
         return pipeline
 

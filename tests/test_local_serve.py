@@ -1,0 +1,167 @@
+"""`qwen-relay serve` with the local Ray it starts itself, under the conditions users create: more slices than
+cores, no RAY_AUTH_MODE in the environment (Ray's token authentication on), and signals to the whole process
+group (Ctrl-C; `kill -- -PGID`, systemd's KillMode=control-group) while serving and while still loading.
+
+Each case runs serve in a session of its own, so the test can signal serve's group as a terminal or systemd
+would, and checks that serve exits 0 within --grace + 10 s leaving no process behind: none in serve's
+session, none in the session of the Ray cluster it started.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qwen_relay.client import RelayClient
+from qwen_relay.server.local_ray import _session_pids
+
+pytestmark = pytest.mark.slow
+
+GRACE = 5
+THREE_SLICES = ["--layers", "0-0,1-3,4-4", "--local-ray-cpus", "2"]  # 3 slices on a 2-CPU node
+NATIVE_DUMP = re.compile(r"Traceback|Fatal Python error|\*\*\* SIG|Stack trace|Check failure")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """`qwen-relay serve` in its own session, its output in a file; environment without RAY_AUTH_MODE."""
+
+    def __init__(self, model: Path, tmp_path: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.log = tmp_path / "serve.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(model),
+                 "--port", str(self.port), "--grace", str(GRACE), "--max-context", "256", *args],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_line(self, text: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.proc.poll() is None, f"serve exited ({self.proc.returncode}):\n{self.output}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout} s:\n{self.output}"
+            time.sleep(0.2)
+
+    def ray_session(self) -> int:
+        return int(re.search(r"its own session (\d+)", self.output).group(1))
+
+    def stop_and_check(self, sig: signal.Signals, group: bool) -> float:
+        """Send `sig` (to the group or to serve alone); serve must exit 0 in time and leave nothing behind."""
+        ray_sid = self.ray_session()
+        started = time.monotonic()
+        if group:
+            os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
+        assert self.proc.wait(GRACE + 10) == 0, self.output
+        took = time.monotonic() - started
+        assert _session_pids(self.proc.pid) == [], "processes left in serve's session"
+        assert _session_pids(ray_sid) == [], "Ray processes left behind"
+        assert not NATIVE_DUMP.search(self.output), self.output
+        return took
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.mark.parametrize(("sig", "group"), [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["sigterm-group", "ctrl-c", "sigterm-main"])
+def test_three_slices_on_two_cpus_serve_and_stop_cleanly(tiny_model, tmp_path, sig, group):
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES)
+    try:
+        serve.wait_for_line("app: SERVING")
+        with RelayClient(f"127.0.0.1:{serve.port}") as client:
+            assert client.health() == "SERVING"
+            assert [s.first_layer for s in client.model_info().slices] == [0, 1, 4]
+            assert client.generate("Merhaba", max_new_tokens=4, ignore_eos=True).completion_tokens == 4
+        serve.stop_and_check(sig, group)
+    finally:
+        serve.kill()
+    assert "0.666 Ray CPU each" in serve.output
+    assert "Token authentication" not in serve.output  # the mode is set explicitly: no warning either
+
+
+def test_sigterm_to_the_group_while_loading_ends_the_load(tiny_model, tmp_path):
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES)
+    try:
+        serve.wait_for_line("loading 3 slices")
+        serve.stop_and_check(signal.SIGTERM, group=True)
+    finally:
+        serve.kill()
+    assert "app: SERVING" not in serve.output and "signal received while starting" in serve.output
+
+
+def test_a_request_that_cannot_fit_fails_at_once_and_says_why(tiny_model, tmp_path):
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES, "--cpus-per-slice", "1")
+    try:
+        serve.wait_for_line("Connected to Ray cluster")
+        connected = time.monotonic()
+        assert serve.proc.wait(30) == 2
+        assert time.monotonic() - connected < 30
+    finally:
+        serve.kill()
+    assert re.search(r"3 slices need 3 CPU in all .* local Ray node has 2 CPU .* change --cpus-per-slice",
+                     serve.output), serve.output
+    assert _session_pids(serve.ray_session()) == []
+
+
+def test_on_an_existing_cluster_the_wait_is_logged_and_a_signal_ends_it(tiny_model, tmp_path):
+    """`--ray-address`: 3 slices of 1 CPU on a 2-CPU cluster wait (an autoscaler could add a node), saying
+    what they wait for; SIGTERM to serve's group during the wait exits 0 and leaves the cluster as it was."""
+    import asyncio
+
+    from qwen_relay.server.local_ray import LocalRay
+
+    cluster = asyncio.run(LocalRay.start(2))
+    try:
+        serve = Serve(tiny_model, tmp_path, "--layers", "0-0,1-3,4-4", "--ray-address", cluster.address,
+                      "--placement-timeout", "300")
+        try:
+            serve.wait_for_line("placement: waiting")
+            os.killpg(serve.proc.pid, signal.SIGTERM)
+            assert serve.proc.wait(GRACE + 10) == 0, serve.output
+        finally:
+            serve.kill()
+        assert _session_pids(serve.proc.pid) == []
+        assert not NATIVE_DUMP.search(serve.output), serve.output
+        assert re.search(r"to place 3 slices of CPU 1 \(PACK\): the cluster has CPU 2 \(CPU 2 free\); giving up in "
+                         r"\d+ s \(--placement-timeout\)", serve.output), serve.output
+    finally:
+        cluster.stop()
+
+
+def test_serve_killed_outright_takes_its_ray_cluster_with_it(tiny_model, tmp_path):
+    """SIGKILL leaves serve no chance to clean up: the kernel signals `ray start` (PR_SET_PDEATHSIG), which
+    stops the cluster."""
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES)
+    try:
+        serve.wait_for_line("app: SERVING")
+        ray_sid = serve.ray_session()
+        serve.proc.kill()
+        serve.proc.wait()
+        deadline = time.monotonic() + 30
+        while _session_pids(ray_sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_pids(ray_sid) == [], "Ray processes outlived serve"
+    finally:
+        serve.kill()

@@ -1,0 +1,73 @@
+"""Placement rules without Ray: a local node's CPU share fits any slice count, a request that cannot fit is
+refused naming what it needs, what the node has and the flag, and the wait on a cluster is logged and bounded.
+Also the auth decision for the Ray cluster serve starts on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from qwen_relay.server import placement
+from qwen_relay.server.local_ray import local_ray_auth_env
+from qwen_relay.server.placement import PlacementError, check_fits_node, local_cpu_share, wait_placed
+
+NODE = {"CPU": 2.0, "memory": 1e10, "object_store_memory": 1e9, "node:127.0.0.1": 1.0}
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3, 5, 7, 32])
+def test_any_slice_count_fits_a_two_cpu_node(slices):
+    share = local_cpu_share(2, slices)
+    assert 0 < share <= 1
+    check_fits_node([{"CPU": share}] * slices, "PACK", NODE)  # does not raise
+
+
+def test_share_is_a_whole_cpu_when_there_are_enough():
+    assert local_cpu_share(8, 3) == 1.0
+    assert local_cpu_share(2, 3) == 0.666
+
+
+def test_too_much_cpu_is_refused_naming_need_have_and_flag():
+    with pytest.raises(PlacementError) as info:
+        check_fits_node([{"CPU": 1.0}] * 3, "PACK", NODE)
+    message = str(info.value)
+    assert "3 slices need 3 CPU" in message and "has 2 CPU" in message and "--cpus-per-slice" in message
+
+
+def test_missing_gpus_are_refused_naming_the_flags():
+    with pytest.raises(PlacementError, match=r"need 2 GPU.*has 0 GPU.*--device cpu"):
+        check_fits_node([{"CPU": 0.5, "GPU": 1}] * 2, "PACK", NODE)
+
+
+def test_strict_spread_cannot_fit_one_node():
+    with pytest.raises(PlacementError, match="STRICT_SPREAD"):
+        check_fits_node([{"CPU": 0.5}] * 2, "STRICT_SPREAD", NODE)
+
+
+def test_wait_logs_what_it_awaits_and_gives_up(monkeypatch, caplog):
+    monkeypatch.setattr(placement, "LOG_EVERY_S", 0.05)
+    never = asyncio.Event()
+    caplog.set_level(logging.INFO, logger=placement.__name__)
+    with pytest.raises(PlacementError) as info:
+        asyncio.run(wait_placed(never.wait(), what="3 slices of CPU 1 (PACK)", timeout=0.3,
+                                resources=lambda: ({"CPU": 2.0}, {"CPU": 0.0})))
+    assert "3 slices of CPU 1 (PACK)" in str(info.value) and "--placement-timeout" in str(info.value)
+    assert "CPU 2 (CPU 0 free)" in str(info.value)
+    waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert waits and "the cluster has CPU 2 (CPU 0 free)" in waits[0]
+
+
+def test_wait_returns_once_placed():
+    async def placed() -> None:
+        await asyncio.sleep(0)
+
+    asyncio.run(wait_placed(placed(), what="x", timeout=5, resources=lambda: ({}, {})))
+
+
+def test_local_ray_gets_its_own_token_unless_the_user_chose():
+    env = local_ray_auth_env({})
+    assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
+    assert local_ray_auth_env({}) != env  # a fresh token per cluster
+    assert local_ray_auth_env({"RAY_AUTH_MODE": "disabled"}) == {}
+    assert local_ray_auth_env({"RAY_AUTH_MODE": "token"}) == {}
