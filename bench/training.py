@@ -74,9 +74,10 @@ def make_chat_data(path: str | Path, n: int, seed: int = 0) -> Path:
 def _single_process(cfg: Any, threads: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
+    from qwen_relay.shards.loader import resolve_dtype
     from qwen_relay.train.job import prepare_job_data
     from qwen_relay.train.loop import train_single_process
-    from qwen_relay.train.lora import build_lora_model, resolve_dtype
+    from qwen_relay.train.lora import build_lora_model
 
     start = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -85,7 +86,7 @@ def _single_process(cfg: Any, threads: int) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         _, train, _ = prepare_job_data(cfg, tokenizer)
         torch.manual_seed(cfg.seed)
-        model = build_lora_model(cfg.model, cfg.lora, resolve_dtype(cfg.dtype, False))
+        model = build_lora_model(cfg.model, cfg.lora, resolve_dtype(cfg.dtype, "cpu"))
         state = train_single_process(
             model,
             train,

@@ -62,6 +62,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from qwen_relay.shards.loader import DTYPES
+
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
@@ -631,7 +633,6 @@ def build_checkpoint(
     return out
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _run_build_checkpoint(args: argparse.Namespace) -> int:
@@ -644,7 +645,7 @@ def _run_build_checkpoint(args: argparse.Namespace) -> int:
         args.out,
         args.shape,
         seed=args.seed,
-        dtype=_DTYPES[args.dtype],
+        dtype=DTYPES[args.dtype],
         max_shard_size=args.max_shard_size,
         multimodal=args.multimodal,
         **overrides,
@@ -663,7 +664,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="architecture (default: tiny)")
     p.add_argument(
-        "--dtype", choices=sorted(_DTYPES), default="float32", help="weight dtype (default: float32)"
+        "--dtype", choices=sorted(DTYPES), default="float32", help="weight dtype (default: float32)"
     )
     p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
     p.add_argument("--untied", action="store_true", help="write a separate lm_head.weight")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, TextIO
 
@@ -107,14 +106,3 @@ def run_chat(
             history.append({"role": "assistant", "content": reply})
     out.flush()
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qwen_relay.client.chat [--target ...] [--system ...]``: the ``chat`` subcommand."""
-    from .cli import main as cli_main
-
-    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from qwen_relay.shards.loader import resolve_dtype
+
 from .cluster import (
     WorkerResourcesError,
     WorkerShare,
@@ -53,7 +55,7 @@ from .loop import (
     seed_step,
     unwrap,
 )
-from .lora import LoraSettings, build_lora_model, resolve_dtype
+from .lora import LoraSettings, build_lora_model
 from .summary import write_summary
 
 __all__ = [
@@ -270,7 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if not cfg.use_gpu:
         torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device()
-    dtype = resolve_dtype(cfg.dtype, cfg.use_gpu)
+    dtype = resolve_dtype(cfg.dtype, "cuda" if cfg.use_gpu else "cpu")
 
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank (DDP also broadcasts rank 0's)
     model = build_lora_model(cfg.model, cfg.lora, dtype)

@@ -16,13 +16,11 @@ __all__ = [
     "build_lora_model",
     "check_targets",
     "load_base_model",
-    "resolve_dtype",
     "trainable_parameters",
 ]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # What LoRA can target, per family (config.json's model_type), and what the default q_proj/v_proj means there:
@@ -74,19 +72,6 @@ class LoraSettings:
             target_modules=list(self.target_modules),
             bias="none",
         )
-
-
-def resolve_dtype(name: str, use_gpu: bool) -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it (half the memory, full speed) and fp32 on CPU, where
-    bf16 matmuls are slow and fp32 keeps runs reproducible."""
-    if name == "auto":
-        if use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, not {name!r}") from None
 
 
 def load_base_model(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:

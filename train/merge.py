@@ -10,14 +10,11 @@ import torch
 
 __all__ = ["merge_adapter"]
 
+from qwen_relay.shards.loader import DTYPES
+
 log = logging.getLogger(__name__)
 
-_DTYPES: dict[str, torch.dtype | str] = {
-    "auto": "auto",
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+_DTYPES: dict[str, torch.dtype | str] = {"auto": "auto", **DTYPES}  # auto: keep the checkpoint's own
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
