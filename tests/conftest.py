@@ -126,6 +126,27 @@ def fault_relay(relay_factory, tiny_model):
     return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=120))
 
 
+CACHE_DRAIN_S = 60  # how long a test waits for every slice to drop a finished request's cache (shared machine)
+
+
+@pytest.fixture(scope="session")
+def wait_caches_empty() -> Callable:
+    """`wait_caches_empty(client)`: wait (bounded) until no slice holds a cache entry: releases reach the
+    slices on the next step, which an idle engine sends at once."""
+    import time
+
+    def wait(client) -> None:
+        deadline = time.monotonic() + CACHE_DRAIN_S
+        while True:
+            slices = client.model_info().slices
+            if all(s.cache_entries == 0 for s in slices):
+                return
+            assert time.monotonic() < deadline, f"caches still hold entries after {CACHE_DRAIN_S} s: {slices}"
+            time.sleep(0.1)
+
+    return wait
+
+
 @pytest.fixture
 def client(relay):
     from qwen_relay.client import RelayClient

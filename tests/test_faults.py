@@ -31,17 +31,9 @@ def _kill(relay, index: int, how: str) -> None:
         os.kill(ray.get(actor.stats.remote()).pid, signal.SIGKILL)
 
 
-def _wait_caches_empty(client: RelayClient) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if all(s.cache_entries == 0 for s in client.model_info().slices):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"caches still hold entries: {client.model_info().slices}")
-
 
 @pytest.mark.parametrize("how", ["ray.kill", "process-exit"])
-def test_stream_survives_a_slice_dying(fault_relay, tiny_model, reference, how):
+def test_stream_survives_a_slice_dying(fault_relay, tiny_model, reference, how, wait_caches_empty):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt_ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     with RelayClient(f"127.0.0.1:{fault_relay.port}", timeout=180) as client:
@@ -56,10 +48,10 @@ def test_stream_survives_a_slice_dying(fault_relay, tiny_model, reference, how):
         assert info.slices[1].restarts == restarts_before[1] + 1
         assert all(s.healthy for s in info.slices)
         assert client.health() == "SERVING"
-        _wait_caches_empty(client)
+        wait_caches_empty(client)
 
 
-def test_batch_of_eight_survives_a_slice_dying(fault_relay, tiny_model, reference):
+def test_batch_of_eight_survives_a_slice_dying(fault_relay, tiny_model, reference, wait_caches_empty):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     progress = threading.Barrier(len(prompts) + 1)
@@ -80,10 +72,11 @@ def test_batch_of_eight_survives_a_slice_dying(fault_relay, tiny_model, referenc
             results = [f.result(240) for f in futures]
         for ids, tokens in zip(prompts, results, strict=True):
             assert tokens == reference(tiny_model, ids, MAX_NEW)
-        _wait_caches_empty(client)
+        wait_caches_empty(client)
 
 
-def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recovers(relay_factory, tiny_model):
+def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recovers(relay_factory, tiny_model,
+                                                                                 wait_caches_empty):
     """Recovery timeout shorter than a restart: in-flight and new calls get UNAVAILABLE; then it comes back."""
     relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=0.5))
     reported: list[bool] = []  # every health change the engine reports, however fast the restart is
@@ -108,5 +101,5 @@ def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recover
             time.sleep(0.2)
         assert client.generate(prompt="Merhaba", max_new_tokens=4).completion_tokens == 4
         assert reported == [False, True]
-        _wait_caches_empty(client)
+        wait_caches_empty(client)
     relay.engine._on_health = report

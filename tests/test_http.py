@@ -365,15 +365,6 @@ def test_health_mirrors_grpc_health(relay, grpc_client, loop_thread):
 # -------------------------------------------------------------------------------------- cancellation
 
 
-def _wait_caches_empty(client: RelayClient) -> None:
-    deadline = time.monotonic() + DRAIN_WAIT_S
-    while True:
-        slices = client.model_info().slices
-        if all(s.cache_entries == 0 for s in slices):
-            return
-        assert time.monotonic() < deadline, f"caches still hold entries after {DRAIN_WAIT_S} s: {slices}"
-        time.sleep(0.1)
-
 
 def _steps(relay) -> float:
     return relay.metrics.registry.get_sample_value("qwen_relay_step_seconds_count") or 0.0
@@ -387,7 +378,7 @@ def _wait_generating(client: RelayClient) -> None:
         time.sleep(0.05)
 
 
-def check_disconnect_cancels(relay, client: RelayClient, model: str, token: str | None,
+def check_disconnect_cancels(relay, client: RelayClient, model: str, token: str | None, wait_caches_empty,
                              stream: bool = True) -> None:
     """Start a long generation, drop the connection: every slice frees the sequence's cache."""
     steps_before = _steps(relay)
@@ -407,13 +398,13 @@ def check_disconnect_cancels(relay, client: RelayClient, model: str, token: str 
     during = client.model_info().slices
     sock.close()
     assert len(during) >= 2 and all(s.cache_entries >= 1 for s in during), during
-    _wait_caches_empty(client)
+    wait_caches_empty(client)
     assert _steps(relay) - steps_before < CAP  # generation stopped instead of running on for nobody
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
-def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream):
-    check_disconnect_cancels(relay, grpc_client, str(tiny_model), TOKEN, stream)
+def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream, wait_caches_empty):
+    check_disconnect_cancels(relay, grpc_client, str(tiny_model), TOKEN, wait_caches_empty, stream)
     # The relay keeps serving afterwards.
     assert grpc_client.generate(PROMPT, max_new_tokens=4).completion_tokens == 4
 
@@ -462,7 +453,8 @@ def test_tls_is_shared_with_grpc(relays, tiny_model, pki):
 
 
 @pytest.mark.slow
-def test_http_on_ray_slices_parity_and_disconnect(relay_factory, tiny_model, reference, tokenizer):
+def test_http_on_ray_slices_parity_and_disconnect(relay_factory, tiny_model, reference, tokenizer,
+                                                  wait_caches_empty):
     relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=CAP,
                                        http_port=0))
     oai = openai.OpenAI(base_url=f"http://127.0.0.1:{relay.http_port}/v1", api_key="unused", max_retries=0,
@@ -479,4 +471,4 @@ def test_http_on_ray_slices_parity_and_disconnect(relay_factory, tiny_model, ref
                                                temperature=0, stream=True)
         chat = client.generate(messages=MESSAGES, max_new_tokens=MAX_NEW)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.text
-        check_disconnect_cancels(relay, client, str(tiny_model), None)
+        check_disconnect_cancels(relay, client, str(tiny_model), None, wait_caches_empty)

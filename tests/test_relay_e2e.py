@@ -26,7 +26,6 @@ MAX_CONTEXT = 512  # and its max_context
 NUM_LAYERS = 5  # conftest.NUM_LAYERS
 VOCAB = 1024  # the tiny checkpoint's vocabulary
 TIMEOUT = 120
-DRAIN_WAIT_S = 60  # bounded wait for caches to empty; generous, the 2-core CI machine is shared
 FOX = "The quick brown fox"
 PROMPTS = [
     FOX,
@@ -58,15 +57,6 @@ def _code(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
         return e.code(), e.details() or ""
     raise AssertionError(f"{getattr(fn, '__name__', fn)} succeeded but should have failed")
 
-
-def _wait_caches_empty(client) -> None:
-    deadline = time.monotonic() + DRAIN_WAIT_S
-    while True:
-        slices = client.model_info().slices
-        if all(s.cache_entries == 0 for s in slices):
-            return
-        assert time.monotonic() < deadline, f"caches still hold entries after {DRAIN_WAIT_S} s: {slices}"
-        time.sleep(0.1)
 
 
 def _steps(relay) -> float:
@@ -256,7 +246,7 @@ def _bad_requests() -> list[tuple[str, relay_pb2.GenerateRequest, str]]:
     ]
 
 
-def test_bad_requests_are_invalid_argument_and_server_keeps_serving(client):
+def test_bad_requests_are_invalid_argument_and_server_keeps_serving(client, wait_caches_empty):
     before = client.generate(FOX, max_new_tokens=12)
     for case, request, field in _bad_requests():
         for method in (client.stub.Generate, client.stub.GenerateStream):
@@ -271,7 +261,7 @@ def test_bad_requests_are_invalid_argument_and_server_keeps_serving(client):
         assert "adapter" in details
 
     # Nothing invalid reached the engine: no cache was touched, and the server still answers correctly.
-    _wait_caches_empty(client)
+    wait_caches_empty(client)
     after = client.generate(FOX, max_new_tokens=12)
     assert after.token_ids == before.token_ids
     assert after.text == before.text
@@ -281,7 +271,7 @@ def test_bad_requests_are_invalid_argument_and_server_keeps_serving(client):
 # --------------------------------------------------------------------------------- cancel and deadlines
 
 
-def test_cancelled_stream_frees_its_caches(client, relay):
+def test_cancelled_stream_frees_its_caches(client, relay, wait_caches_empty):
     reference_run = client.generate(FOX, max_new_tokens=10)
     steps_before = _steps(relay)
     stream = client.stream(FOX, max_new_tokens=200, ignore_eos=True)
@@ -294,7 +284,7 @@ def test_cancelled_stream_frees_its_caches(client, relay):
     during = client.model_info().slices
     stream.close()  # cancels the RPC
     assert all(s.cache_entries >= 1 for s in during), during
-    _wait_caches_empty(client)
+    wait_caches_empty(client)
     # Generation stopped early instead of running to 200 tokens for nobody.
     assert _steps(relay) - steps_before < 150
     assert received == reference_run.token_ids[: len(received)]
@@ -302,7 +292,7 @@ def test_cancelled_stream_frees_its_caches(client, relay):
     assert again.token_ids == reference_run.token_ids
 
 
-def test_deadline_exceeded_frees_its_caches(client, relay):
+def test_deadline_exceeded_frees_its_caches(client, relay, wait_caches_empty):
     # A deadline a quarter of what the whole generation takes here (the machine's speed varies).
     started = time.monotonic()
     client.generate(FOX, max_new_tokens=64, ignore_eos=True)
@@ -310,7 +300,7 @@ def test_deadline_exceeded_frees_its_caches(client, relay):
     steps_before = _steps(relay)
     code, _ = _code(client.generate, FOX, max_new_tokens=CAP, ignore_eos=True, timeout=deadline)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_caches_empty(client)
+    wait_caches_empty(client)
     # The gateway gave up on the sequence: it did not generate all CAP tokens after the caller left.
     assert _steps(relay) - steps_before < CAP
     result = client.generate(FOX, max_new_tokens=5)
