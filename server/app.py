@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -197,7 +198,7 @@ class Relay:
                 opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
         specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
-                           max_slots=opts.max_batch, max_len=self.max_context, threads=opts.threads,
+                           max_slots=opts.max_batch, max_len=self.max_context, threads=self._threads(use_gpu),
                            prepack=opts.prepack)
                  for a, b in self.ranges]
         if opts.use_ray:
@@ -223,6 +224,18 @@ class Relay:
         await self._set_health(True)
         self.layout = stats
         log.info("SERVING %s", self.describe_layout())
+
+    def _threads(self, use_gpu: bool) -> int:
+        """Torch threads per CPU slice: --threads, else, where every slice shares this machine's cores (the
+        local Ray serve starts, or --no-ray), the cores split between the slices that work at once (one step
+        batch per slice is in flight, docs/design.md), so concurrent slices do not oversubscribe the cores.
+        0 elsewhere: a slice on a cluster node uses that node's cores."""
+        opts = self.options
+        if opts.threads or use_gpu or (opts.use_ray and self.local_ray is None):
+            return opts.threads
+        cores = self.local_ray.num_cpus if self.local_ray is not None else (os.cpu_count() or 1)
+        working = min(len(self.ranges), opts.max_in_flight or len(self.ranges))
+        return max(1, cores // working)
 
     def _cpus_per_slice(self, cluster: dict[str, float], use_gpu: bool) -> float:
         """--cpus-per-slice, else 1 CPU per slice, or on a local node a share that lets every slice fit."""
