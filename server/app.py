@@ -80,6 +80,7 @@ class ServeOptions:
     recovery_timeout: float = 60.0
     max_queue: int = 256
     max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice
+    slice_transport: str = "auto"  # between Ray slices: auto (GPU: compiled graph, CPU: actor calls), compiled, calls
     grace_seconds: float = 10.0
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters NAME -> PATH, loaded before SERVING
     adapter_roots: tuple[str, ...] = ()  # LoadAdapter reads only under these; none: LoadAdapter is off
@@ -209,7 +210,8 @@ class Relay:
                      opts.model, cpus)
             self.pipeline = await RayPipeline.start(
                 specs, use_gpu=use_gpu, cpus_per_slice=cpus, strategy=opts.placement_strategy,
-                placement_timeout=opts.placement_timeout, max_restarts=opts.max_restarts)
+                placement_timeout=opts.placement_timeout, max_restarts=opts.max_restarts,
+                transport=opts.slice_transport)
         else:
             log.info("loading %d slices (layers %s) of %s in this process", len(specs), describe(self.ranges),
                      opts.model)

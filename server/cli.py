@@ -48,6 +48,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-in-flight", type=bounded(int, 0), default=0,
                         help="step batches in the pipe at once (default 0: one per slice, so every slice works; "
                              "1: one step at a time)")
+    parser.add_argument("--slice-transport", default="auto", choices=["auto", "compiled", "calls"],
+                        help="how hidden states move between Ray slices: a compiled graph (auto on GPU slices) or "
+                             "chained actor calls (auto on CPU slices, where the graph's channel polling costs CPU)")
     parser.add_argument("--max-context", type=bounded(int, 2), default=2048, help="prompt + new tokens per sequence")
     parser.add_argument("--max-new-tokens-cap", type=bounded(int, 1), default=1024)
     parser.add_argument("--default-max-new-tokens", type=bounded(int, 1),
@@ -117,7 +120,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         local_ray_cpus=args.local_ray_cpus,
-        max_batch=args.max_batch, max_in_flight=args.max_in_flight, max_context=args.max_context,
+        max_batch=args.max_batch, max_in_flight=args.max_in_flight, slice_transport=args.slice_transport,
+        max_context=args.max_context,
         max_new_tokens_cap=args.max_new_tokens_cap,
         default_max_new_tokens=args.default_max_new_tokens, adapter_roots=tuple(args.adapter_root or ()),
         max_adapters=args.max_adapters, max_adapter_bytes=int(args.max_adapter_mib * 2**20),
