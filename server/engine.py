@@ -1,6 +1,9 @@
 """The decode loop: schedule a batch, step it through the slices, turn token ids into streamed deltas.
 
-One asyncio task runs the loop; RPC handlers only `generate` (submit a sequence and read its outbox).
+One asyncio task runs the loop; RPC handlers only `generate` (submit a sequence and read its outbox). The loop
+keeps up to `depth` steps in the pipe (one per slice: slice 0 runs batch B while slice 1 runs batch A) and
+postprocesses each as it comes back, oldest first; a sequence is in at most one step in flight
+(docs/design.md, "Several batches in flight").
 Cancellation is a flag the loop reaps between steps, so a slot is never freed while a step that uses it is in
 flight. A freed slot travels to the slices on the next step (`StepBatch.release`), so every slice forgets it
 before it runs anything that reuses it.

@@ -183,11 +183,11 @@ def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, l
     results = loop_thread.run(lost_in_flight())
     assert [type(r) for r in results] == [SliceLost, SliceLost]
     loop_thread.run(_recovered(pipeline))
-    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"  # rebuilt
-    assert graph.broken.is_set()
+    assert pipeline.transport is None and graph.broken.is_set()  # torn down; the next step builds a new one
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 2))
     check(tiny_model, reference, seqs)
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"  # rebuilt
     stats = loop_thread.run(pipeline.stats())
     assert [s.restarts for s in stats] == [0, 1]
 
@@ -219,11 +219,11 @@ def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline
         loop_thread.run(asyncio.wait_for(step(pipeline, seqs), 60))
     assert graph.broken.is_set()
     loop_thread.run(_recovered(pipeline))
-    assert graph.dag.is_teardown
-    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
+    assert graph.dag.is_teardown and pipeline.transport is None
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 3))
     check(tiny_model, reference, seqs)
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
     assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 0, 0]
 
 
@@ -235,9 +235,10 @@ def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
 
     monkeypatch.setattr(transport, "CompiledGraph", cannot)
     with caplog.at_level("INFO", logger="qwen_relay.server.transport"):
-        chosen = transport.build_transport(["a", "b"], 2)
+        chosen = transport.build_transport(["a", "b"], 2, use_gpu=True)
     assert chosen.name == "actor calls" and chosen.actors == ["a", "b"]
     assert "no shared memory here" in caplog.text
+    assert transport.build_transport(["a"], 1).name == "actor calls"  # CPU slices: actor calls by default
     with pytest.raises(RuntimeError, match="no shared memory"):
         transport.build_transport(["a"], 1, mode="compiled")
     assert transport.build_transport(["a"], 1, mode="calls").name == "actor calls"
@@ -267,8 +268,9 @@ def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, r
         loop_thread.run(_recovered(pipeline))
     finally:
         hang.set()
-    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
+    assert pipeline.transport is None  # torn down (bounded); the next step builds a new graph
     assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 1]  # slice 0 killed by the bound
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 2))
     check(tiny_model, reference, seqs)
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"

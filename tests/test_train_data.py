@@ -15,7 +15,6 @@ from qwen_relay.train.cli import add_parsers, config_from_args
 from qwen_relay.train.cluster import (
     WorkerResourcesError,
     WorkerShare,
-    local_ray_auth_mode,
     shortfall,
     worker_share,
 )
@@ -452,13 +451,6 @@ def test_worker_share_fits_any_worker_count() -> None:
 def test_shortfall_names_each_missing_resource() -> None:
     assert shortfall({"CPU": 1.0, "GPU": 1.0}, 2, {"CPU": 4.0}) == {"GPU": (2.0, 0.0)}
     assert shortfall({"CPU": 0.5}, 4, {"CPU": 2.0}) == {}
-
-
-def test_local_ray_auth_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    assert local_ray_auth_mode() == "token"  # Ray's own default, kept on purpose
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert local_ray_auth_mode() == "disabled"
 
 
 def test_fingerprint_follows_what_shapes_batches() -> None:

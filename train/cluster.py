@@ -21,10 +21,8 @@ __all__ = [
     "AUTH_MODE_VAR",
     "WorkerResourcesError",
     "WorkerShare",
-    "local_ray_auth_mode",
     "node_cpus",
     "shortfall",
-    "start_local_ray",
     "wait_for_worker_resources",
     "worker_share",
 ]
@@ -45,19 +43,6 @@ class WorkerShare:
 
     cpus: float
     threads: int
-
-
-def local_ray_auth_mode() -> str:
-    """The authentication of a Ray node that ``train`` starts itself: ``RAY_AUTH_MODE`` when set, else
-    ``token``, Ray 2.60's own default.
-
-    Kept on purpose: a local Ray node listens on the machine's address and runs any code it is sent, and
-    the token costs the user nothing, since the process that starts the node creates it
-    (``~/.ray/auth_token``) and its workers read it. ``RAY_AUTH_MODE=disabled`` (the tests, ``make demo``)
-    opts out. The variable must be set before Ray is imported (Ray reads it once), so this is decided by
-    the environment the command starts in, never changed from inside it.
-    """
-    return os.environ.get(AUTH_MODE_VAR) or "token"
 
 
 def node_cpus() -> int:
@@ -93,22 +78,6 @@ def shortfall(per_worker: dict[str, float], workers: int, total: dict[str, float
         for name, amount in per_worker.items()
         if amount * workers > total.get(name, 0.0) + 1e-9
     }
-
-
-def start_local_ray(num_cpus: int) -> None:
-    """Start a Ray node of this process's own (never join another one found on the machine), with
-    :func:`local_ray_auth_mode`. Ray's warning that it turned token authentication on by default is
-    dropped: that is the decision made here, not news to the user."""
-    import ray
-
-    log.info("starting a local Ray node: %d CPUs, %s authentication", num_cpus, local_ray_auth_mode())
-    token_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    level = token_setup.level
-    token_setup.setLevel(logging.ERROR)
-    try:
-        ray.init(address="local", num_cpus=num_cpus)
-    finally:
-        token_setup.setLevel(level)
 
 
 def _describe(resources: dict[str, float]) -> str:

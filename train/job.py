@@ -13,7 +13,7 @@ that waits on the controller, and reporting every step throttled training to abo
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import logging
 import math
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from qwen_relay.server.local_ray import LocalRay
 from qwen_relay.shards.loader import resolve_dtype
 
 from .cluster import (
@@ -38,7 +39,6 @@ from .cluster import (
     WorkerShare,
     node_cpus,
     shortfall,
-    start_local_ray,
     wait_for_worker_resources,
     worker_share,
 )
@@ -446,7 +446,7 @@ class _Placement:
     resources: dict[str, float]
     threads: int
     owns_ray: bool
-    own_node: bool
+    local_ray: LocalRay | None  # the node this call started, in a session of its own (stopped last)
 
 
 def _place_workers(cfg: TrainConfig) -> _Placement:
@@ -461,10 +461,14 @@ def _place_workers(cfg: TrainConfig) -> _Placement:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     owns = not ray.is_initialized()
     started = owns and not address
+    local_ray = None
     if started:
         cpus = node_cpus()
         share = worker_share(cfg.workers, cpus, cfg.cpus_per_worker)
-        start_local_ray(cpus)
+        # As serve does (docs/local-ray.md): Ray in a session of its own, so a signal to this process group
+        # reaches the driver alone and Ray is stopped by it, last, instead of dying underneath it.
+        local_ray = asyncio.run(LocalRay.start(cpus))
+        ray.init(address=local_ray.address)
     else:
         if owns:
             ray.init(address=address)
@@ -477,36 +481,21 @@ def _place_workers(cfg: TrainConfig) -> _Placement:
         missing = shortfall(resources, cfg.workers, ray.cluster_resources())
         if missing:
             ray.shutdown()
+            local_ray.stop()
             needs = ", ".join(f"{need:g} {name} (the node has {have:g})" for name, (need, have) in missing.items())
             raise WorkerResourcesError(f"--workers {cfg.workers} need {needs}: lower --workers")
     else:
         wait_for_worker_resources(resources, cfg.workers, cfg.placement_timeout)
-    return _Placement(resources, share.threads, owns, started)
+    return _Placement(resources, share.threads, owns, local_ray)
 
 
-def _end_child_processes(timeout_s: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout_s``, to every process this one started: the Ray node of its
-    own (GCS, raylet, their agents and workers). Some block SIGINT, and the agents outlive a dead raylet
-    by minutes, so they are not left to notice on their own."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _, alive = psutil.wait_procs(children, timeout=timeout_s)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-
-
-def _exit_on_signals(where: str, own_node: bool) -> None:
+def _exit_on_signals(where: str, local_ray: LocalRay | None) -> None:
     """From now on SIGINT (Ctrl-C) and SIGTERM end the process promptly with status 128 + the signal.
 
     Installed after ``ray.init``, which puts in its own handlers (SIGTERM: ``sys.exit`` then a slow
     ``ray.shutdown``, or a native stack dump and abort). Everything worth keeping is already on disk: each
     checkpoint is complete in the run's storage before training goes on, and ``--resume`` continues from
-    the newest. The Ray node that ``train`` started (``own_node``) is ended process by process; on an
+    the newest. The Ray node that ``train`` started (``local_ray``) is stopped; on an
     existing cluster the end of this driver ends its training run. Not ``ray.shutdown()``: when the signal
     went to the whole process group Ray's processes are already stopping, and it waits on them for
     seconds to minutes, then Ray ends the process with status 1.
@@ -518,8 +507,8 @@ def _exit_on_signals(where: str, own_node: bool) -> None:
             signal.Signals(signum).name,
             where,
         )
-        if own_node:
-            _end_child_processes()
+        if local_ray is not None:
+            local_ray.stop()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -645,7 +634,7 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
     os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", f"{cfg.collective_timeout:g}")
     placement = _place_workers(cfg)
     if exit_on_signal:
-        _exit_on_signals(f"{storage}/{run_name}", placement.own_node)
+        _exit_on_signals(f"{storage}/{run_name}", placement.local_ray)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -684,6 +673,8 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
     finally:
         if placement.owns_ray:
             ray.shutdown()
+        if placement.local_ray is not None:
+            placement.local_ray.stop()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     with tempfile.TemporaryDirectory(prefix="qwen-relay-final-") as tmp:
