@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -136,6 +137,14 @@ def ray_pipeline(ray_session, loop_thread, tiny_model):
         loop_thread.run(pipeline.close())
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
 def _pid(pipeline, index: int) -> int:
     import ray
 
@@ -208,13 +217,16 @@ def _batch(group: list[Seq]) -> StepBatch:
 @pytest.mark.slow
 def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline, loop_thread, tiny_model,
                                                                       reference):
-    import ray
-
     pipeline = ray_pipeline(3)
     seqs = make_seqs()
     loop_thread.run(step(pipeline, seqs))
     graph = pipeline.transport
-    ray.kill(pipeline.actors[0], no_restart=False)  # between steps: the graph's loops wait on their inputs
+    pid = _pid(pipeline, 0)
+    os.kill(pid, signal.SIGKILL)  # between steps: the graph's loops wait on their inputs
+    deadline = time.monotonic() + 60
+    while _alive(pid):  # dead before the next step is sent (a kill is not synchronous)
+        assert time.monotonic() < deadline, "the killed slice's process did not go away"
+        time.sleep(0.05)
     with pytest.raises(SliceLost):
         loop_thread.run(asyncio.wait_for(step(pipeline, seqs), 60))
     assert graph.broken.is_set()
