@@ -206,7 +206,7 @@ class Engine:
                     await self._recover()
                 self._wake.clear()  # before looking for work: a request added after this sets it again
                 self._reap_cancelled()
-                while len(in_flight) < self.depth and (step := self._next_step()) is not None:
+                while (room := self.depth - len(in_flight)) and (step := self._next_step(room)) is not None:
                     in_flight[asyncio.create_task(self.pipeline.step(step.batch))] = step
                 if not in_flight:
                     await self._wake.wait()
@@ -235,9 +235,9 @@ class Engine:
             for task in in_flight:
                 task.cancel()
 
-    def _next_step(self) -> InFlight | None:
+    def _next_step(self, room: int) -> InFlight | None:
         """The next batch to send down the pipe, with the slots freed since the last one; None if idle."""
-        seqs = self.scheduler.schedule()
+        seqs = self.scheduler.schedule(room)
         self._report_load()
         if not seqs and not self._release:
             return None

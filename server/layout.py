@@ -1,11 +1,13 @@
 """How a model's layers are cut into contiguous slices.
 
 Without `--layers`, slices get layer counts that even out their cost (`balanced_split`), not equal counts:
-the slice with the LM head would otherwise be the pipeline's bottleneck. A slice's cost is the multiply-adds
-it does per token, counted in parameters (each weight is read and used once per token row): a decoder layer
-costs its parameter count, the LM head vocab x hidden (on Qwen2.5-0.5B, 136M against a layer's 15M: nine
-layers' worth), the embedding one row per token (hidden; nothing, in layers). Attention over the context and
-the norms are left out: on the shapes served they are a few percent of a layer.
+the slice with the LM head would otherwise be the pipeline's bottleneck. A slice's cost is counted in
+parameters (each weight is read and used once per token row): the LM head costs vocab x hidden, the embedding
+one row per token (hidden; nothing, in layers), and a decoder layer its parameter count plus
+`LAYER_OVERHEAD` of it for the work that is not one big matmul (attention over the context, norms, rotary,
+the activation: some thirty small operations). Measured on Qwen2.5-0.5B's shape, fp32 on one CPU thread at
+decode batches of 1 to 8 rows, a layer took 1.35x the time its parameters' share of the LM head's time
+predicts, so the 136M-parameter head is worth ~6.8 layers of 15M, not 9 (docs/benchmarks.md, "Pipelining").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TOLERANCE = 1e-9  # relative: costs this close are equal
+LAYER_OVERHEAD = 0.35  # a decoder layer's non-matmul work, as a share of its parameter count (measured)
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,8 @@ class ModelCosts:
 
 def model_costs(config: Any) -> ModelCosts:
     """Count each decoder layer's parameters on a weightless (meta) copy of the model, so any layer type the
-    config describes is counted as built; the head is vocab x hidden, the embedding lookup hidden."""
+    config describes is counted as built, plus its overhead; the head is vocab x hidden, the embedding lookup
+    hidden."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -36,7 +40,7 @@ def model_costs(config: Any) -> ModelCosts:
         model = AutoModelForCausalLM.from_config(config)
     stack = next(m for m in model.modules()
                  if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers)
-    layers = tuple(float(sum(p.numel() for p in layer.parameters())) for layer in stack)
+    layers = tuple(float(sum(p.numel() for p in layer.parameters())) * (1 + LAYER_OVERHEAD) for layer in stack)
     hidden = text.hidden_size
     return ModelCosts(layers=layers, embed=float(hidden), head=float(text.vocab_size * hidden + hidden))
 

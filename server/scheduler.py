@@ -8,7 +8,9 @@ prompts, so a replay step is never larger than a normal one.
 Several steps can be in flight at once, one per slice (docs/design.md, "Several batches in flight"). A
 sequence's next token needs its last, so a sequence is in at most one in-flight step: `schedule` picks only
 sequences that are not in flight, and a decode step takes at most its share (running / depth) of the running
-set, so the running set splits across the in-flight steps instead of the first step taking everyone.
+set, so the running set splits across the in-flight steps instead of the first step taking everyone. A burst
+of prompts splits the same way (a share of the backlog per step), so slice 0 prefills the second half while
+slice 1 runs the first.
 """
 
 from __future__ import annotations
@@ -38,15 +40,16 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> list[Sequence]:
-        """The next step's batch, from sequences not in flight; empty when there is nothing to do."""
+    def schedule(self, room: int = 1) -> list[Sequence]:
+        """The next step's batch, from sequences not in flight; empty when there is nothing to do. `room`: the
+        steps the pipe can take now, this one included; prompts waiting are shared out among them."""
         idle = [s for s in self.running if not s.in_flight]
         suspect = next((s for s in self.running if s.lost_steps >= ISOLATE_AFTER_LOST_STEPS), None)
         if suspect is not None:
             # It steps alone, with nothing else in the pipe, until it gets through a step, so it cannot take
             # others down again.
             return [suspect] if len(idle) == len(self.running) else []
-        batch, budget = [], self.max_prefill_tokens
+        batch, budget = [], self._prefill_budget(idle, room)
         for seq in (s for s in idle if len(s.pending()) > 1):  # caches to rebuild, within the budget
             if batch and len(seq.pending()) > budget:
                 return batch  # more rebuilds next step; new sequences wait until every cache is back
@@ -64,6 +67,14 @@ class Scheduler:
         if batch:
             return batch
         return idle[: math.ceil(len(self.running) / self.depth)]
+
+    def _prefill_budget(self, idle: list[Sequence], room: int) -> int:
+        """This step's prefill tokens: the budget, or with room for several steps in the pipe a share of the
+        backlog (caches to rebuild and prompts that have a slot), so a burst of prompts is cut into steps that
+        follow each other down the pipe instead of one step the other slices wait for."""
+        backlog = sum(len(s.pending()) for s in idle if len(s.pending()) > 1)
+        backlog += sum(len(s.pending()) for s in list(self.waiting)[: self.slots.num_free])
+        return min(self.max_prefill_tokens, math.ceil(backlog / max(room, 1)))
 
     def finish(self, seq: Sequence) -> int | None:
         """Take a sequence out of scheduling; returns the cache slot the slices must release, if any."""
