@@ -147,6 +147,11 @@ SHAPES: dict[str, Shape] = {
     "tiny-qwen3.5": Shape(**_TINY, num_hidden_layers=8, tie_word_embeddings=False, family="qwen3_5",
                           config=dict(head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                                       linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4)),
+    # Same tensor shapes as Qwen/Qwen3-0.6B: 596M parameters, tied, 28 layers, GQA 16/8, head_dim 128 (x 16 =
+    # 2048, twice the hidden size): the Qwen3 that a CPU serves at a usable speed.
+    "qwen3-0.6b": Shape(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                        intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
+                        max_position_embeddings=40960, family="qwen3", config=dict(head_dim=128)),
     # Same tensor shapes as Qwen/Qwen3-8B: 8.2B parameters, untied, 36 layers, GQA 32/8, head_dim 128.
     "qwen3-8b": Shape(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                       intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False,

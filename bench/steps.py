@@ -1,0 +1,71 @@
+"""What a decode step costs by batch size, and so what pipelining can win: `python -m qwen_relay.bench.steps`.
+
+Pipelining N slices at concurrency c runs N micro-batches of c/N rows, each slice holding 1/N of the layers.
+In steady state every slice is busy, so relay-N makes c tokens per C(c/N) / N x N = C(c/N) seconds against
+relay-1's C(c): the most relay-2 can reach over relay-1 is C(c) / C(c/2), the cost of a step of c rows over one
+of c/2. Where a step is bound by reading the weights (decode at small batches), C barely grows with the rows
+and pipelining gains little; where it grows in proportion, relay-2 nears 2x.
+
+This times one slice's decode step (a `SliceRunner`, the slices' own code and kernels) at several batch sizes
+after a prefill of each row, median of `--steps` steps, and prints that bound for every c = 2b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.runner import SliceRunner, SliceSpec
+
+
+def step_ms(runner: SliceRunner, rows: int, steps: int, prompt: int = 32) -> float:
+    """Median ms of a decode step of `rows` rows, each after a `prompt`-token prefill."""
+    hidden_size = runner.slice.config.hidden_size
+
+    def hidden(width: int) -> torch.Tensor | None:
+        return None if runner.slice.is_first else torch.randn(rows, width, hidden_size)
+
+    runner.reset()
+    sampling = [SamplingParams()] * rows
+    runner.step(StepBatch(slots=list(range(rows)), starts=[0] * rows, token_ids=[[5] * prompt] * rows,
+                          sampling=sampling), hidden(prompt))
+    times = []
+    for n in range(steps):
+        batch = StepBatch(slots=list(range(rows)), starts=[prompt + n] * rows, token_ids=[[7]] * rows,
+                          sampling=sampling)
+        start = time.perf_counter()
+        runner.step(batch, hidden(1))
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_relay.bench.steps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint folder (e.g. the bench's cached 0.5B shape)")
+    parser.add_argument("--layers", default="0-11", help="the slice's layers, inclusive (default 0-11)")
+    parser.add_argument("--batches", default="1,2,4,8,16,32", help="rows per step")
+    parser.add_argument("--steps", type=int, default=20, help="decode steps timed per batch size")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one slice, one device)")
+    args = parser.parse_args(argv)
+    first, last = map(int, args.layers.split("-"))
+    batches = sorted(int(b) for b in args.batches.split(","))
+    runner = SliceRunner(SliceSpec(model=args.model, first=first, end=last + 1, device="cpu",
+                                   max_slots=max(batches), max_len=64 + args.steps, threads=args.threads))
+    runner.warmup()
+    cost = {b: step_ms(runner, b, args.steps) for b in batches}
+    print(f"layers {args.layers}, {args.threads} thread(s): decode step ms by rows")
+    print("| rows | ms/step | ms/row | relay-2 / relay-1 bound at c = 2 x rows |")
+    print("|---:|---:|---:|---:|")
+    for b in batches:
+        bound = f"{cost[2 * b] / cost[b]:.2f}" if 2 * b in cost else ""
+        print(f"| {b} | {cost[b]:.1f} | {cost[b] / b:.2f} | {bound} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
