@@ -5,7 +5,7 @@
 # in-process (--no-ray: LocalPipeline, the same slice runners, engine and gRPC server the Ray actors wrap) and
 # what its image lacks travels with the working tree (bench/wheels).
 #
-#   bench/gpu.sh                 # first run: Qwen2.5-1.5B shape, bf16, short workloads; ~3-5 min, budget 8 min
+#   bench/gpu.sh                 # first run: Qwen2.5-1.5B shape, bf16, short workloads; ~3-5 min, budget 7.5 min
 #   bench/gpu.sh --big           # the Qwen2.5-7B shape (15 GB) and longer single-stream runs; budget 9.5 min
 #   OUT=/tmp/b SHARDS=2 bench/gpu.sh --single-new-tokens 32   # knobs are environment variables; other
 #                                # arguments go to the bench (python -m qwen_relay.bench.relay --help)
@@ -25,7 +25,7 @@ if [[ "${1:-}" == "--big" ]]; then
     WORKLOAD=(--single-prompts 16,512 --single-new-tokens 64 --single-repeats 2)
 else
     SHAPE="${SHAPE:-qwen2.5-1.5b}"
-    BUDGET="${BUDGET:-480}"
+    BUDGET="${BUDGET:-450}"
     WORKLOAD=(--single-prompts 16,256 --single-new-tokens 32 --single-repeats 1)
 fi
 WORKLOAD+=(--mixed-requests 32 --mixed-prompt 16-256 --mixed-new 16-128 --concurrency 1,4,16
