@@ -306,17 +306,17 @@ def test_results_are_written_after_every_phase(tmp_path):
 
     assert relay.seen[0] == ""  # nothing before the first phase; then each phase sees the one before it
     assert "| relay-1 | 16 |" in relay.seen[1] and "| relay-1 | 512 |" not in relay.seen[1]
-    assert "partial: 1 of 6 phases done; next: single stream, 512-token prompt" in relay.seen[1]
+    assert "partial: 1 of 5 phases done; next: single stream, 512-token prompt" in relay.seen[1]
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["meta"]["status"].startswith("failed in phase 3 of 6 (mixed c=1 (2 requests))")
+    assert saved["meta"]["status"].startswith("failed in phase 3 of 5 (mixed c=1 (2 requests))")
     assert set(saved["systems"]["relay-1"]["single"]) == {"16", "512"}
     assert saved["systems"]["hf"]["mixed"]["1"]["requests"] == 2  # hf finished the phase relay-1 failed in
     assert "mixed" not in saved["systems"]["relay-1"] and "uniform" not in saved["systems"]["hf"]
     assert saved["ratios"]["relay-1"]["single"]["512"]["ms_per_token_p50"] == pytest.approx(1.0)
     table = (tmp_path / "table.md").read_text()
-    assert "**Not a complete run** (failed in phase 3 of 6" in table
+    assert "**Not a complete run** (failed in phase 3 of 5" in table
     assert "| relay-1 | 512 | 40 | 8.5 | 9.0 | 8.6 | 1.00 | 1.00 |" in table
-    assert "| relay-1 | - | - | - |" in table  # its mixed c=1 cell is empty, hf's is there
+    assert "| hf | 20.00 | - |\n| relay-1 | - | - |\n" in table  # mixed c=1: hf finished it, relay-1 did not
     assert "Uniform workload" not in table
     assert "gateway process (slices of relay-1)" in table and "GPU peak MiB" in table
 
