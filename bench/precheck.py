@@ -124,7 +124,7 @@ def check_project() -> list[str]:
             missing = getattr(e, "name", None)
             errors.append(f"{name} does not import: {e!r}" + (
                 f" (the package {missing!r} is needed and missing)" if isinstance(e, ImportError) and missing else ""))
-    if "ray" in sys.modules:  # the GPU image has no Ray: --no-ray must not need it
+    if sys.modules.get("ray") is not None:  # the GPU image has no Ray: --no-ray must not need it (None: blocked)
         errors.append("importing the --no-ray path imported ray, which the GPU image lacks: make that import lazy")
     return errors
 
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-cache", type=Path, default=Path.home() / ".cache/qwen-relay/bench")
     args = p.parse_args(argv)
     if args.wheels_needed:
-        print("\n".join(str(w) for w in wheels_needed(args.wheels)))
+        for wheel in wheels_needed(args.wheels):
+            print(wheel)
         return 0
     errors = check_packages(args.wheels)
     notes: list[str] = []
