@@ -1,83 +1,112 @@
 #!/usr/bin/env bash
-# The relay benchmark on one GPU: a random-weight Qwen2.5-7B-shaped checkpoint in bf16, hf `generate()`
-# against the relay with 1 and 2 slices on the same card, plus the memory-bandwidth floor
-# (weight bytes read per decode step / measured device-to-device copy bandwidth). Aimed at one H100 in
-# under 10 minutes: building the 15 GB checkpoint is ~2 of them, three model loads another 1-2.
+# The relay benchmark on one GPU, made to run the first time it is given one (docs/benchmarks.md, "GPU run"):
+# hf `generate()` against the relay with 1 and 2 slices sharing the card, on a random-weight checkpoint built
+# here, plus the memory-bandwidth floor. The lent GPU machine has no Ray and no network, so the relay runs
+# in-process (--no-ray: LocalPipeline, the same slice runners, engine and gRPC server the Ray actors wrap) and
+# what its image lacks travels with the working tree (bench/wheels).
 #
-# The lent GPU image has no Ray (docs/benchmarks.md), so the relay runs in-process (--no-ray: LocalPipeline,
-# the same slice runners, engine and gRPC server the Ray actors wrap). Usage, from anywhere:
+#   bench/gpu.sh                 # first run: Qwen2.5-1.5B shape, bf16, short workloads; ~3-5 min, budget 7.5 min
+#   bench/gpu.sh --big           # the Qwen2.5-7B shape (15 GB) and longer single-stream runs; budget 9.5 min
+#   OUT=/tmp/b SHARDS=2 bench/gpu.sh --single-new-tokens 32   # knobs are environment variables; other
+#                                # arguments go to the bench (python -m qwen_relay.bench.relay --help)
+#   SHAPE=tiny DEVICE=cpu DTYPE=float32 bench/gpu.sh   # a dry run of this whole script on a CPU machine
 #
-#   bench/gpu.sh                        # defaults below; writes bench-out/gpu/
-#   OUT=/tmp/b SHARDS=2 bench/gpu.sh    # knobs are environment variables; extra arguments go to the bench
-#   SHAPE=tiny DEVICE=cpu DTYPE=float32 bench/gpu.sh   # a dry run of this script on a CPU machine
-#
-# What it needs besides torch/transformers/accelerate/safetensors/tokenizers/grpcio/matplotlib:
-# grpcio-health-checking, grpcio-reflection, prometheus-client and protobuf >= 7.35 (the generated stubs).
-# Missing ones are installed offline from $WHEELS (default bench/wheels) when that folder exists; prepare it
-# on a machine with a network:
-#   pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d bench/wheels grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client protobuf==7.36.2
+# Steps, each timed and each under `timeout` within BUDGET seconds in all: (1) make qwen_relay importable,
+# install the carried wheels the image needs, check every import the run needs (fails in seconds, naming each
+# missing piece); (2) build the checkpoint (cached in MODEL_CACHE); (3) the bench, which rewrites
+# $OUT/bench.json and $OUT/table.md after every phase, so a run cut short still leaves the phases that finished.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ "${1:-}" == "--big" ]]; then
+    shift
+    SHAPE="${SHAPE:-qwen2.5-7b}"
+    BUDGET="${BUDGET:-570}"
+    WORKLOAD=(--single-prompts 16,512 --single-new-tokens 64 --single-repeats 2)
+else
+    SHAPE="${SHAPE:-qwen2.5-1.5b}"
+    BUDGET="${BUDGET:-450}"
+    WORKLOAD=(--single-prompts 16,256 --single-new-tokens 32 --single-repeats 1)
+fi
+WORKLOAD+=(--mixed-requests 32 --mixed-prompt 16-256 --mixed-new 16-128 --concurrency 1,4,16
+           --uniform-requests 16 --uniform-prompt 64 --uniform-new 64 --uniform-concurrency 16)
 PY="${PYTHON:-python3}"
 OUT="${OUT:-bench-out/gpu}"
 MODEL_CACHE="${MODEL_CACHE:-$HOME/.cache/qwen-relay/bench}"
 WHEELS="${WHEELS:-$ROOT/bench/wheels}"
-SHAPE="${SHAPE:-qwen2.5-7b}"
 DEVICE="${DEVICE:-cuda}"
 DTYPE="${DTYPE:-bfloat16}"
 SHARDS="${SHARDS:-1,2}"
-SHIMS="$(mktemp -d)"
-trap 'rm -rf "$SHIMS"' EXIT
-# No Ray needed: with --no-ray nothing on the relay's path imports it (server/ray_pipeline.py holds what does).
+cd "$ROOT"  # relative paths (OUT, MODEL_CACHE, WHEELS) are the repository root's
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+START=$SECONDS
 
-has() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)" 2>/dev/null; }
-
-echo "== versions"
-"$PY" - <<'EOF'
-import platform, torch, transformers
-from google.protobuf import __version__ as protobuf
-print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"transformers {transformers.__version__}, protobuf {protobuf}")
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print(f"GPU 0: {p.name}, {p.total_memory / 2**30:.0f} GiB")
-EOF
+# step NAME SECONDS CMD...: CMD under `timeout`, given at most SECONDS and what is left of BUDGET; says (on
+# stderr, so a step's stdout can be captured) its wall time, or on a timeout what it was waiting for.
+step() {
+    local name="$1" limit="$2" t0=$SECONDS rc=0
+    shift 2
+    local left=$((BUDGET - (SECONDS - START)))
+    ((limit > left)) && limit=$left
+    if ((limit <= 0)); then
+        echo "== $name: not started, the ${BUDGET} s budget is spent" >&2
+        return 124
+    fi
+    echo "== $name (at most ${limit} s)" >&2
+    timeout --kill-after=15 "$limit" "$@" || rc=$?
+    if ((rc == 124 || rc == 137)); then
+        echo "== $name: TIMED OUT after $((SECONDS - t0)) s (limit ${limit} s) waiting for: $*" >&2
+    elif ((rc != 0)); then
+        echo "== $name: FAILED (exit $rc) after $((SECONDS - t0)) s" >&2
+    else
+        echo "== $name: done in $((SECONDS - t0)) s" >&2
+    fi
+    return "$rc"
+}
 
 # 1. The project's folders map to qwen_relay.* (pyproject's package-dir); without `pip install -e .` make that
 #    mapping with symlinks (qwen_relay becomes a namespace package).
-if ! has qwen_relay.server || [[ -n "${FORCE_SYMLINKS:-}" ]]; then
-    mkdir -p "$SHIMS/qwen_relay"
-    for pkg in server shards client train; do ln -s "$ROOT/$pkg" "$SHIMS/qwen_relay/$pkg"; done
-    ln -s "$ROOT/protos/qwen_relay/v1" "$SHIMS/qwen_relay/v1"
-    export PYTHONPATH="$SHIMS${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import qwen_relay.bench.precheck" 2>/dev/null || [[ -n "${FORCE_SYMLINKS:-}" ]]; then
+    mkdir -p "$TMP/shims/qwen_relay"
+    for pkg in server shards client train bench demo checkpoints; do ln -s "$ROOT/$pkg" "$TMP/shims/qwen_relay/$pkg"; done
+    ln -s "$ROOT/protos/qwen_relay/v1" "$TMP/shims/qwen_relay/v1"
+    export PYTHONPATH="$TMP/shims${PYTHONPATH:+:$PYTHONPATH}"
     echo "== qwen_relay not installed: importing it from $ROOT through symlinks"
 fi
+#    Carried wheels (bench/wheels/README.md) for what the image lacks or has too old, into a folder of their own
+#    that shadows the image's packages for this run only.
+mapfile -t wheels < <("$PY" -m qwen_relay.bench.precheck --wheels "$WHEELS" --wheels-needed)
+if ((${#wheels[@]})); then
+    echo "== installing ${#wheels[@]} carried wheel(s): ${wheels[*]##*/}"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target "$TMP/site" "${wheels[@]}"
+    export PYTHONPATH="$TMP/site:$PYTHONPATH"
+fi
+relays=$(tr ',' '\n' <<<"$SHARDS" | grep -c .)
+step "pre-check of every import the run needs" 90 "$PY" -m qwen_relay.bench.precheck --wheels "$WHEELS" \
+    --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAPE" --relays "$relays" --model-cache "$MODEL_CACHE"
 
-# 2. Small pure-Python dependencies the image may lack, offline from the wheel folder.
-missing=()
-for mod in grpc_health grpc_reflection prometheus_client; do has "$mod" || missing+=("$mod"); done
-"$PY" -c "from google.protobuf import __version__ as v; import sys; sys.exit(tuple(map(int, v.split('.')[:2])) < (7, 35))" \
-    || missing+=("protobuf>=7.35")
-if ((${#missing[@]})); then
-    if [[ -d "$WHEELS" ]]; then
-        echo "== installing from $WHEELS: ${missing[*]}"
-        "$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl
+# 2. The random-weight checkpoint, built once into MODEL_CACHE (the bench's own folder naming, so it is reused).
+MODEL=$(step "checkpoint: $SHAPE" 300 "$PY" -c '
+import logging, pathlib, sys
+from qwen_relay.bench.relay import default_model
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+print(default_model(sys.argv[1], sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4]).expanduser()))
+' "$SHAPE" "$DTYPE" "$DEVICE" "$MODEL_CACHE" | tail -n 1)
+[[ -f "$MODEL/config.json" ]] || { echo "== no checkpoint in '$MODEL'" >&2; exit 1; }
+
+# 3. The bench, phase by phase; what finished is in $OUT/table.md even if this step is cut short.
+rc=0
+step "bench: $SHAPE, $DTYPE on $DEVICE, relay slices $SHARDS in-process, results in $OUT" 600 \
+    "$PY" -m qwen_relay.bench.relay --model "$MODEL" --out "$OUT" --device "$DEVICE" --dtype "$DTYPE" --no-ray \
+    --shards "$SHARDS" --baselines hf "${WORKLOAD[@]}" "$@" || rc=$?
+if ((rc != 0)); then
+    if [[ -f "$OUT/table.md" ]]; then
+        echo "== the phases that finished ($OUT/table.md):"
+        cat "$OUT/table.md"
     else
-        echo "missing: ${missing[*]}; put their wheels in $WHEELS (see the top of $0)" >&2
-        exit 1
+        echo "== no phase finished: no table in $OUT" >&2
     fi
 fi
-
-# 3. The benchmark. Smaller than the CPU defaults where it does not change what is measured: the H100 is
-#    fast; the time goes to building and loading 15 GB of weights three times.
-cd "$ROOT"
-echo "== bench: $SHAPE, $DTYPE on $DEVICE, relay slices $SHARDS (in-process), results in $OUT"
-exec "$PY" -m qwen_relay.bench.relay \
-    --shape "$SHAPE" --model-cache "$MODEL_CACHE" --out "$OUT" \
-    --device "$DEVICE" --dtype "$DTYPE" --no-ray --shards "$SHARDS" \
-    --single-prompts 16,512 --single-new-tokens 64 --single-repeats 2 \
-    --mixed-requests 32 --mixed-prompt 16-256 --mixed-new 16-128 --concurrency 1,4,16 \
-    --uniform-requests 16 --uniform-prompt 64 --uniform-new 128 --uniform-concurrency 16 \
-    "$@"
+echo "== total $((SECONDS - START)) s of a ${BUDGET} s budget"
+exit "$rc"

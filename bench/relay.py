@@ -32,12 +32,12 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -480,6 +480,7 @@ class HfProcess:
     def __init__(self, cfg: BenchConfig, name: str = "hf") -> None:
         if name not in BASELINES:
             raise ValueError(f"unknown baseline {name!r}: one of {', '.join(BASELINES)}")
+        self.name = name
         with _environ(SLICE_ENV):  # hf's process waits as the slices' do
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,
                                             initargs=(cfg, name == "hf-packed",
@@ -488,6 +489,13 @@ class HfProcess:
 
     async def call(self, method: str, *args: Any) -> Any:
         return await asyncio.wrap_future(self.pool.submit(_worker_call, method, *args))
+
+    async def run(self, phase: Phase) -> dict[str, Any]:
+        return await self.call("run", phase)
+
+    async def snapshot(self) -> dict[str, Any]:
+        """What the report needs besides phase figures: its memory so far."""
+        return {"memory": await self.call("memory")}
 
     def close(self) -> None:
         self.pool.shutdown()
@@ -589,6 +597,9 @@ class RelayUnderTest:
         value["slice_forward_s"] = [b - a for a, b in zip(before, after, strict=True)]
         return value
 
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.slices()
+
     async def slices(self) -> dict[str, Any]:
         """Where the slices ran and their memory: peak RSS per slice process, weights, preallocated KV cache."""
         info = await self.client.model_info()
@@ -605,48 +616,80 @@ class RelayUnderTest:
         await self.relay.stop(grace=0)
 
 
-async def run_systems(cfg: BenchConfig, work: Workloads) -> dict[str, Any]:
-    """hf and every relay loaded at once; each phase runs on hf, then on each relay, before the next phase.
+class System(Protocol):
+    """One system under test, as the phase loop drives it: an hf baseline or a relay."""
 
-    Returns {"systems": {name: result}, "gateway_process": ...}; the latter only without Ray, where every
-    slice of every relay lives in this process and only their sum can be measured.
+    name: str
+    header: dict[str, Any]
+
+    async def run(self, phase: Phase) -> dict[str, Any]: ...
+
+    async def snapshot(self) -> dict[str, Any]: ...
+
+
+async def run_phases(cfg: BenchConfig, phases: Sequence[Phase], systems: Sequence[System], result: dict[str, Any],
+                     extra: Callable[[], dict[str, Any]] | None = None) -> None:
+    """Each phase on every system in turn, so slow drift in machine load hits all of them alike.
+
+    After every phase, bench.json and table.md are rewritten with everything finished so far (figures, each
+    system's memory so far, `extra()`), and after a failure with the phase it failed in: a run cut short by a
+    timeout or an error still leaves a table of the phases that finished.
+    """
+    result["systems"] = {s.name: dict(s.header) for s in systems}
+    out = Path(cfg.out)
+    for i, phase in enumerate(phases, 1):
+        started = time.perf_counter()
+        try:
+            for system in systems:
+                store(result["systems"][system.name], phase, value := await system.run(phase))
+                log.info("%s | %s: %s", phase.describe(), system.name, summary(value))
+            for system in systems:
+                result["systems"][system.name].update(await system.snapshot())
+            result.update(extra() if extra else {})
+        except BaseException as e:
+            result["meta"]["status"] = f"failed in phase {i} of {len(phases)} ({phase.describe()}): {e!r}"
+            write_tables(result, out)
+            raise
+        result["meta"]["status"] = ("complete" if i == len(phases) else
+                                    f"partial: {i} of {len(phases)} phases done; next: {phases[i].describe()}")
+        write_tables(result, out)
+        log.info("phase %d/%d done in %.1f s: %s", i, len(phases), time.perf_counter() - started, phase.describe())
+
+
+async def run_systems(cfg: BenchConfig, work: Workloads, result: dict[str, Any]) -> None:
+    """hf and every relay loaded at once, then `run_phases` over them; fills `result["systems"]`.
+
+    Without Ray, where every slice of every relay lives in this process and only their sum can be measured,
+    also `result["gateway_process"]`.
     """
     device = resolve_device_dtype(cfg.device, cfg.dtype)[0]
     if not cfg.use_ray:
         reset_peak_rss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-    baselines: dict[str, HfProcess] = {}
+    baselines: list[HfProcess] = []
     relays: list[RelayUnderTest] = []
+
+    def gateway() -> dict[str, Any]:
+        if cfg.use_ray:
+            return {}
+        return {"gateway_process": {
+            "relays": [r.name for r in relays], "peak_rss_bytes": peak_rss_bytes(),
+            "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}}
+
     try:
         for name in cfg.baselines:
+            started = time.perf_counter()
             log.info("%s: loading in a subprocess", name)
-            baselines[name] = await asyncio.to_thread(HfProcess, cfg, name)
+            baselines.append(await asyncio.to_thread(HfProcess, cfg, name))
+            log.info("%s: loaded in %.1f s", name, time.perf_counter() - started)
         for shards in cfg.shards:
             relays.append(await RelayUnderTest.start(cfg, shards))
-        systems: dict[str, Any] = {**{n: dict(b.header) for n, b in baselines.items()},
-                                   **{r.name: dict(r.header) for r in relays}}
-        for phase in plan(cfg, work):
-            for name, baseline in baselines.items():
-                store(systems[name], phase, value := await baseline.call("run", phase))
-                log.info("%s | %s: %s", phase.describe(), name, summary(value))
-            for r in relays:
-                store(systems[r.name], phase, value := await r.run(phase))
-                log.info("%s | %s: %s", phase.describe(), r.name, summary(value))
-        for name, baseline in baselines.items():
-            systems[name]["memory"] = await baseline.call("memory")
-        for r in relays:
-            systems[r.name].update(await r.slices())
-        out: dict[str, Any] = {"systems": systems}
-        if not cfg.use_ray:
-            out["gateway_process"] = {
-                "relays": [r.name for r in relays], "peak_rss_bytes": peak_rss_bytes(),
-                "gpu_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
-        return out
+        await run_phases(cfg, plan(cfg, work), [*baselines, *relays], result, gateway)
     finally:
         for r in relays:
             await r.stop()
-        for baseline in baselines.values():
+        for baseline in baselines:
             baseline.close()
 
 
@@ -686,24 +729,26 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(result: dict[str, Any]) -> dict[str, Any]:
-    """relay / hf for every figure both sides have, per relay system."""
-    hf = result["systems"]["hf"]
+    """relay / hf for every figure both sides have (so far), per system."""
+    hf = result["systems"].get("hf", {})
     ratios: dict[str, Any] = {}
     for name, sysres in result["systems"].items():
         if name == "hf":
             continue
-        r: dict[str, Any] = {"single": {}, "mixed": {}}
-        for length, s in sysres["single"].items():
-            h = hf["single"][length]
-            r["single"][length] = {
-                "ttft": _ratio(s["ttft_ms"], h["ttft_ms"]),
-                "ms_per_token_p50": _ratio(s["ms_per_token_p50"], h["ms_per_token_p50"]),
-                "ms_per_token_p95": _ratio(s["ms_per_token_p95"], h["ms_per_token_p95"]),
-                "ms_per_token_mean": _ratio(s["ms_per_token_mean"], h["ms_per_token_mean"]),
-            }
-        for c, m in sysres["mixed"].items():
-            r["mixed"][c] = _ratio(m["tokens_per_s"], hf["mixed"][c]["tokens_per_s"])
-        r["uniform"] = _ratio(sysres["uniform"]["tokens_per_s"], hf["uniform"]["tokens_per_s"])
+        r: dict[str, Any] = {"single": {}, "mixed": {}, "uniform": None}
+        for length, s in sysres.get("single", {}).items():
+            if (h := hf.get("single", {}).get(length)) is not None:
+                r["single"][length] = {
+                    "ttft": _ratio(s["ttft_ms"], h["ttft_ms"]),
+                    "ms_per_token_p50": _ratio(s["ms_per_token_p50"], h["ms_per_token_p50"]),
+                    "ms_per_token_p95": _ratio(s["ms_per_token_p95"], h["ms_per_token_p95"]),
+                    "ms_per_token_mean": _ratio(s["ms_per_token_mean"], h["ms_per_token_mean"]),
+                }
+        for c, m in sysres.get("mixed", {}).items():
+            if (h := hf.get("mixed", {}).get(c)) is not None:
+                r["mixed"][c] = _ratio(m["tokens_per_s"], h["tokens_per_s"])
+        if "uniform" in sysres and "uniform" in hf:
+            r["uniform"] = _ratio(sysres["uniform"]["tokens_per_s"], hf["uniform"]["tokens_per_s"])
         ratios[name] = r
     return ratios
 
@@ -713,21 +758,21 @@ def memory_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     overhead = result["runtime_overhead_bytes"]
     rows = []
     for name in BASELINES:
-        if name in result["systems"]:
+        if "memory" in result["systems"].get(name, {}):
             hf = result["systems"][name]["memory"]
             rows.append({"process": name, "peak": hf["peak_rss_bytes"], "weights": hf["weight_bytes"], "cache": None,
                          "overhead": hf.get("overhead_bytes", overhead), "gpu_peak": hf.get("gpu_peak_bytes") or None})
     gateway = result.get("gateway_process")
     if gateway:  # --no-ray: every slice of every relay in this process
         names = gateway["relays"]
-        slices = [s for n in names for s in result["systems"][n]["slices"]]
+        slices = [s for n in names for s in result["systems"][n].get("slices", [])]
         rows.append({"process": f"gateway process (slices of {', '.join(names)})", "peak": gateway["peak_rss_bytes"],
                      "weights": sum(s["weight_bytes"] for s in slices),
                      "cache": sum(s["cache_bytes"] for s in slices), "overhead": overhead,
                      "gpu_peak": gateway.get("gpu_peak_bytes") or None})
         return _with_budget(rows)
     for name in relay_names(result):
-        for s in result["systems"][name]["slices"]:
+        for s in result["systems"][name].get("slices", []):
             rows.append({"process": f"{name} slice {s['index']} (layers {s['layers']})", "peak": s["peak_rss_bytes"],
                          "weights": s["weight_bytes"], "cache": s["cache_bytes"], "overhead": overhead,
                          "gpu_peak": None})
@@ -783,16 +828,16 @@ def pipeline_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     name = max(relays, key=lambda n: systems[n]["shards"])
     one, many, n = systems["relay-1"], systems[name], systems[name]["shards"]
     top, short, uc = str(max(cfg["concurrency"])), str(min(cfg["single_prompts"])), cfg["uniform_concurrency"]
-    forward = many["uniform"].get("slice_forward_s") or []
+    forward = many.get("uniform", {}).get("slice_forward_s") or []
 
-    def mixed(sysres: dict[str, Any]) -> float:
-        return sysres["mixed"][top]["tokens_per_s"]
+    def mixed(sysres: dict[str, Any]) -> float | None:
+        return sysres.get("mixed", {}).get(top, {}).get("tokens_per_s")
 
-    def uniform(sysres: dict[str, Any]) -> float:
-        return sysres["uniform"]["tokens_per_s"]
+    def uniform(sysres: dict[str, Any]) -> float | None:
+        return sysres.get("uniform", {}).get("tokens_per_s")
 
     def single(sysres: dict[str, Any]) -> float | None:
-        return sysres["single"][short]["ms_per_token_mean"]
+        return sysres.get("single", {}).get(short, {}).get("ms_per_token_mean")
 
     values = {
         "uniform_2_over_1": (f"{name} / relay-1 uniform tokens/s (c={uc})", _ratio(uniform(many), uniform(one))),
@@ -829,7 +874,8 @@ def _mib(value: float | None) -> str:
 
 
 def render_table(result: dict[str, Any]) -> str:
-    """The Markdown report: single stream, throughput, memory, bandwidth floor, targets."""
+    """The Markdown report: single stream, throughput, memory, bandwidth floor, targets. A partial result (a
+    run cut short) gives the same tables with only the phases that finished, under a status line."""
     systems = result["systems"]
     ratios = result["ratios"]
     cfg = result["config"]
@@ -837,74 +883,87 @@ def render_table(result: dict[str, Any]) -> str:
     out = [f"Model `{meta['model_name']}` ({meta['parameters'] / 1e6:.0f}M parameters, {meta['dtype']}, "
            f"{meta['device']}), {cfg['num_threads']} torch threads per process; every ratio is relay / hf "
            "from this run.", ""]
+    status = meta.get("status", "complete")
+    if status != "complete":
+        out += [f"**Not a complete run** ({status}): only the phases that finished are below.", ""]
 
-    out += ["**Single stream** (greedy, `ignore_eos`, "
-            f"{cfg['single_new_tokens']} new tokens, {cfg['single_repeats']} runs; ms/token = gaps between "
-            "token arrivals)", "",
-            "| system | prompt tokens | TTFT ms | ms/token p50 | ms/token p95 | ms/token mean | TTFT ratio "
-            "| p50 ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for length in [str(n) for n in cfg["single_prompts"]]:
+    lengths = [str(n) for n in cfg["single_prompts"]]
+    rows = [(length, name, sysres["single"][length]) for length in lengths for name, sysres in systems.items()
+            if length in sysres.get("single", {})]
+    if rows:
+        out += ["**Single stream** (greedy, `ignore_eos`, "
+                f"{cfg['single_new_tokens']} new tokens, {cfg['single_repeats']} runs; ms/token = gaps between "
+                "token arrivals)", "",
+                "| system | prompt tokens | TTFT ms | ms/token p50 | ms/token p95 | ms/token mean | TTFT ratio "
+                "| p50 ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for length, name, s in rows:
+        r = ratios.get(name, {}).get("single", {}).get(length, {})
+        out.append(f"| {name} | {length} | {_f(s['ttft_ms'], 0)} | {_f(s['ms_per_token_p50'])} | "
+                   f"{_f(s['ms_per_token_p95'])} | {_f(s['ms_per_token_mean'])} | {_f(r.get('ttft'), 2)} | "
+                   f"{_f(r.get('ms_per_token_p50'), 2)} |")
+
+    conc = [str(c) for c in cfg["concurrency"] if any(str(c) in s.get("mixed", {}) for s in systems.values())]
+    if conc:
+        requests = {c: next(s["mixed"][c]["requests"] for s in systems.values() if c in s.get("mixed", {}))
+                    for c in conc}
+        out += ["", f"**Mixed workload, aggregate output tokens/s** (prompts {cfg['mixed_prompt'][0]}-"
+                f"{cfg['mixed_prompt'][1]}, new tokens {cfg['mixed_new'][0]}-{cfg['mixed_new'][1]}; hf: static "
+                "left-padded batches of size c; counted: each request's own new tokens)", "",
+                "| system | " + " | ".join(f"c={c} ({requests[c]} req)" for c in conc)
+                + " | " + " | ".join(f"ratio c={c}" for c in conc) + " |",
+                "|---|" + "---:|" * (2 * len(conc))]
         for name, sysres in systems.items():
-            s = sysres["single"][length]
-            r = ratios.get(name, {}).get("single", {}).get(length, {})
-            out.append(f"| {name} | {length} | {_f(s['ttft_ms'], 0)} | {_f(s['ms_per_token_p50'])} | "
-                       f"{_f(s['ms_per_token_p95'])} | {_f(s['ms_per_token_mean'])} | {_f(r.get('ttft'), 2)} | "
-                       f"{_f(r.get('ms_per_token_p50'), 2)} |")
-
-    conc = [str(c) for c in cfg["concurrency"]]
-    out += ["", f"**Mixed workload, aggregate output tokens/s** (prompts {cfg['mixed_prompt'][0]}-"
-            f"{cfg['mixed_prompt'][1]}, new tokens {cfg['mixed_new'][0]}-{cfg['mixed_new'][1]}; hf: static "
-            "left-padded batches of size c; counted: each request's own new tokens)", "",
-            "| system | " + " | ".join(f"c={c} ({systems['hf']['mixed'][c]['requests']} req)" for c in conc)
-            + " | " + " | ".join(f"ratio c={c}" for c in conc) + " |",
-            "|---|" + "---:|" * (2 * len(conc))]
-    for name, sysres in systems.items():
-        vals = " | ".join(_f(sysres["mixed"][c]["tokens_per_s"], 2) for c in conc)
-        rats = " | ".join(_f(ratios.get(name, {}).get("mixed", {}).get(c), 2) for c in conc)
-        out.append(f"| {name} | {vals} | {rats} |")
-    waste = [f"c={c}: {systems['hf']['mixed'][c]['generated_tokens'] - systems['hf']['mixed'][c]['output_tokens']}"
-             for c in conc]
-    out += ["", f"hf tokens generated past a request's own length (waste, not counted): {', '.join(waste)}."]
+            vals = " | ".join(_f(sysres.get("mixed", {}).get(c, {}).get("tokens_per_s"), 2) for c in conc)
+            rats = " | ".join(_f(ratios.get(name, {}).get("mixed", {}).get(c), 2) for c in conc)
+            out.append(f"| {name} | {vals} | {rats} |")
+        hf_mixed = systems.get("hf", {}).get("mixed", {})
+        waste = [f"c={c}: {hf_mixed[c]['generated_tokens'] - hf_mixed[c]['output_tokens']}"
+                 for c in conc if c in hf_mixed]
+        if waste:
+            out += ["", f"hf tokens generated past a request's own length (waste, not counted): {', '.join(waste)}."]
 
     uc = cfg["uniform_concurrency"]
-    out += ["", f"**Uniform workload** ({cfg['uniform_requests']} requests, {cfg['uniform_prompt']}-token prompts, "
-            f"{cfg['uniform_new']} new tokens; relay concurrency {uc}, hf batch {uc})", "",
-            "| system | tokens/s | wall s | ratio |", "|---|---:|---:|---:|"]
-    for name, sysres in systems.items():
-        u = sysres["uniform"]
-        out.append(f"| {name} | {_f(u['tokens_per_s'], 2)} | {_f(u['wall_s'])} | "
-                   f"{_f(ratios.get(name, {}).get('uniform'), 2)} |")
+    if any("uniform" in s for s in systems.values()):
+        out += ["", f"**Uniform workload** ({cfg['uniform_requests']} requests, {cfg['uniform_prompt']}-token "
+                f"prompts, {cfg['uniform_new']} new tokens; relay concurrency {uc}, hf batch {uc})", "",
+                "| system | tokens/s | wall s | ratio |", "|---|---:|---:|---:|"]
+        for name, sysres in systems.items():
+            u = sysres.get("uniform", {})
+            out.append(f"| {name} | {_f(u.get('tokens_per_s'), 2)} | {_f(u.get('wall_s'))} | "
+                       f"{_f(ratios.get(name, {}).get('uniform'), 2)} |")
 
-    out += ["", f"**Peak memory** (resident; fixed runtime overhead of a slice = "
-            f"{_mib(result['runtime_overhead_bytes'])} MiB, measured as the peak of a "
-            f"{'Ray actor' if cfg['use_ray'] else 'process'} that imports what a slice imports and loads no weights; "
-            "hf's is its own process's peak before loading; "
-            f"target: peak <= {MEMORY_FACTOR} x (weights + KV cache + overhead); KV cache is preallocated: "
-            f"{cfg['max_batch']} slots x {cfg['max_context']} tokens)", "",
-            "| process | peak MiB | weights MiB | KV cache MiB | overhead MiB | sum MiB | peak / sum |"
-            + (" GPU peak MiB |" if meta["device"].startswith("cuda") else ""),
-            "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if meta["device"].startswith("cuda") else "")]
-    for row in memory_rows(result):
+    gpu = meta["device"].startswith("cuda")
+    memory = memory_rows(result) if "runtime_overhead_bytes" in result else []
+    if memory:
+        out += ["", f"**Peak memory** (resident; fixed runtime overhead of a slice = "
+                f"{_mib(result['runtime_overhead_bytes'])} MiB, measured as the peak of a "
+                f"{'Ray actor' if cfg['use_ray'] else 'process'} that imports what a slice imports and loads no "
+                "weights; hf's is its own process's peak before loading; "
+                f"target: peak <= {MEMORY_FACTOR} x (weights + KV cache + overhead); KV cache is preallocated: "
+                f"{cfg['max_batch']} slots x {cfg['max_context']} tokens)", "",
+                "| process | peak MiB | weights MiB | KV cache MiB | overhead MiB | sum MiB | peak / sum |"
+                + (" GPU peak MiB |" if gpu else ""), "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+    for row in memory:
         line = (f"| {row['process']} | {_mib(row['peak'])} | {_mib(row['weights'])} | {_mib(row['cache'])} | "
                 f"{_mib(row['overhead'])} | {_mib(row['budget'])} | {_f(row['ratio'], 2)} |")
-        if meta["device"].startswith("cuda"):
-            line += f" {_mib(row['gpu_peak'])} |"
-        out.append(line)
+        out.append(line + (f" {_mib(row['gpu_peak'])} |" if gpu else ""))
 
     bw = result["bandwidth"]
     out += ["", f"**Memory-bandwidth floor**: copy bandwidth {bw['copy_gb_per_s']:.1f} GB/s (read + write), "
             f"{bw['read_bytes_per_token'] / 1e9:.2f} GB of weights read per decode step -> floor "
             f"{bw['floor_ms_per_token']:.1f} ms/token, ceiling {bw['ceiling_tokens_per_s']:.1f} tokens/s per "
-            "stream (a batch of B shares one weight read: B x that).", "",
-            f"| system | single-stream tokens/s ({min(cfg['single_prompts'])}-token prompt) | % of ceiling | "
-            f"uniform tokens/s (c={uc}) | % of {uc} x ceiling |", "|---|---:|---:|---:|---:|"]
+            "stream (a batch of B shares one weight read: B x that).", ""]
     short = str(min(cfg["single_prompts"]))
+    if systems:
+        out += [f"| system | single-stream tokens/s ({short}-token prompt) | % of ceiling | "
+                f"uniform tokens/s (c={uc}) | % of {uc} x ceiling |", "|---|---:|---:|---:|---:|"]
     for name, sysres in systems.items():
-        mean = sysres["single"][short]["ms_per_token_mean"]
+        mean = sysres.get("single", {}).get(short, {}).get("ms_per_token_mean")
         tps = 1000 / mean if mean else None
-        uniform = sysres["uniform"]["tokens_per_s"]
+        uniform = sysres.get("uniform", {}).get("tokens_per_s")
         out.append(f"| {name} | {_f(tps, 2)} | {_f(100 * tps / bw['ceiling_tokens_per_s'] if tps else None, 0)} | "
-                   f"{_f(uniform, 2)} | {_f(100 * uniform / (uc * bw['ceiling_tokens_per_s']), 0)} |")
+                   f"{_f(uniform, 2)} | "
+                   f"{_f(100 * uniform / (uc * bw['ceiling_tokens_per_s']) if uniform else None, 0)} |")
 
     rows = target_rows(result)
     if rows:
@@ -987,15 +1046,28 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def write_report(result: dict[str, Any], out: Path) -> str:
-    """bench.json, table.md and the plots into `out`; returns the table."""
+def write_tables(result: dict[str, Any], out: Path) -> str:
+    """bench.json and table.md into `out`, from a whole result or a partial one; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
     result["ratios"] = compute_ratios(result)
     result["targets"] = target_rows(result)
     result["pipeline"] = pipeline_rows(result)
     table = render_table(result)
-    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "table.md").write_text(table)
+    _write_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
+    _write_atomic(out / "table.md", table)
+    return table
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Whole or not at all: a run killed while writing leaves the previous phase's file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(result: dict[str, Any], out: Path) -> str:
+    """bench.json, table.md and the plots into `out` (a whole result); returns the table."""
+    table = write_tables(result, out)
     write_plots(result, out)
     return table
 
@@ -1063,7 +1135,12 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
             started_ray = True
     try:
         result["runtime_overhead_bytes"] = runtime_overhead(cfg)
-        result.update(asyncio.run(run_systems(cfg, work)))
+        asyncio.run(run_systems(cfg, work, result))
+    except BaseException as e:
+        if "status" not in result["meta"]:  # failed before the first phase: say so where the table would be
+            result["meta"]["status"] = f"failed before the first phase: {e!r}"
+            write_tables(result, Path(cfg.out))
+        raise
     finally:
         if started_ray:
             import ray
@@ -1097,6 +1174,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if getattr(args, key) is not None:
             values[key] = parse(getattr(args, key))
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
+    if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked fp32 CPU kernels: CPU fp32 only
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        args.baselines = ",".join(BASELINES) if (device.type, dtype) == ("cpu", torch.float32) else "hf"
     baselines = tuple(dict.fromkeys(b.strip() for b in args.baselines.split(",") if b.strip()))
     if not baselines or not set(baselines) <= set(BASELINES) or baselines[0] != "hf":
         raise SystemExit(f"--baselines: hf first, then any of {', '.join(BASELINES)}; got {args.baselines!r}")
@@ -1175,8 +1255,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-slice", action="store_true",
                    help="each relay slice one torch thread and one Ray CPU, emulating one device per slice; "
                    "reports relay-2 against relay-1 and hf-packed (the baselines keep --threads)")
-    p.add_argument("--baselines", default=",".join(BASELINES),
-                   help="generate() baselines: hf (stock kernels) and hf-packed (the slices' prepacked kernels)")
+    p.add_argument("--baselines", help="generate() baselines: hf (stock kernels) and hf-packed (the slices' "
+                   "prepacked kernels; CPU fp32 only); default: both on CPU in fp32, else hf")
     p.add_argument("--no-ray", action="store_true", help="relay slices in this process (LocalPipeline)")
     p.add_argument("--no-prepack", action="store_true",
                    help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")

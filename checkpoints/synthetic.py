@@ -125,6 +125,18 @@ SHAPES: dict[str, Shape] = {
         tie_word_embeddings=True,
         max_position_embeddings=32768,
     ),
+    # Same tensor shapes as Qwen/Qwen2.5-1.5B(-Instruct): 1.54B parameters, 233M of them the tied embedding.
+    # bench/gpu.sh's default: a first GPU run that builds, loads three times and runs in minutes.
+    "qwen2.5-1.5b": Shape(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
     # Same tensor shapes as Qwen/Qwen2.5-7B(-Instruct): 7.6B parameters, untied embedding and lm_head.
     "qwen2.5-7b": Shape(
         hidden_size=3584,

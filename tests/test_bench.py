@@ -254,3 +254,126 @@ def test_memory_rows_without_ray():
     assert [r["process"] for r in rows] == ["hf", "gateway process (slices of relay-1, relay-2)"]
     assert rows[1]["weights"] == 3 * 2**30 and rows[1]["cache"] == 3 * 2**28
     assert rows[1]["budget"] == 3 * 2**30 + 3 * 2**28 + 100
+
+
+class _FakeSystem:
+    """A system under test that answers each phase with fixed figures, and fails on the phase named `fail_on`.
+
+    `seen` records, as each phase starts, which phases table.md on disk already shows."""
+
+    def __init__(self, name: str, out, fail_on: str | None = None) -> None:
+        self.name, self.out, self.fail_on = name, out, fail_on
+        self.header = {"system": name} if name == "hf" else {"system": name, "shards": 1}
+        self.seen: list[str] = []
+
+    async def run(self, phase) -> dict:
+        table = self.out / "table.md"
+        self.seen.append(table.read_text() if table.exists() else "")
+        if phase.describe() == self.fail_on:
+            raise RuntimeError("CUDA error: out of memory (a stand-in)")
+        if phase.section == "single":
+            return {"prompt_tokens": int(phase.key), "new_tokens": 4, "runs": 1, "ttft_ms": 40.0,
+                    "ms_per_token_p50": 8.5, "ms_per_token_p95": 9.0, "ms_per_token_mean": 8.6}
+        n = len(phase.requests)
+        return {"concurrency": phase.concurrency, "requests": n, "output_tokens": 10 * n, "generated_tokens": 10 * n,
+                "wall_s": 1.0, "tokens_per_s": 10.0 * n}
+
+    async def snapshot(self) -> dict:
+        if self.name == "hf":
+            return {"memory": {"peak_rss_bytes": 3 * 2**30, "weight_bytes": 2**30, "gpu_peak_bytes": 0}}
+        return {"slices": [{"index": 0, "layers": "0-4", "weight_bytes": 2**30, "cache_bytes": 2**28,
+                            "peak_rss_bytes": 2**31}]}
+
+
+def test_results_are_written_after_every_phase(tmp_path):
+    """A run cut short (here a phase that raises) still leaves bench.json and table.md with every phase that
+    finished, and says where it stopped; each phase starts with the previous one already on disk."""
+    import asyncio
+
+    cfg = BenchConfig(model="m", out=str(tmp_path), single_prompts=(16, 512), concurrency=(1, 4))
+    phases = bench.plan(cfg, bench.make_workloads(cfg, list(range(1000))))
+    assert [p.describe() for p in phases][:3] == ["single stream, 16-token prompt", "single stream, 512-token prompt",
+                                                  "mixed c=1 (2 requests)"]
+    result = {"meta": {"model_name": "m", "parameters": 1_500_000_000, "dtype": "bfloat16", "device": "cuda:0"},
+              "config": {**dataclasses.asdict(cfg), "num_threads": 16},
+              "bandwidth": {"copy_gb_per_s": 4000.0, "weight_bytes": 3e9, "read_bytes_per_token": 3e9,
+                            "floor_ms_per_token": 0.75, "ceiling_tokens_per_s": 1333.0},
+              "runtime_overhead_bytes": 2**29}
+    hf, relay = _FakeSystem("hf", tmp_path), _FakeSystem("relay-1", tmp_path, fail_on=phases[2].describe())
+    with pytest.raises(RuntimeError, match="stand-in"):
+        asyncio.run(bench.run_phases(cfg, phases, [hf, relay], result,
+                                     lambda: {"gateway_process": {"relays": ["relay-1"], "peak_rss_bytes": 2**32}}))
+
+    assert relay.seen[0] == ""  # nothing before the first phase; then each phase sees the one before it
+    assert "| relay-1 | 16 |" in relay.seen[1] and "| relay-1 | 512 |" not in relay.seen[1]
+    assert "partial: 1 of 5 phases done; next: single stream, 512-token prompt" in relay.seen[1]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["meta"]["status"].startswith("failed in phase 3 of 5 (mixed c=1 (2 requests))")
+    assert set(saved["systems"]["relay-1"]["single"]) == {"16", "512"}
+    assert saved["systems"]["hf"]["mixed"]["1"]["requests"] == 2  # hf finished the phase relay-1 failed in
+    assert "mixed" not in saved["systems"]["relay-1"] and "uniform" not in saved["systems"]["hf"]
+    assert saved["ratios"]["relay-1"]["single"]["512"]["ms_per_token_p50"] == pytest.approx(1.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "**Not a complete run** (failed in phase 3 of 5" in table
+    assert "| relay-1 | 512 | 40 | 8.5 | 9.0 | 8.6 | 1.00 | 1.00 |" in table
+    assert "| hf | 20.00 | - |\n| relay-1 | - | - |\n" in table  # mixed c=1: hf finished it, relay-1 did not
+    assert "Uniform workload" not in table
+    assert "gateway process (slices of relay-1)" in table and "GPU peak MiB" in table
+
+
+def test_precheck_names_each_missing_package(monkeypatch, tmp_path):
+    """bench/gpu.sh's pre-check: every unmet requirement is reported with its fix, and the carried wheels
+    that fix one are chosen, one per requirement."""
+    from qwen_relay.bench import precheck
+    from qwen_relay.bench.precheck import Requirement
+
+    reqs = [Requirement("json", "no-such-dist-a", why="a", wheel="no_such_dist_a-"),
+            Requirement("torch", "torch", (999,), why="b"),
+            Requirement("torch", "torch", (), (1,), why="c"),
+            Requirement("torch", "torch", (2,), why="met")]
+    monkeypatch.setattr(precheck, "REQUIREMENTS", reqs)
+    (tmp_path / "no_such_dist_a-1.0-py3-none-any.whl").touch()
+    (tmp_path / "no_such_dist_a-2.0-py3-none-any.whl").touch()
+    (tmp_path / "other-1.0-py3-none-any.whl").touch()
+    assert [w.name for w in precheck.wheels_needed(tmp_path)] == ["no_such_dist_a-2.0-py3-none-any.whl"]
+    errors = precheck.check_packages(tmp_path)
+    assert len(errors) == 3
+    assert errors[0].startswith("json (no-such-dist-a; a): not installed. Fix: bench/gpu.sh installs it from")
+    assert "torch (torch>=999; b): " in errors[1] and "is older than 999" in errors[1]
+    assert "torch (torch<1; c): " in errors[2] and "is not below 1" in errors[2]
+    assert "pip install 'torch<1'" in errors[2]
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_without_ray(tmp_path):
+    """bench/gpu.sh's whole path on this CPU, as on the GPU machine: Ray unimportable, qwen_relay through the
+    script's symlinks; pre-check, checkpoint build, bench phase by phase, a table."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    noray = tmp_path / "noray"
+    noray.mkdir()
+    (noray / "sitecustomize.py").write_text('import sys\n\nsys.modules["ray"] = None  # the GPU image has no Ray\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "SHAPE": "tiny", "DEVICE": "cpu", "DTYPE": "float32", "OUT": str(out),
+           "MODEL_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable, "FORCE_SYMLINKS": "1", "BUDGET": "900",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(noray), os.environ.get("PYTHONPATH")]))}
+    tiny = ["--single-prompts", "4,12", "--single-new-tokens", "4", "--mixed-requests", "4", "--mixed-prompt", "3-12",
+            "--mixed-new", "2-6", "--concurrency", "1,2", "--uniform-requests", "2", "--uniform-prompt", "8",
+            "--uniform-new", "4", "--uniform-concurrency", "2", "--max-batch", "4", "--max-context", "64",
+            "--threads", "1"]
+    run = subprocess.run([str(root / "bench/gpu.sh"), *tiny], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "precheck: every import of the run is here" in run.stdout and "no Ray imported" in run.stdout
+    for step in ("pre-check of every import the run needs: done in", "checkpoint: tiny: done in", "bench: tiny"):
+        assert step in run.stderr
+    assert "phase 5/5 done in" in run.stderr
+    assert "**Single stream**" in run.stdout and "| relay-2 | 12 |" in run.stdout
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["status"] == "complete"
+    assert set(saved["systems"]) == {"hf", "relay-1", "relay-2"} and not saved["config"]["use_ray"]
+    assert (tmp_path / "cache" / "tiny-float32" / "config.json").exists()
