@@ -2,9 +2,9 @@
 
 One whole-model slice (no Ray, no gateway), its decode steps timed side by side in one run, per model and
 batch size: the dynamic path (`decode="dynamic"`), the static step run eagerly ("static") and compiled by
-`torch.compile(fullgraph=True)` ("compiled"), each on prepacked oneDNN weights (shards/packed.py) and, for
-the compiled step, also on dense weights, with and without inductor's freezing pass (which packs weights for
-oneDNN itself); "static-folded" is the static step with the attention layout CUDA uses (shards/attention.py).
+`torch.compile(fullgraph=True)` ("compiled": dense weights that inductor's freezing pass packs for oneDNN,
+since it cannot lower ours), the eager ones on prepacked oneDNN weights (shards/packed.py), "dynamic-dense"
+on stock kernels; "static-folded" is the static step with the attention layout CUDA uses (shards/attention.py).
 Each variant prefills `rows` sequences of `--prompt` tokens, runs a few warm-up decode steps (the first one
 compiles: its time is reported), then times `--steps` steps; the figure is the median ms per step. One torch
 thread by default, as a slice sharing a machine runs.
@@ -36,7 +36,6 @@ class Variant:
     name: str
     decode: str
     prepack: bool
-    freezing: bool = False
     folded: bool = False  # attention in the folded layout (shards/attention.py) instead of the device's choice
 
 
@@ -44,10 +43,8 @@ VARIANTS = [
     Variant("dynamic", "dynamic", True),
     Variant("static", "static", True),
     Variant("static-folded", "static", True, folded=True),
-    Variant("compiled", "compiled", True),
     Variant("dynamic-dense", "dynamic", False),
-    Variant("compiled-dense", "compiled", False),
-    Variant("compiled-dense-freezing", "compiled", False, freezing=True),
+    Variant("compiled", "compiled", False),  # dense weights, packed by inductor's freezing (shards/runner.py)
 ]
 
 
@@ -64,7 +61,6 @@ class Result:
 def time_variant(model: str, num_layers: int, variant: Variant, rows_list: list[int], prompt: int, steps: int,
                  warmup: int, threads: int) -> list[Result]:
     torch._dynamo.reset()
-    torch._inductor.config.freezing = variant.freezing
     spec = SliceSpec(model=model, first=0, end=num_layers, device="cpu", max_slots=max(rows_list),
                      max_len=prompt + warmup + steps + 1, threads=threads, prepack=variant.prepack,
                      decode=variant.decode)
@@ -93,7 +89,6 @@ def time_variant(model: str, num_layers: int, variant: Variant, rows_list: list[
             runner.reset()
     del runner
     gc.collect()
-    torch._inductor.config.freezing = False
     return results
 
 

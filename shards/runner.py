@@ -76,7 +76,10 @@ class SliceRunner:
         self.spec = spec
         self.device = device
         self.dtype = resolve_dtype(spec.dtype, device)
-        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack)
+        # Inductor lowers prepacked oneDNN weights only as graph constants, and packs dense ones itself
+        # (freezing): a compiled CPU step loads dense weights (docs/benchmarks.md, "The decode step").
+        prepack = spec.prepack and not (spec.decode == "compiled" and device.type == "cpu")
+        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, prepack)
         config = self.slice.config
         self.cache = KVCache(
             num_layers=self.slice.num_attention_layers,
@@ -153,7 +156,8 @@ class SliceRunner:
             torch._dynamo.mark_static_address(self.cache.k)
             torch._dynamo.mark_static_address(self.cache.v)
             return torch.compile(self.slice.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        return torch.compile(self.slice.decode, fullgraph=True, dynamic=False)
+        # Freezing: weights become graph constants, which inductor packs for oneDNN at compile time.
+        return torch.compile(self.slice.decode, fullgraph=True, dynamic=False, options={"freezing": True})
 
     def _static(self, batch: StepBatch) -> bool:
         return (self.decode_mode != "dynamic" and is_decode(batch) and not self.adapters.injected

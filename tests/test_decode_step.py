@@ -63,6 +63,7 @@ def test_static_decode_parity_qwen3(qwen3_model):
     _assert_static_parity(qwen3_model, [(0, 2), (2, 5)], "static", PROMPTS)
 
 
+@pytest.mark.slow  # inductor's C++ compile: ~50 s per slice on the 2-core machine, minutes with a cold cache
 @pytest.mark.parametrize("ranges", [[(0, 5)], [(0, 3), (3, 5)]], ids=["1-slice", "2-slices"])
 def test_compiled_decode_parity(tiny_model, ranges):
     """`torch.compile(fullgraph=True)` of the CPU decode step: no graph break, same greedy tokens."""
