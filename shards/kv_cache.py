@@ -2,7 +2,7 @@
 
 Every sequence owns one slot for its lifetime; its keys and values for position p of the slice's l-th
 full-attention layer live at `k[l, slot, :, p]`. Sequences join and leave between steps without copying
-anyone else's cache. One extra slot, `scratch`, belongs to no sequence: the padded rows of a static decode
+anyone else's cache. One extra attention slot, `scratch`, belongs to no sequence: the padded rows of a static decode
 step (shards/decode.py) write there, so that step needs no data-dependent indexing. The buffers are
 zero-filled so that never-written positions (masked out in attention) are finite: a NaN there would poison
 the softmax even under a -inf mask.
@@ -54,8 +54,8 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         r = recurrent or RecurrentShape(0, 0, 0, 0, 0, 0)
-        self.conv = torch.zeros((r.layers, num_slots + 1, r.conv_dim, r.conv_kernel), dtype=dtype, device=device)
-        self.state = torch.zeros((r.layers, num_slots + 1, r.heads, r.key_dim, r.value_dim), dtype=torch.float32,
+        self.conv = torch.zeros((r.layers, num_slots, r.conv_dim, r.conv_kernel), dtype=dtype, device=device)
+        self.state = torch.zeros((r.layers, num_slots, r.heads, r.key_dim, r.value_dim), dtype=torch.float32,
                                  device=device)
         self.num_slots = num_slots
         self.scratch = num_slots  # written by padded rows, read by nobody
