@@ -2,8 +2,8 @@
 
 Qwen shares each KV head among G query heads (GQA). Two ways to hand that to `scaled_dot_product_attention`:
 
-- `expanded`: queries [B, H, T, D] against keys [B, Hkv, L, D] with `enable_gqa=True`. On the CPU its flash
-  kernel takes the mask as is and is the fastest path measured (docs/benchmarks.md); on CUDA the fused kernels
+- `expanded`: queries [B, H, T, D] against keys [B, Hkv, L, D] with `enable_gqa=True`. The CPU kernel takes
+  the mask as is (the folded layout measured no faster at the 0.5B shape, docs/benchmarks.md); on CUDA the fused kernels
   that accept a mask do not all accept `enable_gqa`, and the math fallback repeats K/V per head in fp32.
 - `folded`: the G query heads of a KV head become G x T query rows of that head, [B, Hkv, G*T, D], and the mask
   is repeated over them (a stride-0 view at decode, T = 1). It is plain multi-head attention with Hkv heads, so
