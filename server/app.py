@@ -74,6 +74,7 @@ class ServeOptions:
     cpus_per_slice: float | None = None  # Ray CPUs per CPU slice; None: 1, or a share of a local node
     threads: int = 0
     prepack: bool = True  # CPU fp32: linear weights prepacked for oneDNN (shards/packed.py)
+    decode_step: str = "auto"  # auto, dynamic, static or compiled (shards/runner.py)
     placement_strategy: str = "PACK"
     placement_timeout: float = 600.0  # seconds to wait for Ray to place the slices (an autoscaler may add nodes)
     max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
@@ -200,7 +201,7 @@ class Relay:
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
         specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
                            max_slots=opts.max_batch, max_len=self.max_context, threads=self._threads(use_gpu),
-                           prepack=opts.prepack)
+                           prepack=opts.prepack, decode=opts.decode_step)
                  for a, b in self.ranges]
         if opts.use_ray:
             from .ray_pipeline import RayPipeline

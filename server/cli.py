@@ -61,6 +61,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=bounded(int, 0), default=0, help="torch threads per CPU slice (0: all cores)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="keep CPU weights dense (stock PyTorch kernels) instead of prepacked for oneDNN")
+    parser.add_argument("--decode-step", default="auto", choices=["auto", "dynamic", "static", "compiled"],
+                        help="decode steps (one token per row) of dense slices: static shapes, run eagerly or "
+                        "compiled (torch.compile; CUDA graphs on a GPU), or the dynamic path prefills take "
+                        "(default auto: compiled on a GPU, static on a CPU)")
     parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="Ray placement-group strategy for the slices")
     parser.add_argument("--placement-timeout", type=bounded(float, 0), default=600.0,
@@ -126,6 +130,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         default_max_new_tokens=args.default_max_new_tokens, adapter_roots=tuple(args.adapter_root or ()),
         max_adapters=args.max_adapters, max_adapter_bytes=int(args.max_adapter_mib * 2**20),
         cpus_per_slice=args.cpus_per_slice, threads=args.threads, prepack=not args.no_prepack,
+        decode_step=args.decode_step,
         placement_strategy=args.placement, placement_timeout=args.placement_timeout,
         grace_seconds=args.grace, max_queue=args.max_queue, recovery_timeout=args.recovery_timeout,
         max_restarts=args.max_restarts, tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -331,6 +331,11 @@ class SliceAdapters:
                 setattr(self.module.get_submodule(parent), attr, layer.get_base_layer())
         self._refresh()
 
+    @property
+    def injected(self) -> bool:
+        """Whether any LoRA layer wraps this slice's modules (the static decode step serves plain slices)."""
+        return bool(self._lora_layers)
+
     def _refresh(self) -> None:
         """No adapter active outside `routed` (a plain forward is the base model); dropout off (eval)."""
         self._lora_layers = [m for m in self.module.modules() if isinstance(m, LoraLayer)]

@@ -2,8 +2,10 @@
 
 Every sequence owns one slot for its lifetime; its keys and values for position p of the slice's l-th
 full-attention layer live at `k[l, slot, :, p]`. Sequences join and leave between steps without copying
-anyone else's cache. The buffers are zero-filled so that never-written positions (masked out in attention)
-are finite: a NaN there would poison the softmax even under a -inf mask.
+anyone else's cache. One extra attention slot, `scratch`, belongs to no sequence: the padded rows of a static decode
+step (shards/decode.py) write there, so that step needs no data-dependent indexing. The buffers are
+zero-filled so that never-written positions (masked out in attention) are finite: a NaN there would poison
+the softmax even under a -inf mask.
 
 Linear-attention layers (Qwen3.5's Gated DeltaNet) keep a fixed-size state per sequence instead, allocated
 per slot the same way: the conv state `conv[l, slot]` [conv_dim, kernel] and the DeltaNet state
@@ -48,7 +50,7 @@ class KVCache:
         device: torch.device,
         recurrent: RecurrentShape | None = None,
     ) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        shape = (num_layers, num_slots + 1, num_kv_heads, max_len, head_dim)  # + the scratch slot
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         r = recurrent or RecurrentShape(0, 0, 0, 0, 0, 0)
@@ -56,6 +58,7 @@ class KVCache:
         self.state = torch.zeros((r.layers, num_slots, r.heads, r.key_dim, r.value_dim), dtype=torch.float32,
                                  device=device)
         self.num_slots = num_slots
+        self.scratch = num_slots  # written by padded rows, read by nobody
         self.max_len = max_len
         self.lengths: dict[int, int] = {}  # slot -> tokens cached; a slot absent here holds nothing
 
@@ -100,6 +103,11 @@ class KVCache:
         else:
             rows = torch.tensor(slots, device=self.k.device)
         return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
+
+    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv_heads, length, head_dim] of `slots` (a device tensor): the same indexing
+        whatever the slots, as a captured step needs."""
+        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
 
     def read_state(self, layer: int, slots: torch.Tensor, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the conv and DeltaNet states [B, ...] of linear layer `layer`; zeros for `fresh` rows (a

@@ -159,7 +159,7 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
         if pack:  # a packed copy for the head; the embedding's lookups need the dense rows
             prepack_head(part, part.lm_head.weight.split(HEAD_BLOCK_ROWS))
             packed += 1
-    part.attach_rotary(device)
+    part.attach_device(device, dtype)
     part.eval().requires_grad_(False)
     log.info("loaded layers %d-%d of %s from %d file(s) onto %s%s", first, end - 1, model, len(by_file), device,
              f" ({packed} linear weights prepacked for oneDNN)" if packed else "")

@@ -10,6 +10,12 @@ token (so softmax never sees an all-masked row) and are never written to the cac
 
 The forward returns hidden states, or on the last slice the logits of each row's last token; the runner
 samples (shards/runner.py), as in gpt-fast and nano-vllm.
+
+`decode` is the same computation for a decode step with static shapes (shards/decode.py), which
+`torch.compile(fullgraph=True)` traces whole and CUDA graphs capture; on the last slice it also picks greedy
+tokens on the device. It serves dense full-attention slices (Qwen2/2.5, Qwen3): Qwen3-MoE groups tokens by
+expert (data-dependent shapes) and Qwen3.5's linear-attention layers update a recurrent state through the
+dynamic path's metadata, so those slices keep the dynamic path for every step (`static_decode` is False).
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from .attention import Attend, choose_attention, expanded
 from .batch import StepBatch
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .kv_cache import KVCache, RecurrentShape
+from .sampler import NO_TOKEN
+
+STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class ModelSlice(nn.Module):
         self.mixers = [(kind, kinds[:n].count(kind)) for n, kind in enumerate(kinds)]
         self.num_attention_layers = kinds.count(FULL_ATTENTION)
         self.recurrent_shape = self._recurrent_shape(kinds.count(LINEAR_ATTENTION))
+        self.static_decode = self.family.name in STATIC_FAMILIES and kinds.count(FULL_ATTENTION) == len(kinds)
+        self.attend: Attend = expanded  # chosen for the device by `attach_device`
 
     def _recurrent_shape(self, layers: int) -> RecurrentShape | None:
         if layers == 0:
@@ -105,9 +116,14 @@ class ModelSlice(nn.Module):
                               conv_kernel=c.linear_conv_kernel_dim, heads=c.linear_num_value_heads,
                               key_dim=c.linear_key_head_dim, value_dim=c.linear_value_head_dim)
 
-    def attach_rotary(self, device: torch.device) -> None:
-        """Build RoPE outside any meta-device context: its inv_freq buffer is not in the checkpoint."""
+    def attach_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Build RoPE outside any meta-device context (its inv_freq buffer is not in the checkpoint) and pick
+        the attention kernel for the device (shards/attention.py)."""
         self.rotary_emb = self.family.rotary(self.config).to(device)
+        if self.num_attention_layers:
+            c = self.config
+            self.attend = choose_attention(device, dtype, c.num_attention_heads, c.num_key_value_heads,
+                                           self.head_dim).attend
 
     def forward(self, meta: StepMetadata, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Run one step through this slice: token ids (first slice) or hidden states [B, T, H] in; hidden
@@ -128,10 +144,36 @@ class ModelSlice(nn.Module):
         h_last = self.model.norm(h[torch.arange(h.shape[0], device=h.device), meta.last])
         return self.lm_head(h_last).float()
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor | None,
+               context: int, cache: KVCache) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One decode step with static shapes (shards/decode.py): ids [R, 1] (first slice) or hidden [R, 1, H]
+        in, positions [R, 1], cache slots [R], keys read up to `context`. Hidden states [R, 1, H] out, or on
+        the last slice (greedy tokens [R], logits [R, V]): argmax on the device, `NO_TOKEN` for a row whose
+        logits are not finite, as `sample` does. No host synchronisation from first kernel to output."""
+        h = self.model.embed_tokens(ids) if self.is_first else hidden
+        cos, sin = self.rotary_emb(h, positions)
+        keys = torch.arange(context, device=h.device)
+        mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [R, 1, 1, context]
+        at = positions[:, 0]
+        for layer, (_, index) in zip(self.model.layers.values(), self.mixers, strict=True):
+            x = layer.input_layernorm(h)
+            q, k, v, gate = self._project(layer.self_attn, x, cos, sin)
+            cache.write(index, slots, at, k[:, :, 0], v[:, :, 0])
+            past_k, past_v = cache.gather(index, slots, context)
+            h = h + self._output(layer.self_attn, self.attend(q, past_k, past_v, mask), gate)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if not self.is_last:
+            return h
+        logits = self.lm_head(self.model.norm(h[:, 0])).float()
+        finite = torch.isfinite(logits).all(dim=-1)
+        return logits.argmax(dim=-1).masked_fill(~finite, NO_TOKEN), logits
+
+    def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries [B, H, T, D], rotated keys and values [B, Hkv, T, D], and Qwen3.5's output gate."""
         bsz, width, _ = x.shape
         heads = (bsz, width, -1, self.head_dim)
+        gate = None
         if self.family.gated_query:  # Qwen3.5: q_proj yields each head's query and its output gate side by side
             q, gate = torch.chunk(attn.q_proj(x).view(bsz, width, -1, 2 * self.head_dim), 2, dim=-1)
             gate = gate.reshape(bsz, width, -1)
@@ -143,13 +185,19 @@ class ModelSlice(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(heads).transpose(1, 2)
         q, k = self.family.apply_rotary(q, k, cos, sin)
+        return q, k, v, gate
 
+    def _output(self, attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        bsz, _, width, _ = out.shape
+        out = out.transpose(1, 2).reshape(bsz, width, -1)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return attn.o_proj(out)
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
+        q, k, v, gate = self._project(attn, x, cos, sin)
         rows, cols = meta.write_rows, meta.write_cols
         cache.write(index, meta.write_slots, meta.write_pos, k[rows, :, cols], v[rows, :, cols])
         keys, values = cache.read(index, meta.slots, meta.length)
-
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=meta.mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(bsz, width, -1)
-        if self.family.gated_query:
-            out = out * torch.sigmoid(gate)
-        return attn.o_proj(out)
+        return self._output(attn, self.attend(q, keys, values, meta.mask), gate)

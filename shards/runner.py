@@ -3,6 +3,12 @@
 Like nano-vllm's ModelRunner, this is the only place a forward happens. It checks every step against what
 its cache holds, so a step meant for a cache that was lost (the actor restarted) fails loudly with
 `CacheMismatch` instead of silently attending to zeros.
+
+Decode steps (every row one token) of a dense slice with no LoRA adapter injected take the static path
+(shards/decode.py, `ModelSlice.decode`); prefills, mixed batches, adapters, MoE and Qwen3.5 slices take the
+dynamic one. `SliceSpec.decode` picks how the static step runs: "compiled" wraps it in `torch.compile`
+(on CUDA `mode="reduce-overhead"`: CUDA graphs, captured per bucket after warm-up), "static" runs it eagerly,
+"dynamic" never uses it, "auto" compiles on CUDA and uses `CPU_DECODE` on a CPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -12,12 +18,14 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
+from .decode import DecodeInputs, is_decode
 from .kv_cache import KVCache
 from .loader import load_slice, resolve_dtype
 from .model import StepMetadata
@@ -25,6 +33,9 @@ from .sampler import sample
 from .stats import SliceStats
 
 log = logging.getLogger(__name__)
+
+DECODE_MODES = ("auto", "dynamic", "static", "compiled")
+CPU_DECODE = "static"  # what "auto" means on a CPU: measured in docs/benchmarks.md (decode step)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class SliceSpec:
     max_len: int = 2048
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     prepack: bool = True  # CPU fp32: linear weights in oneDNN's layout (shards/packed.py)
+    decode: str = "auto"  # the decode step: auto, dynamic, static or compiled (module docstring)
 
 
 def peak_rss_bytes() -> int:
@@ -64,7 +76,10 @@ class SliceRunner:
         self.spec = spec
         self.device = device
         self.dtype = resolve_dtype(spec.dtype, device)
-        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack)
+        # Inductor lowers prepacked oneDNN weights only as graph constants, and packs dense ones itself
+        # (freezing): a compiled CPU step loads dense weights (docs/benchmarks.md, "The decode step").
+        prepack = spec.prepack and not (spec.decode == "compiled" and device.type == "cpu")
+        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, prepack)
         config = self.slice.config
         self.cache = KVCache(
             num_layers=self.slice.num_attention_layers,
@@ -80,6 +95,8 @@ class SliceRunner:
         self.steps = 0
         self.adapters = SliceAdapters(self.slice)
         self._lock = threading.Lock()  # adapters change between steps, never during one (LocalPipeline threads)
+        self.decode_mode = self._decode_mode(spec.decode)
+        self._decode = self._decode_step()
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
@@ -95,17 +112,81 @@ class SliceRunner:
         self.cache.check(batch.slots, batch.starts, ends)
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
-        meta = StepMetadata.build(batch, self.device)
-        with self._lock, self.adapters.routed(batch.adapters):
-            out = self.slice(meta, hidden, self.cache)
+        with self._lock:
+            if self._static(batch):
+                out = self._run_static(batch, hidden)
+            else:
+                meta = StepMetadata.build(batch, self.device)
+                with self.adapters.routed(batch.adapters):
+                    out = self.slice(meta, hidden, self.cache)
         self.cache.commit(batch.slots, ends)
-        if self.slice.is_last:
+        if isinstance(out, tuple):  # the static step's greedy tokens and logits
+            tokens, logits = out
+            greedy = all(p.greedy for p in batch.sampling)
+            out = (tokens if greedy else sample(logits, batch.sampling, ends)).tolist()
+        elif self.slice.is_last:
             out = sample(out, batch.sampling, ends).tolist()
         elif self.device.type != "cpu":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - start
         self.steps += 1
         return out
+
+    def _decode_mode(self, asked: str) -> str:
+        if asked not in DECODE_MODES:
+            raise ValueError(f"decode {asked!r}: choose one of {', '.join(DECODE_MODES)}")
+        mode = ("compiled" if self.device.type == "cuda" else CPU_DECODE) if asked == "auto" else asked
+        if mode != "dynamic" and not self.slice.static_decode:
+            log.info("layers %d-%d (%s): decode steps take the dynamic path (no static step for this family "
+                     "or layer kind)", self.spec.first, self.spec.end - 1, self.slice.family.name)
+            return "dynamic"
+        log.info("layers %d-%d: %s decode step", self.spec.first, self.spec.end - 1, mode)
+        return mode
+
+    def _decode_step(self) -> Callable:
+        """`ModelSlice.decode`, compiled for "compiled": one graph per (rows, context) bucket, traced whole
+        (`fullgraph`); on CUDA also captured as CUDA graphs, with the cache at a static address."""
+        if self.decode_mode != "compiled":
+            return self.slice.decode
+        # Every slice in this process shares ModelSlice.decode's compile cache: room for all their buckets.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 256)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4096)
+        if self.device.type == "cuda":
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
+            return torch.compile(self.slice.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # Freezing: weights become graph constants, which inductor packs for oneDNN at compile time.
+        return torch.compile(self.slice.decode, fullgraph=True, dynamic=False, options={"freezing": True})
+
+    def _static(self, batch: StepBatch) -> bool:
+        return (self.decode_mode != "dynamic" and is_decode(batch) and not self.adapters.injected
+                and not (batch.adapters and any(batch.adapters)))
+
+    def _run_static(self, batch: StepBatch,
+                    hidden: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        inputs = DecodeInputs.build(batch, self.device, self.spec.max_slots, self.spec.max_len, self.cache.scratch)
+        if hidden is not None:
+            hidden = inputs.pad(hidden)
+        graphs = self.decode_mode == "compiled" and self.device.type == "cuda"
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        args = (inputs.ids, inputs.positions, inputs.slots, hidden, inputs.context, self.cache)
+        try:
+            out = self._decode(*args)
+        except Exception:
+            if self.decode_mode != "compiled":
+                raise
+            # A step that compiles nowhere else must not cost the relay its slice: the eager step is the same.
+            log.exception("layers %d-%d: the compiled decode step failed; decoding with the eager static step",
+                          self.spec.first, self.spec.end - 1)
+            self.decode_mode, self._decode = "static", self.slice.decode
+            return self._run_static(batch, hidden[: inputs.rows] if hidden is not None else None)
+        n = inputs.rows
+        if isinstance(out, tuple):
+            return out[0][:n], out[1][:n]
+        # A CUDA graph's output buffer is overwritten by its next replay, maybe before the next slice reads it.
+        return out[:n].clone() if graphs else out[:n]
 
     def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
         """This slice's share of a PEFT LoRA adapter (none if it holds none of its layers); idempotent."""
@@ -128,6 +209,9 @@ class SliceRunner:
         if not self.slice.is_first:
             hidden = torch.zeros(1, 2, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
         self.step(batch, hidden)
+        if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here, not on a request
+            decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], sampling=[SamplingParams()])
+            self.step(decode, None if hidden is None else hidden[:, :1])
         self.reset()
 
     def stats(self) -> SliceStats:

@@ -97,5 +97,6 @@ def test_qwen3_5_slot_cache_holds_kv_and_recurrent_state_per_slot(qwen3_5_model)
     assert runner.slice.recurrent_shape == RecurrentShape(layers=4, conv_dim=2 * 32 + 64, conv_kernel=4, heads=4,
                                                           key_dim=16, value_dim=16)
     cache = runner.cache
-    assert cache.k.shape[:2] == (1, 3) and cache.conv.shape[:2] == (4, 3) and cache.state.shape[:2] == (4, 3)
+    # Attention keeps one scratch slot more (shards/kv_cache.py); the recurrent state does not need one.
+    assert cache.k.shape[:2] == (1, 3 + 1) and cache.conv.shape[:2] == (4, 3) and cache.state.shape[:2] == (4, 3)
     assert cache.nbytes == sum(t.nbytes for t in (cache.k, cache.v, cache.conv, cache.state))

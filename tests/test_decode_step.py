@@ -1,0 +1,140 @@
+"""The static decode step (shards/decode.py, `ModelSlice.decode`) and the attention paths (shards/attention.py).
+
+The contract is the same as everywhere: greedy tokens are `generate()`'s on the whole fp32 model, here with
+every decode step through the static path, eager and compiled with `torch.compile(fullgraph=True)` (a graph
+break fails the compile, so passing proves the step traces whole)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from test_slices_parity import PROMPTS, greedy, reference
+
+from qwen_relay.shards.attention import choose_attention, expanded, folded
+from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.decode import CONTEXT_FLOOR, DecodeInputs, bucket, is_decode
+from qwen_relay.shards.runner import SliceRunner, SliceSpec
+
+MAX_NEW = 10
+
+
+def _runners(model, ranges, decode: str) -> list[SliceRunner]:
+    return [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=64,
+                                  decode=decode)) for a, b in ranges]
+
+
+def _count_static(runners: list[SliceRunner]) -> list[int]:
+    """Wrap each runner's static step so the test can see it ran (and was not silently bypassed)."""
+    calls = [0] * len(runners)
+    for i, runner in enumerate(runners):
+        step = runner._decode
+
+        def counted(*args, _i=i, _step=step):
+            calls[_i] += 1
+            return _step(*args)
+
+        runner._decode = counted
+    return calls
+
+
+def _assert_static_parity(model, ranges, decode: str, prompts: list[list[int]]) -> None:
+    runners = _runners(model, ranges, decode)
+    assert all(r.decode_mode == decode for r in runners)
+    calls = _count_static(runners)
+    got = greedy(runners, prompts, MAX_NEW)
+    assert calls == [MAX_NEW - 1] * len(runners)  # every decode step, none of the prefills
+    assert all(r.decode_mode == decode for r in runners)  # a compile failure would have fallen back to eager
+    expected = [reference(model, p, MAX_NEW) for p in prompts]
+    assert all(len(e) >= MAX_NEW // 2 for e in expected)
+    for tokens, want in zip(got, expected, strict=True):
+        assert tokens[: len(want)] == want
+
+
+@pytest.mark.parametrize("ranges", [[(0, 5)], [(0, 3), (3, 5)]], ids=["1-slice", "2-slices"])
+def test_static_decode_parity(tiny_model, ranges):
+    _assert_static_parity(tiny_model, ranges, "static", PROMPTS)  # 4 rows of 1 to 11 tokens
+    _assert_static_parity(tiny_model, ranges, "static", PROMPTS[:3])  # 3 rows: one padded row in bucket 4
+
+
+def test_static_decode_parity_qwen3(qwen3_model):
+    _assert_static_parity(qwen3_model, [(0, 2), (2, 5)], "static", PROMPTS)
+
+
+@pytest.mark.slow  # inductor's C++ compile: ~50 s per slice on the 2-core machine, minutes with a cold cache
+@pytest.mark.parametrize("ranges", [[(0, 5)], [(0, 3), (3, 5)]], ids=["1-slice", "2-slices"])
+def test_compiled_decode_parity(tiny_model, ranges):
+    """`torch.compile(fullgraph=True)` of the CPU decode step: no graph break, same greedy tokens."""
+    _assert_static_parity(tiny_model, ranges, "compiled", PROMPTS[:3])
+
+
+def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model):
+    """A seeded draw takes the logits of the static step: the same token as the dynamic path's."""
+    sampling = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=7)]
+    tokens = {}
+    for mode in ("dynamic", "static"):
+        (runner,) = _runners(tiny_model, [(0, 5)], mode)
+        runner.step(StepBatch([0, 1], [0, 0], [[5, 6, 7], [8, 9]], sampling))
+        tokens[mode] = runner.step(StepBatch([0, 1], [3, 2], [[11], [12]], sampling))
+    assert tokens["static"] == tokens["dynamic"]
+
+
+def test_moe_and_adapters_keep_the_dynamic_path(qwen3_moe_model, tiny_model):
+    (moe,) = _runners(qwen3_moe_model, [(0, 5)], "static")
+    assert moe.decode_mode == "dynamic"
+    (dense,) = _runners(tiny_model, [(0, 5)], "static")
+    step = StepBatch([0], [0], [[3]], [SamplingParams()])
+    assert dense._static(step)
+    assert not dense._static(StepBatch([0], [0], [[3, 4]], [SamplingParams()]))  # a prefill
+    assert not dense._static(StepBatch([0], [0], [[3]], [SamplingParams()], adapters=["a"]))
+    with pytest.raises(ValueError, match="decode 'fast'"):
+        _runners(tiny_model, [(0, 5)], "fast")
+
+
+def test_decode_inputs_pad_to_buckets_and_the_scratch_slot():
+    assert [bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert bucket(3, 6) == 4 and bucket(5, 6) == 6  # the cap is the last bucket
+    assert bucket(1, 2048, CONTEXT_FLOOR) == CONTEXT_FLOOR and bucket(129, 2048, CONTEXT_FLOOR) == 256
+    batch = StepBatch(slots=[2, 0, 3], starts=[7, 130, 1], token_ids=[[5], [6], [7]], sampling=[SamplingParams()] * 3)
+    assert is_decode(batch) and not is_decode(StepBatch([0], [0], [[1, 2]], [SamplingParams()]))
+    inputs = DecodeInputs.build(batch, torch.device("cpu"), max_slots=8, max_len=1024, scratch=8)
+    assert inputs.ids[:, 0].tolist() == [5, 6, 7, 0]
+    assert inputs.positions[:, 0].tolist() == [7, 130, 1, 0]
+    assert inputs.slots.tolist() == [2, 0, 3, 8]
+    assert (inputs.context, inputs.rows) == (256, 3)
+    assert inputs.pad(torch.ones(3, 1, 4)).tolist() == [[[1.0] * 4]] * 3 + [[[0.0] * 4]]
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+
+def reference_attention(q, k, v, mask):
+    """Plain math: K/V repeated per query head, softmax over visible keys."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("attend", [expanded, folded], ids=["expanded", "folded"])
+@pytest.mark.parametrize(("heads", "kv_heads", "width"), [(4, 2, 1), (14, 2, 1), (4, 2, 5), (8, 8, 3)])
+def test_attention_paths_match_the_reference(attend, heads, kv_heads, width):
+    torch.manual_seed(0)
+    bsz, length, dim = 3, 19, 16
+    q = torch.randn(bsz, width, heads, dim).transpose(1, 2)  # the layout the slice makes (a transposed view)
+    k, v = torch.randn(2, bsz, kv_heads, length, dim)
+    starts = torch.tensor([0, 6, 13])[:, None] + torch.arange(width)[None, :]  # rows of different lengths
+    mask = (torch.arange(length)[None, None, :] <= starts[:, :, None])[:, None]
+    torch.testing.assert_close(attend(q, k, v, mask), reference_attention(q, k, v, mask))
+
+
+def test_attention_choice_is_logged_once(caplog):
+    with caplog.at_level(logging.INFO, logger="qwen_relay.shards.attention"):
+        choice = choose_attention(torch.device("cpu"), torch.float32, 14, 2, 64)
+    assert choice.attend is expanded  # the fastest measured on the CPU
+    (record,) = caplog.records
+    assert "expanded layout (14 query heads on 2 KV heads)" in record.getMessage()
+    assert choice.backend in record.getMessage()
