@@ -602,7 +602,11 @@ def test_packed_linear_matches_dense_and_is_batch_invariant():
             # A row's result does not depend on what else is in the batch, bit for bit: batched greedy
             # decoding stays identical to unbatched.
             rows = x.reshape(-1, 96)
-            assert all(torch.equal(fast(rows[:m])[0], fast(rows[:1])[0]) for m in (2, 16, 80))
+            assert all(torch.equal(fast(rows[:m])[0], fast(rows[:1])[0]) for m in (2, 3, 4, 16, 80))
+            # Fewer rows than MIN_ROWS run padded: the same shapes and values as the dense layer, 2-D or 3-D.
+            for small in (x[:1, :1], x[:1, :2], x[:1, :3], rows[:2]):
+                assert fast(small).shape == slow(small).shape
+                torch.testing.assert_close(fast(small), slow(small), rtol=1e-5, atol=1e-5)
 
 
 def test_step_batch_padded():
