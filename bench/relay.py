@@ -75,7 +75,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "auto"
     seed: int = 0
-    threads: int = 0  # torch threads of the hf process and of each CPU slice; 0: os.cpu_count()
+    threads: int = 0  # torch threads of hf and of each relay (split between its CPU slices); 0: all cores
     # Each slice one thread and one Ray CPU, emulating one device per slice (the baselines keep `threads`).
     threads_per_slice: bool = False
     baselines: tuple[str, ...] = BASELINES
@@ -551,7 +551,9 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     from qwen_relay.server.app import ServeOptions
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    threads = (1 if cfg.threads_per_slice else cfg.num_threads) if device.type == "cpu" else 0
+    # CPU slices split the threads as `serve` splits a machine's cores between slices that work at once
+    # (server/app.py); given all of them each, two pipelined slices would oversubscribe the cores.
+    threads = (1 if cfg.threads_per_slice else max(1, cfg.num_threads // shards)) if device.type == "cpu" else 0
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
                         dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
@@ -1251,7 +1253,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--seed", type=int, default=0, help="seeds the workload's prompts and lengths")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads of the hf process and of each CPU slice (0: all cores)")
+                   help="torch threads of the hf process and of each relay, split between its CPU slices as serve "
+                        "splits cores (0: all cores)")
     p.add_argument("--threads-per-slice", action="store_true",
                    help="each relay slice one torch thread and one Ray CPU, emulating one device per slice; "
                    "reports relay-2 against relay-1 and hf-packed (the baselines keep --threads)")

@@ -240,6 +240,9 @@ def test_cli_flags(tmp_path):
                                                              "--baselines", "hf"]))
     assert mode.threads_per_slice and mode.baselines == ("hf",)
     assert bench.relay_options(mode, 2).threads == 1 and bench.relay_options(mode, 2).cpus_per_slice == 1
+    # Without it, a relay's CPU slices split the threads as serve splits cores: pipelined slices work at once.
+    eight = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
+    assert [bench.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
     with pytest.raises(SystemExit, match="baselines"):
         bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
 
