@@ -16,8 +16,6 @@ import argparse
 import gc
 import json
 import logging
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +23,9 @@ import torch
 
 from qwen_relay.bench.relay import default_model
 from qwen_relay.shards.attention import folded
-from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
+
+from .steps import time_decode
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +67,13 @@ def time_variant(model: str, num_layers: int, variant: Variant, rows_list: list[
     if variant.folded:
         runner.slice.attend = folded
     results = []
-    greedy = SamplingParams()
     for rows in rows_list:
-        slots = list(range(rows))
         try:
-            with torch.inference_mode():
-                runner.step(StepBatch(slots, [0] * rows, [[7 + r] * prompt for r in slots], [greedy] * rows))
-                tokens, times = [1] * rows, []
-                for n in range(warmup + steps):
-                    batch = StepBatch(slots, [prompt + n] * rows, [[t] for t in tokens], [greedy] * rows)
-                    start = time.perf_counter()
-                    tokens = runner.step(batch)
-                    times.append(time.perf_counter() - start)
-            results.append(Result(Path(model).name, variant.name, rows, 1e3 * statistics.median(times[warmup:]),
-                                  times[0]))
+            timed = time_decode(runner, rows, steps, prompt, warmup)
+            results.append(Result(Path(model).name, variant.name, rows, timed.ms, timed.first_s))
         except Exception as e:  # a variant that cannot compile is a finding, not a crash of the bench
             log.warning("%s at %d rows failed: %s", variant.name, rows, e)
             results.append(Result(Path(model).name, variant.name, rows, None, None, f"{type(e).__name__}: {e}"[:200]))
-        finally:
-            runner.reset()
     del runner
     gc.collect()
     return results

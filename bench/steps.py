@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -22,25 +23,34 @@ from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 
 
-def step_ms(runner: SliceRunner, rows: int, steps: int, prompt: int = 32) -> float:
-    """Median ms of a decode step of `rows` rows, each after a `prompt`-token prefill."""
+@dataclass(frozen=True)
+class StepTime:
+    ms: float  # median decode step after the warm-up steps
+    first_s: float  # the first decode step (for a compiled step: its compile)
+
+
+def time_decode(runner: SliceRunner, rows: int, steps: int, prompt: int = 32, warmup: int = 0) -> StepTime:
+    """Decode steps of `rows` rows, each row after a `prompt`-token prefill, each step fed the last one's
+    tokens (on a last slice) or fresh hidden states (on a later slice); the runner's caches are reset after."""
     hidden_size = runner.slice.config.hidden_size
 
     def hidden(width: int) -> torch.Tensor | None:
         return None if runner.slice.is_first else torch.randn(rows, width, hidden_size)
 
-    runner.reset()
-    sampling = [SamplingParams()] * rows
-    runner.step(StepBatch(slots=list(range(rows)), starts=[0] * rows, token_ids=[[5] * prompt] * rows,
-                          sampling=sampling), hidden(prompt))
+    slots, greedy = list(range(rows)), [SamplingParams()] * rows
     times = []
-    for n in range(steps):
-        batch = StepBatch(slots=list(range(rows)), starts=[prompt + n] * rows, token_ids=[[7]] * rows,
-                          sampling=sampling)
-        start = time.perf_counter()
-        runner.step(batch, hidden(1))
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    try:
+        with torch.inference_mode():
+            out = runner.step(StepBatch(slots, [0] * rows, [[7 + r] * prompt for r in slots], greedy), hidden(prompt))
+            for n in range(warmup + steps):
+                tokens = out if isinstance(out, list) else [1] * rows
+                batch = StepBatch(slots, [prompt + n] * rows, [[t] for t in tokens], greedy)
+                start = time.perf_counter()
+                out = runner.step(batch, hidden(1))
+                times.append(time.perf_counter() - start)
+    finally:
+        runner.reset()
+    return StepTime(ms=1000 * statistics.median(times[warmup:]), first_s=times[0])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = SliceRunner(SliceSpec(model=args.model, first=first, end=last + 1, device="cpu",
                                    max_slots=max(batches), max_len=64 + args.steps, threads=args.threads))
     runner.warmup()
-    cost = {b: step_ms(runner, b, args.steps) for b in batches}
+    cost = {b: time_decode(runner, b, args.steps).ms for b in batches}
     print(f"layers {args.layers}, {args.threads} thread(s): decode step ms by rows")
     print("| rows | ms/step | ms/row | relay-2 / relay-1 bound at c = 2 x rows |")
     print("|---:|---:|---:|---:|")

@@ -380,3 +380,16 @@ def test_gpu_script_dry_run_without_ray(tmp_path):
     assert saved["meta"]["status"] == "complete"
     assert set(saved["systems"]) == {"hf", "relay-1", "relay-2"} and not saved["config"]["use_ray"]
     assert (tmp_path / "cache" / "tiny-float32" / "config.json").exists()
+
+
+def test_decode_timing_runs_first_and_later_slices_and_leaves_caches_empty(tiny_model):
+    """bench/steps.py's timer (also decode_step's): a first slice fed tokens, a later one fed hidden states."""
+    from qwen_relay.bench.steps import time_decode
+    from qwen_relay.shards.runner import SliceRunner, SliceSpec
+
+    for first, end in ((0, 3), (3, 5)):
+        runner = SliceRunner(SliceSpec(model=str(tiny_model), first=first, end=end, device="cpu", max_slots=4,
+                                       max_len=64, threads=1))
+        timed = time_decode(runner, rows=3, steps=4, prompt=8, warmup=1)
+        assert timed.ms > 0 and timed.first_s > 0
+        assert runner.cache.lengths == {}  # reset after timing
