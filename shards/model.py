@@ -31,7 +31,7 @@ from .batch import StepBatch
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .kv_cache import KVCache, RecurrentShape
-from .sampler import NO_TOKEN
+from .sampler import greedy
 
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
 
@@ -148,8 +148,8 @@ class ModelSlice(nn.Module):
                context: int, cache: KVCache) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One decode step with static shapes (shards/decode.py): ids [R, 1] (first slice) or hidden [R, 1, H]
         in, positions [R, 1], cache slots [R], keys read up to `context`. Hidden states [R, 1, H] out, or on
-        the last slice (greedy tokens [R], logits [R, V]): argmax on the device, `NO_TOKEN` for a row whose
-        logits are not finite, as `sample` does. No host synchronisation from first kernel to output."""
+        the last slice (greedy tokens [R], logits [R, V]): the sampler's `greedy`, on the device. No host
+        synchronisation from first kernel to output."""
         h = self.model.embed_tokens(ids) if self.is_first else hidden
         cos, sin = self.rotary_emb(h, positions)
         keys = torch.arange(context, device=h.device)
@@ -165,8 +165,7 @@ class ModelSlice(nn.Module):
         if not self.is_last:
             return h
         logits = self.lm_head(self.model.norm(h[:, 0])).float()
-        finite = torch.isfinite(logits).all(dim=-1)
-        return logits.argmax(dim=-1).masked_fill(~finite, NO_TOKEN), logits
+        return greedy(logits), logits
 
     def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -13,11 +13,18 @@ from .batch import SamplingParams
 NO_TOKEN = -1  # a row whose logits are not finite: its request fails, the rest of the batch goes on
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
-    """Pick one token per row of `logits` [B, V]: argmax for greedy rows, a seeded draw for the others;
-    `NO_TOKEN` for a row with a NaN or infinite logit (say, from a broken adapter), which has no answer."""
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of `logits` [B, V]; `NO_TOKEN` for a row with a NaN or infinite logit (say, from
+    a broken adapter), which has no answer. Device-side only, so a captured decode step can end with it."""
     finite = torch.isfinite(logits).all(dim=-1)
-    tokens = logits.argmax(dim=-1).masked_fill(~finite, NO_TOKEN)
+    return logits.argmax(dim=-1).masked_fill(~finite, NO_TOKEN)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+    """Pick one token per row of `logits` [B, V]: `greedy` for greedy rows (and rows with no answer), a seeded
+    draw for the others."""
+    tokens = greedy(logits)
+    finite = tokens != NO_TOKEN
     for row, p in enumerate(params):
         if not p.greedy and finite[row]:
             tokens[row] = _draw(logits[row], p, positions[row])
