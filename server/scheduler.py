@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import islice
 
 from .sequence import Sequence
 from .slots import SlotAllocator
@@ -73,7 +74,7 @@ class Scheduler:
         backlog (caches to rebuild and prompts that have a slot), so a burst of prompts is cut into steps that
         follow each other down the pipe instead of one step the other slices wait for."""
         backlog = sum(len(s.pending()) for s in idle if len(s.pending()) > 1)
-        backlog += sum(len(s.pending()) for s in list(self.waiting)[: self.slots.num_free])
+        backlog += sum(len(s.pending()) for s in islice(self.waiting, self.slots.num_free))
         return min(self.max_prefill_tokens, math.ceil(backlog / max(room, 1)))
 
     def finish(self, seq: Sequence) -> int | None:
