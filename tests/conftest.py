@@ -157,19 +157,24 @@ def client(relay):
 
 @pytest.fixture(scope="session")
 def reference(tiny_model, untied_model) -> Callable:
-    """Greedy `generate()` on the whole model in fp32: the parity contract."""
+    """Greedy `generate()` on the whole model in fp32: the parity contract. Deterministic, so each answer is
+    computed once per session: every split of a parity test asks the same questions."""
     import torch
     from transformers import AutoModelForCausalLM
 
     models = {}
+    answers: dict[tuple, list[int]] = {}
 
     def generate(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        if model_dir not in models:
-            models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        with torch.inference_mode():
-            out = models[model_dir].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                                             do_sample=False)
-        return out[0, len(prompt_ids):].tolist()
+        key = (str(model_dir), tuple(prompt_ids), max_new_tokens)
+        if key not in answers:
+            if model_dir not in models:
+                models[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            with torch.inference_mode():
+                out = models[model_dir].generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                                                 do_sample=False)
+            answers[key] = out[0, len(prompt_ids):].tolist()
+        return list(answers[key])
 
     return generate
 
