@@ -280,13 +280,15 @@ class Relay:
         grace = self.options.grace_seconds if grace is None else grace
         self.serving = False
         await self.health.enter_graceful_shutdown()
-        if self.server is not None and self._server_stop is None:
-            self._server_stop = asyncio.ensure_future(self.server.stop(grace + STOP_SLACK_S))
-            await asyncio.sleep(0)  # the stop's first step runs: from here on new calls are refused UNAVAILABLE
         if self.http is not None and self._http_stop is None:
             self._http_stop = asyncio.ensure_future(self.http.stop(grace + STOP_SLACK_S))
         log.info("draining %d requests for up to %.0f s", len(self.engine.scheduler), grace)
+        # The gRPC server stays up while the engine drains, and the engine refuses new calls UNAVAILABLE
+        # itself: a gRPC server already shutting down ends a call that arrives before a handler takes it
+        # CANCELLED (grpc/grpc#41785), which tells the client it gave up, not that it should retry elsewhere.
         await self.engine.drain(grace)
+        if self.server is not None and self._server_stop is None:
+            self._server_stop = asyncio.ensure_future(self.server.stop(STOP_SLACK_S))
         stopping = [s for s in (self._server_stop, self._http_stop) if s is not None]
         if stopping:  # the slack lets calls failed by the drain send their UNAVAILABLE
             _, late = await asyncio.wait([asyncio.shield(s) for s in stopping], timeout=STOP_SLACK_S)

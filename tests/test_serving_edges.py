@@ -202,3 +202,41 @@ def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
     seq = asyncio.run(servicer._sequence(relay_pb2.GenerateRequest(messages=chat), context=None))
     assert seq.prompt_ids and len(threads) == 1 and threads[0].startswith("tokenize")
     assert threads[0] != threading.main_thread().name
+
+
+def test_calls_that_arrive_while_draining_are_refused_unavailable(tiny_model, loop_thread):
+    """Graceful stop keeps the port open while running calls finish and refuses new ones itself, UNAVAILABLE
+    with a reason: a gRPC server already shutting down ends such a call CANCELLED ("the client gave up")."""
+    import threading
+
+    import grpc
+
+    from qwen_relay.client import RelayClient
+    from qwen_relay.server.app import Relay, ServeOptions
+
+    relay = loop_thread.run(Relay.start(ServeOptions(model=str(tiny_model), shards=2, max_context=512, port=0,
+                                                     use_ray=False, grace_seconds=60)))
+    with RelayClient(f"127.0.0.1:{relay.port}", timeout=60) as client:
+        tokens: list[int] = []
+        streaming = threading.Event()
+
+        def consume() -> None:
+            for chunk in client.stream(prompt="Merhaba", max_new_tokens=300, ignore_eos=True):
+                tokens.extend(chunk.token_ids)
+                streaming.set()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert streaming.wait(60)
+        stopped = asyncio.run_coroutine_threadsafe(relay.stop(), loop_thread.loop)
+        try:
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as refused:
+                client.generate(prompt="Merhaba", max_new_tokens=2)
+            assert len(tokens) < 300  # refused while the first call was still running
+        finally:
+            reader.join(60)
+            stopped.result(60)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in refused.value.details()
+    assert len(tokens) == 300  # the running call finished in the grace period
