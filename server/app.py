@@ -27,7 +27,7 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
 from .engine import Engine, EngineConfig
 from .layout import balanced_split, describe, model_costs, parse_layers
-from .local_ray import LocalRay
+from .local_ray import LocalRay, local_ray_cpus
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
 from .placement import check_fits_node, local_cpu_share
@@ -108,9 +108,7 @@ class Relay:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.eos_ids = eos_token_ids(folder, self.tokenizer)
         self.max_context = min(options.max_context, self.config.max_position_embeddings)
-        num_layers = self.config.num_hidden_layers
-        self.ranges = (parse_layers(options.layers, num_layers) if options.layers
-                       else balanced_split(model_costs(self.config), options.shards))
+        self.ranges = slice_ranges(options, self.config)
         self.limits = Limits(vocab_size=self.config.vocab_size, max_context=self.max_context,
                              default_max_new_tokens=options.default_max_new_tokens,
                              max_new_tokens_cap=options.max_new_tokens_cap)
@@ -305,6 +303,22 @@ class Relay:
         log.info("stopped")
 
 
+def slice_ranges(options: ServeOptions, config) -> list[tuple[int, int]]:
+    """The [first, end) layer range of each slice: --layers as given, else --shards slices of equal cost."""
+    if options.layers:
+        return parse_layers(options.layers, config.num_hidden_layers)
+    return balanced_split(model_costs(config), options.shards)
+
+
+def refuse_what_local_ray_cannot_hold(options: ServeOptions) -> None:
+    """Before starting local Ray: its CPU count is known now, so slices that can never fit it (or bad --layers)
+    are refused at once instead of after Ray has started for them. GPUs are counted by Ray: checked once it runs."""
+    count = len(slice_ranges(options, load_config(model_dir(options.model))))
+    cpus = local_ray_cpus(options.local_ray_cpus)
+    share = local_cpu_share(cpus, count) if options.cpus_per_slice is None else options.cpus_per_slice
+    check_fits_node([{"CPU": share}] * count, options.placement_strategy, {"CPU": cpus})
+
+
 def eos_token_ids(folder, tokenizer) -> frozenset[int]:
     """End-of-sequence ids as `generate()` uses them: the generation config's, else the tokenizer's."""
     ids: set[int] = set()
@@ -364,6 +378,7 @@ async def serve(options: ServeOptions) -> None:
             import ray
 
             if not options.ray_address:
+                refuse_what_local_ray_cannot_hold(options)
                 local_ray = await _unless_stopped(LocalRay.start(options.local_ray_cpus), stop)
             ray.init(address=local_ray.address if local_ray else options.ray_address, log_to_driver=True)
             handle_signals()  # ray.init put its own SIGTERM handler (sys.exit) in place of ours

@@ -93,6 +93,11 @@ def _session_pids(sid: int) -> list[int]:
     return pids
 
 
+def local_ray_cpus(requested: int | None) -> int:
+    """The CPUs the local node gets: as asked, else every core of this machine."""
+    return requested or os.cpu_count() or 1
+
+
 @dataclass
 class LocalRay:
     """A running single-node Ray cluster bound to 127.0.0.1; `await LocalRay.start(...)`, then `stop()`."""
@@ -114,7 +119,7 @@ class LocalRay:
         """
         _use_env(local_ray_auth_env())
         for attempt in range(1, START_ATTEMPTS + 1):
-            ray = cls._launch(num_cpus or os.cpu_count() or 1, num_gpus, log_path)
+            ray = cls._launch(local_ray_cpus(num_cpus), num_gpus, log_path)
             try:
                 await ray._wait_started()
                 return ray

@@ -112,17 +112,15 @@ def test_sigterm_to_the_group_while_loading_ends_the_load(tiny_model, tmp_path):
 
 
 def test_a_request_that_cannot_fit_fails_at_once_and_says_why(tiny_model, tmp_path):
+    """The local node's CPUs are known before Ray starts: refused before starting it, exit 2."""
     serve = Serve(tiny_model, tmp_path, *THREE_SLICES, "--cpus-per-slice", "1")
     try:
-        serve.wait_for_line("Connected to Ray cluster")
-        connected = time.monotonic()
-        assert serve.proc.wait(30) == 2
-        assert time.monotonic() - connected < 30
+        assert serve.proc.wait(60) == 2
     finally:
         serve.kill()
     assert re.search(r"3 slices need 3 CPU in all .* local Ray node has 2 CPU .* change --cpus-per-slice",
                      serve.output), serve.output
-    assert _session_pids(serve.ray_session()) == []
+    assert "starting local Ray" not in serve.output
 
 
 def test_on_an_existing_cluster_the_wait_is_logged_and_a_signal_ends_it(tiny_model, tmp_path):

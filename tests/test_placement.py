@@ -45,6 +45,23 @@ def test_strict_spread_cannot_fit_one_node():
         check_fits_node([{"CPU": 0.5}] * 2, "STRICT_SPREAD", NODE)
 
 
+def test_serve_refuses_what_its_local_ray_cannot_hold_before_starting_it(tiny_model):
+    """What serve checks before starting local Ray: the slices (--layers or --shards) against its CPUs."""
+    from qwen_relay.server.app import ServeOptions, refuse_what_local_ray_cannot_hold
+
+    def options(**kw) -> ServeOptions:
+        return ServeOptions(model=str(tiny_model), local_ray_cpus=2, **kw)
+
+    refuse_what_local_ray_cannot_hold(options(shards=4))  # shares of the node: fits
+    refuse_what_local_ray_cannot_hold(options(shards=2, cpus_per_slice=1))
+    with pytest.raises(PlacementError, match=r"3 slices need 3 CPU in all \(1 each\) but the local Ray node has 2"):
+        refuse_what_local_ray_cannot_hold(options(layers="0-0,1-3,4-4", cpus_per_slice=1))
+    with pytest.raises(PlacementError, match="STRICT_SPREAD"):
+        refuse_what_local_ray_cannot_hold(options(shards=2, placement_strategy="STRICT_SPREAD"))
+    with pytest.raises(ValueError, match="--layers: the ranges cover layers 0-3, the model has 5"):
+        refuse_what_local_ray_cannot_hold(options(layers="0-3"))
+
+
 def test_wait_logs_what_it_awaits_and_gives_up(monkeypatch, caplog):
     monkeypatch.setattr(placement, "LOG_EVERY_S", 0.05)
     never = asyncio.Event()
