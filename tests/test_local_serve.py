@@ -4,7 +4,8 @@ group (Ctrl-C; `kill -- -PGID`, systemd's KillMode=control-group) while serving 
 
 Each case runs serve in a session of its own, so the test can signal serve's group as a terminal or systemd
 would, and checks that serve exits 0 within --grace + 10 s leaving no process behind: none in serve's
-session, none in the session of the Ray cluster it started.
+session, none in the session of the Ray cluster it started. SIGTERM to serve alone also checks the drain: the
+call in flight finishes, a new one is refused UNAVAILABLE; a second signal cuts the drain short.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
 from qwen_relay.client import RelayClient
@@ -39,14 +43,15 @@ def _free_port() -> int:
 class Serve:
     """`qwen-relay serve` in its own session, its output in a file; environment without RAY_AUTH_MODE."""
 
-    def __init__(self, model: Path, tmp_path: Path, *args: str) -> None:
+    def __init__(self, model: Path, tmp_path: Path, *args: str, grace: float = GRACE, max_context: int = 512) -> None:
         self.port = _free_port()
         self.log = tmp_path / "serve.log"
+        self.grace = grace
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(model),
-                 "--port", str(self.port), "--grace", str(GRACE), "--max-context", "256", *args],
+                 "--port", str(self.port), "--grace", str(grace), "--max-context", str(max_context), *args],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     @property
@@ -63,15 +68,19 @@ class Serve:
     def ray_session(self) -> int:
         return int(re.search(r"its own session (\d+)", self.output).group(1))
 
-    def stop_and_check(self, sig: signal.Signals, group: bool) -> float:
-        """Send `sig` (to the group or to serve alone); serve must exit 0 in time and leave nothing behind."""
+    def stop_and_check(self, sig: signal.Signals, group: bool,
+                       while_stopping: Callable[[], None] | None = None) -> float:
+        """Send `sig` (to the group or to serve alone), run `while_stopping`; serve must exit 0 in time and
+        leave nothing behind."""
         ray_sid = self.ray_session()
         started = time.monotonic()
         if group:
             os.killpg(self.proc.pid, sig)
         else:
             self.proc.send_signal(sig)
-        assert self.proc.wait(GRACE + 10) == 0, self.output
+        if while_stopping is not None:
+            while_stopping()
+        assert self.proc.wait(self.grace + 10) == 0, self.output
         took = time.monotonic() - started
         assert _session_pids(self.proc.pid) == [], "processes left in serve's session"
         assert _session_pids(ray_sid) == [], "Ray processes left behind"
@@ -84,21 +93,93 @@ class Serve:
             self.proc.wait()
 
 
+class Stream:
+    """A long greedy stream on a thread: the call in flight when serve is told to stop."""
+
+    def __init__(self, client: RelayClient, max_new: int) -> None:
+        self.chunks: list = []
+        self.errors: list[grpc.RpcError] = []
+        self.streaming = threading.Event()
+        self.thread = threading.Thread(target=self._consume, args=(client, max_new))
+        self.thread.start()
+        assert self.streaming.wait(60)
+
+    def _consume(self, client: RelayClient, max_new: int) -> None:
+        try:
+            for chunk in client.stream(prompt="Merhaba", max_new_tokens=max_new, ignore_eos=True):
+                self.chunks.append(chunk)
+                self.streaming.set()
+        except grpc.RpcError as e:
+            self.errors.append(e)
+            self.streaming.set()
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+DRAIN_TOKENS = 400  # seconds of decoding: still running when the new call comes
+
+
 @pytest.mark.parametrize(("sig", "group"), [(signal.SIGTERM, True), (signal.SIGINT, True), (signal.SIGTERM, False)],
                          ids=["sigterm-group", "ctrl-c", "sigterm-main"])
 def test_three_slices_on_two_cpus_serve_and_stop_cleanly(tiny_model, tmp_path, sig, group):
-    serve = Serve(tiny_model, tmp_path, *THREE_SLICES)
+    """SIGTERM to serve alone (an orchestrator stopping a container's main process) also shows the drain:
+    NOT_SERVING, a new call refused UNAVAILABLE while the running one finishes in the grace period."""
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES, grace=GRACE if group else 60)
     try:
         serve.wait_for_line("app: SERVING")
-        with RelayClient(f"127.0.0.1:{serve.port}") as client:
+        with RelayClient(f"127.0.0.1:{serve.port}", timeout=60) as client:
             assert client.health() == "SERVING"
             assert [s.first_layer for s in client.model_info().slices] == [0, 1, 4]
             assert client.generate("Merhaba", max_new_tokens=4, ignore_eos=True).completion_tokens == 4
-        serve.stop_and_check(sig, group)
+            if group:
+                serve.stop_and_check(sig, group)
+            else:
+                running = Stream(client, DRAIN_TOKENS)
+                refused: list[grpc.RpcError] = []
+
+                def new_call_is_refused() -> None:
+                    serve.wait_for_line("requests for up to")  # the drain began
+                    assert client.health() == "NOT_SERVING"
+                    with pytest.raises(grpc.RpcError) as info:
+                        client.generate(prompt="Merhaba", max_new_tokens=2, timeout=5)
+                    assert running.tokens < DRAIN_TOKENS  # refused while the running call still ran
+                    refused.append(info.value)
+
+                serve.stop_and_check(sig, group, new_call_is_refused)
+                running.thread.join(60)
+                assert [(e.code(), "shutting down" in e.details()) for e in refused] == [
+                    (grpc.StatusCode.UNAVAILABLE, True)]
+                assert running.errors == [] and running.tokens == DRAIN_TOKENS
+                assert running.chunks[-1].finish_reason == "length"
     finally:
         serve.kill()
     assert "0.666 Ray CPU each" in serve.output
     assert "Token authentication" not in serve.output  # the mode is set explicitly: no warning either
+
+
+def test_second_signal_stops_at_once_and_running_calls_end_unavailable(tiny_model, tmp_path):
+    """A second signal cuts a 600 s grace period short; the call still running ends UNAVAILABLE (retry
+    elsewhere), not CANCELLED. In-process slices (--no-ray): the point is the gateway's shutdown, not Ray's."""
+    serve = Serve(tiny_model, tmp_path, "--no-ray", "--max-new-tokens-cap", "1000", grace=600, max_context=1024)
+    try:
+        serve.wait_for_line("qwen-relay listening on")
+        with RelayClient(f"127.0.0.1:{serve.port}", timeout=60) as client:
+            running = Stream(client, 1000)  # seconds of work left when the second signal comes
+            serve.proc.send_signal(signal.SIGTERM)
+            serve.wait_for_line("draining")
+            started = time.monotonic()
+            serve.proc.send_signal(signal.SIGTERM)
+            assert serve.proc.wait(60) == 0
+            stopped_in = time.monotonic() - started
+            running.thread.join(60)
+    finally:
+        serve.kill()
+    assert stopped_in < 30, serve.output  # nowhere near the 600 s grace period
+    assert "second signal: stopping now" in serve.output
+    assert [e.code() for e in running.errors] == [grpc.StatusCode.UNAVAILABLE], serve.output
+    assert "shutting down" in running.errors[0].details()
 
 
 def test_sigterm_to_the_group_while_loading_ends_the_load(tiny_model, tmp_path):
