@@ -103,13 +103,21 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def cluster():
+@pytest.fixture(scope="module")
+def head():
+    """One head node for the module: starting a cluster costs more than either test's own work."""
     c = LocalCluster()
-    c.add_worker()
-    c.wait_for_nodes(2)
     yield c
     c.close()
+
+
+@pytest.fixture
+def cluster(head):
+    """The head and one live worker node (the test before may have killed its worker)."""
+    if not head.workers:
+        head.add_worker()
+    head.wait_for_nodes(2)
+    return head
 
 
 def _serve(cluster: LocalCluster, model: Path, placement: str, recovery_timeout: float) -> tuple[subprocess.Popen,
