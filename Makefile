@@ -20,12 +20,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/qwen-relay demo
 
+# Two workers (pytest-xdist), each running whole files: the slow tests mostly wait on Ray and subprocesses
+# starting and stopping, so two at a time use the 2 cores CI has. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # The fast tier: everything in-process (no Ray, no subprocesses), in well under a minute.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -52,6 +52,13 @@ def ray_session() -> None:
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (stable otherwise): `make test` runs files on 2 workers (pytest-xdist, by file, in this
+    order), and the long files started first leave the short ones to fill the gaps, not a long file to run
+    alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     import sys
 
