@@ -20,10 +20,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/qwen-relay demo
 
-# Two workers (pytest-xdist), each running whole files: the slow tests mostly wait on Ray and subprocesses
-# starting and stopping, so two at a time use the 2 cores CI has. TEST_WORKERS=0 runs in this process.
+# Two workers (pytest-xdist), each running whole files in the order tests/conftest.py gives (longest first):
+# the slow tests partly wait on Ray and subprocesses starting and stopping, so two at a time use the 2 cores
+# CI has better. TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PYTEST)
