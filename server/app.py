@@ -241,11 +241,9 @@ class Relay:
     def _cpus_per_slice(self, cluster: dict[str, float], use_gpu: bool) -> float:
         """--cpus-per-slice, else 1 CPU per slice, or on a local node a share that lets every slice fit."""
         opts, count = self.options, len(self.ranges)
-        cpus = opts.cpus_per_slice
         if self.local_ray is None:
-            return 1.0 if cpus is None else cpus
-        if cpus is None:
-            cpus = local_cpu_share(cluster.get("CPU", 0), count)
+            return 1.0 if opts.cpus_per_slice is None else opts.cpus_per_slice
+        cpus = local_slice_cpus(opts, cluster.get("CPU", 0), count)
         bundle = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
         check_fits_node([bundle] * count, opts.placement_strategy, cluster)
         return cpus
@@ -315,8 +313,13 @@ def refuse_what_local_ray_cannot_hold(options: ServeOptions) -> None:
     are refused at once instead of after Ray has started for them. GPUs are counted by Ray: checked once it runs."""
     count = len(slice_ranges(options, load_config(model_dir(options.model))))
     cpus = local_ray_cpus(options.local_ray_cpus)
-    share = local_cpu_share(cpus, count) if options.cpus_per_slice is None else options.cpus_per_slice
-    check_fits_node([{"CPU": share}] * count, options.placement_strategy, {"CPU": cpus})
+    check_fits_node([{"CPU": local_slice_cpus(options, cpus, count)}] * count, options.placement_strategy,
+                    {"CPU": cpus})
+
+
+def local_slice_cpus(options: ServeOptions, node_cpus: float, count: int) -> float:
+    """Ray CPUs per CPU slice on a local node: --cpus-per-slice, else a share that lets every slice fit."""
+    return local_cpu_share(node_cpus, count) if options.cpus_per_slice is None else options.cpus_per_slice
 
 
 def eos_token_ids(folder, tokenizer) -> frozenset[int]:
