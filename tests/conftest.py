@@ -2,9 +2,8 @@
 
 A relay (gRPC server + slices) runs on a background event loop so tests can call it with the real
 synchronous client. Its slices run in this process (`use_ray=False`: the fast tier) or in Ray actors; Ray
-starts once per test session, and only when a test asks for a Ray relay. At most one relay lives at a time,
-keyed by its options, so tests with the same options reuse it and the 2-core CI machine is not
-oversubscribed.
+starts once per test session, and only when a test asks for a Ray relay. Relays are keyed by their options,
+so tests with the same options reuse one: besides the shared `ray_relay`, at most one lives at a time.
 """
 
 from __future__ import annotations
@@ -48,13 +47,14 @@ def ray_session() -> None:
     import ray
 
     if not ray.is_initialized():
-        # Logical CPUs: four 1-CPU slices must fit; the slices set their own torch threads.
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        # Logical CPUs: the shared relay's 2 slices, the live relay's (up to 3) and a 4-slice pipeline must fit;
+        # the slices set their own torch threads.
+        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
 
 
 # The longest files, longest first (seconds each on a 2-core machine, from `pytest --durations=0`).
 LONGEST_FIRST = ("test_train_bounds.py", "test_local_serve.py", "test_pipelining.py", "test_multinode.py",
-                 "test_train_job.py", "test_bench.py", "test_demo.py")
+                 "test_train_job.py", "test_demo.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -96,26 +96,30 @@ def loop_thread() -> LoopThread:
 
 @pytest.fixture(scope="session")
 def relay_factory(request, loop_thread) -> Iterator[Callable]:
-    """`relay_factory(options) -> Relay`: reuses the live relay if the options match, else replaces it."""
+    """`relay_factory(options, shared=False) -> Relay`: reuses a live relay with these options, else starts one
+    in place of the last. A shared relay (`ray_relay`) is never replaced: it lives until the session ends, so
+    the files that use it start it once per xdist worker whatever runs between them."""
     from qwen_relay.server.app import Relay
 
-    live: dict = {}
+    live: list[tuple[object, object, bool]] = []  # (options, relay, shared)
 
-    def get(options):
+    def get(options, shared: bool = False):
         options = replace(options, port=0)
         if options.use_ray:
             request.getfixturevalue("ray_session")
-        if live.get("options") != options:
-            if "relay" in live:
-                loop_thread.run(live.pop("relay").stop(grace=0))
-                del live["options"]
-            live["relay"] = loop_thread.run(Relay.start(options))
-            live["options"] = options
-        return live["relay"]
+        for known, relay, _ in live:
+            if known == options:
+                return relay
+        for entry in [e for e in live if not e[2]]:
+            live.remove(entry)
+            loop_thread.run(entry[1].stop(grace=0))
+        relay = loop_thread.run(Relay.start(options))
+        live.append((options, relay, shared))
+        return relay
 
     yield get
-    if "relay" in live:
-        loop_thread.run(live["relay"].stop(grace=0))
+    for _, relay, _ in live:
+        loop_thread.run(relay.stop(grace=0))
 
 
 @pytest.fixture
@@ -127,20 +131,26 @@ def relay(relay_factory, tiny_model):
                                       use_ray=False))
 
 
+@pytest.fixture(scope="session")
+def shared_metrics_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture
-def ray_relay(relay_factory, tiny_model):
-    """The tiny model in 2 slices (layers 0-2 and 3-4) on Ray actors."""
+def ray_relay(relay_factory, tiny_model, shared_metrics_port):
+    """The tiny model in 2 slices (layers 0-2 and 3-4) on Ray actors, with Prometheus metrics and the HTTP API:
+    one relay, started once per xdist worker, for the Ray tests of parity, faults, load, metrics and HTTP. A
+    test that kills a slice leaves it restarted (a killed slice has 2 minutes to come back), so tests compare
+    with what it reported before they began, not with a fresh relay's zeros."""
     from qwen_relay.server.app import ServeOptions
 
-    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=256))
-
-
-@pytest.fixture
-def fault_relay(relay_factory, tiny_model):
-    """The tiny model in 2 slices on Ray actors, waiting up to 2 minutes for a killed slice to come back."""
-    from qwen_relay.server.app import ServeOptions
-
-    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=120))
+    return relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=512,
+                                      recovery_timeout=120, metrics_port=shared_metrics_port, stats_interval=1.0,
+                                      http_port=0), shared=True)
 
 
 CACHE_DRAIN_S = 60  # how long a test waits for every slice to drop a finished request's cache (shared machine)

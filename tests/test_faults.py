@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -14,7 +15,6 @@ import ray
 from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
-from qwen_relay.server.app import ServeOptions
 
 pytestmark = pytest.mark.slow  # Ray actors killed for real (the in-process fault tests: test_engine_faults.py)
 
@@ -33,16 +33,16 @@ def _kill(relay, index: int, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["ray.kill", "process-exit"])
-def test_stream_survives_a_slice_dying(fault_relay, tiny_model, reference, how, wait_caches_empty):
+def test_stream_survives_a_slice_dying(ray_relay, tiny_model, reference, how, wait_caches_empty):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt_ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
-    with RelayClient(f"127.0.0.1:{fault_relay.port}", timeout=180) as client:
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=180) as client:
         restarts_before = [s.restarts for s in client.model_info().slices]
         tokens: list[int] = []
         for chunk in client.stream(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True):
             tokens.extend(chunk.token_ids)
             if len(tokens) == 10:
-                _kill(fault_relay, 1, how)
+                _kill(ray_relay, 1, how)
         assert tokens == reference(tiny_model, prompt_ids, MAX_NEW)
         info = client.model_info()
         assert info.slices[1].restarts == restarts_before[1] + 1
@@ -51,12 +51,12 @@ def test_stream_survives_a_slice_dying(fault_relay, tiny_model, reference, how, 
         wait_caches_empty(client)
 
 
-def test_batch_of_eight_survives_a_slice_dying(fault_relay, tiny_model, reference, wait_caches_empty):
+def test_batch_of_eight_survives_a_slice_dying(ray_relay, tiny_model, reference, wait_caches_empty):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     progress = threading.Barrier(len(prompts) + 1)
 
-    with RelayClient(f"127.0.0.1:{fault_relay.port}", timeout=180) as client:
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=180) as client:
         def run(ids: list[int]) -> list[int]:
             tokens: list[int] = []
             for chunk in client.stream(prompt_token_ids=ids, max_new_tokens=MAX_NEW, ignore_eos=True):
@@ -68,30 +68,32 @@ def test_batch_of_eight_survives_a_slice_dying(fault_relay, tiny_model, referenc
         with ThreadPoolExecutor(len(prompts)) as pool:
             futures = [pool.submit(run, ids) for ids in prompts]
             progress.wait(60)
-            _kill(fault_relay, 0, "ray.kill")
+            _kill(ray_relay, 0, "ray.kill")
             results = [f.result(240) for f in futures]
         for ids, tokens in zip(prompts, results, strict=True):
             assert tokens == reference(tiny_model, ids, MAX_NEW)
         wait_caches_empty(client)
 
 
-def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recovers(relay_factory, tiny_model,
+def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recovers(ray_relay, monkeypatch,
                                                                                  wait_caches_empty):
-    """Recovery timeout shorter than a restart: in-flight and new calls get UNAVAILABLE; then it comes back."""
-    relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, recovery_timeout=0.5))
+    """Recovery timeout shorter than a restart: in-flight and new calls get UNAVAILABLE; then it comes back.
+    The shared relay waits 120 s for a lost slice; here its engine is given 0.5 s (`--recovery-timeout 0.5`)."""
+    engine = ray_relay.engine
+    monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, recovery_timeout=0.5))
     reported: list[bool] = []  # every health change the engine reports, however fast the restart is
-    report = relay.engine._on_health
+    report = engine._on_health
 
     async def recording(serving: bool) -> None:
         reported.append(serving)
         await report(serving)
 
-    relay.engine._on_health = recording
-    with RelayClient(f"127.0.0.1:{relay.port}", timeout=60) as client:
+    monkeypatch.setattr(engine, "_on_health", recording)
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=60) as client:
         with pytest.raises(grpc.RpcError) as failed:
             for i, _ in enumerate(client.stream(prompt="Merhaba", max_new_tokens=200, ignore_eos=True)):
                 if i == 3:
-                    _kill(relay, 1, "process-exit")
+                    _kill(ray_relay, 1, "process-exit")
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "did not come back" in failed.value.details()
         assert reported[0] is False  # NOT_SERVING from the lost step on (refusals while down: test_engine_faults)
@@ -102,4 +104,3 @@ def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recover
         assert client.generate(prompt="Merhaba", max_new_tokens=4).completion_tokens == 4
         assert reported == [False, True]
         wait_caches_empty(client)
-    relay.engine._on_health = report

@@ -453,15 +453,12 @@ def test_tls_is_shared_with_grpc(relays, tiny_model, pki):
 
 
 @pytest.mark.slow
-def test_http_on_ray_slices_parity_and_disconnect(relay_factory, tiny_model, reference, tokenizer,
-                                                  wait_caches_empty):
-    relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, max_context=512, max_new_tokens_cap=CAP,
-                                       http_port=0))
-    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{relay.http_port}/v1", api_key="unused", max_retries=0,
+def test_http_on_ray_slices_parity_and_disconnect(ray_relay, tiny_model, reference, tokenizer, wait_caches_empty):
+    oai = openai.OpenAI(base_url=f"http://127.0.0.1:{ray_relay.http_port}/v1", api_key="unused", max_retries=0,
                         timeout=120)
     ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     expected = reference(tiny_model, ids, MAX_NEW)
-    with RelayClient(f"127.0.0.1:{relay.port}", timeout=120) as client:
+    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=120) as client:
         grpc_run = client.generate(prompt_token_ids=ids, max_new_tokens=MAX_NEW, ignore_eos=True)
         assert grpc_run.token_ids == expected
         out = oai.completions.create(model=str(tiny_model), prompt=ids, max_tokens=MAX_NEW, temperature=0,
@@ -471,4 +468,4 @@ def test_http_on_ray_slices_parity_and_disconnect(relay_factory, tiny_model, ref
                                                temperature=0, stream=True)
         chat = client.generate(messages=MESSAGES, max_new_tokens=MAX_NEW)
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == chat.text
-        check_disconnect_cancels(relay, client, str(tiny_model), None, wait_caches_empty)
+        check_disconnect_cancels(ray_relay, client, str(tiny_model), None, wait_caches_empty)

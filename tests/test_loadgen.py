@@ -76,16 +76,16 @@ def test_cli_registers_loadtest():
 
 
 @pytest.mark.slow
-def test_forty_requests_survive_a_slice_killed_mid_run(fault_relay, tiny_model, reference):
+def test_forty_requests_survive_a_slice_killed_mid_run(ray_relay, tiny_model, reference):
     """40 streams at concurrency 8; slice 0's process is SIGKILLed once 10 have ended: none lost or changed."""
     config = LoadConfig(requests=40, concurrency=8, distinct=8, prompt_tokens=(4, 24), max_new_tokens=(16, 32),
                         seed=1, time_limit=240, request_timeout=200)
-    requests = make_requests(config, vocab_size=fault_relay.config.vocab_size)
+    requests = make_requests(config, vocab_size=ray_relay.config.vocab_size)
     expected = {r.key: reference(tiny_model, list(r.prompt_token_ids), r.max_new_tokens)
                 for r in distinct_requests(requests)}
-    fault = FaultPlan(kill_slice(fault_relay.pipeline, 0, "sigkill"), after_requests=10)
+    fault = FaultPlan(kill_slice(ray_relay.pipeline, 0, "sigkill"), after_requests=10)
 
-    report = asyncio.run(run_load(Endpoint(f"127.0.0.1:{fault_relay.port}"), requests, config, expected=expected,
+    report = asyncio.run(run_load(Endpoint(f"127.0.0.1:{ray_relay.port}"), requests, config, expected=expected,
                                   fault=fault, verify="reference"))
 
     print(report.to_markdown())

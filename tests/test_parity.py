@@ -37,7 +37,7 @@ SPLITS = [
     ("untied_model", 2, None),
     ("untied_model", None, "0-3,4-4"),
 ]
-RAY_SPLITS = [SPLITS[1], SPLITS[4], SPLITS[5]]
+RAY_SPLITS = [SPLITS[4], SPLITS[5]]  # and SPLITS[1], on the shared Ray relay
 
 
 def _split_id(split: tuple) -> str:
@@ -96,8 +96,15 @@ def test_parity_for_every_split(request, relay_factory, reference, model_fixture
 
 
 @pytest.mark.slow
+def test_parity_on_ray_actors(ray_relay, tiny_model, reference):
+    """The shared 2-slice Ray relay (tests/conftest.py), as every split's in-process relay above."""
+    assert ray_relay.engine.depth == len(ray_relay.ranges) == 2
+    _check_parity(ray_relay, tiny_model, reference, batched=True)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_fixture", "shards", "layers"), RAY_SPLITS, ids=[_split_id(s) for s in RAY_SPLITS])
-def test_parity_on_ray_actors(request, relay_factory, reference, model_fixture, shards, layers):
+def test_parity_on_ray_actors_for_other_splits(request, relay_factory, reference, model_fixture, shards, layers):
     model_dir = request.getfixturevalue(model_fixture)
     relay = relay_factory(ServeOptions(model=str(model_dir), shards=shards or 1, layers=layers, max_context=512))
     assert relay.engine.depth == len(relay.ranges)

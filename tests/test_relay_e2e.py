@@ -355,4 +355,4 @@ def test_model_info_names_each_slices_ray_actor_and_node(ray_relay):
         slices = client.model_info().slices
     assert len({s.actor_id for s in slices}) == len(slices) == 2 and all(s.actor_id for s in slices)
     assert all(s.node_id for s in slices)
-    assert all(s.healthy and s.restarts == 0 and s.weight_bytes > 0 for s in slices)
+    assert all(s.healthy and s.weight_bytes > 0 for s in slices)
