@@ -47,9 +47,9 @@ def ray_session() -> None:
     import ray
 
     if not ray.is_initialized():
-        # Logical CPUs: the shared relay's 2 slices, the live relay's (up to 3) and a 4-slice pipeline must fit;
+        # Logical CPUs: the shared relay's 2 slices, the live relay's (up to 3) and test_pipelining's (up to 9) fit;
         # the slices set their own torch threads.
-        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
 
 
 # The longest files, longest first (seconds each on a 2-core machine, from `pytest --durations=0`).

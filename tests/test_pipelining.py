@@ -119,22 +119,34 @@ def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference
 # ------------------------------------------------------------------------------------------------ Ray
 
 
-@pytest.fixture
+REUSED = {(2, "compiled"), (3, "compiled")}  # the fault tests go on with the parity tests' pipelines
+
+
+@pytest.fixture(scope="module")
 def ray_pipeline(ray_session, loop_thread, tiny_model):
-    """`ray_pipeline(shards, transport)`: a RayPipeline over the tiny model, closed after the test."""
+    """`ray_pipeline(shards, transport)`: a RayPipeline over the tiny model. Each slice actor costs seconds of
+    CPU to start (it imports torch and transformers), so the module keeps the REUSED ones, restarted slices and
+    all, and closes any other when the next is asked for."""
     from qwen_relay.server.ray_pipeline import RayPipeline
 
-    made = []
+    made: dict[tuple[int, str], RayPipeline] = {}
 
-    def make(shards: int, transport: str = "compiled") -> RayPipeline:
-        pipeline = loop_thread.run(RayPipeline.start(specs(tiny_model, shards), use_gpu=False, transport=transport,
-                                                     load_timeout=300))
-        made.append(pipeline)
-        return pipeline
+    def get(shards: int, transport: str = "compiled") -> RayPipeline:
+        key = (shards, transport)
+        if key not in made:
+            for old in [k for k in made if k not in REUSED]:
+                loop_thread.run(made.pop(old).close())
+            made[key] = loop_thread.run(RayPipeline.start(specs(tiny_model, shards), use_gpu=False,
+                                                          transport=transport, load_timeout=300))
+        return made[key]
 
-    yield make
-    for pipeline in made:
+    yield get
+    for pipeline in made.values():
         loop_thread.run(pipeline.close())
+
+
+def _restarts(pipeline, loop_thread) -> list[int]:
+    return [s.restarts for s in loop_thread.run(pipeline.stats())]
 
 
 def _alive(pid: int) -> bool:
@@ -178,6 +190,7 @@ def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, l
 
     for _ in range(3):
         loop_thread.run(two_steps())
+    restarts = _restarts(pipeline, loop_thread)
     graph = pipeline.transport
     pid = _pid(pipeline, 1)
     os.kill(pid, signal.SIGSTOP)  # both steps stay in the graph until the slice dies
@@ -197,8 +210,7 @@ def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, l
     loop_thread.run(decode(pipeline, seqs, 2))
     check(tiny_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"  # rebuilt
-    stats = loop_thread.run(pipeline.stats())
-    assert [s.restarts for s in stats] == [0, 1]
+    assert _restarts(pipeline, loop_thread) == [restarts[0], restarts[1] + 1]
 
 
 def replay(seqs: list[Seq]) -> None:
@@ -218,6 +230,7 @@ def _batch(group: list[Seq]) -> StepBatch:
 def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline, loop_thread, tiny_model,
                                                                       reference):
     pipeline = ray_pipeline(3)
+    restarts = _restarts(pipeline, loop_thread)
     seqs = make_seqs()
     loop_thread.run(step(pipeline, seqs))
     graph = pipeline.transport
@@ -236,7 +249,7 @@ def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline
     loop_thread.run(decode(pipeline, seqs, 3))
     check(tiny_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
-    assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 0, 0]
+    assert _restarts(pipeline, loop_thread) == [restarts[0] + 1, *restarts[1:]]
 
 
 def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
@@ -267,6 +280,7 @@ def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, r
     from qwen_relay.server import transport
 
     pipeline = ray_pipeline(2)
+    restarts = _restarts(pipeline, loop_thread)
     seqs = make_seqs()
     loop_thread.run(step(pipeline, seqs))
     graph = pipeline.transport
@@ -281,7 +295,7 @@ def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, r
     finally:
         hang.set()
     assert pipeline.transport is None  # torn down (bounded); the next step builds a new graph
-    assert [s.restarts for s in loop_thread.run(pipeline.stats())] == [1, 1]  # slice 0 killed by the bound
+    assert _restarts(pipeline, loop_thread) == [r + 1 for r in restarts]  # slice 0 killed by the bound
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 2))
     check(tiny_model, reference, seqs)
