@@ -2,7 +2,8 @@
 
 A local Ray node that serve started itself cannot grow: a request that does not fit fails at once, naming
 what it needs, what the node has and the flag to change. An existing cluster may grow (an autoscaler adds
-nodes), so there the wait is right, but it is logged every `LOG_EVERY_S` seconds and bounded.
+nodes), so there the wait is right, but it is logged (after `FIRST_LOG_S`, then every `LOG_EVERY_S` seconds)
+and bounded.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+FIRST_LOG_S = 2.0  # a group not placed by then waits for resources: say so while the user still watches
 LOG_EVERY_S = 15.0
 
 
@@ -60,17 +62,19 @@ def check_fits_node(bundles: list[dict[str, float]], strategy: str, node: dict[s
 
 async def wait_placed(ready: Awaitable[Any], *, what: str, timeout: float,
                       resources: Callable[[], tuple[dict[str, float], dict[str, float]]]) -> None:
-    """Await `ready` (a placement group's ready ref), logging what is awaited every LOG_EVERY_S seconds.
+    """Await `ready` (a placement group's ready ref), logging what is awaited after FIRST_LOG_S seconds, then
+    every LOG_EVERY_S.
 
     `resources()` returns the cluster's (total, available) resources for the log line. Raises PlacementError
     after `timeout` seconds; cancelling the wait (a signal) is the caller's to clean up after.
     """
     future = asyncio.ensure_future(ready)
     start = time.monotonic()
+    interval = FIRST_LOG_S
     try:
         while True:
             left = timeout - (time.monotonic() - start)
-            done, _ = await asyncio.wait({future}, timeout=max(min(LOG_EVERY_S, left), 0))
+            done, _ = await asyncio.wait({future}, timeout=max(min(interval, left), 0))
             if done:
                 future.result()
                 return
@@ -83,5 +87,6 @@ async def wait_placed(ready: Awaitable[Any], *, what: str, timeout: float,
             log.info("waiting %.0f s for Ray to place %s: the cluster has %s (%s free); giving up in %.0f s "
                      "(--placement-timeout)", waited, what, describe_resources(total),
                      describe_resources(available), timeout - waited)
+            interval = LOG_EVERY_S
     finally:
         future.cancel()

@@ -63,6 +63,7 @@ def test_serve_refuses_what_its_local_ray_cannot_hold_before_starting_it(tiny_mo
 
 
 def test_wait_logs_what_it_awaits_and_gives_up(monkeypatch, caplog):
+    monkeypatch.setattr(placement, "FIRST_LOG_S", 0.05)
     monkeypatch.setattr(placement, "LOG_EVERY_S", 0.05)
     never = asyncio.Event()
     caplog.set_level(logging.INFO, logger=placement.__name__)
