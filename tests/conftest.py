@@ -99,26 +99,26 @@ def relay_factory(request, loop_thread) -> Iterator[Callable]:
     """`relay_factory(options, shared=False) -> Relay`: reuses a live relay with these options, else starts one
     in place of the last. A shared relay (`ray_relay`) is never replaced: it lives until the session ends, so
     the files that use it start it once per xdist worker whatever runs between them."""
-    from qwen_relay.server.app import Relay
+    from qwen_relay.server.app import Relay, ServeOptions
 
-    live: list[tuple[object, object, bool]] = []  # (options, relay, shared)
+    kept: list[tuple[ServeOptions, Relay]] = []  # shared: until the session ends
+    last: list[tuple[ServeOptions, Relay]] = []  # the latest other one, stopped when the next starts
 
-    def get(options, shared: bool = False):
+    def get(options: ServeOptions, shared: bool = False) -> Relay:
         options = replace(options, port=0)
-        if options.use_ray:
-            request.getfixturevalue("ray_session")
-        for known, relay, _ in live:
+        for known, relay in kept + last:
             if known == options:
                 return relay
-        for entry in [e for e in live if not e[2]]:
-            live.remove(entry)
-            loop_thread.run(entry[1].stop(grace=0))
+        if options.use_ray:
+            request.getfixturevalue("ray_session")
+        while last:
+            loop_thread.run(last.pop()[1].stop(grace=0))
         relay = loop_thread.run(Relay.start(options))
-        live.append((options, relay, shared))
+        (kept if shared else last).append((options, relay))
         return relay
 
     yield get
-    for _, relay, _ in live:
+    for _, relay in kept + last:
         loop_thread.run(relay.stop(grace=0))
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ray._raylet import GcsClient
+from ray.core.generated.gcs_pb2 import GcsNodeInfo
 from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
@@ -78,15 +80,15 @@ class LocalCluster:
             env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
-        probe = (f"import ray; ray.init(address='{self.address}', log_to_driver=False); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))")
+        """Ask the cluster's GCS directly: a `ray.init` probe would cost a Python process per poll, and this
+        process may hold the session's own Ray already."""
+        gcs = GcsClient(address=self.address)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run([sys.executable, "-c", probe], env=self.env, capture_output=True, text=True,
-                                 timeout=60)
-            if out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            nodes = gcs.get_all_node_info(timeout=30).values()
+            if sum(node.state == GcsNodeInfo.ALIVE for node in nodes) == count:
                 return
-            time.sleep(1)
+            time.sleep(0.5)
         raise AssertionError(f"the cluster did not reach {count} live nodes")
 
     def kill_worker(self) -> None:
