@@ -92,7 +92,8 @@ def _options(tiny_model: Path, adapters: dict[str, Path], *, ray: bool) -> Serve
 
 
 @pytest.fixture
-def ray_relay(relay_factory, tiny_model, adapters):
+def adapter_relay(relay_factory, tiny_model, adapters):
+    """Both adapters loaded, on 3 Ray slices (SPLIT); not the shared 2-slice `ray_relay` of tests/conftest.py."""
     return relay_factory(_options(tiny_model, adapters, ray=True))
 
 
@@ -137,10 +138,10 @@ def test_adapter_parity_in_mixed_batches(relay_factory, tiny_model, adapters, pe
     assert any(b is not None and {"all", "partial", ""} <= set(b) for b in seen), seen
 
 
-def test_admin_rpcs_while_serving(ray_relay, tiny_model, adapters, peft_reference):
+def test_admin_rpcs_while_serving(adapter_relay, tiny_model, adapters, peft_reference):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
-    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=120) as client:
+    with RelayClient(f"127.0.0.1:{adapter_relay.port}", timeout=120) as client:
         listed = {a.name: a for a in client.list_adapters()}
         assert set(listed) == {"all", "partial"}  # from ServeOptions.adapters (--adapter), loaded at start
         assert listed["partial"].layers == [1, 4] and listed["partial"].r == 8 and listed["partial"].alpha == 16
@@ -183,8 +184,8 @@ def test_admin_rpcs_while_serving(ray_relay, tiny_model, adapters, peft_referenc
             client.unload_adapter("late")
 
 
-def test_adapter_for_another_base_model_is_failed_precondition(ray_relay, adapters):
-    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=120) as client:
+def test_adapter_for_another_base_model_is_failed_precondition(adapter_relay, adapters):
+    with RelayClient(f"127.0.0.1:{adapter_relay.port}", timeout=120) as client:
         with pytest.raises(grpc.RpcError) as wide:
             client.load_adapter("wide", str(adapters["wide"]))
         assert wide.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -211,10 +212,10 @@ def test_adapter_for_another_base_model_is_failed_precondition(ray_relay, adapte
         assert [a.name for a in client.list_adapters()] == ["all", "partial"]
 
 
-def test_unloading_an_adapter_in_use_is_refused(ray_relay, tiny_model, adapters):
+def test_unloading_an_adapter_in_use_is_refused(adapter_relay, tiny_model, adapters):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     ids = tokenizer.encode(PROMPTS[1], add_special_tokens=False)
-    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=120) as client:
+    with RelayClient(f"127.0.0.1:{adapter_relay.port}", timeout=120) as client:
         client.load_adapter("late", str(adapters["late"]))
         stream = client.stream(prompt_token_ids=ids, adapter="late", max_new_tokens=200, ignore_eos=True)
         try:
@@ -227,7 +228,7 @@ def test_unloading_an_adapter_in_use_is_refused(ray_relay, tiny_model, adapters)
             assert "in use by 1 request" in busy.value.details()
         finally:
             stream.close()  # leaving the stream cancels the request
-        engine = ray_relay.engine
+        engine = adapter_relay.engine
         deadline = time.monotonic() + 30
         while engine.adapter_users("late"):  # the cancelled request leaves the batch at the next step boundary
             assert time.monotonic() < deadline, "the cancelled request still holds the adapter"
@@ -236,18 +237,18 @@ def test_unloading_an_adapter_in_use_is_refused(ray_relay, tiny_model, adapters)
         assert [a.name for a in client.list_adapters()] == ["all", "partial"]
 
 
-def test_restarted_slice_gets_its_adapters_back(ray_relay, tiny_model, adapters, peft_reference):
+def test_restarted_slice_gets_its_adapters_back(adapter_relay, tiny_model, adapters, peft_reference):
     """Ray rebuilds a dead slice from its spec alone; the gateway re-sends its adapters before the replay."""
     import ray
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     ids = tokenizer.encode(PROMPTS[2], add_special_tokens=False)
-    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=180) as client:
+    with RelayClient(f"127.0.0.1:{adapter_relay.port}", timeout=180) as client:
         tokens: list[int] = []
         for chunk in client.stream(prompt_token_ids=ids, adapter="all", max_new_tokens=40, ignore_eos=True):
             tokens.extend(chunk.token_ids)
             if len(tokens) == 8:
-                ray.kill(ray_relay.pipeline.actors[1], no_restart=False)
+                ray.kill(adapter_relay.pipeline.actors[1], no_restart=False)
         assert tokens == peft_reference(adapters["all"], ids, 40)
         assert client.health() == "SERVING"
 
@@ -292,7 +293,7 @@ def test_cli_adapter_flag():
 
 
 @pytest.mark.slow
-def test_adapter_deleted_then_its_slice_killed_fails_its_requests_only(ray_relay, tiny_model, adapters,
+def test_adapter_deleted_then_its_slice_killed_fails_its_requests_only(adapter_relay, tiny_model, adapters,
                                                                       peft_reference):
     """The restarted slice cannot load the adapter again: its request fails FAILED_PRECONDITION at once, the
     base request beside it completes exactly, the adapter is gone from the list, and health is SERVING."""
@@ -304,14 +305,14 @@ def test_adapter_deleted_then_its_slice_killed_fails_its_requests_only(ray_relay
     ids = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     doomed = adapters["all"].parent / "doomed"
     shutil.copytree(adapters["late"], doomed)
-    with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=180) as client:
+    with RelayClient(f"127.0.0.1:{adapter_relay.port}", timeout=180) as client:
         client.load_adapter("doomed.v1", str(doomed))
         lora = client.stream(prompt_token_ids=ids, adapter="doomed.v1", max_new_tokens=200, ignore_eos=True)
         next(lora)
         with ThreadPoolExecutor(1) as pool:
             base = pool.submit(lambda: client.generate(prompt_token_ids=ids, max_new_tokens=MAX_NEW))
             shutil.rmtree(doomed)
-            ray.kill(ray_relay.pipeline.actors[0], no_restart=False)
+            ray.kill(adapter_relay.pipeline.actors[0], no_restart=False)
             with pytest.raises(grpc.RpcError) as lost:
                 for _ in lora:
                     pass
