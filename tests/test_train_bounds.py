@@ -9,6 +9,7 @@ with their own ``RAY_TMPDIR`` so that their processes can be told from any other
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -70,8 +71,9 @@ def test_one_record_on_two_workers(ray_session, tiny_model: Path, tmp_path: Path
 
 
 def test_a_cluster_that_cannot_place_the_workers_fails_in_bounded_time(
-    ray_session, tiny_model: Path, tmp_path: Path
+    ray_session, tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """It says what it waits for early (after ~2 s), and gives up at --placement-timeout."""
     import ray
 
     def live_groups() -> set[str]:
@@ -85,14 +87,18 @@ def test_a_cluster_that_cannot_place_the_workers_fails_in_bounded_time(
         output=str(tmp_path / "out"),
         workers=2,
         cpus_per_worker=cpus,  # two workers of the whole cluster each: never placed
-        placement_timeout=1.0,
+        placement_timeout=3.0,
     )
+    caplog.set_level(logging.INFO, logger="qwen_relay.train.cluster")
     start = time.monotonic()
     with pytest.raises(WorkerResourcesError) as info:
         run_training(cfg)
     assert time.monotonic() - start < 60
+    # Logged before giving up even with a 3 s timeout: the first line comes after ~2 s (it used to be 15 s).
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
+    assert waits and f"for 2 worker(s) x {{CPU {cpus:g}}}" in waits[0]
     message = str(info.value)
-    for words in ("--placement-timeout 1 s", f"2 worker(s) x {{CPU {cpus:g}}}", f"the cluster has {{CPU {cpus:g}"):
+    for words in ("--placement-timeout 3 s", f"2 worker(s) x {{CPU {cpus:g}}}", f"the cluster has {{CPU {cpus:g}"):
         assert words in message
     assert live_groups() == before  # the probe reservation is released
 

@@ -5,8 +5,8 @@
 so they always fit: with ``--cpus-per-worker`` unset the workers split the node's CPUs between them (DDP
 ranks compute at the same time, so each gets its share of the cores as torch threads), and an explicit
 request that cannot fit fails at once, naming what it needs, what the node has and the flag to change.
-On an existing cluster waiting for an autoscaler is normal, so the wait is logged every ~15 s and bounded
-by ``--placement-timeout``.
+On an existing cluster waiting for an autoscaler is normal, so the wait is logged (after ~2 s, then every
+~15 s) and bounded by ``--placement-timeout``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AUTH_MODE_VAR = "RAY_AUTH_MODE"
+FIRST_LOG_S = 2.0  # workers not placed by then wait for resources: say so while the user still watches
 LOG_EVERY_S = 15.0
 
 
@@ -92,7 +93,8 @@ def _describe(resources: dict[str, float]) -> str:
 
 def wait_for_worker_resources(per_worker: dict[str, float], workers: int, timeout_s: float) -> None:
     """Wait until the cluster can place ``workers`` bundles of ``per_worker`` (as Ray Train will, PACK),
-    logging what is awaited every ~15 s; raise :class:`WorkerResourcesError` after ``timeout_s``.
+    logging what is awaited after ~2 s, then every ~15 s; raise :class:`WorkerResourcesError` after
+    ``timeout_s``.
 
     A probe placement group is reserved and released: once it is placed the nodes exist (an autoscaler has
     started them), and Ray Train's own group follows at once.
@@ -102,10 +104,11 @@ def wait_for_worker_resources(per_worker: dict[str, float], workers: int, timeou
 
     pg = placement_group([dict(per_worker)] * workers, strategy="PACK")
     start = time.monotonic()
+    interval = FIRST_LOG_S
     try:
         while True:
             waited = time.monotonic() - start
-            ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(LOG_EVERY_S, timeout_s - waited)))
+            ready, _ = ray.wait([pg.ready()], timeout=max(0.0, min(interval, timeout_s - waited)))
             if ready:
                 return
             waited = time.monotonic() - start
@@ -119,5 +122,6 @@ def wait_for_worker_resources(per_worker: dict[str, float], workers: int, timeou
                     "--placement-timeout"
                 )
             log.info("waiting %.0f s of %g s for %s; %s", waited, timeout_s, asked, has)
+            interval = LOG_EVERY_S
     finally:
         remove_placement_group(pg)
