@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from qwen_relay.server.placement import FIRST_LOG_S, LOG_EVERY_S  # serve's placement wait: the same cadence
+
 __all__ = [
     "AUTH_MODE_VAR",
     "WorkerResourcesError",
@@ -30,8 +32,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AUTH_MODE_VAR = "RAY_AUTH_MODE"
-FIRST_LOG_S = 2.0  # workers not placed by then wait for resources: say so while the user still watches
-LOG_EVERY_S = 15.0
 
 
 class WorkerResourcesError(RuntimeError):
