@@ -1,8 +1,9 @@
 """The contract: served greedy output is token-for-token `generate()` on the whole model (fp32), for any
 split, every input kind, batched or not, with one or several steps in flight, through both RPCs.
 
-Every split runs in-process (the fast tier: the same slices, engine and gRPC server, without Ray); a few run
-on Ray actors too (slow)."""
+Every split runs in-process (the fast tier: the same slices, engine and gRPC server, without Ray). On Ray
+actors (slow): the shared 2-slice relay here; 3 slices (0-0,1-3,4-4) through a relay in tests/test_adapters.py;
+the untied, multi-file checkpoint in 2 and 3 slices in tests/test_pipelining.py."""
 
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ SPLITS = [
     ("untied_model", 2, None),
     ("untied_model", None, "0-3,4-4"),
 ]
-RAY_SPLITS = [SPLITS[4], SPLITS[5]]  # and SPLITS[1], on the shared Ray relay
 
 
 def _split_id(split: tuple) -> str:
@@ -100,15 +100,6 @@ def test_parity_on_ray_actors(ray_relay, tiny_model, reference):
     """The shared 2-slice Ray relay (tests/conftest.py), as every split's in-process relay above."""
     assert ray_relay.engine.depth == len(ray_relay.ranges) == 2
     _check_parity(ray_relay, tiny_model, reference, batched=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("model_fixture", "shards", "layers"), RAY_SPLITS, ids=[_split_id(s) for s in RAY_SPLITS])
-def test_parity_on_ray_actors_for_other_splits(request, relay_factory, reference, model_fixture, shards, layers):
-    model_dir = request.getfixturevalue(model_fixture)
-    relay = relay_factory(ServeOptions(model=str(model_dir), shards=shards or 1, layers=layers, max_context=512))
-    assert relay.engine.depth == len(relay.ranges)
-    _check_parity(relay, model_dir, reference, batched=True)
 
 
 def test_requests_join_a_running_batch(relay, tiny_model, reference):

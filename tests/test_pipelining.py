@@ -119,11 +119,13 @@ def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference
 # ------------------------------------------------------------------------------------------------ Ray
 
 
+# The untied checkpoint in several safetensors files (its LM head is the last slice's own tensor): the in-process
+# tier serves it in every split, these tests on Ray actors.
 REUSED = {(2, "compiled"), (3, "compiled")}  # the fault tests go on with the parity tests' pipelines
 
 
 @pytest.fixture(scope="module")
-def ray_pipeline(ray_session, loop_thread, tiny_model):
+def ray_pipeline(ray_session, loop_thread, untied_model):
     """`ray_pipeline(shards, transport)`: a RayPipeline over the tiny model. Each slice actor costs seconds of
     CPU to start (it imports torch and transformers), so the module keeps the REUSED ones, restarted slices and
     all, and closes any other when the next is asked for."""
@@ -136,7 +138,7 @@ def ray_pipeline(ray_session, loop_thread, tiny_model):
         if key not in made:
             for old in [k for k in made if k not in REUSED]:
                 loop_thread.run(made.pop(old).close())
-            made[key] = loop_thread.run(RayPipeline.start(specs(tiny_model, shards), use_gpu=False,
+            made[key] = loop_thread.run(RayPipeline.start(specs(untied_model, shards), use_gpu=False,
                                                           transport=transport, load_timeout=300))
         return made[key]
 
@@ -163,16 +165,16 @@ def _pid(pipeline, index: int) -> int:
     return ray.get(pipeline.actors[index].stats.remote(), timeout=60).pid
 
 
+# Actor calls over 2 slices, with 2 steps in flight: the shared Ray relay (tests/test_parity.py).
 @pytest.mark.slow
-@pytest.mark.parametrize(("shards", "transport"), [(2, "compiled"), (3, "compiled"), (4, "compiled"),
-                                                   (2, "calls"), (3, "calls")])
-def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, tiny_model, reference, shards,
+@pytest.mark.parametrize(("shards", "transport"), [(2, "compiled"), (3, "compiled"), (3, "calls")])
+def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, untied_model, reference, shards,
                                                     transport):
     pipeline = ray_pipeline(shards, transport)
     for in_flight in sorted({1, 2, pipeline.depth}):
         seqs = make_seqs()
         loop_thread.run(decode(pipeline, seqs, in_flight))
-        check(tiny_model, reference, seqs)
+        check(untied_model, reference, seqs)
     assert pipeline.transport.name == ("compiled graph" if transport == "compiled" else "actor calls")
     stats = loop_thread.run(pipeline.stats())  # answered while the graph's loops occupy the actors
     assert all(s.healthy and s.cache_entries == 0 for s in stats)
@@ -180,7 +182,7 @@ def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, t
 
 
 @pytest.mark.slow
-def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, loop_thread, tiny_model, reference):
+def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, loop_thread, untied_model, reference):
     pipeline = ray_pipeline(2)
     seqs = make_seqs()
     a, b = groups(seqs, 2)
@@ -208,7 +210,7 @@ def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, l
     assert pipeline.transport is None and graph.broken.is_set()  # torn down; the next step builds a new one
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 2))
-    check(tiny_model, reference, seqs)
+    check(untied_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"  # rebuilt
     assert _restarts(pipeline, loop_thread) == [restarts[0], restarts[1] + 1]
 
@@ -227,7 +229,7 @@ def _batch(group: list[Seq]) -> StepBatch:
 
 
 @pytest.mark.slow
-def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline, loop_thread, tiny_model,
+def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline, loop_thread, untied_model,
                                                                       reference):
     pipeline = ray_pipeline(3)
     restarts = _restarts(pipeline, loop_thread)
@@ -247,7 +249,7 @@ def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline
     assert graph.dag.is_teardown and pipeline.transport is None
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 3))
-    check(tiny_model, reference, seqs)
+    check(untied_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
     assert _restarts(pipeline, loop_thread) == [restarts[0] + 1, *restarts[1:]]
 
@@ -272,7 +274,7 @@ def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
 
 
 @pytest.mark.slow
-def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, reference, monkeypatch):
+def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, untied_model, reference, monkeypatch):
     """A graph whose teardown never returns: past the bound its slices are killed, Ray restarts them, and
     recovery goes on with a new graph instead of waiting forever."""
     import threading
@@ -298,5 +300,5 @@ def test_teardown_that_hangs_is_bounded(ray_pipeline, loop_thread, tiny_model, r
     assert _restarts(pipeline, loop_thread) == [r + 1 for r in restarts]  # slice 0 killed by the bound
     replay(seqs)
     loop_thread.run(decode(pipeline, seqs, 2))
-    check(tiny_model, reference, seqs)
+    check(untied_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
