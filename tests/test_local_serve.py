@@ -121,43 +121,51 @@ class Stream:
 DRAIN_TOKENS = 400  # seconds of decoding: still running when the new call comes
 
 
-@pytest.mark.parametrize(("sig", "group"), [(signal.SIGTERM, True), (signal.SIGTERM, False)],
-                         ids=["sigterm-group", "sigterm-main"])
-def test_three_slices_on_two_cpus_serve_and_stop_cleanly(tiny_model, tmp_path, sig, group):
-    """SIGTERM to serve alone (an orchestrator stopping a container's main process) also shows the drain:
-    NOT_SERVING, a new call refused UNAVAILABLE while the running one finishes in the grace period. (Ctrl-C,
+def test_three_slices_on_two_cpus_serve_and_stop_cleanly_on_sigterm_to_the_group(tiny_model, tmp_path):
+    """3 slices on a 2-CPU node, token authentication on, then systemd's SIGTERM to the whole group. (Ctrl-C,
     the same handler, is sent while loading: test_ctrl_c_while_loading_ends_the_load.)"""
-    serve = Serve(tiny_model, tmp_path, *THREE_SLICES, grace=GRACE if group else 60)
+    serve = Serve(tiny_model, tmp_path, *THREE_SLICES)
     try:
         serve.wait_for_line("app: SERVING")
         with RelayClient(f"127.0.0.1:{serve.port}", timeout=60) as client:
             assert client.health() == "SERVING"
             assert [s.first_layer for s in client.model_info().slices] == [0, 1, 4]
             assert client.generate("Merhaba", max_new_tokens=4, ignore_eos=True).completion_tokens == 4
-            if group:
-                serve.stop_and_check(sig, group)
-            else:
-                running = Stream(client, DRAIN_TOKENS)
-                refused: list[grpc.RpcError] = []
-
-                def new_call_is_refused() -> None:
-                    serve.wait_for_line("requests for up to")  # the drain began
-                    assert client.health() == "NOT_SERVING"
-                    with pytest.raises(grpc.RpcError) as info:
-                        client.generate(prompt="Merhaba", max_new_tokens=2, timeout=5)
-                    assert running.tokens < DRAIN_TOKENS  # refused while the running call still ran
-                    refused.append(info.value)
-
-                serve.stop_and_check(sig, group, new_call_is_refused)
-                running.thread.join(60)
-                assert [(e.code(), "shutting down" in e.details()) for e in refused] == [
-                    (grpc.StatusCode.UNAVAILABLE, True)]
-                assert running.errors == [] and running.tokens == DRAIN_TOKENS
-                assert running.chunks[-1].finish_reason == "length"
+            serve.stop_and_check(signal.SIGTERM, group=True)
     finally:
         serve.kill()
     assert "0.666 Ray CPU each" in serve.output
     assert "Token authentication" not in serve.output  # the mode is set explicitly: no warning either
+
+
+def test_sigterm_to_serve_alone_drains_and_stops_its_ray(tiny_model, tmp_path):
+    """An orchestrator stopping a container's main process: serve's Ray is in another session and gets no
+    signal, so serve must stop it itself. The drain: NOT_SERVING, a new call refused UNAVAILABLE while the
+    running one finishes in the grace period. One slice: the number of slices is not the point here."""
+    serve = Serve(tiny_model, tmp_path, "--shards", "1", "--local-ray-cpus", "2", grace=60)
+    try:
+        serve.wait_for_line("app: SERVING")
+        with RelayClient(f"127.0.0.1:{serve.port}", timeout=60) as client:
+            running = Stream(client, DRAIN_TOKENS)
+            refused: list[grpc.RpcError] = []
+
+            def new_call_is_refused() -> None:
+                serve.wait_for_line("requests for up to")  # the drain began
+                assert client.health() == "NOT_SERVING"
+                with pytest.raises(grpc.RpcError) as info:
+                    client.generate(prompt="Merhaba", max_new_tokens=2, timeout=5)
+                assert running.tokens < DRAIN_TOKENS  # refused while the running call still ran
+                refused.append(info.value)
+
+            serve.stop_and_check(signal.SIGTERM, group=False, while_stopping=new_call_is_refused)
+            running.thread.join(60)
+            assert [(e.code(), "shutting down" in e.details()) for e in refused] == [
+                (grpc.StatusCode.UNAVAILABLE, True)]
+            assert running.errors == [] and running.tokens == DRAIN_TOKENS
+            assert running.chunks[-1].finish_reason == "length"
+    finally:
+        serve.kill()
+    assert "Token authentication" not in serve.output
 
 
 def test_second_signal_stops_at_once_and_running_calls_end_unavailable(tiny_model, tmp_path):
