@@ -115,7 +115,8 @@ def head():
 
 @pytest.fixture
 def cluster(head):
-    """The head and one live worker node (the test before may have killed its worker)."""
+    """The head and one live worker node. The strict-spread test runs first and ends with a worker that joined
+    during it, which the spread test then uses; a worker is added here only when none is alive."""
     if not head.workers:
         head.add_worker()
     head.wait_for_nodes(2)
@@ -154,28 +155,6 @@ def _stop(proc: subprocess.Popen, client: RelayClient) -> None:
     assert proc.wait(60) == 0
 
 
-def test_slices_spread_over_nodes_survive_a_node_dying(cluster, tiny_model, reference):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    prompt_ids = tokenizer.encode("Merhaba! Nasıl yardımcı olabilirim?", add_special_tokens=False)
-    proc, client = _serve(cluster, tiny_model, "SPREAD", recovery_timeout=120)
-    try:
-        nodes = [s.node_id for s in client.model_info().slices]
-        assert len(set(nodes)) == 2, nodes
-        tokens: list[int] = []
-        for chunk in client.stream(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True):
-            tokens.extend(chunk.token_ids)
-            if len(tokens) == 10:
-                cluster.kill_worker()
-        assert tokens == reference(tiny_model, prompt_ids, MAX_NEW)
-        # The lost slice was re-placed on the surviving node, and the service keeps serving.
-        after = [s.node_id for s in client.model_info().slices]
-        assert len(set(after)) == 1
-        again = client.generate(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True)
-        assert again.token_ids == tokens
-    finally:
-        _stop(proc, client)
-
-
 def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(cluster, tiny_model, reference):
     proc, client = _serve(cluster, tiny_model, "STRICT_SPREAD", recovery_timeout=3)
     try:
@@ -194,5 +173,27 @@ def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(clust
         assert len({s.node_id for s in client.model_info().slices}) == 2
         ids = [5, 17, 300, 42]
         assert client.generate(prompt_token_ids=ids, max_new_tokens=20).token_ids == reference(tiny_model, ids, 20)
+    finally:
+        _stop(proc, client)
+
+
+def test_slices_spread_over_nodes_survive_a_node_dying(cluster, tiny_model, reference):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt_ids = tokenizer.encode("Merhaba! Nasıl yardımcı olabilirim?", add_special_tokens=False)
+    proc, client = _serve(cluster, tiny_model, "SPREAD", recovery_timeout=120)
+    try:
+        nodes = [s.node_id for s in client.model_info().slices]
+        assert len(set(nodes)) == 2, nodes
+        tokens: list[int] = []
+        for chunk in client.stream(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True):
+            tokens.extend(chunk.token_ids)
+            if len(tokens) == 10:
+                cluster.kill_worker()
+        assert tokens == reference(tiny_model, prompt_ids, MAX_NEW)
+        # The lost slice was re-placed on the surviving node, and the service keeps serving.
+        after = [s.node_id for s in client.model_info().slices]
+        assert len(set(after)) == 1
+        again = client.generate(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True)
+        assert again.token_ids == tokens
     finally:
         _stop(proc, client)
