@@ -25,7 +25,8 @@ import psutil
 import pytest
 
 from qwen_relay.train.cluster import WorkerResourcesError
-from qwen_relay.train.job import TrainConfig, _pick_run_name, run_training
+from qwen_relay.train.job import STATE_FILE, TrainConfig, _pick_run_name, run_training
+from qwen_relay.train.loop import TrainState
 
 pytestmark = pytest.mark.slow
 
@@ -161,32 +162,6 @@ def _wait_for_no_leftovers(pgid: int, ray_tmpdir: Path, timeout_s: float = 20.0)
     return left
 
 
-def test_more_workers_than_cores_and_records(tiny_model: Path, tmp_path: Path, ray_tmpdir: Path) -> None:
-    """3 workers on a node of 2 CPUs, 3 records (2 train, 1 eval): the workers share the node (2/3 CPU and
-    one torch thread each); one rank has no train record and two have no eval record (with 2 workers, this
-    used to hang at step 0)."""
-    out, log = tmp_path / "out", tmp_path / "train.log"
-    data = _chat_file(tmp_path / "chat.jsonl", 3)
-    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", "3", "--epochs", "2"]
-    proc = _start_train(args, ray_tmpdir, log, auth="disabled")
-    try:
-        rc = proc.wait(timeout=480)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    assert rc == 0, text[-3000:]
-    share = math.floor(NODE_CPUS / 3 * 10_000) / 10_000
-    assert f"{{'CPU': {share}}} each, 1 torch thread(s)" in text
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert (summary["records"]["train"], summary["records"]["eval"], summary["steps"]) == (2, 1, 2)
-    assert [h["step"] for h in summary["history"]] == [1, 2]
-    evals = [e["eval_loss"] for e in summary["eval_history"]]
-    assert len(evals) == 2 and all(math.isfinite(x) for x in evals)
-    assert (out / "adapter_model.safetensors").is_file()
-    assert _wait_for_no_leftovers(proc.pid, ray_tmpdir) == []
-
-
 def test_a_request_the_node_cannot_hold_fails_at_once(tiny_model: Path, tmp_path: Path, ray_tmpdir: Path) -> None:
     data = _chat_file(tmp_path / "chat.jsonl", 3)
     args = ["--model", str(tiny_model), "--data", str(data), "--output", str(tmp_path / "out")]
@@ -201,17 +176,23 @@ def test_a_request_the_node_cannot_hold_fails_at_once(tiny_model: Path, tmp_path
 
 
 @pytest.mark.parametrize(
-    "signum,auth", [(signal.SIGINT, "disabled"), (signal.SIGTERM, None)], ids=["sigint-group", "sigterm-group-token"]
+    ("signum", "auth", "workers"),
+    [(signal.SIGINT, "disabled", 2), (signal.SIGTERM, None, 3)],
+    ids=["sigint-group", "sigterm-group-token-3-workers"],
 )
 def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
-    tiny_model: Path, tmp_path: Path, ray_tmpdir: Path, signum: int, auth: str | None
+    tiny_model: Path, tmp_path: Path, ray_tmpdir: Path, signum: int, auth: str | None, workers: int
 ) -> None:
     """Ctrl-C (SIGINT to the terminal's process group) and systemd's SIGTERM to the control group, the
     latter with Ray's default token authentication: prompt exit with 128 + the signal, the checkpoints
-    kept for --resume, no Ray process left."""
+    kept for --resume, no Ray process left.
+
+    3 records (2 train, 1 eval): with 2 workers one rank has no eval record; with 3 workers on the node's 2
+    CPUs (2/3 CPU and one torch thread each) one rank also has no train record and two have no eval record.
+    Both used to hang at step 0; here every epoch ends in a checkpoint with a finite eval loss."""
     out, log = tmp_path / "out", tmp_path / "train.log"
     data = _chat_file(tmp_path / "chat.jsonl", 3)
-    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", "2"]
+    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", str(workers)]
     proc = _start_train([*args, "--epochs", "100000", "--no-progress"], ray_tmpdir, log, auth)
     try:
         deadline = time.monotonic() + 420
@@ -231,7 +212,16 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
     assert elapsed < 15
     assert f"training stopped by {signal.Signals(signum).name}" in text
     assert "*** SIGTERM received" not in text  # no native stack dump
+    assert "3 records, 3 usable (0 skipped, 0 truncated): 2 train, 1 eval" in text
+    share = math.floor(NODE_CPUS / workers * 10_000) / 10_000
+    assert f"{{'CPU': {share}}} each, 1 torch thread(s)" in text
     storage = str(out / "ray")
     run = _pick_run_name(storage, TrainConfig(model="m", data="d", output=str(out), resume=True))
-    assert list((out / "ray" / run).glob("checkpoint-*/adapter_model.safetensors"))
+    checkpoints = sorted((out / "ray" / run).glob("checkpoint-*"))
+    assert checkpoints and all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
+    state = TrainState.from_dict(json.loads((checkpoints[-1] / STATE_FILE).read_text()))
+    assert state.world_size == workers and state.steps_per_epoch == 1  # 2 train records over the workers
+    assert [h["step"] for h in state.history] == list(range(1, state.step + 1))
+    evals = [e["eval_loss"] for e in state.eval_history]
+    assert len(evals) == state.step and all(math.isfinite(x) for x in evals)  # one epoch per step
     assert _wait_for_no_leftovers(proc.pid, ray_tmpdir) == []
