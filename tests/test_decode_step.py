@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
-from test_slices_parity import PROMPTS, greedy, reference
+from test_slices_parity import PROMPTS, greedy
 
 from qwen_relay.shards.attention import choose_attention, expanded, folded
 from qwen_relay.shards.batch import SamplingParams, StepBatch
@@ -40,7 +41,7 @@ def _count_static(runners: list[SliceRunner]) -> list[int]:
     return calls
 
 
-def _assert_static_parity(model, ranges, decode: str, prompts: list[list[int]]) -> None:
+def _assert_static_parity(reference: Callable, model, ranges, decode: str, prompts: list[list[int]]) -> None:
     runners = _runners(model, ranges, decode)
     assert all(r.decode_mode == decode for r in runners)
     calls = _count_static(runners)
@@ -54,21 +55,21 @@ def _assert_static_parity(model, ranges, decode: str, prompts: list[list[int]]) 
 
 
 @pytest.mark.parametrize("ranges", [[(0, 5)], [(0, 3), (3, 5)]], ids=["1-slice", "2-slices"])
-def test_static_decode_parity(tiny_model, ranges):
-    _assert_static_parity(tiny_model, ranges, "static", PROMPTS)  # 4 rows of 1 to 11 tokens
-    _assert_static_parity(tiny_model, ranges, "static", PROMPTS[:3])  # 3 rows: one padded row in bucket 4
+def test_static_decode_parity(reference, tiny_model, ranges):
+    _assert_static_parity(reference, tiny_model, ranges, "static", PROMPTS)  # 4 rows of 1 to 11 tokens
+    _assert_static_parity(reference, tiny_model, ranges, "static", PROMPTS[:3])  # 3 rows: one padded row in bucket 4
 
 
-def test_static_decode_parity_qwen3(qwen3_model):
-    _assert_static_parity(qwen3_model, [(0, 2), (2, 5)], "static", PROMPTS)
+def test_static_decode_parity_qwen3(reference, qwen3_model):
+    _assert_static_parity(reference, qwen3_model, [(0, 2), (2, 5)], "static", PROMPTS)
 
 
 @pytest.mark.slow  # inductor's C++ compile: ~50 s per slice on the 2-core machine, minutes with a cold cache
-def test_compiled_decode_parity(tiny_model):
+def test_compiled_decode_parity(reference, tiny_model):
     """`torch.compile(fullgraph=True)` of the CPU decode step: no graph break, same greedy tokens. Two slices
     compile both kinds of step graph (hidden states out; the head and greedy pick); a whole-model slice is the
     two in one, so it would only add minutes of compile."""
-    _assert_static_parity(tiny_model, [(0, 3), (3, 5)], "compiled", PROMPTS[:3])
+    _assert_static_parity(reference, tiny_model, [(0, 3), (3, 5)], "compiled", PROMPTS[:3])
 
 
 def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model):

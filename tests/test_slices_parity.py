@@ -4,6 +4,7 @@ whole model (fp32) for every family, every split (1 to 4 slices), batched and no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,19 +59,7 @@ def greedy(runners: list[SliceRunner], prompts: list[list[int]], max_new: int, r
     return generated
 
 
-_models: dict[Path, torch.nn.Module] = {}
-
-
-def reference(model: Path, prompt: list[int], max_new: int) -> list[int]:
-    """`generate()` on the whole model, fp32, greedy (it may stop early at an end-of-sequence token)."""
-    if model not in _models:
-        _models[model] = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        out = _models[model].generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False)
-    return out[0, len(prompt):].tolist()
-
-
-def assert_parity(model: Path, layers: str | None, shards: int) -> None:
+def assert_parity(reference: Callable, model: Path, layers: str | None, shards: int) -> None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
@@ -92,30 +81,30 @@ QWEN2_SPLITS = [(1, None), (2, None), (3, None), (4, None), (None, "0-0,1-3,4-4"
 
 
 @pytest.mark.parametrize(("shards", "layers"), QWEN2_SPLITS, ids=[str(s or lay) for s, lay in QWEN2_SPLITS])
-def test_qwen2_parity(tiny_model, shards, layers):
-    assert_parity(tiny_model, layers, shards or 1)
+def test_qwen2_parity(reference, tiny_model, shards, layers):
+    assert_parity(reference, tiny_model, layers, shards or 1)
 
 
-def test_qwen2_untied_parity(untied_model):
-    assert_parity(untied_model, "0-3,4-4", 1)
+def test_qwen2_untied_parity(reference, untied_model):
+    assert_parity(reference, untied_model, "0-3,4-4", 1)
 
 
-def test_qwen3_parity_every_split(qwen3_model):
+def test_qwen3_parity_every_split(reference, qwen3_model):
     for shards, layers in QWEN2_SPLITS:
-        assert_parity(qwen3_model, layers, shards or 1)
+        assert_parity(reference, qwen3_model, layers, shards or 1)
 
 
-def test_qwen3_tied_parity(tmp_path):
+def test_qwen3_tied_parity(reference, tmp_path):
     from qwen_relay.checkpoints.synthetic import build_checkpoint
 
     tied = build_checkpoint(tmp_path, "tiny-qwen3", num_hidden_layers=3, tie_word_embeddings=True)
-    assert_parity(tied, "0-0,1-2", 1)
-    assert_parity(tied, None, 1)  # one slice: the head is the embedding itself
+    assert_parity(reference, tied, "0-0,1-2", 1)
+    assert_parity(reference, tied, None, 1)  # one slice: the head is the embedding itself
 
 
-def test_qwen3_moe_parity_every_split(qwen3_moe_model):
+def test_qwen3_moe_parity_every_split(reference, qwen3_moe_model):
     for shards, layers in QWEN2_SPLITS:
-        assert_parity(qwen3_moe_model, layers, shards or 1)
+        assert_parity(reference, qwen3_moe_model, layers, shards or 1)
 
 
 # Qwen3.5's 8 layers are L L L F L L L F: splits on and inside the pattern, slices with linear layers only,
@@ -124,8 +113,8 @@ QWEN3_5_SPLITS = [(1, None), (2, None), (3, None), (4, None), (None, "0-0,1-4,5-
 
 
 @pytest.mark.parametrize(("shards", "layers"), QWEN3_5_SPLITS, ids=[str(s or lay) for s, lay in QWEN3_5_SPLITS])
-def test_qwen3_5_parity(qwen3_5_model, shards, layers):
-    assert_parity(qwen3_5_model, layers, shards or 1)
+def test_qwen3_5_parity(reference, qwen3_5_model, shards, layers):
+    assert_parity(reference, qwen3_5_model, layers, shards or 1)
 
 
 # ------------------------------------------------------------------------------------------- LoRA adapters
@@ -137,7 +126,7 @@ ADAPTED = [("qwen3_model", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
 
 
 @pytest.mark.parametrize(("model_fixture", "targets"), ADAPTED, ids=[m.removesuffix("_model") for m, _ in ADAPTED])
-def test_adapter_parity_with_peft(request, tmp_path, model_fixture, targets):
+def test_adapter_parity_with_peft(reference, request, tmp_path, model_fixture, targets):
     """Rows with the adapter are `PeftModel.generate()`, rows without it the base model, in one batch, split."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
