@@ -121,26 +121,22 @@ def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference
 
 # The untied checkpoint in several safetensors files (its LM head is the last slice's own tensor): the in-process
 # tier serves it in every split, these tests on Ray actors.
-REUSED = {(2, "compiled"), (3, "compiled")}  # the fault tests go on with the parity tests' pipelines
 
 
 @pytest.fixture(scope="module")
 def ray_pipeline(ray_session, loop_thread, untied_model):
-    """`ray_pipeline(shards, transport)`: a RayPipeline over the tiny model. Each slice actor costs seconds of
-    CPU to start (it imports torch and transformers), so the module keeps the REUSED ones, restarted slices and
-    all, and closes any other when the next is asked for."""
+    """`ray_pipeline(shards)`: a RayPipeline over compiled graphs. Each slice actor costs seconds of CPU to start
+    (it imports torch and transformers), so the fault tests go on with the parity tests' pipelines, restarted
+    slices and all."""
     from qwen_relay.server.ray_pipeline import RayPipeline
 
-    made: dict[tuple[int, str], RayPipeline] = {}
+    made: dict[int, RayPipeline] = {}
 
-    def get(shards: int, transport: str = "compiled") -> RayPipeline:
-        key = (shards, transport)
-        if key not in made:
-            for old in [k for k in made if k not in REUSED]:
-                loop_thread.run(made.pop(old).close())
-            made[key] = loop_thread.run(RayPipeline.start(specs(untied_model, shards), use_gpu=False,
-                                                          transport=transport, load_timeout=300))
-        return made[key]
+    def get(shards: int) -> RayPipeline:
+        if shards not in made:
+            made[shards] = loop_thread.run(RayPipeline.start(specs(untied_model, shards), use_gpu=False,
+                                                             transport="compiled", load_timeout=300))
+        return made[shards]
 
     yield get
     for pipeline in made.values():
@@ -165,17 +161,16 @@ def _pid(pipeline, index: int) -> int:
     return ray.get(pipeline.actors[index].stats.remote(), timeout=60).pid
 
 
-# Actor calls over 2 slices, with 2 steps in flight: the shared Ray relay (tests/test_parity.py).
+# Actor calls (the CPU default) with 2 steps in flight: the shared 2-slice Ray relay (tests/test_parity.py).
 @pytest.mark.slow
-@pytest.mark.parametrize(("shards", "transport"), [(2, "compiled"), (3, "compiled"), (3, "calls")])
-def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, untied_model, reference, shards,
-                                                    transport):
-    pipeline = ray_pipeline(shards, transport)
+@pytest.mark.parametrize("shards", [2, 3])
+def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, untied_model, reference, shards):
+    pipeline = ray_pipeline(shards)
     for in_flight in sorted({1, 2, pipeline.depth}):
         seqs = make_seqs()
         loop_thread.run(decode(pipeline, seqs, in_flight))
         check(untied_model, reference, seqs)
-    assert pipeline.transport.name == ("compiled graph" if transport == "compiled" else "actor calls")
+    assert pipeline.transport.name == "compiled graph"
     stats = loop_thread.run(pipeline.stats())  # answered while the graph's loops occupy the actors
     assert all(s.healthy and s.cache_entries == 0 for s in stats)
     assert loop_thread.run(pipeline.step(StepBatch([], [], [], [], release=[0]))) == []
