@@ -47,26 +47,52 @@ def ray_session() -> None:
     import ray
 
     if not ray.is_initialized():
-        # Logical CPUs: the shared relay's 2 slices, the live relay's (up to 3) and test_pipelining's (up to 9) fit;
+        # Logical CPUs: the shared relay's 2 slices, the live relay's (up to 3) and test_pipelining's (5) fit;
         # the slices set their own torch threads.
         ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
 
 
-# The longest files, longest first (seconds each on a 2-core machine, from `pytest --durations=0`).
-LONGEST_FIRST = ("test_train_bounds.py", "test_local_serve.py", "test_pipelining.py", "test_multinode.py",
-                 "test_train_job.py", "test_demo.py", "test_bench.py")
+# The files whose Ray tests use the shared `ray_relay`: `make test` gives them to one xdist worker together
+# (`pytest_xdist_make_scheduler`), so the relay and its slice actors start once, not once per worker.
+SHARED_RELAY_FILES = frozenset({"test_faults.py", "test_http.py", "test_loadgen.py", "test_metrics.py",
+                                "test_parity.py", "test_relay_e2e.py"})
+SHARED_RELAY = "the files sharing ray_relay"
+
+
+def work_unit(path: Path) -> str:
+    """What one xdist worker runs whole: a test file, or every file that shares the Ray relay."""
+    return SHARED_RELAY if path.name in SHARED_RELAY_FILES else path.name
+
+
+# The longest work units, longest first (seconds each on a 2-core machine, from `pytest --durations=0`).
+LONGEST_FIRST = ("test_local_serve.py", "test_multinode.py", "test_train_job.py", "test_train_bounds.py",
+                 SHARED_RELAY, "test_pipelining.py", "test_demo.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest files first, then the other slow tests, then the fast ones (stable otherwise): `make test`
-    hands whole files to 2 workers (pytest-xdist) in this order, so the short files fill the gaps at the end
-    instead of one worker running a long file alone while the other idles."""
+    """The longest work units first, then the other slow tests, then the fast ones (stable otherwise): `make
+    test` hands whole units to 2 workers in this order, so the short files fill the gaps at the end instead
+    of one worker running a long file alone while the other idles."""
     def rank(item: pytest.Item) -> tuple[int, bool]:
-        name = item.path.name
-        first = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        unit = work_unit(item.path)
+        first = LONGEST_FIRST.index(unit) if unit in LONGEST_FIRST else len(LONGEST_FIRST)
         return first, item.get_closest_marker("slow") is None
 
     items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` (the Makefile's), with the files sharing `ray_relay` as one unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedRelayTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(Path(super()._split_scope(nodeid)))
+
+    return SharedRelayTogether(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
