@@ -214,31 +214,6 @@ def test_a_request_that_cannot_fit_fails_at_once_and_says_why(tiny_model, tmp_pa
     assert "starting local Ray" not in serve.output
 
 
-def test_on_an_existing_cluster_the_wait_is_logged_and_a_signal_ends_it(tiny_model, tmp_path):
-    """`--ray-address`: 3 slices of 1 CPU on a 2-CPU cluster wait (an autoscaler could add a node), saying
-    what they wait for; SIGTERM to serve's group during the wait exits 0 and leaves the cluster as it was."""
-    import asyncio
-
-    from qwen_relay.server.local_ray import LocalRay
-
-    cluster = asyncio.run(LocalRay.start(2))
-    try:
-        serve = Serve(tiny_model, tmp_path, "--layers", "0-0,1-3,4-4", "--ray-address", cluster.address,
-                      "--placement-timeout", "300")
-        try:
-            serve.wait_for_line("placement: waiting")
-            os.killpg(serve.proc.pid, signal.SIGTERM)
-            assert serve.proc.wait(GRACE + 10) == 0, serve.output
-        finally:
-            serve.kill()
-        assert _session_pids(serve.proc.pid) == []
-        assert not NATIVE_DUMP.search(serve.output), serve.output
-        assert re.search(r"to place 3 slices of CPU 1 \(PACK\): the cluster has CPU 2 \(CPU 2 free\); giving up in "
-                         r"\d+ s \(--placement-timeout\)", serve.output), serve.output
-    finally:
-        cluster.stop()
-
-
 def test_serve_killed_outright_takes_its_ray_cluster_with_it(tiny_model, tmp_path):
     """SIGKILL leaves serve no chance to clean up: the kernel signals `ray start` (PR_SET_PDEATHSIG), which
     stops the cluster and the slice actors on it. Killed once its Ray is up and the slice is loading: what

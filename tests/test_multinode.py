@@ -1,5 +1,6 @@
 """Multi-node for real: a 2-node Ray cluster on this machine (`ray start --head` + a second `ray start`),
-the relay serving on it with `--ray-address`, slices on different nodes, and a node killed mid-stream.
+the relay serving on it with `--ray-address`: waiting for room, slices on different nodes, and a node killed
+mid-stream.
 
 Everything Ray here runs in subprocesses bound to 127.0.0.1 with its own temp dir, so it never touches the
 test session's own Ray cluster.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +27,7 @@ from ray.core.generated.gcs_pb2 import GcsNodeInfo
 from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
+from qwen_relay.server.local_ray import _session_pids
 
 pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
 
@@ -115,8 +118,9 @@ def head():
 
 @pytest.fixture
 def cluster(head):
-    """The head and one live worker node. The strict-spread test runs first and ends with a worker that joined
-    during it, which the spread test then uses; a worker is added here only when none is alive."""
+    """The head and one live worker node. The strict-spread test runs before the spread test and ends with a
+    worker that joined during it, which the spread test then uses; a worker is added here only when none is
+    alive."""
     if not head.workers:
         head.add_worker()
     head.wait_for_nodes(2)
@@ -153,6 +157,35 @@ def _stop(proc: subprocess.Popen, client: RelayClient) -> None:
     client.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
+
+
+def test_a_placement_wait_is_logged_and_a_signal_to_the_group_ends_it(head, tiny_model, tmp_path):
+    """First, while the head (2 CPUs) is the only node: 3 slices of 1 CPU wait (an autoscaler could add a node),
+    saying what they wait for; SIGTERM to serve's group during the wait exits 0 and leaves nothing behind."""
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(tiny_model), "--layers",
+             "0-0,1-3,4-4", "--ray-address", head.address, "--port", str(_free_port()), "--placement-timeout",
+             "300", "--max-context", "512"],
+            env=head.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "placement: waiting" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = log.read_text()
+    assert _session_pids(proc.pid) == []
+    assert not re.search(r"Traceback|Fatal Python error|\*\*\* SIG", output), output
+    assert re.search(r"to place 3 slices of CPU 1 \(PACK\): the cluster has CPU 2 \(CPU 2 free\); giving up in "
+                     r"\d+ s \(--placement-timeout\)", output), output
 
 
 def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(cluster, tiny_model, reference):
