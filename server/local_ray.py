@@ -172,11 +172,14 @@ class LocalRay:
                             f"{self.log_path}:\n{output[-2000:]}")
             await asyncio.sleep(0.2)
 
-    def stop(self) -> None:
-        """SIGTERM to `ray start` (it stops what it started, ~2 s), then SIGKILL whatever of its session is left."""
+    def stop(self, grace: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM to `ray start` (it stops what it started, ~2 s), then SIGKILL whatever of its session is left
+        after `grace` seconds. A worker busy in a task that never ends (a training loop) keeps the node from
+        stopping on SIGTERM: the train command's signal handler, with its checkpoints already on disk, passes
+        no grace at all."""
         sid = self.process.pid
         self.process.terminate()
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + grace
         while (left := _session_pids(sid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in left:
@@ -184,7 +187,7 @@ class LocalRay:
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(STOP_TIMEOUT_S)
-        if left:
+        if left and grace > 0:
             log.warning("local Ray: %d processes did not stop on SIGTERM and were killed", len(left))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         log.info("local Ray stopped")

@@ -191,7 +191,7 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 128 + signum, text[-3000:]
-    assert elapsed < 15
+    assert elapsed < 5  # the node is killed at once: its busy workers would not stop on SIGTERM (it took 5 s)
     assert f"training stopped by {signal.Signals(signum).name}" in text
     assert "*** SIGTERM received" not in text  # no native stack dump
     evals = 1 if records > 1 else 0  # the default --eval-fraction holds one record out when there are 2 or more

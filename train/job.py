@@ -508,7 +508,7 @@ def _exit_on_signals(where: str, local_ray: LocalRay | None) -> None:
             where,
         )
         if local_ray is not None:
-            local_ray.stop()
+            local_ray.stop(grace=0)  # its workers would train on until killed: nothing to wait for
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
