@@ -65,8 +65,8 @@ def work_unit(path: Path) -> str:
 
 
 # The longest work units, longest first (seconds each on a 2-core machine, from `pytest --durations=0`).
-LONGEST_FIRST = ("test_local_serve.py", "test_multinode.py", "test_train_job.py", "test_train_bounds.py",
-                 SHARED_RELAY, "test_pipelining.py", "test_demo.py", "test_bench.py")
+LONGEST_FIRST = ("test_train_bounds.py", "test_train_job.py", SHARED_RELAY, "test_multinode.py", "test_demo.py",
+                 "test_local_serve.py", "test_bench.py", "test_pipelining.py", "test_adapters.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
