@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from qwen_relay.train.cluster import WorkerResourcesError
-from qwen_relay.train.job import STATE_FILE, TrainConfig, _pick_run_name, run_training
+from qwen_relay.train.job import _SNAPSHOT_FILE, STATE_FILE, TrainConfig, _pick_run_name, run_training
 from qwen_relay.train.loop import TrainState
 
 pytestmark = pytest.mark.slow
@@ -200,9 +200,12 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
     assert f"{{'CPU': {share}}} each, 1 torch thread(s)" in text
     storage = str(out / "ray")
     run = _pick_run_name(storage, TrainConfig(model="m", data="d", output=str(out), resume=True))
-    checkpoints = sorted((out / "ray" / run).glob("checkpoint-*"))
-    assert checkpoints and all((c / "adapter_model.safetensors").is_file() for c in checkpoints)
-    state = TrainState.from_dict(json.loads((checkpoints[-1] / STATE_FILE).read_text()))
+    # The checkpoint --resume continues from: the newest Ray Train registered (a newer directory may have been
+    # cut short by the signal).
+    snapshot = json.loads((out / "ray" / run / _SNAPSHOT_FILE).read_text())
+    latest = out / "ray" / run / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    assert (latest / "adapter_model.safetensors").is_file()
+    state = TrainState.from_dict(json.loads((latest / STATE_FILE).read_text()))
     assert state.world_size == workers and state.steps_per_epoch == 1  # at most one train record per worker
     assert [h["step"] for h in state.history] == list(range(1, state.step + 1))
     losses = [e["eval_loss"] for e in state.eval_history]
