@@ -64,12 +64,15 @@ def test_static_decode_parity_qwen3(reference, qwen3_model):
     _assert_static_parity(reference, qwen3_model, [(0, 2), (2, 5)], "static", PROMPTS)
 
 
-@pytest.mark.slow  # inductor's C++ compile: ~50 s per slice on the 2-core machine, minutes with a cold cache
-def test_compiled_decode_parity(reference, tiny_model):
+@pytest.mark.slow  # inductor's C++ compile: ~13 s on the 2-core machine with a cold cache
+def test_compiled_decode_parity(reference, tmp_path):
     """`torch.compile(fullgraph=True)` of the CPU decode step: no graph break, same greedy tokens. Two slices
     compile both kinds of step graph (hidden states out; the head and greedy pick); a whole-model slice is the
-    two in one, so it would only add minutes of compile."""
-    _assert_static_parity(reference, tiny_model, [(0, 3), (3, 5)], "compiled", PROMPTS[:3])
+    two in one. One layer each: the compile's cost grows with the layers, what it proves does not."""
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    model = build_checkpoint(tmp_path, "tiny", num_hidden_layers=2)
+    _assert_static_parity(reference, model, [(0, 1), (1, 2)], "compiled", PROMPTS[:3])
 
 
 def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model):
