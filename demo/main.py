@@ -164,7 +164,7 @@ def run_steps(args: argparse.Namespace, workdir: Path, log_path: Path, out: Text
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        local_ray.stop()
+        local_ray.stop(grace=0)  # Ray Train's helper actors do not stop on SIGTERM; all is on disk
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

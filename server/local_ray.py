@@ -174,9 +174,9 @@ class LocalRay:
 
     def stop(self, grace: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM to `ray start` (it stops what it started, ~2 s), then SIGKILL whatever of its session is left
-        after `grace` seconds. A worker busy in a task that never ends (a training loop) keeps the node from
-        stopping on SIGTERM: the train command's signal handler, with its checkpoints already on disk, passes
-        no grace at all."""
+        after `grace` seconds. A node that ran Ray Train does not stop on SIGTERM (its workers while training,
+        and the helper actors it leaves behind after): train and the demo, with everything on disk, pass no
+        grace at all."""
         sid = self.process.pid
         self.process.terminate()
         deadline = time.monotonic() + grace

@@ -674,7 +674,7 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
         if placement.owns_ray:
             ray.shutdown()
         if placement.local_ray is not None:
-            placement.local_ray.stop()
+            placement.local_ray.stop(grace=0)  # Ray Train's helper actors do not stop on SIGTERM; all is on disk
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
     with tempfile.TemporaryDirectory(prefix="qwen-relay-final-") as tmp:
