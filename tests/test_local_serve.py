@@ -41,14 +41,17 @@ def _free_port() -> int:
 
 
 class Serve:
-    """`qwen-relay serve` in its own session, its output in a file; environment without RAY_AUTH_MODE."""
+    """`qwen-relay serve` in its own session, its output in a file; by default in an environment without
+    RAY_AUTH_MODE (`env` replaces it: a cluster's own)."""
 
-    def __init__(self, model: Path, tmp_path: Path, *args: str, grace: float = GRACE, max_context: int = 512) -> None:
+    def __init__(self, model: Path, tmp_path: Path, *args: str, grace: float = GRACE, max_context: int = 512,
+                 env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.args = args
         self.log = tmp_path / "serve.log"
         self.grace = grace
-        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+        if env is None:
+            env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(model),

@@ -24,6 +24,7 @@ import grpc
 import pytest
 from ray._raylet import GcsClient
 from ray.core.generated.gcs_pb2 import GcsNodeInfo
+from test_local_serve import NATIVE_DUMP, Serve
 from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
@@ -162,30 +163,18 @@ def _stop(proc: subprocess.Popen, client: RelayClient) -> None:
 def test_a_placement_wait_is_logged_and_a_signal_to_the_group_ends_it(head, tiny_model, tmp_path):
     """First, while the head (2 CPUs) is the only node: 3 slices of 1 CPU wait (an autoscaler could add a node),
     saying what they wait for; SIGTERM to serve's group during the wait exits 0 and leaves nothing behind."""
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(tiny_model), "--layers",
-             "0-0,1-3,4-4", "--ray-address", head.address, "--port", str(_free_port()), "--placement-timeout",
-             "300", "--max-context", "512"],
-            env=head.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    serve = Serve(tiny_model, tmp_path, "--layers", "0-0,1-3,4-4", "--ray-address", head.address,
+                  "--placement-timeout", "300", env=head.env)
     try:
-        deadline = time.monotonic() + 120
-        while "placement: waiting" not in log.read_text():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(15) == 0, log.read_text()
+        serve.wait_for_line("placement: waiting")
+        os.killpg(serve.proc.pid, signal.SIGTERM)
+        assert serve.proc.wait(serve.grace + 10) == 0, serve.output
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = log.read_text()
-    assert _session_pids(proc.pid) == []
-    assert not re.search(r"Traceback|Fatal Python error|\*\*\* SIG", output), output
+        serve.kill()
+    assert _session_pids(serve.proc.pid) == []
+    assert not NATIVE_DUMP.search(serve.output), serve.output
     assert re.search(r"to place 3 slices of CPU 1 \(PACK\): the cluster has CPU 2 \(CPU 2 free\); giving up in "
-                     r"\d+ s \(--placement-timeout\)", output), output
+                     r"\d+ s \(--placement-timeout\)", serve.output), serve.output
 
 
 def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(cluster, tiny_model, reference):
