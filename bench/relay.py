@@ -205,7 +205,7 @@ def reset_peak_rss() -> bool:
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    from qwen_relay.shards.loader import resolve_dtype
+    from qwen_relay.shards.dtypes import resolve_dtype
 
     dev = torch.device("cuda:0" if device == "cuda" or (device == "auto" and torch.cuda.is_available())
                        else "cpu")

@@ -74,7 +74,7 @@ def make_chat_data(path: str | Path, n: int, seed: int = 0) -> Path:
 def _single_process(cfg: Any, threads: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from qwen_relay.shards.loader import resolve_dtype
+    from qwen_relay.shards.dtypes import resolve_dtype
     from qwen_relay.train.job import prepare_job_data
     from qwen_relay.train.loop import train_single_process
     from qwen_relay.train.lora import build_lora_model

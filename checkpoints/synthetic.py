@@ -62,7 +62,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from qwen_relay.shards.loader import DTYPES
+from qwen_relay.shards.dtypes import DTYPES
 
 __all__ = [
     "CHAT_TEMPLATE",

@@ -26,8 +26,9 @@ import torch
 from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .decode import DecodeInputs, is_decode
+from .dtypes import resolve_dtype
 from .kv_cache import KVCache
-from .loader import load_slice, resolve_dtype
+from .loader import load_slice
 from .model import StepMetadata
 from .sampler import sample
 from .stats import SliceStats

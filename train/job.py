@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from qwen_relay.server.local_ray import LocalRay
-from qwen_relay.shards.loader import resolve_dtype
+from qwen_relay.shards.dtypes import resolve_dtype
 
 from .cluster import (
     WorkerResourcesError,

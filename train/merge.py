@@ -10,7 +10,7 @@ import torch
 
 __all__ = ["merge_adapter"]
 
-from qwen_relay.shards.loader import DTYPES
+from qwen_relay.shards.dtypes import DTYPES
 
 log = logging.getLogger(__name__)
 
