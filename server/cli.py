@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from .app import ServeOptions, serve
 from .security import ADMIN_TOKEN_ENV, AUTH_TOKEN_ENV
+
+if TYPE_CHECKING:
+    from .app import ServeOptions
+
+# Where each subcommand but serve is defined: "module:function" adding its subparser(s). A command imports
+# only its own module (the help, all of them): they import torch, transformers' model code or the gateway,
+# and `qwen-relay train` or `generate` should not spend 5 s importing the others before it reads its flags.
+SUBCOMMANDS = {
+    "demo": "qwen_relay.demo.main:add_parser",
+    "loadtest": "qwen_relay.bench.loadgen:add_parser",
+    "generate": "qwen_relay.client.cli:add_parsers",
+    "chat": "qwen_relay.client.cli:add_parsers",
+    "train": "qwen_relay.train.cli:add_parsers",
+    "merge": "qwen_relay.train.cli:add_parsers",
+    "build-checkpoint": "qwen_relay.checkpoints.synthetic:add_parser",
+    "bench": "qwen_relay.bench.relay:add_parser",
+}
 
 
 def bounded(kind: type, low: float, high: float | None = None):
@@ -119,6 +137,8 @@ def parse_adapters(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:
+    from .app import ServeOptions
+
     return ServeOptions(
         adapters=parse_adapters(args.adapter or []),
         model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
@@ -147,35 +167,33 @@ def _token(flag: str | None, env: str) -> str | None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .app import serve
+
     asyncio.run(serve(serve_options(args)))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from qwen_relay.bench.loadgen import add_parser as add_loadtest_parser
-    from qwen_relay.bench.relay import add_parser as add_bench_parser
-    from qwen_relay.checkpoints.synthetic import add_parser as add_checkpoint_parser
-    from qwen_relay.client.cli import add_parsers as add_client_parsers
-    from qwen_relay.demo.main import add_parser as add_demo_parser
-    from qwen_relay.train.cli import add_parsers as add_train_parsers
-
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; given a known `command`, only that command's subparser (and only its module imported)."""
     parser = argparse.ArgumentParser(prog="qwen-relay", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve_parser = sub.add_parser("serve", help="serve a model in layer slices behind gRPC")
-    add_serve_arguments(serve_parser)
-    serve_parser.set_defaults(func=run_serve)
-    add_demo_parser(sub)
-    add_loadtest_parser(sub)
-    add_client_parsers(sub)
-    add_train_parsers(sub)
-    add_checkpoint_parser(sub)
-    add_bench_parser(sub)
+    if command == "serve" or command not in SUBCOMMANDS:
+        serve_parser = sub.add_parser("serve", help="serve a model in layer slices behind gRPC")
+        add_serve_arguments(serve_parser)
+        serve_parser.set_defaults(func=run_serve)
+    if command != "serve":
+        wanted = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
+        for target in dict.fromkeys(wanted):  # once each: a module may define several commands
+            module, function = target.split(":")
+            getattr(importlib.import_module(module), function)(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)  # -v is the only option before it
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
