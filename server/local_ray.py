@@ -38,6 +38,10 @@ NODE_TIMEOUT_LINE = "timed out during startup"  # Ray gives the raylet 30 s, too
 START_ATTEMPTS = 2
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
+# Ray starts one worker per CPU ahead of time when the first driver connects. serve's slices never run in them
+# (they carry environment variables, so each gets a worker of its own): they idled until Ray stopped them, a
+# Python process each, started while the slices load. Ray Train starts its actors' workers as needed just as well.
+PRESTART_ENV = "RAY_prestart_worker_first_driver"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -150,7 +154,8 @@ class LocalRay:
         out = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it
         offset = out.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, preexec_fn=_die_with_parent)
+                                   env={PRESTART_ENV: "0", **os.environ}, start_new_session=True,
+                                   preexec_fn=_die_with_parent)
         out.close()
         log.info("starting local Ray (%d CPUs) at 127.0.0.1:%d, its own session %d; its log: %s", num_cpus, port,
                  process.pid, log_path)
