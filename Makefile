@@ -12,13 +12,17 @@ setup: $(VENV)/.installed
 
 # pip installs without byte-compiling, which it does on one core (about 40 s here, half the setup time):
 # compileall then writes the same .pyc files on every core. It exits 1 for the few files in the venv that are
-# not this Python's syntax (torch's py312 test helpers, templates), as pip's own compile step skips them.
+# not this Python's syntax (torch's py312 test helpers), which pip's own compile step skips too; whether it
+# compiled at all is checked on torch's package.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > $(VENV)/compileall.log 2>&1 || true
+	@test -n "$$(find $(VENV)/lib -path '*/site-packages/torch/__pycache__/__init__.*.pyc' -print -quit)" || \
+		{ echo "compileall wrote no .pyc (every import would compile from source): see $(VENV)/compileall.log"; \
+		exit 1; }
 	touch $@
 
 demo: setup
