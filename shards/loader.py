@@ -39,11 +39,15 @@ METADATA_PATTERNS = ["*.json", "*.txt", "*.jinja", "tokenizer*"]
 def model_dir(model: str) -> Path:
     """A local checkpoint folder as it is; a hub id becomes a local snapshot of its small files only.
 
-    Weight files are fetched later, one by one, only by the slices that need them.
+    Weight files are fetched later, one by one, only by the slices that need them. A name that can only be a
+    path (absolute, `./`, `~`, more than one `/`, a file) and is no folder is refused as such: not looked up
+    on the hub, whose error would be about the form of a repo id.
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or path.exists():
+        raise FileNotFoundError(f"no checkpoint folder at {model} (a hub id is NAME or NAMESPACE/NAME)")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))

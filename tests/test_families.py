@@ -1,6 +1,6 @@
-"""Family dispatch and loading: the architecture comes from config.json, an unsupported one is refused at once,
-and a slice reads only its own tensors (its own layers' experts; never a multimodal checkpoint's vision tower
-or MTP weights)."""
+"""Family dispatch and loading: the architecture comes from config.json, an unsupported one is refused at once
+(and a mistyped checkpoint path as a path), and a slice reads only its own tensors (its own layers' experts;
+never a multimodal checkpoint's vision tower or MTP weights)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,25 @@ def test_unsupported_model_type_is_refused_naming_the_supported(tmp_path: Path):
         loader.load_config(tmp_path)
     assert all(name in str(info.value) for name in ["qwen2", "qwen3", "qwen3_moe", "qwen3_5", "qwen3_5_text"])
     assert SUPPORTED == ["qwen2", "qwen3", "qwen3_5", "qwen3_5_text", "qwen3_moe"]
+
+
+@pytest.mark.parametrize("model", ["/no/such/checkpoint", "./checkpoint", "~/no-such-checkpoint", "a/b/c", "file"])
+def test_a_path_that_is_no_folder_is_refused_as_a_path(model: str, tmp_path: Path, monkeypatch):
+    """A mistyped --model path says so; it is not sent to the hub as a repo id."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("looked up on the hub"))
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint folder at {model}"):
+        loader.model_dir(model)
+
+
+def test_a_hub_id_is_looked_up_on_the_hub(tmp_path: Path, monkeypatch):
+    asked = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **k: asked.append(repo) or str(tmp_path))
+    for model in ("Qwen/Qwen2.5-0.5B-Instruct", "gpt2"):
+        assert loader.model_dir(model) == tmp_path
+    assert asked == ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2"]
 
 
 def test_multimodal_config_serves_its_text_model(qwen3_5_model):
