@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from qwen_relay.server.local_ray import PRESTART_ENV
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster; silences the token warning
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No workers started ahead for the first driver on the Ray nodes the tests start (the session's, the clusters of
-# test_multinode; serve and train's own nodes do the same by themselves): the slices never run in them, so on
-# the session's node they idled for the whole run.
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# test_multinode), as on serve and train's own nodes: the slices never run in them, so on the session's node
+# they idled for the whole run.
+os.environ.setdefault(PRESTART_ENV, "0")
 
 NUM_LAYERS = 5  # odd, so even splits into 2, 3 and 4 slices are uneven
 

@@ -121,8 +121,6 @@ def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference
 
 # The untied checkpoint in several safetensors files (its LM head is the last slice's own tensor): the in-process
 # tier serves it in every split, these tests on Ray actors.
-
-
 @pytest.fixture(scope="module")
 def ray_pipeline(ray_session, loop_thread, untied_model):
     """`ray_pipeline(shards)`: a RayPipeline over compiled graphs. Each slice actor costs seconds of CPU to start
