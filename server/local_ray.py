@@ -42,6 +42,8 @@ STOP_TIMEOUT_S = 5.0
 # (they carry environment variables, so each gets a worker of its own): they idled until Ray stopped them, a
 # Python process each, started while the slices load. Ray Train starts its actors' workers as needed just as well.
 PRESTART_ENV = "RAY_prestart_worker_first_driver"
+FIXED_PORTS_START = 20000  # Ray's workers take 10002-19999 (`ray start --max-worker-port`'s default)
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -74,10 +76,28 @@ def _use_env(env: dict[str, str]) -> None:
         AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_ports_start() -> int:
+    """Where the kernel's ephemeral range begins: the ports it hands out to a bind to port 0."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(EPHEMERAL_RANGE_FILE).read_text().split()[0])
+    return 32768  # Linux's default
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on now, for a server started next by another process.
+
+    Taken between Ray's worker ports and the kernel's ephemeral range where there is room. A port found free by
+    binding port 0 lies in the ephemeral range, where Ray picks the ports of its own processes while a node
+    starts (random ones above a port-0 bind's): one of them could take it before the process it was meant for,
+    which then fails to bind and takes the node down.
+    """
+    end = _ephemeral_ports_start()
+    for _ in range(100):
+        port = FIXED_PORTS_START + secrets.randbelow(end - FIXED_PORTS_START) if end > FIXED_PORTS_START else 0
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free loopback port found between {FIXED_PORTS_START} and {end}")
 
 
 def _die_with_parent() -> None:
@@ -139,14 +159,14 @@ class LocalRay:
 
     @classmethod
     def _launch(cls, num_cpus: int, num_gpus: int | None, log_path: str | None) -> LocalRay:
-        port = _free_port()
+        port = free_port()
         temp_dir = tempfile.mkdtemp(prefix="qr-", dir="/tmp")  # short: Ray's socket paths have a length limit
         log_path = log_path or os.path.join(temp_dir, "ray-start.log")
         # This interpreter, not the `ray` script's: Ray's workers run the Python that started the node, and they
         # must import the same code as this process (ray.init() does the same).
         command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-                   f"--port={port}", f"--ray-client-server-port={_free_port()}",
-                   f"--dashboard-agent-listen-port={_free_port()}", "--node-ip-address=127.0.0.1",
+                   f"--port={port}", f"--ray-client-server-port={free_port()}",
+                   f"--dashboard-agent-listen-port={free_port()}", "--node-ip-address=127.0.0.1",
                    f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
                    f"--temp-dir={temp_dir}"]
         if num_gpus is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_relay.server.local_ray import PRESTART_ENV
+from qwen_relay.server.local_ray import PRESTART_ENV, free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster; silences the token warning
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -165,11 +165,7 @@ def relay(relay_factory, tiny_model):
 
 @pytest.fixture(scope="session")
 def shared_metrics_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture

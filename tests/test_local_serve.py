@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import grpc
 import pytest
 
 from qwen_relay.client import RelayClient
-from qwen_relay.server.local_ray import _session_pids
+from qwen_relay.server.local_ray import _session_pids, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -34,19 +33,13 @@ THREE_SLICES = ["--layers", "0-0,1-3,4-4", "--local-ray-cpus", "2"]  # 3 slices 
 NATIVE_DUMP = re.compile(r"Traceback|Fatal Python error|\*\*\* SIG|Stack trace|Check failure")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Serve:
     """`qwen-relay serve` in its own session, its output in a file; by default in an environment without
     RAY_AUTH_MODE (`env` replaces it: a cluster's own)."""
 
     def __init__(self, model: Path, tmp_path: Path, *args: str, grace: float = GRACE, max_context: int = 512,
                  env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.args = args
         self.log = tmp_path / "serve.log"
         self.grace = grace

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from test_local_serve import NATIVE_DUMP, Serve
 from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
-from qwen_relay.server.local_ray import _session_pids
+from qwen_relay.server.local_ray import _session_pids, free_port
 
 pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
 
@@ -42,12 +41,6 @@ RAY_ENV = {
     "RAY_health_check_timeout_ms": "500",
     "RAY_health_check_failure_threshold": "3",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -69,7 +62,7 @@ class LocalCluster:
 
     def __init__(self) -> None:
         self.temp_dir = f"/tmp/qr-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths have a length limit
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {**os.environ, **RAY_ENV}
         self.workers: list[subprocess.Popen] = []
@@ -130,7 +123,7 @@ def cluster(head):
 
 def _serve(cluster: LocalCluster, model: Path, placement: str, recovery_timeout: float) -> tuple[subprocess.Popen,
                                                                                                  RelayClient]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(model), "--shards", "2",
          "--ray-address", cluster.address, "--port", str(port), "--placement", placement,

@@ -1,16 +1,17 @@
 """Placement rules without Ray: a local node's CPU share fits any slice count, a request that cannot fit is
 refused naming what it needs, what the node has and the flag, and the wait on a cluster is logged and bounded.
-Also the auth decision for the Ray cluster serve starts on loopback."""
+Also the auth decision and the ports for the Ray cluster serve starts on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import pytest
 
-from qwen_relay.server import placement
-from qwen_relay.server.local_ray import local_ray_auth_env
+from qwen_relay.server import local_ray, placement
+from qwen_relay.server.local_ray import free_port, local_ray_auth_env
 from qwen_relay.server.placement import PlacementError, check_fits_node, local_cpu_share, wait_placed
 
 NODE = {"CPU": 2.0, "memory": 1e10, "object_store_memory": 1e9, "node:127.0.0.1": 1.0}
@@ -89,3 +90,19 @@ def test_local_ray_gets_its_own_token_unless_the_user_chose():
     assert local_ray_auth_env({}) != env  # a fresh token per cluster
     assert local_ray_auth_env({"RAY_AUTH_MODE": "disabled"}) == {}
     assert local_ray_auth_env({"RAY_AUTH_MODE": "token"}) == {}
+
+
+def test_ports_for_local_ray_lie_below_the_ephemeral_range(tmp_path, monkeypatch):
+    """Ray picks its own processes' ports from the ephemeral range while a node starts; ours stay out of it."""
+    start = local_ray._ephemeral_ports_start()
+    for _ in range(20):
+        port = free_port()
+        assert local_ray.FIXED_PORTS_START <= port < start
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free indeed
+    # A machine whose ephemeral range leaves no room below it: any free port, as the kernel picks it.
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("1024\t65535\n")
+    monkeypatch.setattr(local_ray, "EPHEMERAL_RANGE_FILE", str(ranges))
+    assert local_ray._ephemeral_ports_start() == 1024
+    assert free_port() >= 1024
