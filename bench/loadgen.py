@@ -422,7 +422,7 @@ def reference_expected(model: str, requests: Sequence[LoadRequest]) -> dict[int,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qwen_relay.shards.loader import model_dir
+    from qwen_relay.shards.hub import model_dir
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir(model), dtype=torch.float32).eval()
     expected = {}

@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer, GenerationConfig
 
-from qwen_relay.shards.loader import load_config, model_dir
+from qwen_relay.shards.hub import model_dir
+from qwen_relay.shards.loader import load_config
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 

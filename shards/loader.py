@@ -26,6 +26,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from .family import text_config
+from .hub import model_dir, weight_file
 from .model import ModelSlice
 from .packed import HEAD_BLOCK_ROWS, can_prepack, is_linear_weight, prepack_head, prepack_linear
 
@@ -33,33 +34,6 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-METADATA_PATTERNS = ["*.json", "*.txt", "*.jinja", "tokenizer*"]
-
-
-def model_dir(model: str) -> Path:
-    """A local checkpoint folder as it is; a hub id becomes a local snapshot of its small files only.
-
-    Weight files are fetched later, one by one, only by the slices that need them. A name that can only be a
-    path (absolute, `./`, `~`, more than one `/`, a file) and is no folder is refused as such: not looked up
-    on the hub, whose error would be about the form of a repo id.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or path.exists():
-        raise FileNotFoundError(f"no checkpoint folder at {model} (a hub id is NAME or NAMESPACE/NAME)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))
-
-
-def weight_file(model: str, folder: Path, filename: str) -> Path:
-    path = folder / filename
-    if path.exists() or Path(model).expanduser().is_dir():
-        return path
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(model, filename))
 
 
 def load_config(folder: Path) -> PretrainedConfig:

@@ -11,7 +11,7 @@ import pytest
 import safetensors
 import torch
 
-from qwen_relay.shards import loader
+from qwen_relay.shards import hub, loader
 from qwen_relay.shards.family import SUPPORTED, UnsupportedModel
 from qwen_relay.shards.kv_cache import RecurrentShape
 
@@ -32,7 +32,7 @@ def test_a_path_that_is_no_folder_is_refused_as_a_path(model: str, tmp_path: Pat
     (tmp_path / "file").write_text("")
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("looked up on the hub"))
     with pytest.raises(FileNotFoundError, match=f"no checkpoint folder at {model}"):
-        loader.model_dir(model)
+        hub.model_dir(model)
 
 
 def test_a_hub_id_is_looked_up_on_the_hub(tmp_path: Path, monkeypatch):
@@ -40,7 +40,7 @@ def test_a_hub_id_is_looked_up_on_the_hub(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo, **k: asked.append(repo) or str(tmp_path))
     for model in ("Qwen/Qwen2.5-0.5B-Instruct", "gpt2"):
-        assert loader.model_dir(model) == tmp_path
+        assert hub.model_dir(model) == tmp_path
     assert asked == ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2"]
 
 

@@ -477,3 +477,24 @@ def test_resume_on_changed_data_is_refused_before_any_worker(tmp_path: Path) -> 
     for words in ("--resume: run lora-x", "other data or batch settings", "--seed or --batch-size", "new --run-name"):
         assert words in str(info.value)
     check_fingerprint("", "b" * 64, "old checkpoint")  # written before fingerprints: warned, not refused
+
+
+def test_a_model_that_cannot_load_fails_before_anything_starts(tmp_path: Path, monkeypatch) -> None:
+    """`train --model` with a mistyped path, or a hub id with no hub: one line, exit 2, no output folder made."""
+    from qwen_relay.server.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "out"
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint folder at \./qwen \(a hub id is NAME"):
+        run_training(TrainConfig(model="./qwen", data=str(data), output=str(out)))
+
+    def offline(name, *args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", offline)
+    with pytest.raises(RuntimeError, match="cannot load the tokenizer of Qwen/Qwen2.5-0.5B: We couldn't connect"):
+        run_training(TrainConfig(model="Qwen/Qwen2.5-0.5B", data=str(data), output=str(out)))
+    assert main(["train", "--model", "Qwen/Qwen2.5-0.5B", "--data", str(data), "--output", str(out)]) == 2
+    assert not out.exists()

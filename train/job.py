@@ -33,6 +33,7 @@ import torch
 
 from qwen_relay.server.local_ray import LocalRay
 from qwen_relay.shards.dtypes import resolve_dtype
+from qwen_relay.shards.hub import refuse_missing_folder
 
 from .cluster import (
     WorkerResourcesError,
@@ -616,6 +617,11 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
     from transformers import AutoTokenizer
 
     wall_start = time.perf_counter()
+    refuse_missing_folder(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except OSError as e:  # transformers' own, clear message (no network, no such repo): no traceback
+        raise RuntimeError(f"cannot load the tokenizer of {cfg.model}: {e}") from e
     output = Path(cfg.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     cfg.output = str(output)
@@ -625,7 +631,6 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
         storage = str(Path(storage).resolve())
     run_name = _pick_run_name(storage, cfg)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     data, train, evals = prepare_job_data(cfg, tokenizer)
     fingerprint = batch_fingerprint(train, evals, cfg.seed, cfg.batch_size)
     if cfg.resume and "://" not in storage:
