@@ -206,15 +206,15 @@ class Relay:
             from .ray_pipeline import RayPipeline
 
             cpus = self._cpus_per_slice(ray.cluster_resources(), use_gpu)
-            log.info("loading %d slices (layers %s) of %s, %g Ray CPU each", len(specs), describe(self.ranges),
-                     opts.model, cpus)
+            log.info("loading %d slice%s (layers %s) of %s, %g Ray CPU each", len(specs), "s" * (len(specs) != 1),
+                     describe(self.ranges), opts.model, cpus)
             self.pipeline = await RayPipeline.start(
                 specs, use_gpu=use_gpu, cpus_per_slice=cpus, strategy=opts.placement_strategy,
                 placement_timeout=opts.placement_timeout, max_restarts=opts.max_restarts,
                 transport=opts.slice_transport)
         else:
-            log.info("loading %d slices (layers %s) of %s in this process", len(specs), describe(self.ranges),
-                     opts.model)
+            log.info("loading %d slice%s (layers %s) of %s in this process", len(specs), "s" * (len(specs) != 1),
+                     describe(self.ranges), opts.model)
             self.pipeline = await asyncio.to_thread(LocalPipeline, specs)
         stats = await self.pipeline.stats()
         self.metrics.update_slices(stats)  # the baseline: warm-up forwards are not step time

@@ -221,7 +221,7 @@ def test_serve_killed_outright_takes_its_ray_cluster_with_it(tiny_model, tmp_pat
     runs on the cluster is not the point here, so the test does not wait for the slice."""
     serve = Serve(tiny_model, tmp_path, "--shards", "1", "--local-ray-cpus", "2")
     try:
-        serve.wait_for_line("loading 1 slices")
+        serve.wait_for_line("loading 1 slice (")
         ray_sid = serve.ray_session()
         serve.proc.kill()
         serve.proc.wait()

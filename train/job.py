@@ -589,9 +589,10 @@ def prepare_job_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreparedData, li
     )
     train, evals = split_train_eval(data.examples, cfg.eval_fraction, cfg.seed)
     log.info(
-        "%s: %d records, %d usable (%d skipped, %d truncated): %d train, %d eval",
+        "%s: %d record%s, %d usable (%d skipped, %d truncated): %d train, %d eval",
         cfg.data,
         data.num_records,
+        "s" * (data.num_records != 1),
         len(data.examples),
         data.num_skipped,
         data.num_truncated,
