@@ -156,8 +156,10 @@ def run_steps(args: argparse.Namespace, workdir: Path, log_path: Path, out: Text
         out.write(f"fine-tuning a LoRA adapter on {len(CHATS)} Turkish chat records ({data}) with Ray Train, "
                   f"{TRAIN_SETTINGS['workers']} workers ...\n")
         summary = train_adapter(model, data, workdir / "adapter")
-        out.write(f"trained in {time.perf_counter() - step:.1f} s: {summary['steps']} steps, final loss "
-                  f"{summary['final_train_loss']:.3f}, adapter in {workdir / 'adapter'}\n")
+        first = [h["loss"] for h in summary["history"] if h["epoch"] == 1]
+        out.write(f"trained in {time.perf_counter() - step:.1f} s: {summary['steps']} steps, mean loss "
+                  f"{sum(first) / len(first):.3f} in the first epoch, {summary['final_train_loss']:.3f} in the last; "
+                  f"adapter in {workdir / 'adapter'}\n")
         options = ServeOptions(model=model, shards=2, port=0, max_context=512,
                                adapters={ADAPTER: str(workdir / "adapter")})
         asyncio.run(converse(options, local_ray, args.question or [q for q, _ in CHATS[:2]], out))
