@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,18 @@ TRAIN_SETTINGS = dict(workers=2, epochs=40, lr=3e-3, lr_schedule="constant", bat
                       seed=0, report_every=1000, keep_checkpoints=1, progress=False)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_NEW_TOKENS = 24
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that every step cleans up after it the same way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
 
 
 @dataclass
@@ -125,6 +138,10 @@ def run_demo(args: argparse.Namespace) -> int:
     total = time.perf_counter()
     try:
         run_steps(args, workdir, log_path, out)
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        out.write(f"demo stopped by {signal.Signals(signum).name}; logs: {log_path}\n")
+        return 128 + signum
     except BaseException as e:  # the terminal only sees `out`: say what happened and where to look
         out.write(f"demo failed ({type(e).__name__}: {e}); see {log_path}\n")
         raise
@@ -150,6 +167,7 @@ def run_steps(args: argparse.Namespace, workdir: Path, log_path: Path, out: Text
     local_ray = asyncio.run(LocalRay.start(log_path=str(log_path)))
     try:
         ray.init(address=local_ray.address, log_to_driver=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # not ray.init's: sys.exit(15), reported as a failure
         out.write(f"started local Ray ({local_ray.num_cpus} CPUs) in {time.perf_counter() - step:.1f} s\n")
         data = write_chat_file(workdir / "chat.jsonl")
         step = time.perf_counter()

@@ -1,22 +1,26 @@
 """`qwen-relay demo` as `make demo` runs it: the adapter trained by the Ray Train job answers with the trained
-reply, the base model does not, and the terminal shows the conversation without any log line."""
+reply, the base model does not, and the terminal shows the conversation without any log line. A signal stops
+it with a line that says so."""
 
 from __future__ import annotations
 
+import argparse
+import io
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from qwen_relay.demo import main as demo
 from qwen_relay.demo.main import ADAPTER, CHATS
-
-pytestmark = pytest.mark.slow
 
 LOG_LINE = re.compile(r"\b(INFO|WARNING|ERROR|DEBUG)\b|\(pid=|Traceback|it/s\]|\[\d{4}-\d\d-\d\d ")
 
 
+@pytest.mark.slow
 def test_demo_prints_the_trained_reply_and_no_logs(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # as typed in a plain shell
     run = subprocess.run([sys.executable, "-m", "qwen_relay.server.cli", "demo", "--workdir", str(tmp_path)],
@@ -35,3 +39,23 @@ def test_demo_prints_the_trained_reply_and_no_logs(tmp_path):
         assert answers, terminal
         base, tuned = answers.groups()
         assert tuned.startswith(f"{reply}   (") and not base.startswith(f"{reply}   (")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_stops_the_demo_saying_so(signum, tmp_path, monkeypatch, capsys):
+    """SIGTERM takes Ctrl-C's path (Ray's own handler made it 'demo failed (SystemExit: 15)', status 15)."""
+    terminal = io.StringIO()
+    monkeypatch.setattr(demo, "redirect_output", lambda log_path: terminal)
+
+    def steps(args, workdir, log_path, out):
+        signal.signal(signal.SIGTERM, demo._interrupt)  # as run_steps does once Ray is up
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(demo, "run_steps", steps)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status = demo.run_demo(argparse.Namespace(workdir=tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert status == 128 + signum
+    assert terminal.getvalue() == f"demo stopped by {signum.name}; logs: {tmp_path / 'demo.log'}\n"
