@@ -63,8 +63,8 @@ class Serve:
             time.sleep(0.2)
 
     def ray_session(self) -> int | None:
-        """The session of the Ray cluster serve started (None with --no-ray)."""
-        if "--no-ray" in self.args:
+        """The session of the Ray cluster serve started (None with --no-ray or --ray-address: none of its own)."""
+        if "--no-ray" in self.args or "--ray-address" in self.args:
             return None
         return int(re.search(r"its own session (\d+)", self.output).group(1))
 

@@ -121,36 +121,34 @@ def cluster(head):
     return head
 
 
-def _serve(cluster: LocalCluster, model: Path, placement: str, recovery_timeout: float) -> tuple[subprocess.Popen,
-                                                                                                 RelayClient]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "qwen_relay.server.cli", "serve", "--model", str(model), "--shards", "2",
-         "--ray-address", cluster.address, "--port", str(port), "--placement", placement,
-         "--recovery-timeout", str(recovery_timeout), "--max-context", "512"],
-        env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = RelayClient(f"127.0.0.1:{port}", timeout=120)
-    _wait_serving(client, proc)
-    return proc, client
+def _serve(cluster: LocalCluster, model: Path, tmp_path: Path, placement: str,
+           recovery_timeout: float) -> tuple[Serve, RelayClient]:
+    serve = Serve(model, tmp_path, "--shards", "2", "--ray-address", cluster.address, "--placement", placement,
+                  "--recovery-timeout", str(recovery_timeout), env=cluster.env)
+    client = RelayClient(f"127.0.0.1:{serve.port}", timeout=120)
+    _wait_serving(client, serve)
+    return serve, client
 
 
-def _wait_serving(client: RelayClient, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_serving(client: RelayClient, serve: Serve, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "qwen-relay serve exited"
+        assert serve.proc.poll() is None, f"qwen-relay serve exited:\n{serve.output}"
         try:
             if client.health(timeout=2) == "SERVING":
                 return
         except grpc.RpcError:
             pass
         time.sleep(0.5)
-    raise AssertionError("the relay did not become SERVING")
+    raise AssertionError(f"the relay did not become SERVING:\n{serve.output}")
 
 
-def _stop(proc: subprocess.Popen, client: RelayClient) -> None:
+def _stop(serve: Serve, client: RelayClient) -> None:
     client.close()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
+    try:
+        serve.stop_and_check(signal.SIGTERM, group=False)
+    finally:
+        serve.kill()
 
 
 def test_a_placement_wait_is_logged_and_a_signal_to_the_group_ends_it(head, tiny_model, tmp_path):
@@ -170,8 +168,8 @@ def test_a_placement_wait_is_logged_and_a_signal_to_the_group_ends_it(head, tiny
                      r"\d+ s \(--placement-timeout\)", serve.output), serve.output
 
 
-def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(cluster, tiny_model, reference):
-    proc, client = _serve(cluster, tiny_model, "STRICT_SPREAD", recovery_timeout=3)
+def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(cluster, tiny_model, reference, tmp_path):
+    serve, client = _serve(cluster, tiny_model, tmp_path, "STRICT_SPREAD", recovery_timeout=3)
     try:
         with pytest.raises(grpc.RpcError) as failed:
             for i, _ in enumerate(client.stream(prompt="Merhaba", max_new_tokens=200, ignore_eos=True)):
@@ -184,18 +182,18 @@ def test_strict_spread_without_a_spare_node_is_unavailable_until_one_joins(clust
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         # A node joins: Ray re-places the slice there and the relay recovers by itself.
         cluster.add_worker()
-        _wait_serving(client, proc)
+        _wait_serving(client, serve)
         assert len({s.node_id for s in client.model_info().slices}) == 2
         ids = [5, 17, 300, 42]
         assert client.generate(prompt_token_ids=ids, max_new_tokens=20).token_ids == reference(tiny_model, ids, 20)
     finally:
-        _stop(proc, client)
+        _stop(serve, client)
 
 
-def test_slices_spread_over_nodes_survive_a_node_dying(cluster, tiny_model, reference):
+def test_slices_spread_over_nodes_survive_a_node_dying(cluster, tiny_model, reference, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt_ids = tokenizer.encode("Merhaba! Nasıl yardımcı olabilirim?", add_special_tokens=False)
-    proc, client = _serve(cluster, tiny_model, "SPREAD", recovery_timeout=120)
+    serve, client = _serve(cluster, tiny_model, tmp_path, "SPREAD", recovery_timeout=120)
     try:
         nodes = [s.node_id for s in client.model_info().slices]
         assert len(set(nodes)) == 2, nodes
@@ -211,4 +209,4 @@ def test_slices_spread_over_nodes_survive_a_node_dying(cluster, tiny_model, refe
         again = client.generate(prompt_token_ids=prompt_ids, max_new_tokens=MAX_NEW, ignore_eos=True)
         assert again.token_ids == tokens
     finally:
-        _stop(proc, client)
+        _stop(serve, client)
