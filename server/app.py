@@ -277,15 +277,16 @@ class Relay:
         grace = self.options.grace_seconds if grace is None else grace
         self.serving = False
         await self.health.enter_graceful_shutdown()
-        if self.http is not None and self._http_stop is None:
-            self._http_stop = asyncio.ensure_future(self.http.stop(grace + STOP_SLACK_S))
         log.info("draining %d requests for up to %.0f s", len(self.engine.scheduler), grace)
-        # The gRPC server stays up while the engine drains, and the engine refuses new calls UNAVAILABLE
-        # itself: a gRPC server already shutting down ends a call that arrives before a handler takes it
-        # CANCELLED (grpc/grpc#41785), which tells the client it gave up, not that it should retry elsewhere.
+        # Both servers stay up while the engine drains, and the engine refuses new calls UNAVAILABLE itself
+        # (HTTP: 503, and /health 503): a gRPC server already shutting down ends a call that arrives before a
+        # handler takes it CANCELLED (grpc/grpc#41785), which tells the client it gave up, not that it should
+        # retry elsewhere; a stopped HTTP server refuses the connection, which says nothing at all.
         await self.engine.drain(grace)
         if self.server is not None and self._server_stop is None:
             self._server_stop = asyncio.ensure_future(self.server.stop(STOP_SLACK_S))
+        if self.http is not None and self._http_stop is None:
+            self._http_stop = asyncio.ensure_future(self.http.stop(STOP_SLACK_S))
         stopping = [s for s in (self._server_stop, self._http_stop) if s is not None]
         if stopping:  # the slack lets calls failed by the drain send their UNAVAILABLE
             _, late = await asyncio.wait([asyncio.shield(s) for s in stopping], timeout=STOP_SLACK_S)

@@ -362,6 +362,51 @@ def test_health_mirrors_grpc_health(relay, grpc_client, loop_thread):
     assert _post(relay.http_port, "/health", None, token=None)[0] == 200 and grpc_client.health() == "SERVING"
 
 
+def test_requests_that_arrive_while_draining_get_503_and_the_running_stream_finishes(relays, tiny_model,
+                                                                                       loop_thread):
+    """As gRPC during a graceful stop: the port stays open, /health and new requests answer 503 (a stopped HTTP
+    server would refuse the connection, which tells a client or a load balancer nothing), and the stream that
+    was running finishes in the grace period."""
+    import asyncio
+    import threading
+
+    relay = relays(ServeOptions(model=str(tiny_model), shards=2, use_ray=False, max_context=512, grace_seconds=60))
+    streamed: list[str] = []
+    streaming = threading.Event()
+
+    def consume() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=60)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps(
+            {"model": str(tiny_model), "prompt": "Merhaba", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
+             "stream": True, "stream_options": {"include_usage": True}}))
+        for line in conn.getresponse():
+            if line.startswith(b"data: "):
+                streamed.append(line.decode().removeprefix("data: ").strip())
+                streaming.set()
+        conn.close()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert streaming.wait(60)
+    stopped = asyncio.run_coroutine_threadsafe(relay.stop(), loop_thread.loop)
+    try:
+        deadline = time.monotonic() + 30
+        while (health := _post(relay.http_port, "/health", None, token=None))[0] == 200:
+            assert time.monotonic() < deadline, "/health still 200 while draining"
+            time.sleep(0.05)
+        time.sleep(0.5)  # past uvicorn's shutdown tick (0.1 s): a server told to stop has closed its port by now
+        health = _post(relay.http_port, "/health", None, token=None)
+        status, _, body = _post(relay.http_port, "/v1/completions", {"model": str(tiny_model), "prompt": "Merhaba",
+                                                                      "max_tokens": 2}, token=None)
+        assert len(streamed) < 400  # refused while the running stream still ran
+    finally:
+        reader.join(60)
+        stopped.result(60)
+    assert (health[0], json.loads(health[2])) == (503, {"status": "NOT_SERVING"})
+    assert status == 503 and "shutting down" in json.loads(body)["error"]["message"], body
+    assert streamed[-1] == "[DONE]" and json.loads(streamed[-2])["usage"]["completion_tokens"] == 400
+
+
 # -------------------------------------------------------------------------------------- cancellation
 
 
