@@ -12,6 +12,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,6 +125,21 @@ class LoopThread:
 @pytest.fixture(scope="session")
 def loop_thread() -> LoopThread:
     return LoopThread()
+
+
+@pytest.fixture(scope="session")
+def stop_while_streaming(loop_thread) -> Callable:
+    """`reader, stopped = stop_while_streaming(relay, consume)`: `consume(streaming)` runs a long stream on a
+    thread and sets `streaming` once it has a chunk; then the relay's graceful stop begins (`stopped`: a future)."""
+
+    def start(relay, consume: Callable[[threading.Event], None]) -> tuple[threading.Thread, Future]:
+        streaming = threading.Event()
+        reader = threading.Thread(target=consume, args=(streaming,))
+        reader.start()
+        assert streaming.wait(60)
+        return reader, asyncio.run_coroutine_threadsafe(relay.stop(), loop_thread.loop)
+
+    return start
 
 
 @pytest.fixture(scope="session")

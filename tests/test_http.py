@@ -363,18 +363,14 @@ def test_health_mirrors_grpc_health(relay, grpc_client, loop_thread):
 
 
 def test_requests_that_arrive_while_draining_get_503_and_the_running_stream_finishes(relays, tiny_model,
-                                                                                       loop_thread):
+                                                                                       stop_while_streaming):
     """As gRPC during a graceful stop: the port stays open, /health and new requests answer 503 (a stopped HTTP
     server would refuse the connection, which tells a client or a load balancer nothing), and the stream that
     was running finishes in the grace period."""
-    import asyncio
-    import threading
-
     relay = relays(ServeOptions(model=str(tiny_model), shards=2, use_ray=False, max_context=512, grace_seconds=60))
     streamed: list[str] = []
-    streaming = threading.Event()
 
-    def consume() -> None:
+    def consume(streaming) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=60)
         conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps(
             {"model": str(tiny_model), "prompt": "Merhaba", "max_tokens": 400, "ignore_eos": True, "temperature": 0,
@@ -385,10 +381,7 @@ def test_requests_that_arrive_while_draining_get_503_and_the_running_stream_fini
                 streaming.set()
         conn.close()
 
-    reader = threading.Thread(target=consume)
-    reader.start()
-    assert streaming.wait(60)
-    stopped = asyncio.run_coroutine_threadsafe(relay.stop(), loop_thread.loop)
+    reader, stopped = stop_while_streaming(relay, consume)
     try:
         deadline = time.monotonic() + 30
         while (health := _post(relay.http_port, "/health", None, token=None))[0] == 200:

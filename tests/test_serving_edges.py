@@ -204,11 +204,9 @@ def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
     assert threads[0] != threading.main_thread().name
 
 
-def test_calls_that_arrive_while_draining_are_refused_unavailable(tiny_model, loop_thread):
+def test_calls_that_arrive_while_draining_are_refused_unavailable(tiny_model, loop_thread, stop_while_streaming):
     """Graceful stop keeps the port open while running calls finish and refuses new ones itself, UNAVAILABLE
     with a reason: a gRPC server already shutting down ends such a call CANCELLED ("the client gave up")."""
-    import threading
-
     import grpc
 
     from qwen_relay.client import RelayClient
@@ -218,17 +216,13 @@ def test_calls_that_arrive_while_draining_are_refused_unavailable(tiny_model, lo
                                                      use_ray=False, grace_seconds=60)))
     with RelayClient(f"127.0.0.1:{relay.port}", timeout=60) as client:
         tokens: list[int] = []
-        streaming = threading.Event()
 
-        def consume() -> None:
+        def consume(streaming) -> None:
             for chunk in client.stream(prompt="Merhaba", max_new_tokens=300, ignore_eos=True):
                 tokens.extend(chunk.token_ids)
                 streaming.set()
 
-        reader = threading.Thread(target=consume)
-        reader.start()
-        assert streaming.wait(60)
-        stopped = asyncio.run_coroutine_threadsafe(relay.stop(), loop_thread.loop)
+        reader, stopped = stop_while_streaming(relay, consume)
         try:
             assert client.health() == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as refused:
