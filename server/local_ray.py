@@ -48,13 +48,14 @@ _PR_SET_PDEATHSIG = 1
 
 
 def local_ray_auth_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The authentication settings for a Ray cluster this process starts for itself on loopback.
+    """The authentication settings for a Ray cluster this process starts for itself on this machine.
 
     Token authentication stays on (Ray's default), with a fresh random token for this cluster alone, handed
-    to Ray and to this driver through the environment: loopback keeps the network out but not the other
-    users of a shared machine, and anyone who reaches Ray's ports runs code as us. A per-cluster token in the
-    environment never touches `~/.ray/auth_token` (which another cluster of the same user may rely on) and,
-    as the mode is then set explicitly, Ray prints no warning. A mode the user set (`RAY_AUTH_MODE=disabled`
+    to Ray and to this driver through the environment: Ray listens on every interface even for a node given
+    `--node-ip-address=127.0.0.1` (which it replaces by the machine's address), loopback alone would not keep
+    out the other users of a shared machine, and anyone who reaches Ray's ports runs code as us. A per-cluster
+    token in the environment never touches `~/.ray/auth_token` (which another cluster of the same user may rely
+    on) and, as the mode is then set explicitly, Ray prints no warning. A mode the user set (`RAY_AUTH_MODE=disabled`
     or `token` with their own token) is respected as is: an empty dict.
     """
     if environ.get(AUTH_MODE_ENV):
@@ -124,7 +125,8 @@ def local_ray_cpus(requested: int | None) -> int:
 
 @dataclass
 class LocalRay:
-    """A running single-node Ray cluster bound to 127.0.0.1; `await LocalRay.start(...)`, then `stop()`."""
+    """A running single-node Ray cluster of this process, reached at 127.0.0.1 (Ray itself listens on every
+    interface: see `local_ray_auth_env`); `await LocalRay.start(...)`, then `stop()`."""
 
     address: str
     num_cpus: int
