@@ -42,7 +42,7 @@ def test_demo_prints_the_trained_reply_and_no_logs(tmp_path):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
-def test_a_signal_stops_the_demo_saying_so(signum, tmp_path, monkeypatch, capsys):
+def test_a_signal_stops_the_demo_saying_so(signum, tmp_path, monkeypatch):
     """SIGTERM takes Ctrl-C's path (Ray's own handler made it 'demo failed (SystemExit: 15)', status 15)."""
     terminal = io.StringIO()
     monkeypatch.setattr(demo, "redirect_output", lambda log_path: terminal)

@@ -1,6 +1,6 @@
 """Placement rules without Ray: a local node's CPU share fits any slice count, a request that cannot fit is
 refused naming what it needs, what the node has and the flag, and the wait on a cluster is logged and bounded.
-Also the auth decision and the ports for the Ray cluster serve starts on loopback."""
+Also the auth decision and the ports for the Ray cluster serve starts on this machine."""
 
 from __future__ import annotations
 
