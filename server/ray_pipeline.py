@@ -108,7 +108,7 @@ class RayPipeline:
         """Up to `depth` calls may be outstanding; slices see the batches in call order."""
         return await self._transport().step(batch)
 
-    async def _drop_transport(self) -> None:
+    async def drop_transport(self) -> None:
         """Tear down the transport (bounded); the next step or recovery builds a fresh one."""
         if self.transport is not None:
             old, self.transport = self.transport, None
@@ -120,7 +120,7 @@ class RayPipeline:
 
         Raises `SliceLost` while a slice is down or if one dies meanwhile. An adapter a restarted slice cannot
         load again (its folder moved, or now holds other files) is unloaded everywhere and reported."""
-        await self._drop_transport()
+        await self.drop_transport()
         down = [i for i, s in enumerate(await self.stats()) if not s.healthy]
         if down:
             raise SliceLost(f"slice(s) {', '.join(map(str, down))} not answering yet")
@@ -190,7 +190,7 @@ class RayPipeline:
         return failed
 
     async def close(self) -> None:
-        await self._drop_transport()
+        await self.drop_transport()
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

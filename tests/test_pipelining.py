@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -122,23 +123,32 @@ def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference
 # The untied checkpoint in several safetensors files (its LM head is the last slice's own tensor): the in-process
 # tier serves it in every split, these tests on Ray actors.
 @pytest.fixture(scope="module")
-def ray_pipeline(ray_session, loop_thread, untied_model):
-    """`ray_pipeline(shards)`: a RayPipeline over compiled graphs. Each slice actor costs seconds of CPU to start
-    (it imports torch and transformers), so the fault tests go on with the parity tests' pipelines, restarted
-    slices and all."""
-    from qwen_relay.server.ray_pipeline import RayPipeline
-
-    made: dict[int, RayPipeline] = {}
-
-    def get(shards: int) -> RayPipeline:
-        if shards not in made:
-            made[shards] = loop_thread.run(RayPipeline.start(specs(untied_model, shards), use_gpu=False,
-                                                             transport="compiled", load_timeout=300))
-        return made[shards]
-
-    yield get
+def ray_pipelines(ray_session, loop_thread) -> Iterator[dict]:
+    """The RayPipelines of this module by number of slices, closed at its end. Each slice actor costs seconds of
+    CPU to start (it imports torch and transformers), so the fault tests go on with the parity tests'
+    pipelines, restarted slices and all."""
+    made: dict = {}
+    yield made
     for pipeline in made.values():
         loop_thread.run(pipeline.close())
+
+
+@pytest.fixture
+def ray_pipeline(ray_pipelines, loop_thread, untied_model):
+    """`ray_pipeline(shards)`: a RayPipeline over compiled graphs. A graph's slices poll their shared-memory
+    channels while it idles, a core each, taking the CPU from whatever else runs on the machine: the graph
+    is torn down after each test, and the next test's first step builds a new one."""
+    from qwen_relay.server.ray_pipeline import RayPipeline
+
+    def get(shards: int) -> RayPipeline:
+        if shards not in ray_pipelines:
+            ray_pipelines[shards] = loop_thread.run(RayPipeline.start(
+                specs(untied_model, shards), use_gpu=False, transport="compiled", load_timeout=300))
+        return ray_pipelines[shards]
+
+    yield get
+    for pipeline in ray_pipelines.values():
+        loop_thread.run(pipeline.drop_transport())
 
 
 def _restarts(pipeline, loop_thread) -> list[int]:
