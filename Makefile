@@ -10,9 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-# pip installs without byte-compiling, which it does on one core for all 19k files of the venv (about 40 s
-# here, half the setup time), though the suite's and the demo's processes import a third of them. Instead one
-# process imports what they import (the gateway, the slices, the training job, Ray's node processes) and
+# pip installs without byte-compiling: it would compile all 19k files of the venv on one core (about 40 s here,
+# half the setup time), though the suite's and the demo's processes import a third of them. Instead one
+# process imports what they import (the gateway, the slices, the training job, Ray's node processes), which
 # writes those .pyc files (about 20 s); whatever else a later process imports is compiled once, by the first
 # (PYTHONDONTWRITEBYTECODE, where the environment sets it, is not passed on to make's commands).
 unexport PYTHONDONTWRITEBYTECODE
