@@ -24,10 +24,10 @@ def model_dir(model: str) -> Path:
 
     Weight files are fetched later, one by one, only by the slices that need them (`weight_file`).
     """
-    refuse_missing_folder(model)
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    refuse_missing_folder(model)
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))
