@@ -104,7 +104,8 @@ def _two_cpus() -> None:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:NODE_CPUS])
 
 
-def _start_train(args: list[str], ray_tmpdir: Path, log: Path, auth: str | None) -> subprocess.Popen:
+def _start_train(args: list[str], ray_tmpdir: Path, log: Path, auth: str | None,
+                 cwd: Path | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_TMPDIR"] = str(ray_tmpdir)
     if auth is None:  # Ray's default (token): the token it creates goes to this test's own HOME
@@ -117,6 +118,7 @@ def _start_train(args: list[str], ray_tmpdir: Path, log: Path, auth: str | None)
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=cwd,
             preexec_fn=_two_cpus,
             start_new_session=True,  # its own process group, as a terminal gives a command
         )
@@ -174,8 +176,10 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
     record and two have no eval record; every epoch has a finite eval loss."""
     out, log = tmp_path / "out", tmp_path / "train.log"
     data = _chat_file(tmp_path / "chat.jsonl", records)
-    args = ["--model", str(tiny_model), "--data", str(data), "--output", str(out), "--workers", str(workers)]
-    proc = _start_train([*args, "--epochs", "100000", "--no-progress"], ray_tmpdir, log, auth)
+    # The model as a folder of the working directory (`--model tiny0`): Ray Train runs its workers in the run's
+    # own directory, where the name alone would be taken for a hub id.
+    args = ["--model", tiny_model.name, "--data", str(data), "--output", str(out), "--workers", str(workers)]
+    proc = _start_train([*args, "--epochs", "100000", "--no-progress"], ray_tmpdir, log, auth, cwd=tiny_model.parent)
     try:
         deadline = time.monotonic() + 420
         while not list(out.glob("ray/lora-*/checkpoint_manager_snapshot.json")):  # what --resume reads

@@ -618,7 +618,11 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
     from transformers import AutoTokenizer
 
     wall_start = time.perf_counter()
-    refuse_missing_folder(cfg.model)
+    folder = Path(cfg.model).expanduser()
+    if folder.is_dir():  # absolute: Ray Train runs each worker in the run's own directory, not in ours
+        cfg.model = str(folder.resolve())
+    else:
+        refuse_missing_folder(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except OSError as e:  # transformers' own, clear message (no network, no such repo): no traceback
