@@ -164,7 +164,7 @@ def run_steps(args: argparse.Namespace, workdir: Path, log_path: Path, out: Text
     import ray  # not at module level: the CLI that holds this command also serves on machines without Ray
 
     step = time.perf_counter()
-    local_ray = asyncio.run(LocalRay.start(log_path=str(log_path)))
+    local_ray = asyncio.run(LocalRay.start(log_path=str(log_path), dashboard=True))  # Ray Train asks its state API
     try:
         ray.init(address=local_ray.address, log_to_driver=True)
         signal.signal(signal.SIGTERM, _interrupt)  # not ray.init's: sys.exit(15), reported as a failure

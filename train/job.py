@@ -468,7 +468,7 @@ def _place_workers(cfg: TrainConfig) -> _Placement:
         share = worker_share(cfg.workers, cpus, cfg.cpus_per_worker)
         # As serve does (docs/local-ray.md): Ray in a session of its own, so a signal to this process group
         # reaches the driver alone and Ray is stopped by it, last, instead of dying underneath it.
-        local_ray = asyncio.run(LocalRay.start(cpus))
+        local_ray = asyncio.run(LocalRay.start(cpus, dashboard=True))  # Ray Train asks its state API
         ray.init(address=local_ray.address)
     else:
         if owns:
