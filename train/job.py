@@ -450,6 +450,13 @@ class _Placement:
     local_ray: LocalRay | None  # the node this call started, in a session of its own (stopped last)
 
 
+def _starts_own_node(cfg: TrainConfig) -> bool:
+    """Whether ``train`` starts a Ray node of its own: no cluster given and no ``ray.init`` made already."""
+    import ray
+
+    return not (cfg.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
 def _place_workers(cfg: TrainConfig) -> _Placement:
     """Start a Ray node of our own, or join the cluster already there, and make sure the workers fit.
 
@@ -459,9 +466,8 @@ def _place_workers(cfg: TrainConfig) -> _Placement:
     """
     import ray
 
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     owns = not ray.is_initialized()
-    started = owns and not address
+    started = _starts_own_node(cfg)
     local_ray = None
     if started:
         cpus = node_cpus()
@@ -472,7 +478,7 @@ def _place_workers(cfg: TrainConfig) -> _Placement:
         ray.init(address=local_ray.address)
     else:
         if owns:
-            ray.init(address=address)
+            ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"))
         cpus_per_worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
         share = WorkerShare(cpus_per_worker, max(1, int(cpus_per_worker)))
     resources: dict[str, float] = {"CPU": share.cpus}
@@ -627,6 +633,8 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except OSError as e:  # transformers' own, clear message (no network, no such repo): no traceback
         raise RuntimeError(f"cannot load the tokenizer of {cfg.model}: {e}") from e
+    if _starts_own_node(cfg):  # a request this machine can never hold: refused before the data is read
+        worker_share(cfg.workers, node_cpus(), cfg.cpus_per_worker)
     output = Path(cfg.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     cfg.output = str(output)
