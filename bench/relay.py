@@ -554,10 +554,12 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     # CPU slices split the threads as `serve` splits a machine's cores between slices that work at once
     # (server/app.py); given all of them each, two pipelined slices would oversubscribe the cores.
     threads = (1 if cfg.threads_per_slice else max(1, cfg.num_threads // shards)) if device.type == "cpu" else 0
+    # A relay idles while the other systems run their phase; a compiled graph torn down meanwhile would be
+    # rebuilt inside its next measured phase, so the bench keeps it.
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
                         dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
-                        prepack=cfg.prepack, grace_seconds=0)
+                        prepack=cfg.prepack, grace_seconds=0, graph_idle_teardown=0)
 
 
 class RelayUnderTest:

@@ -83,6 +83,7 @@ class ServeOptions:
     max_queue: int = 256
     max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice
     slice_transport: str = "auto"  # between Ray slices: auto (GPU: compiled graph, CPU: actor calls), compiled, calls
+    graph_idle_teardown: float = 10.0  # seconds without a step before a compiled graph is torn down; 0: keep it
     grace_seconds: float = 10.0
     adapters: dict[str, str] = field(default_factory=dict)  # LoRA adapters NAME -> PATH, loaded before SERVING
     adapter_roots: tuple[str, ...] = ()  # LoadAdapter reads only under these; none: LoadAdapter is off
@@ -211,7 +212,7 @@ class Relay:
             self.pipeline = await RayPipeline.start(
                 specs, use_gpu=use_gpu, cpus_per_slice=cpus, strategy=opts.placement_strategy,
                 placement_timeout=opts.placement_timeout, max_restarts=opts.max_restarts,
-                transport=opts.slice_transport)
+                transport=opts.slice_transport, idle_teardown=opts.graph_idle_teardown)
         else:
             log.info("loading %d slice%s (layers %s) of %s in this process", len(specs), "s" * (len(specs) != 1),
                      describe(self.ranges), opts.model)

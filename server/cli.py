@@ -69,6 +69,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slice-transport", default="auto", choices=["auto", "compiled", "calls"],
                         help="how hidden states move between Ray slices: a compiled graph (auto on GPU slices) or "
                              "chained actor calls (auto on CPU slices, where the graph's channel polling costs CPU)")
+    parser.add_argument("--graph-idle-teardown", type=bounded(float, 0), default=10.0, metavar="SECONDS",
+                        help="tear the compiled graph down after this long without a step (its slices and the "
+                             "gateway poll a core each while it idles); the next step builds it again. 0: keep it")
     parser.add_argument("--max-context", type=bounded(int, 2), default=2048, help="prompt + new tokens per sequence")
     parser.add_argument("--max-new-tokens-cap", type=bounded(int, 1), default=1024)
     parser.add_argument("--default-max-new-tokens", type=bounded(int, 1),
@@ -145,6 +148,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         local_ray_cpus=args.local_ray_cpus,
         max_batch=args.max_batch, max_in_flight=args.max_in_flight, slice_transport=args.slice_transport,
+        graph_idle_teardown=args.graph_idle_teardown,
         max_context=args.max_context,
         max_new_tokens_cap=args.max_new_tokens_cap,
         default_max_new_tokens=args.default_max_new_tokens, adapter_roots=tuple(args.adapter_root or ()),

@@ -28,6 +28,9 @@ from .transport import Transport, build_transport
 log = logging.getLogger(__name__)
 
 STATS_TIMEOUT_S = 5.0
+# A transport that polls when idle (a compiled graph) is torn down after this long without a step; the next
+# step builds it again (docs/design.md, "Hops"). 0 keeps it.
+IDLE_TEARDOWN_S = 10.0
 SLICE_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
@@ -43,11 +46,12 @@ class RayPipeline:
 
     Ray restarts a dead actor, re-placing it on a surviving node if its node is gone; calls are never retried
     by Ray. A failed step surfaces as `SliceLost` and the engine decides what to do. `transport`: "auto" (a
-    compiled graph, else actor calls), "compiled" or "calls".
+    compiled graph, else actor calls), "compiled" or "calls". `idle_teardown`: seconds without a step after
+    which a transport that polls when idle is torn down (0: never).
     """
 
     def __init__(self, specs: list[SliceSpec], actors: list, group: PlacementGroup, first: list[SliceStats], *,
-                 use_gpu: bool, transport: str = "auto") -> None:
+                 use_gpu: bool, transport: str = "auto", idle_teardown: float = IDLE_TEARDOWN_S) -> None:
         self.specs = specs
         self.actors = actors
         self.group = group
@@ -55,6 +59,10 @@ class RayPipeline:
         self.use_gpu = use_gpu
         self.transport_mode = transport
         self.transport: Transport | None = None  # built in the event loop, by the first step
+        self.idle_teardown = idle_teardown
+        self._in_flight = 0
+        self._idle: asyncio.TimerHandle | None = None  # the pending idle teardown
+        self._dropping: asyncio.Future | None = None  # a transport being torn down; the next one waits for it
         self.incarnations = [s.incarnation for s in first]  # a new one means Ray restarted that slice
         self.restarts = [0] * len(specs)
         self.adapters: dict[str, AdapterSource] = {}  # re-sent to every slice on recovery
@@ -69,7 +77,8 @@ class RayPipeline:
     @classmethod
     async def start(cls, specs: list[SliceSpec], *, use_gpu: bool, cpus_per_slice: float = 1.0,
                     strategy: str = "PACK", placement_timeout: float = 600.0, load_timeout: float = 600.0,
-                    max_restarts: int = -1, transport: str = "auto") -> RayPipeline:
+                    max_restarts: int = -1, transport: str = "auto",
+                    idle_teardown: float = IDLE_TEARDOWN_S) -> RayPipeline:
         """Reserve a bundle per slice, start the actors and wait until every slice has loaded and warmed up.
 
         Both waits are bounded and logged (server/placement.py); cancelling them (a signal during the load)
@@ -102,17 +111,50 @@ class RayPipeline:
             if isinstance(e, asyncio.TimeoutError):
                 raise PlacementError(f"the slices did not load within {load_timeout:.0f} s") from e
             raise
-        return cls(specs, actors, group, first, use_gpu=use_gpu, transport=transport)
+        return cls(specs, actors, group, first, use_gpu=use_gpu, transport=transport, idle_teardown=idle_teardown)
 
     async def step(self, batch: StepBatch) -> list[int]:
         """Up to `depth` calls may be outstanding; slices see the batches in call order."""
-        return await self._transport().step(batch)
+        if self._dropping is not None and not self._dropping.done():
+            await asyncio.shield(self._dropping)  # a new graph only over slices the old one has let go
+        self._cancel_idle()
+        self._in_flight += 1
+        try:
+            return await self._transport().step(batch)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """The pipe is empty: tear a transport that polls when idle down unless a step comes within the bound."""
+        if self.transport is not None and self.transport.polls_when_idle and self.idle_teardown > 0:
+            self._idle = asyncio.get_running_loop().call_later(self.idle_teardown, self._on_idle)
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if not self._in_flight and self.transport is not None:
+            log.info("no step for %g s: tearing down the %s (it polls a core per slice while idle); the next "
+                     "step builds it again", self.idle_teardown, self.transport.name)
+            self._start_drop()
+
+    def _start_drop(self) -> None:
+        """Detach the transport at once (no step can take it any more) and tear it down in the background."""
+        old, self.transport = self.transport, None
+        self._dropping = asyncio.ensure_future(old.close())
 
     async def drop_transport(self) -> None:
         """Tear down the transport (bounded); the next step or recovery builds a fresh one."""
+        self._cancel_idle()
         if self.transport is not None:
-            old, self.transport = self.transport, None
-            await old.close()
+            self._start_drop()
+        if self._dropping is not None:
+            await asyncio.shield(self._dropping)
 
     async def recover(self) -> Recovery:
         """One attempt: every slice answers, restarted ones get their adapters back, every cache is cleared.

@@ -374,15 +374,12 @@ class FakeActor:
 
 
 def _ray_pipeline(n: int = 2):
+    """No step has run: there is no compiled graph to tear down."""
     from qwen_relay.server.ray_pipeline import RayPipeline
 
-    pipeline = RayPipeline.__new__(RayPipeline)
-    pipeline.specs = [SliceSpec(model="m", first=i, end=i + 1) for i in range(n)]
-    pipeline.actors = [FakeActor(i) for i in range(n)]
-    pipeline.incarnations, pipeline.restarts = ["x"] * n, [0] * n
-    pipeline.adapters, pipeline._lost = {}, {}
-    pipeline.transport = None  # no step has run: no compiled graph to tear down
-    return pipeline
+    actors = [FakeActor(i) for i in range(n)]
+    return RayPipeline([SliceSpec(model="m", first=i, end=i + 1) for i in range(n)], actors, None,
+                       [a._stats() for a in actors], use_gpu=False)
 
 
 def test_ray_slice_dying_during_load_adapter_is_unavailable_and_leaves_it_nowhere():

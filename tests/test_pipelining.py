@@ -257,6 +257,90 @@ def test_graph_is_torn_down_and_rebuilt_when_an_idle_slice_restarts(ray_pipeline
     assert _restarts(pipeline, loop_thread) == [restarts[0] + 1, *restarts[1:]]
 
 
+@pytest.mark.slow
+def test_an_idle_graph_is_torn_down_and_the_next_step_builds_it_again(ray_pipeline, loop_thread, untied_model,
+                                                                      reference, monkeypatch):
+    """Between steps a compiled graph's slice loops poll their channels, a core each: after `idle_teardown`
+    seconds without a step the pipeline lets the graph go, and the slices go quiet."""
+    import psutil
+
+    pipeline = ray_pipeline(2)
+    monkeypatch.setattr(pipeline, "idle_teardown", 0.5)  # the module's other tests keep the default
+    seqs = make_seqs()
+    loop_thread.run(step(pipeline, seqs))
+    graph = pipeline.transport
+    assert graph.name == "compiled graph"
+    deadline = time.monotonic() + 30
+    while pipeline.transport is not None:
+        assert time.monotonic() < deadline, "the idle graph was not torn down"
+        time.sleep(0.1)
+    loop_thread.run(pipeline.drop_transport())  # waits for the teardown to end
+    assert graph.dag.is_teardown
+    slices = [psutil.Process(_pid(pipeline, i)) for i in range(2)]
+    before = [sum(p.cpu_times()[:2]) for p in slices]
+    time.sleep(2)
+    used = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(slices, before, strict=True))
+    assert used < 0.5, f"idle slices used {used:.2f} CPU-s in 2 s"  # polling, they took 1-2 each
+    loop_thread.run(decode(pipeline, seqs, 2))  # the same sequences go on over a new graph
+    check(untied_model, reference, seqs)
+    assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
+
+
+def test_idle_teardown_waits_for_the_pipe_to_empty_and_a_new_graph_for_the_old_to_go(monkeypatch):
+    """The idle teardown's rules, with stand-in transports: only a transport that polls when idle is torn down,
+    never with a step in flight, and a step that comes during a teardown builds its graph after it ends."""
+    from qwen_relay.server import ray_pipeline
+    from qwen_relay.shards.stats import SliceStats
+
+    built: list[FakeGraph] = []
+
+    class FakeGraph:
+        """A compiled graph ("compiled": polls when idle) or actor calls ("calls": does not)."""
+
+        def __init__(self, actors: list, depth: int, *, mode: str, use_gpu: bool) -> None:
+            assert all(g.closed for g in built), "built before the previous graph was torn down"
+            self.name, self.polls_when_idle, self.closed = mode, mode == "compiled", False
+            built.append(self)
+
+        async def step(self, batch: StepBatch) -> list[int]:
+            await asyncio.sleep(0.3 if batch.slots else 0)  # a long step: longer than the idle bound
+            return []
+
+        async def close(self) -> None:
+            await asyncio.sleep(0.2)
+            self.closed = True
+
+    monkeypatch.setattr(ray_pipeline, "build_transport", FakeGraph)
+
+    def pipeline(mode: str, idle: float):
+        return ray_pipeline.RayPipeline([], [], None, [SliceStats.down(0, 1, 1, 0)], use_gpu=False, transport=mode,
+                                        idle_teardown=idle)
+
+    empty, long = StepBatch([], [], [], []), StepBatch([0], [0], [[1]], [SamplingParams()])
+
+    async def scenario() -> None:
+        p = pipeline("compiled", idle=0.1)
+        await p.step(long)  # 0.3 s in flight: not torn down meanwhile, though longer than the bound
+        first = p.transport
+        assert first is built[0] and not first.closed
+        await asyncio.sleep(0.15)  # the bound has passed with nothing in flight
+        assert p.transport is None and not first.closed  # detached at once, torn down in the background
+        await p.step(empty)  # waits for that teardown, then builds the next graph
+        assert first.closed and p.transport is built[1]
+        await asyncio.sleep(0.05)
+        await p.step(empty)  # within the bound: the same graph
+        assert p.transport is built[1]
+        await p.drop_transport()
+        for mode, idle in (("calls", 0.1), ("compiled", 0.0)):  # actor calls never; 0 keeps the graph
+            q = pipeline(mode, idle)
+            await q.step(empty)
+            await asyncio.sleep(0.2)
+            assert q.transport is built[-1] and not built[-1].closed
+            await q.drop_transport()
+
+    asyncio.run(scenario())
+
+
 def test_transport_falls_back_to_actor_calls_and_says_why(monkeypatch, caplog):
     from qwen_relay.server import transport
 
