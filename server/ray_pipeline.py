@@ -23,7 +23,7 @@ from qwen_relay.shards.stats import SliceStats
 
 from .pipeline import SLICE_ENV, AdapterSource, Recovery, SliceLost
 from .placement import PlacementError, describe_resources, wait_placed
-from .transport import Transport, build_transport
+from .transport import SLICE_DIED, Transport, build_transport
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ STATS_TIMEOUT_S = 5.0
 # A transport that polls when idle (a compiled graph) is torn down after this long without a step; the next
 # step builds it again (docs/design.md, "Hops"). 0 keeps it.
 IDLE_TEARDOWN_S = 10.0
-SLICE_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
 def _cause(error: BaseException) -> BaseException:
@@ -70,8 +69,11 @@ class RayPipeline:
 
     def _transport(self) -> Transport:
         if self.transport is None:
-            self.transport = build_transport(self.actors, self.depth, mode=self.transport_mode,
-                                             use_gpu=self.use_gpu)
+            try:
+                self.transport = build_transport(self.actors, self.depth, mode=self.transport_mode,
+                                                 use_gpu=self.use_gpu)
+            except SLICE_DIED as e:  # it died after the last graph was torn down (idle, or by a recovery)
+                raise SliceLost(f"a slice is down, no compiled graph can be built: {type(e).__name__}") from e
         return self.transport
 
     @classmethod

@@ -32,6 +32,8 @@ from .pipeline import SliceLost
 
 log = logging.getLogger(__name__)
 
+# What Ray raises for a call to an actor that died or is restarting, building a graph over it included.
+SLICE_DIED = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 # A torn-down graph must not stall recovery: past this, the graph's surviving actors are killed (Ray restarts
 # them, and recovery replays every cache anyway) instead of waiting on a loop stuck in a channel read.
 TEARDOWN_TIMEOUT_S = 10.0
@@ -185,6 +187,8 @@ def build_transport(actors: list[Any], depth: int, *, mode: str = "auto", use_gp
     if mode != "calls":
         try:
             graph = CompiledGraph(actors, depth, "nccl" if use_gpu else None)
+        except SLICE_DIED:
+            raise  # a slice is down (it died while no graph stood): the caller's to recover, not a reason to fall back
         except Exception as e:
             if mode == "compiled":
                 raise

@@ -286,6 +286,32 @@ def test_an_idle_graph_is_torn_down_and_the_next_step_builds_it_again(ray_pipeli
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
 
 
+@pytest.mark.slow
+def test_a_slice_that_dies_while_no_graph_stands_is_a_lost_step(ray_pipeline, loop_thread, untied_model, reference):
+    """Idle, the graph is gone: a slice dying then fails the next step's graph build, which must be `SliceLost`
+    (recovery and replay), not Ray's actor error (the step's requests failed) or a fallback to actor calls."""
+    pipeline = ray_pipeline(2)
+    restarts = _restarts(pipeline, loop_thread)
+    seqs = make_seqs()
+    loop_thread.run(step(pipeline, seqs))
+    loop_thread.run(pipeline.drop_transport())  # as after --graph-idle-teardown seconds without a step
+    pid = _pid(pipeline, 0)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the killed slice's process did not go away"
+        time.sleep(0.05)
+    with pytest.raises(SliceLost, match="no compiled graph can be built"):
+        loop_thread.run(asyncio.wait_for(step(pipeline, seqs), 60))
+    assert pipeline.transport is None
+    loop_thread.run(_recovered(pipeline))
+    replay(seqs)
+    loop_thread.run(decode(pipeline, seqs, 2))
+    check(untied_model, reference, seqs)
+    assert pipeline.transport.name == "compiled graph"
+    assert _restarts(pipeline, loop_thread) == [restarts[0] + 1, restarts[1]]
+
+
 def test_idle_teardown_waits_for_the_pipe_to_empty_and_a_new_graph_for_the_old_to_go(monkeypatch):
     """The idle teardown's rules, with stand-in transports: only a transport that polls when idle is torn down,
     never with a step in flight, and a step that comes during a teardown builds its graph after it ends."""
