@@ -201,6 +201,7 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
     # Ray Train's placement-group cleaner asks Ray's state API (the dashboard) every second; without it, each
     # ask logged a warning.
     assert "Failed to query Ray Train Controller actor state" not in text
+    assert "Reporting training result" not in text  # each report's metrics dict, from every worker
     evals = 1 if records > 1 else 0  # the default --eval-fraction holds one record out when there are 2 or more
     assert f"{records} usable (0 skipped, 0 truncated): {records - evals} train, {evals} eval" in text
     share = math.floor(NODE_CPUS / workers * 10_000) / 10_000

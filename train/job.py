@@ -154,6 +154,12 @@ def _setup_worker_logging() -> None:
     # PEFT 0.21 still calls a transformers 5 deprecated property on every model build; once per worker
     # per restart it only clutters the training console.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # Ray Train logs every report's whole metrics dict from every worker at INFO ("Reporting training result
+    # N: TrainingReport(...)"), under a logger named by its file path, so no "ray.train" level reaches it;
+    # the progress bar and the epoch lines already say what matters.
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     logger = logging.getLogger("qwen_relay")
     logger.setLevel(logging.INFO)
     if not logging.getLogger().handlers and not logger.handlers:
