@@ -326,6 +326,7 @@ def test_idle_teardown_waits_for_the_pipe_to_empty_and_a_new_graph_for_the_old_t
         def __init__(self, actors: list, depth: int, *, mode: str, use_gpu: bool) -> None:
             assert all(g.closed for g in built), "built before the previous graph was torn down"
             self.name, self.polls_when_idle, self.closed = mode, mode == "compiled", False
+            self.may_close = asyncio.Event()
             built.append(self)
 
         async def step(self, batch: StepBatch) -> list[int]:
@@ -333,7 +334,7 @@ def test_idle_teardown_waits_for_the_pipe_to_empty_and_a_new_graph_for_the_old_t
             return []
 
         async def close(self) -> None:
-            await asyncio.sleep(0.2)
+            await self.may_close.wait()
             self.closed = True
 
     monkeypatch.setattr(ray_pipeline, "build_transport", FakeGraph)
@@ -348,20 +349,25 @@ def test_idle_teardown_waits_for_the_pipe_to_empty_and_a_new_graph_for_the_old_t
         p = pipeline("compiled", idle=0.1)
         await p.step(long)  # 0.3 s in flight: not torn down meanwhile, though longer than the bound
         first = p.transport
-        assert first is built[0] and not first.closed
-        await asyncio.sleep(0.15)  # the bound has passed with nothing in flight
+        assert first is built[0]
+        await asyncio.sleep(0.2)  # the bound has passed with nothing in flight (its timer was set first)
         assert p.transport is None and not first.closed  # detached at once, torn down in the background
-        await p.step(empty)  # waits for that teardown, then builds the next graph
-        assert first.closed and p.transport is built[1]
+        next_step = asyncio.ensure_future(p.step(empty))
         await asyncio.sleep(0.05)
-        await p.step(empty)  # within the bound: the same graph
-        assert p.transport is built[1]
+        assert len(built) == 1 and not next_step.done()  # waits for the teardown
+        first.may_close.set()
+        await next_step
+        assert first.closed and p.transport is built[1]
+        built[1].may_close.set()
         await p.drop_transport()
-        for mode, idle in (("calls", 0.1), ("compiled", 0.0)):  # actor calls never; 0 keeps the graph
+        # Kept: steps within the bound (60 s), actor calls (they do not poll), and 0 (keep the graph).
+        for mode, idle in (("compiled", 60.0), ("calls", 0.1), ("compiled", 0.0)):
             q = pipeline(mode, idle)
             await q.step(empty)
             await asyncio.sleep(0.2)
+            await q.step(empty)
             assert q.transport is built[-1] and not built[-1].closed
+            built[-1].may_close.set()
             await q.drop_transport()
 
     asyncio.run(scenario())
