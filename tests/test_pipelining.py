@@ -280,7 +280,7 @@ def test_an_idle_graph_is_torn_down_and_the_next_step_builds_it_again(ray_pipeli
     before = [sum(p.cpu_times()[:2]) for p in slices]
     time.sleep(2)
     used = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(slices, before, strict=True))
-    assert used < 0.5, f"idle slices used {used:.2f} CPU-s in 2 s"  # polling, they took 1-2 each
+    assert used < 0.5, f"idle slices used {used:.2f} CPU-s in 2 s"  # polling: ~0.8 each (serve, 2 cores)
     loop_thread.run(decode(pipeline, seqs, 2))  # the same sequences go on over a new graph
     check(untied_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
