@@ -52,16 +52,17 @@ def test_a_signal_stops_the_demo_saying_so(signum, tmp_path, monkeypatch):
 
     def steps(args, workdir, log_path, out):
         signal.signal(signal.SIGTERM, demo._interrupt)  # as run_steps does once Ray is up
-        # To this thread, and handled before raise_signal returns. os.kill(getpid()) goes to whichever thread the
-        # kernel picks (Ray's too, once a test in this worker started Ray): once, under `make test`, run_demo
-        # returned 0 with the handler not yet run.
-        signal.raise_signal(signum)
+        signal.raise_signal(signum)  # to this thread, handled before it returns
 
     monkeypatch.setattr(demo, "run_steps", steps)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # Ctrl-C as in a terminal: a command a non-interactive shell starts with `&` (`make test &` in a script)
+    # gets SIGINT ignored, and Python leaves it so; run_demo then returned 0.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         status = demo.run_demo(argparse.Namespace(workdir=tmp_path))
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
     assert status == 128 + signum
     assert terminal.getvalue() == f"demo stopped by {signum.name}; logs: {tmp_path / 'demo.log'}\n"
