@@ -137,13 +137,15 @@ def ray_pipelines(ray_session, loop_thread) -> Iterator[dict]:
 def ray_pipeline(ray_pipelines, loop_thread, untied_model):
     """`ray_pipeline(shards)`: a RayPipeline over compiled graphs. A graph's slices poll their shared-memory
     channels while it idles, a core each, taking the CPU from whatever else runs on the machine: the graph
-    is torn down after each test, and the next test's first step builds a new one."""
+    is torn down after each test, and the next test's first step builds a new one. Not by the idle timer
+    (its default 10 s could run out while a loaded machine computes a reference), unless a test says so."""
     from qwen_relay.server.ray_pipeline import RayPipeline
 
     def get(shards: int) -> RayPipeline:
         if shards not in ray_pipelines:
             ray_pipelines[shards] = loop_thread.run(RayPipeline.start(
-                specs(untied_model, shards), use_gpu=False, transport="compiled", load_timeout=300))
+                specs(untied_model, shards), use_gpu=False, transport="compiled", load_timeout=300,
+                idle_teardown=0))
         return ray_pipelines[shards]
 
     yield get
@@ -265,10 +267,14 @@ def test_an_idle_graph_is_torn_down_and_the_next_step_builds_it_again(ray_pipeli
     import psutil
 
     pipeline = ray_pipeline(2)
-    monkeypatch.setattr(pipeline, "idle_teardown", 0.5)  # the module's other tests keep the default
+    monkeypatch.setattr(pipeline, "idle_teardown", 0.5)  # the module's other tests keep their graphs
     seqs = make_seqs()
-    loop_thread.run(step(pipeline, seqs))
-    graph = pipeline.transport
+
+    async def first_step():  # the graph, read before the loop can run the idle timer
+        await step(pipeline, seqs)
+        return pipeline.transport
+
+    graph = loop_thread.run(first_step())
     assert graph.name == "compiled graph"
     deadline = time.monotonic() + 30
     while pipeline.transport is not None:
@@ -281,6 +287,7 @@ def test_an_idle_graph_is_torn_down_and_the_next_step_builds_it_again(ray_pipeli
     time.sleep(2)
     used = sum(sum(p.cpu_times()[:2]) - b for p, b in zip(slices, before, strict=True))
     assert used < 0.5, f"idle slices used {used:.2f} CPU-s in 2 s"  # polling: ~0.8 each (serve, 2 cores)
+    monkeypatch.setattr(pipeline, "idle_teardown", 0.0)  # kept while the reference is computed below
     loop_thread.run(decode(pipeline, seqs, 2))  # the same sequences go on over a new graph
     check(untied_model, reference, seqs)
     assert pipeline.transport is not graph and pipeline.transport.name == "compiled graph"
