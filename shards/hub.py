@@ -11,12 +11,17 @@ from pathlib import Path
 METADATA_PATTERNS = ["*.json", "*.txt", "*.jinja", "tokenizer*"]
 
 
-def refuse_missing_folder(model: str) -> None:
-    """A name that can only be a path (absolute, `./`, `~`, more than one `/`, a file) and is no folder is refused
+def local_folder(model: str) -> Path | None:
+    """`model` as a local checkpoint folder, or None for a hub id.
+
+    A name that can only be a path (absolute, `./`, `~`, more than one `/`, a file) and is no folder is refused
     as such: not looked up on the hub, whose error would be about the form of a repo id."""
     path = Path(model).expanduser()
-    if not path.is_dir() and (model.startswith(("/", ".", "~")) or model.count("/") > 1 or path.exists()):
+    if path.is_dir():
+        return path
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1 or path.exists():
         raise FileNotFoundError(f"no checkpoint folder at {model} (a hub id is NAME or NAMESPACE/NAME)")
+    return None
 
 
 def model_dir(model: str) -> Path:
@@ -24,10 +29,9 @@ def model_dir(model: str) -> Path:
 
     Weight files are fetched later, one by one, only by the slices that need them (`weight_file`).
     """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    refuse_missing_folder(model)
+    folder = local_folder(model)
+    if folder is not None:
+        return folder
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(model, allow_patterns=METADATA_PATTERNS))

@@ -33,7 +33,7 @@ import torch
 
 from qwen_relay.server.local_ray import LocalRay
 from qwen_relay.shards.dtypes import resolve_dtype
-from qwen_relay.shards.hub import refuse_missing_folder
+from qwen_relay.shards.hub import local_folder
 
 from .cluster import (
     WorkerResourcesError,
@@ -630,11 +630,9 @@ def run_training(cfg: TrainConfig, exit_on_signal: bool = False) -> dict[str, An
     from transformers import AutoTokenizer
 
     wall_start = time.perf_counter()
-    folder = Path(cfg.model).expanduser()
-    if folder.is_dir():  # absolute: Ray Train runs each worker in the run's own directory, not in ours
+    folder = local_folder(cfg.model)
+    if folder is not None:  # absolute: Ray Train runs each worker in the run's own directory, not in ours
         cfg.model = str(folder.resolve())
-    else:
-        refuse_missing_folder(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except OSError as e:  # transformers' own, clear message (no network, no such repo): no traceback
