@@ -139,11 +139,11 @@ class RayPipeline:
             self._idle = None
 
     def _on_idle(self) -> None:
+        """Armed only with a transport and nothing in flight; every step and every drop cancels it first."""
         self._idle = None
-        if not self._in_flight and self.transport is not None:
-            log.info("no step for %g s: tearing down the %s (it polls a core per slice while idle); the next "
-                     "step builds it again", self.idle_teardown, self.transport.name)
-            self._start_drop()
+        log.info("no step for %g s: tearing down the %s (it polls a core per slice while idle); the next step "
+                 "builds it again", self.idle_teardown, self.transport.name)
+        self._start_drop()
 
     def _start_drop(self) -> None:
         """Detach the transport at once (no step can take it any more) and tear it down in the background."""
