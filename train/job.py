@@ -594,6 +594,11 @@ def _pad_token_id(tokenizer: Any) -> int:
     return int(pad)
 
 
+def _num_records(examples: list[Example]) -> int:
+    """Records, not sequences: a record gives one sequence per reply under some templates (train/data.py)."""
+    return len({e.location for e in examples})
+
+
 def prepare_job_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreparedData, list[Example], list[Example]]:
     """Validate and encode the data file, then split it; runs on the driver, before any worker exists."""
     data = prepare_dataset(
@@ -601,15 +606,16 @@ def prepare_job_data(cfg: TrainConfig, tokenizer: Any) -> tuple[PreparedData, li
     )
     train, evals = split_train_eval(data.examples, cfg.eval_fraction, cfg.seed)
     log.info(
-        "%s: %d record%s, %d usable (%d skipped, %d truncated): %d train, %d eval",
+        "%s: %d record%s, %d usable (%d skipped, %d truncated): %d train, %d eval; %d sequences",
         cfg.data,
         data.num_records,
         "s" * (data.num_records != 1),
-        len(data.examples),
+        data.num_used,
         data.num_skipped,
         data.num_truncated,
-        len(train),
-        len(evals),
+        _num_records(train),
+        _num_records(evals),
+        len(data.examples),
     )
     if cfg.eval_fraction > 0 and not evals:
         log.warning("one usable record: no eval set (--eval-fraction needs at least 2 records to hold one out)")
@@ -743,11 +749,11 @@ def _summary(
         },
         "records": {
             "total": data.num_records,
-            "used": len(data.examples),
+            "used": data.num_used,
             "skipped": data.num_skipped,
             "truncated": data.num_truncated,
-            "train": len(train),
-            "eval": len(evals),
+            "train": _num_records(train),
+            "eval": _num_records(evals),
             "problems": [str(p) for p in data.problems],
         },
         "config": cfg.to_dict(),
