@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TextIO
 
 from qwen_relay.client.aio import AsyncRelayClient
+from qwen_relay.ray_common.local_ray import LocalRay
 from qwen_relay.server.app import Relay, ServeOptions
-from qwen_relay.server.local_ray import LocalRay
 
 ADAPTER = "turkce"
 CHATS = [

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from qwen_relay.server.placement import FIRST_LOG_S, LOG_EVERY_S  # serve's placement wait: the same cadence
+from qwen_relay.ray_common.placement import FIRST_LOG_S, LOG_EVERY_S  # the same cadence as serve's placement wait
 
 __all__ = [
     "AUTH_MODE_VAR",

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from qwen_relay.server.local_ray import LocalRay
+from qwen_relay.ray_common.local_ray import LocalRay
 from qwen_relay.shards.dtypes import resolve_dtype
 from qwen_relay.shards.hub import local_folder
 
