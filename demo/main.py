@@ -86,7 +86,8 @@ def redirect_output(log_path: Path) -> TextIO:
 
 
 def train_adapter(model: str, data: Path, output: Path) -> dict:
-    from qwen_relay.train.job import TrainConfig, run_training
+    from qwen_relay.train.config import TrainConfig
+    from qwen_relay.train.job import run_training
     from qwen_relay.train.lora import LoraSettings
 
     config = TrainConfig(model=model, data=str(data), output=str(output),

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_relay.checkpoints.synthetic import QWEN3_CHAT_TEMPLATE, build_tokenizer
+from qwen_relay.train.checkpoints import FingerprintMismatch, check_fingerprint, check_resume
 from qwen_relay.train.cli import add_parsers, config_from_args
 from qwen_relay.train.cluster import (
     WorkerResourcesError,
@@ -19,6 +20,7 @@ from qwen_relay.train.cluster import (
     shortfall,
     worker_share,
 )
+from qwen_relay.train.config import TrainConfig
 from qwen_relay.train.data import (
     IGNORE_INDEX,
     DataValidationError,
@@ -29,13 +31,7 @@ from qwen_relay.train.data import (
     render_prompt,
     split_train_eval,
 )
-from qwen_relay.train.job import (
-    FingerprintMismatch,
-    TrainConfig,
-    _check_resume,
-    check_fingerprint,
-    run_training,
-)
+from qwen_relay.train.job import run_training
 from qwen_relay.train.loop import (
     batch_fingerprint,
     epoch_batches,
@@ -529,9 +525,9 @@ def test_resume_on_changed_data_is_refused_before_any_worker(tmp_path: Path) -> 
     for step, text in ((5, json.dumps({"step": 5, "fingerprint": "a" * 64})), (9, "{cut short")):
         (run / f"checkpoint-{step:06d}").mkdir(parents=True)
         (run / f"checkpoint-{step:06d}" / "train_state.json").write_text(text)
-    _check_resume(run, "a" * 64)  # the newest readable checkpoint matches
+    check_resume(run, "a" * 64)  # the newest readable checkpoint matches
     with pytest.raises(FingerprintMismatch) as info:
-        _check_resume(run, "b" * 64)
+        check_resume(run, "b" * 64)
     for words in ("--resume: run lora-x", "other data or batch settings", "--seed or --batch-size", "new --run-name"):
         assert words in str(info.value)
     check_fingerprint("", "b" * 64, "old checkpoint")  # written before fingerprints: warned, not refused
