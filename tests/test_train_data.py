@@ -125,6 +125,16 @@ def test_only_assistant_tokens_carry_labels(tokenizer) -> None:
     assert ids[: len(prompt)] == prompt
 
 
+def test_a_chatml_record_is_one_sequence_of_its_whole_render(tokenizer) -> None:
+    """Every prefix renders as a prefix: one sequence, the whole conversation (a last user turn included, as
+    before per-reply sequences existed, so fingerprints of existing runs still match)."""
+    messages = [*GOOD["messages"], {"role": "user", "content": "Thank you!"}]
+    [(ids, labels)], _ = encode_conversation(tokenizer, messages, MAX_LENGTH)
+    assert ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+        "input_ids"]
+    assert _labelled_text(tokenizer, ids, labels) == "Merhaba! Nasıl yardımcı olabilirim?<|im_end|>\n"
+
+
 @pytest.fixture(scope="module")
 def qwen3_tokenizer():
     """The synthetic tokenizer with Qwen3's real chat template (empty think block on the latest reply)."""

@@ -9,7 +9,8 @@ records and keeps their count and reasons for the training summary.
 Rendering uses the tokenizer's own chat template, so the model is trained on exactly the text it will see
 when served. Labels are the token ids on assistant turns (content plus the template's end-of-turn tokens,
 so the model learns to stop) and ``-100`` everywhere else: system and user turns, the template's role
-headers and padding.
+headers and padding. Where the template renders a reply differently once the conversation goes on (Qwen3's
+think blocks), a record becomes one sequence per reply, each reply labelled as it is rendered when served.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def _samples(tokenizer: Any, messages: list[dict[str, str]]) -> list[_Sample]:
     ``<think>`` block and drops earlier replies' reasoning, so there each reply is learned in a render that
     ends with it (the earlier replies in it are history, as the template renders history, unlabelled).
     Samples are taken from the latest turn back, each labelling every turn not yet covered that it renders
-    as served; working from renders keeps this independent of any one template's syntax.
+    as served, starting with the whole conversation (so a ChatML record is its whole render, as it always
+    was); working from renders keeps this independent of any one template's syntax.
     """
     turns: list[tuple[int, str, str]] = []  # (message index, generation prompt, render through the reply)
     try:
@@ -249,12 +251,14 @@ def _samples(tokenizer: Any, messages: list[dict[str, str]]) -> list[_Sample]:
                                  "generation prompt")
             turns.append((i, head, through))
         samples: list[_Sample] = []
+        end = len(messages)  # the whole conversation first, then up to the latest reply it did not cover
         while turns:
-            last, _, _ = turns[-1]
-            text = _render(tokenizer, messages[: last + 1])
-            samples.append(_Sample(text, [(len(head), len(through)) for _, head, through in turns
-                                          if text.startswith(through)]))
+            text = _render(tokenizer, messages[:end])
+            spans = [(len(head), len(through)) for _, head, through in turns if text.startswith(through)]
+            if spans:
+                samples.append(_Sample(text, spans))
             turns = [t for t in turns if not text.startswith(t[2])]
+            end = turns[-1][0] + 1 if turns else end
     except _BadRecord:
         raise
     except Exception as e:  # a template may raise anything (jinja errors, its own raise_exception)
