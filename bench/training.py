@@ -137,7 +137,7 @@ def bench(
     ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run each mode and return one row per mode (keys: mode, steps, samples, tokens, seconds, rates)."""
-    from qwen_relay.train.job import TrainConfig
+    from qwen_relay.train.config import TrainConfig
 
     cfg = TrainConfig(
         model=model,

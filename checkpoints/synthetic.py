@@ -5,8 +5,8 @@ the KV cache, streaming detokenisation, LoRA training) has to run against a real
 checkpoint directory, of each family the relay serves: Qwen2, Qwen3, Qwen3-MoE and Qwen3.5.
 This module writes one: ``config.json``, ``generation_config.json``, safetensors
 weights (sharded with ``model.safetensors.index.json`` when asked) and a small byte-level BPE tokenizer
-with Qwen's special tokens and ChatML chat template. ``AutoTokenizer.from_pretrained(dir)`` and
-``AutoModelForCausalLM.from_pretrained(dir)`` load the result offline.
+with Qwen's special tokens and its family's chat template (Qwen3's for Qwen3 and Qwen3-MoE, ChatML otherwise).
+``AutoTokenizer.from_pretrained(dir)`` and ``AutoModelForCausalLM.from_pretrained(dir)`` load the result offline.
 
 The weights are written tensor by tensor, in chunks, straight into the safetensors files (the model is
 only ever built on the ``meta`` device, to learn the key names and shapes), so memory stays at a few
@@ -70,6 +70,7 @@ __all__ = [
     "ENDOFTEXT",
     "IM_END",
     "IM_START",
+    "QWEN3_CHAT_TEMPLATE",
     "SHAPES",
     "Shape",
     "add_parser",
@@ -217,6 +218,57 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Qwen3's template (Qwen3 and Qwen3-MoE checkpoints), without its tool-calling branches: no default system turn;
+# an assistant turn after the last user turn gets a think block when it is the last message or has reasoning
+# (from `reasoning_content`, or split off a `<think>...</think>` in its content), so the latest reply is rendered
+# `<think>\n\n</think>\n\n` + reply when it has none; earlier replies lose their reasoning; `enable_thinking=False`
+# puts the empty block into the generation prompt. A conversation's render is therefore not its prefixes' renders
+# extended, which is what training has to cope with (train/data.py).
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}"
+    "{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string and not"
+    " (message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}"
+    "{%- set ns.multi_step_tool = false %}"
+    "{%- set ns.last_query_index = index %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.content is string %}{%- set content = message.content %}{%- else %}{%- set content = '' %}"
+    "{%- endif %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- set reasoning_content = '' %}"
+    "{%- if message.reasoning_content is string %}"
+    "{%- set reasoning_content = message.reasoning_content %}"
+    "{%- elif '</think>' in content %}"
+    "{%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_query_index and (loop.last or reasoning_content) %}"
+    "{{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n'"
+    " + content.lstrip('\\n') }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content }}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
+# Each family's template as its published checkpoints carry it; ChatML for the others.
+_CHAT_TEMPLATES = {"qwen3": QWEN3_CHAT_TEMPLATE, "qwen3_moe": QWEN3_CHAT_TEMPLATE}
+
 # Qwen2's pre-tokenizer split pattern (the same regex as in Qwen's tokenizer.json).
 _QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -332,12 +384,12 @@ def _train_tokenizer() -> Tokenizer:
     return tok
 
 
-def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+def build_tokenizer(out_dir: str | Path | None = None, chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
     """Train the synthetic tokenizer and, when ``out_dir`` is given, save it there.
 
     Qwen's own tokenizer cannot be downloaded here; this one has the same kind of model (byte-level BPE,
     so multi-byte UTF-8 characters can be split across tokens), the same special tokens and the same
-    ChatML template, which is what the serving code depends on.
+    chat template (``chat_template``: ChatML by default), which is what the serving code depends on.
     """
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=_train_tokenizer(),
@@ -345,7 +397,7 @@ def build_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFas
         pad_token=ENDOFTEXT,
         bos_token=None,
         unk_token=None,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
@@ -604,7 +656,7 @@ def build_checkpoint(
     base = dataclasses.replace(base, **{k: v for k, v in overrides.items() if k in shape_fields})
     extra = {k: v for k, v in overrides.items() if k not in shape_fields}
 
-    tokenizer = build_tokenizer(out)
+    tokenizer = build_tokenizer(out, _CHAT_TEMPLATES.get(base.family, CHAT_TEMPLATE))
     config = _make_config(base, tokenizer, dtype, extra, multimodal)
     config.save_pretrained(str(out))
     endoftext = tokenizer.convert_tokens_to_ids(ENDOFTEXT)

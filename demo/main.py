@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import TextIO
 
 from qwen_relay.client.aio import AsyncRelayClient
+from qwen_relay.ray_common.local_ray import LocalRay
 from qwen_relay.server.app import Relay, ServeOptions
-from qwen_relay.server.local_ray import LocalRay
 
 ADAPTER = "turkce"
 CHATS = [
@@ -86,7 +86,8 @@ def redirect_output(log_path: Path) -> TextIO:
 
 
 def train_adapter(model: str, data: Path, output: Path) -> dict:
-    from qwen_relay.train.job import TrainConfig, run_training
+    from qwen_relay.train.config import TrainConfig
+    from qwen_relay.train.job import run_training
     from qwen_relay.train.lora import LoraSettings
 
     config = TrainConfig(model=model, data=str(data), output=str(output),

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer, GenerationConfig
 
+from qwen_relay.ray_common.local_ray import LocalRay, local_ray_cpus
 from qwen_relay.shards.hub import model_dir
 from qwen_relay.shards.loader import load_config
 from qwen_relay.shards.runner import SliceSpec
@@ -28,7 +29,6 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
 from .engine import Engine, EngineConfig
 from .layout import balanced_split, describe, model_costs, parse_layers
-from .local_ray import LocalRay, local_ray_cpus
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
 from .placement import check_fits_node, local_cpu_share

@@ -16,13 +16,13 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from qwen_relay.ray_common.placement import PlacementError, describe_resources, wait_placed
 from qwen_relay.shards.actor import SliceActor
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
 from .pipeline import SLICE_ENV, AdapterSource, Recovery, SliceLost
-from .placement import PlacementError, describe_resources, wait_placed
 from .transport import SLICE_DIED, Transport, build_transport
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class RayPipeline:
                     idle_teardown: float = IDLE_TEARDOWN_S) -> RayPipeline:
         """Reserve a bundle per slice, start the actors and wait until every slice has loaded and warmed up.
 
-        Both waits are bounded and logged (server/placement.py); cancelling them (a signal during the load)
+        Both waits are bounded and logged (ray_common/placement.py); cancelling them (a signal during the load)
         releases the actors and the placement group before the cancellation goes on.
         """
         bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}

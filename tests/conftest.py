@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_relay.server.local_ray import PRESTART_ENV, free_port
+from qwen_relay.ray_common.local_ray import PRESTART_ENV, free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local test cluster; silences the token warning
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

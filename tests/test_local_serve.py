@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from qwen_relay.client import RelayClient
-from qwen_relay.server.local_ray import _session_pids, free_port
+from qwen_relay.ray_common.local_ray import _session_pids, free_port
 
 pytestmark = pytest.mark.slow
 

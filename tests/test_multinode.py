@@ -27,7 +27,7 @@ from test_local_serve import NATIVE_DUMP, Serve
 from transformers import AutoTokenizer
 
 from qwen_relay.client import RelayClient
-from qwen_relay.server.local_ray import _session_pids, free_port
+from qwen_relay.ray_common.local_ray import _session_pids, free_port
 
 pytestmark = pytest.mark.slow  # starts Ray actors, subprocesses or a cluster: `make test-fast` skips it
 

@@ -10,9 +10,10 @@ import socket
 
 import pytest
 
-from qwen_relay.server import local_ray, placement
-from qwen_relay.server.local_ray import free_port, local_ray_auth_env
-from qwen_relay.server.placement import PlacementError, check_fits_node, local_cpu_share, wait_placed
+from qwen_relay.ray_common import local_ray, placement
+from qwen_relay.ray_common.local_ray import free_port, local_ray_auth_env
+from qwen_relay.ray_common.placement import PlacementError, wait_placed
+from qwen_relay.server.placement import check_fits_node, local_cpu_share
 
 NODE = {"CPU": 2.0, "memory": 1e10, "object_store_memory": 1e9, "node:127.0.0.1": 1.0}
 

@@ -218,6 +218,10 @@ def test_newer_families_in_the_published_layout_load_completely(tmp_path: Path, 
         saved = _tensors(tmp_path / "saved")
         assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in tensors.items()}
     config = AutoConfig.from_pretrained(out)
+    # Qwen3 and Qwen3-MoE carry Qwen3's template: the latest reply gets an empty think block.
+    chat = AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenize=False)
+    assert ("<think>\n\n</think>\n\nHello!" in chat) == (shape != "tiny-qwen3.5")
     if shape == "tiny-qwen3":
         assert config.model_type == "qwen3" and config.head_dim == 32
         assert "model.layers.0.self_attn.q_norm.weight" in tensors

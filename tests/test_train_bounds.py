@@ -24,8 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from qwen_relay.train.checkpoints import SNAPSHOT_FILE, STATE_FILE, pick_run_name
 from qwen_relay.train.cluster import WorkerResourcesError
-from qwen_relay.train.job import _SNAPSHOT_FILE, STATE_FILE, TrainConfig, _pick_run_name, run_training
+from qwen_relay.train.config import TrainConfig
+from qwen_relay.train.job import run_training
 from qwen_relay.train.loop import TrainState
 
 pytestmark = pytest.mark.slow
@@ -207,10 +209,10 @@ def test_signal_to_the_group_stops_cleanly_keeping_checkpoints(
     share = math.floor(NODE_CPUS / workers * 10_000) / 10_000
     assert f"{{'CPU': {share}}} each, 1 torch thread(s)" in text
     storage = str(out / "ray")
-    run = _pick_run_name(storage, TrainConfig(model="m", data="d", output=str(out), resume=True))
+    run = pick_run_name(storage, TrainConfig(model="m", data="d", output=str(out), resume=True))
     # The checkpoint --resume continues from: the newest Ray Train registered (a newer directory may have been
     # cut short by the signal).
-    snapshot = json.loads((out / "ray" / run / _SNAPSHOT_FILE).read_text())
+    snapshot = json.loads((out / "ray" / run / SNAPSHOT_FILE).read_text())
     latest = out / "ray" / run / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     assert (latest / "adapter_model.safetensors").is_file()
     state = TrainState.from_dict(json.loads((latest / STATE_FILE).read_text()))

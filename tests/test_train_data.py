@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qwen_relay.checkpoints.synthetic import QWEN3_CHAT_TEMPLATE, build_tokenizer
+from qwen_relay.train.checkpoints import FingerprintMismatch, check_fingerprint, check_resume
 from qwen_relay.train.cli import add_parsers, config_from_args
 from qwen_relay.train.cluster import (
     WorkerResourcesError,
@@ -18,6 +20,7 @@ from qwen_relay.train.cluster import (
     shortfall,
     worker_share,
 )
+from qwen_relay.train.config import TrainConfig
 from qwen_relay.train.data import (
     IGNORE_INDEX,
     DataValidationError,
@@ -28,13 +31,7 @@ from qwen_relay.train.data import (
     render_prompt,
     split_train_eval,
 )
-from qwen_relay.train.job import (
-    FingerprintMismatch,
-    TrainConfig,
-    _check_resume,
-    check_fingerprint,
-    run_training,
-)
+from qwen_relay.train.job import run_training
 from qwen_relay.train.loop import (
     batch_fingerprint,
     epoch_batches,
@@ -107,7 +104,8 @@ def test_only_assistant_tokens_carry_labels(tokenizer) -> None:
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "Paris."},
     ]
-    ids, labels, truncated = encode_conversation(tokenizer, messages, MAX_LENGTH)
+    # ChatML renders every prefix as a prefix: one sequence carries both replies.
+    [(ids, labels)], truncated = encode_conversation(tokenizer, messages, MAX_LENGTH)
     assert not truncated and len(ids) == len(labels)
     # The ids are exactly the template's rendering of the whole conversation.
     assert (
@@ -127,13 +125,79 @@ def test_only_assistant_tokens_carry_labels(tokenizer) -> None:
     assert ids[: len(prompt)] == prompt
 
 
+def test_a_chatml_record_is_one_sequence_of_its_whole_render(tokenizer) -> None:
+    """Every prefix renders as a prefix: one sequence, the whole conversation (a last user turn included, as
+    before per-reply sequences existed, so fingerprints of existing runs still match)."""
+    messages = [*GOOD["messages"], {"role": "user", "content": "Thank you!"}]
+    [(ids, labels)], _ = encode_conversation(tokenizer, messages, MAX_LENGTH)
+    assert ids == tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)[
+        "input_ids"]
+    assert _labelled_text(tokenizer, ids, labels) == "Merhaba! Nasıl yardımcı olabilirim?<|im_end|>\n"
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    """The synthetic tokenizer with Qwen3's real chat template (empty think block on the latest reply)."""
+    return build_tokenizer(chat_template=QWEN3_CHAT_TEMPLATE)
+
+
+QWEN3_CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Merhaba"},
+    {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nMerhaba! Nasıl yardımcı olabilirim?"},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+]
+
+
+def test_qwen3_multi_turn_learns_each_reply_as_it_is_served(qwen3_tokenizer) -> None:
+    """Qwen3's template gives only the latest reply a think block and drops earlier replies' reasoning, so the
+    whole conversation's render does not extend its prefixes' renders: each reply is learned in a sequence that
+    ends with it, after exactly the prompt the server renders for it, think block included."""
+    encoded, truncated = encode_conversation(qwen3_tokenizer, QWEN3_CHAT, MAX_LENGTH)
+    assert len(encoded) == 2 and not truncated
+    replies = ["<think>\nA greeting.\n</think>\n\nMerhaba! Nasıl yardımcı olabilirim?<|im_end|>\n",
+               "<think>\n\n</think>\n\nParis.<|im_end|>\n"]
+    for (ids, labels), end, reply in zip(encoded, (3, 5), replies, strict=True):
+        through = qwen3_tokenizer.apply_chat_template(QWEN3_CHAT[:end], tokenize=False)
+        assert ids == qwen3_tokenizer(through, add_special_tokens=False)["input_ids"]
+        assert _labelled_text(qwen3_tokenizer, ids, labels) == reply
+        prompt = qwen3_tokenizer(render_prompt(qwen3_tokenizer, QWEN3_CHAT[:end]), add_special_tokens=False)
+        n = len(prompt["input_ids"])
+        assert ids[:n] == prompt["input_ids"] and labels[:n] == [IGNORE_INDEX] * n
+    # The second sequence holds the first reply as history (reasoning dropped), unlabelled.
+    assert "A greeting" not in qwen3_tokenizer.decode(encoded[1][0])
+
+
+def test_qwen3_multi_turn_file_is_accepted(qwen3_tokenizer, tmp_path: Path) -> None:
+    path = _write(tmp_path / "chat.jsonl", [GOOD, {"messages": QWEN3_CHAT}], jsonl=True)
+    data = prepare_dataset(path, qwen3_tokenizer, MAX_LENGTH, bad_records="error")
+    assert (data.num_records, data.num_used, data.num_skipped) == (2, 2, 0)
+    assert [e.location for e in data.examples] == ["line 1", "line 2", "line 2"]
+    # A record's sequences stay on one side of the split.
+    for seed in range(5):
+        train, evals = split_train_eval(data.examples, 0.5, seed)
+        assert len({e.location for e in evals}) == 1 and {e.location for e in train}.isdisjoint(
+            e.location for e in evals)
+
+
+def test_qwen3_truncation_keeps_the_replies_that_fit(qwen3_tokenizer) -> None:
+    """The second reply's prompt alone is past --max-length: the first reply still trains, the record counts as
+    truncated."""
+    messages = [*QWEN3_CHAT[:3], {"role": "user", "content": "water " * 200}, QWEN3_CHAT[4]]
+    [(ids, labels)], truncated = encode_conversation(qwen3_tokenizer, messages, MAX_LENGTH)
+    assert truncated and _labelled_text(qwen3_tokenizer, ids, labels).endswith("olabilirim?<|im_end|>\n")
+    with pytest.raises(Exception, match="too long"):
+        encode_conversation(qwen3_tokenizer, messages, MAX_LENGTH, truncation="drop")
+
+
 def test_padding_is_masked(tokenizer) -> None:
-    short = Example(*encode_conversation(tokenizer, GOOD["messages"], MAX_LENGTH)[:2], "index 0")
+    short = Example(*encode_conversation(tokenizer, GOOD["messages"], MAX_LENGTH)[0][0], "index 0")
     long_messages = [
         {"role": "user", "content": "Tell me about the sea."},
         {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 3},
     ]
-    long = Example(*encode_conversation(tokenizer, long_messages, MAX_LENGTH)[:2], "index 1")
+    long = Example(*encode_conversation(tokenizer, long_messages, MAX_LENGTH)[0][0], "index 1")
     batch = collate([short, long], pad_token_id=tokenizer.pad_token_id)
     n = len(short.input_ids)
     assert batch["input_ids"].shape == (2, len(long.input_ids))
@@ -149,8 +213,8 @@ def test_truncation_keeps_the_start_and_its_labels(tokenizer) -> None:
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog. " * 20},
     ]
-    full_ids, full_labels, _ = encode_conversation(tokenizer, messages, 10_000)
-    ids, labels, truncated = encode_conversation(tokenizer, messages, 40)
+    [(full_ids, full_labels)], _ = encode_conversation(tokenizer, messages, 10_000)
+    [(ids, labels)], truncated = encode_conversation(tokenizer, messages, 40)
     assert truncated and ids == full_ids[:40] and labels == full_labels[:40]
     with pytest.raises(Exception, match="too long"):
         encode_conversation(tokenizer, messages, 40, truncation="drop")
@@ -236,7 +300,7 @@ def test_each_worker_gets_its_own_shard(n: int, world: int, batch: int) -> None:
 def test_loss_is_transformers_loss_on_the_labels(tiny_model: Path, tokenizer) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     examples = [
-        Example(*encode_conversation(tokenizer, m, MAX_LENGTH)[:2], "x")
+        Example(*encode_conversation(tokenizer, m, MAX_LENGTH)[0][0], "x")
         for m in (
             GOOD["messages"],
             [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
@@ -253,7 +317,7 @@ def test_loss_is_transformers_loss_on_the_labels(tiny_model: Path, tokenizer) ->
 def test_single_process_loop_learns(tiny_model: Path, tokenizer) -> None:
     torch.manual_seed(0)
     model = build_lora_model(tiny_model, LoraSettings())
-    examples = [Example(*encode_conversation(tokenizer, GOOD["messages"], MAX_LENGTH)[:2], "index 0")] * 2
+    examples = [Example(*encode_conversation(tokenizer, GOOD["messages"], MAX_LENGTH)[0][0], "index 0")] * 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core machine make tiny steps ~4x slower
     try:
@@ -471,9 +535,9 @@ def test_resume_on_changed_data_is_refused_before_any_worker(tmp_path: Path) -> 
     for step, text in ((5, json.dumps({"step": 5, "fingerprint": "a" * 64})), (9, "{cut short")):
         (run / f"checkpoint-{step:06d}").mkdir(parents=True)
         (run / f"checkpoint-{step:06d}" / "train_state.json").write_text(text)
-    _check_resume(run, "a" * 64)  # the newest readable checkpoint matches
+    check_resume(run, "a" * 64)  # the newest readable checkpoint matches
     with pytest.raises(FingerprintMismatch) as info:
-        _check_resume(run, "b" * 64)
+        check_resume(run, "b" * 64)
     for words in ("--resume: run lora-x", "other data or batch settings", "--seed or --batch-size", "new --run-name"):
         assert words in str(info.value)
     check_fingerprint("", "b" * 64, "old checkpoint")  # written before fingerprints: warned, not refused

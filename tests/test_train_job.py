@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qwen_relay.train.config import TrainConfig
 from qwen_relay.train.data import render_prompt
-from qwen_relay.train.job import TrainConfig, run_training
+from qwen_relay.train.job import run_training
 
 pytestmark = pytest.mark.slow  # Ray Train runs on the session's Ray
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 
+from .config import TrainConfig
 from .lora import LoraSettings
 
 __all__ = ["add_parsers", "config_from_args", "run_merge", "run_train"]
@@ -183,10 +184,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     _add_merge_parser(subparsers)
 
 
-def config_from_args(args: argparse.Namespace):  # -> TrainConfig (imported lazily: keeps --help fast)
-    """The :class:`~qwen_relay.train.job.TrainConfig` for parsed ``train`` arguments."""
-    from .job import TrainConfig
-
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The :class:`~qwen_relay.train.config.TrainConfig` for parsed ``train`` arguments."""
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     return TrainConfig(
         model=args.model,

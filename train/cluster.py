@@ -11,20 +11,27 @@ On an existing cluster waiting for an autoscaler is normal, so the wait is logge
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 
-from qwen_relay.server.placement import FIRST_LOG_S, LOG_EVERY_S  # serve's placement wait: the same cadence
+from qwen_relay.ray_common.local_ray import LocalRay
+from qwen_relay.ray_common.placement import FIRST_LOG_S, LOG_EVERY_S  # the same cadence as serve's placement wait
+
+from .config import TrainConfig
 
 __all__ = [
     "AUTH_MODE_VAR",
+    "Placement",
     "WorkerResourcesError",
     "WorkerShare",
     "node_cpus",
+    "place_workers",
     "shortfall",
+    "starts_own_node",
     "wait_for_worker_resources",
     "worker_share",
 ]
@@ -125,3 +132,60 @@ def wait_for_worker_resources(per_worker: dict[str, float], workers: int, timeou
             interval = LOG_EVERY_S
     finally:
         remove_placement_group(pg)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the workers go: each one's resources and threads, and whether this call initialized Ray
+    (started a node or connected), so that it also shuts it down."""
+
+    resources: dict[str, float]
+    threads: int
+    owns_ray: bool
+    local_ray: LocalRay | None  # the node this call started, in a session of its own (stopped last)
+
+
+def starts_own_node(cfg: TrainConfig) -> bool:
+    """Whether ``train`` starts a Ray node of its own: no cluster given and no ``ray.init`` made already."""
+    import ray
+
+    return not (cfg.ray_address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
+def place_workers(cfg: TrainConfig) -> Placement:
+    """Start a Ray node of our own, or join the cluster already there, and make sure the workers fit.
+
+    On our own node the workers are sized to fit it (or refused at once); on an existing cluster (given by
+    ``--ray-address``, ``RAY_ADDRESS``, or a ``ray.init`` the caller already made) the wait for their
+    resources is logged and bounded by ``--placement-timeout``.
+    """
+    import ray
+
+    owns = not ray.is_initialized()
+    started = starts_own_node(cfg)
+    local_ray = None
+    if started:
+        cpus = node_cpus()
+        share = worker_share(cfg.workers, cpus, cfg.cpus_per_worker)
+        # As serve does (docs/local-ray.md): Ray in a session of its own, so a signal to this process group
+        # reaches the driver alone and Ray is stopped by it, last, instead of dying underneath it.
+        local_ray = asyncio.run(LocalRay.start(cpus, dashboard=True))  # Ray Train asks its state API
+        ray.init(address=local_ray.address)
+    else:
+        if owns:
+            ray.init(address=cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+        cpus_per_worker = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else 1.0
+        share = WorkerShare(cpus_per_worker, max(1, int(cpus_per_worker)))
+    resources: dict[str, float] = {"CPU": share.cpus}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    if started:
+        missing = shortfall(resources, cfg.workers, ray.cluster_resources())
+        if missing:
+            ray.shutdown()
+            local_ray.stop()
+            needs = ", ".join(f"{need:g} {name} (the node has {have:g})" for name, (need, have) in missing.items())
+            raise WorkerResourcesError(f"--workers {cfg.workers} need {needs}: lower --workers")
+    else:
+        wait_for_worker_resources(resources, cfg.workers, cfg.placement_timeout)
+    return Placement(resources, share.threads, owns, local_ray)

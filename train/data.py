@@ -9,7 +9,8 @@ records and keeps their count and reasons for the training summary.
 Rendering uses the tokenizer's own chat template, so the model is trained on exactly the text it will see
 when served. Labels are the token ids on assistant turns (content plus the template's end-of-turn tokens,
 so the model learns to stop) and ``-100`` everywhere else: system and user turns, the template's role
-headers and padding.
+headers and padding. Where the template renders a reply differently once the conversation goes on (Qwen3's
+think blocks), a record becomes one sequence per reply, each reply labelled as it is rendered when served.
 """
 
 from __future__ import annotations
@@ -95,7 +96,11 @@ class Example:
 
 @dataclass
 class PreparedData:
-    """The usable examples plus what was wrong with the rest (for the log and the training summary)."""
+    """The usable examples plus what was wrong with the rest (for the log and the training summary).
+
+    A record gives one example, or one per reply where its chat template renders replies differently once
+    the conversation goes on (Qwen3's think blocks): ``num_used`` counts records, ``examples`` sequences.
+    """
 
     examples: list[Example]
     problems: list[Problem] = field(default_factory=list)
@@ -105,6 +110,10 @@ class PreparedData:
     @property
     def num_skipped(self) -> int:
         return len(self.problems)
+
+    @property
+    def num_used(self) -> int:
+        return len({e.location for e in self.examples})
 
 
 def _parse_json(text: str) -> Any:
@@ -206,17 +215,30 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return _render(tokenizer, messages, add_generation_prompt=True)
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans the model should learn to produce.
+@dataclass(frozen=True)
+class _Sample:
+    """One rendered text to train on and the character spans in it that carry labels."""
 
-    Each assistant span runs from the end of the generation prompt (the conversation so far rendered with
-    ``add_generation_prompt``) to the end of the conversation rendered through that assistant message:
-    the reply plus the template's end-of-turn marker. Working from prefix renders keeps this independent
-    of any one template's syntax; it needs the template to render prefixes as prefixes, which is checked.
+    text: str
+    spans: list[tuple[int, int]]
+
+
+def _samples(tokenizer: Any, messages: list[dict[str, str]]) -> list[_Sample]:
+    """The texts to train on for a conversation, and in each the replies the model should learn to produce.
+
+    Each assistant turn is learned as the model produces it when served: after the generation prompt (the
+    conversation so far rendered with ``add_generation_prompt``), the text that rendering the conversation
+    through that turn adds (the reply plus the template's end-of-turn marker). A turn can be learned inside a
+    longer render only where that render starts with the turn's own render: ChatML renders every prefix as a
+    prefix, so one render carries every reply; Qwen3's template gives the latest reply an empty
+    ``<think>`` block and drops earlier replies' reasoning, so there each reply is learned in a render that
+    ends with it (the earlier replies in it are history, as the template renders history, unlabelled).
+    Samples are taken from the latest turn back, each labelling every turn not yet covered that it renders
+    as served, starting with the whole conversation (so a ChatML record is its whole render, as it always
+    was); working from renders keeps this independent of any one template's syntax.
     """
+    turns: list[tuple[int, str, str]] = []  # (message index, generation prompt, render through the reply)
     try:
-        full = _render(tokenizer, messages)
-        spans: list[tuple[int, int]] = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
@@ -224,51 +246,68 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[st
                 raise _BadRecord("starts with an assistant message: there is no prompt to answer")
             head = _render(tokenizer, messages[:i], add_generation_prompt=True)
             through = _render(tokenizer, messages[: i + 1])
-            if not (full.startswith(through) and through.startswith(head)):
-                raise _BadRecord("the chat template does not render this conversation's prefixes as prefixes")
-            spans.append((len(head), len(through)))
+            if not through.startswith(head):
+                raise _BadRecord(f"the chat template renders assistant message {i} other than after its "
+                                 "generation prompt")
+            turns.append((i, head, through))
+        samples: list[_Sample] = []
+        end = len(messages)  # the whole conversation first, then up to the latest reply it did not cover
+        while turns:
+            text = _render(tokenizer, messages[:end])
+            spans = [(len(head), len(through)) for _, head, through in turns if text.startswith(through)]
+            if spans:
+                samples.append(_Sample(text, spans))
+            turns = [t for t in turns if not text.startswith(t[2])]
+            end = turns[-1][0] + 1 if turns else end
     except _BadRecord:
         raise
     except Exception as e:  # a template may raise anything (jinja errors, its own raise_exception)
         raise _BadRecord(f"the chat template cannot render it: {e}") from None
-    return full, spans
+    samples.reverse()
+    return samples
 
 
-def encode_conversation(
-    tokenizer: Any, messages: list[dict[str, str]], max_length: int, truncation: str = "truncate"
-) -> tuple[list[int], list[int], bool]:
-    """Token ids, labels (-100 outside assistant spans) and whether the conversation was truncated.
-
-    ``truncation="truncate"`` keeps the first ``max_length`` tokens; ``"drop"`` refuses anything longer.
-    Either way a conversation with no assistant token left inside ``max_length`` is refused (raises
-    ``_BadRecord``): training on it would only teach the prompt, never a reply.
-    """
-    if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, not {truncation!r}")
-    text, spans = _assistant_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+def _encode(tokenizer: Any, sample: _Sample) -> tuple[list[int], list[int]]:
+    enc = tokenizer(sample.text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
     for i, (start, _end) in enumerate(enc["offset_mapping"]):
         # A token belongs to a span when it starts inside it; a token that straddles the span's start
         # carries prompt text too and stays unlabelled.
-        if any(a <= start < b for a, b in spans):
+        if any(a <= start < b for a, b in sample.spans):
             labels[i] = input_ids[i]
-    truncated = len(input_ids) > max_length
-    if truncated:
-        if truncation == "drop":
-            raise _BadRecord(f"too long: {len(input_ids)} tokens > --max-length {max_length}")
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return input_ids, labels
+
+
+def encode_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], max_length: int, truncation: str = "truncate"
+) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """Token ids and labels (-100 outside assistant spans) of each sequence, and whether any was truncated.
+
+    One sequence when the template renders the conversation's prefixes as prefixes (ChatML), else several
+    (see :func:`_samples`). ``truncation="truncate"`` keeps each sequence's first ``max_length`` tokens and
+    leaves out a sequence with no assistant token left; ``"drop"`` refuses a conversation with any sequence
+    longer (raises ``_BadRecord``). Either way a conversation with no assistant token left inside
+    ``max_length`` is refused: training on it would only teach the prompt, never a reply.
+    """
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, not {truncation!r}")
+    encoded = [_encode(tokenizer, sample) for sample in _samples(tokenizer, messages)]
+    longest = max(len(ids) for ids, _ in encoded)
+    truncated = longest > max_length
+    if truncated and truncation == "drop":
+        raise _BadRecord(f"too long: {longest} tokens > --max-length {max_length}")
     # The first token cannot be predicted (labels are shifted by one inside the loss).
-    if all(x == IGNORE_INDEX for x in labels[1:]):
-        first = next((i for i, x in enumerate(labels) if x != IGNORE_INDEX), None)
+    kept = [(ids[:max_length], labels[:max_length]) for ids, labels in encoded
+            if any(x != IGNORE_INDEX for x in labels[1:max_length])]
+    if not kept:
         if truncated:
             raise _BadRecord(
-                f"too long: the first assistant token is past --max-length {max_length} "
-                f"({len(enc['input_ids'])} tokens in all)"
+                f"too long: the first assistant token is past --max-length {max_length} ({longest} tokens in all)"
             )
+        first = next((i for i, x in enumerate(encoded[0][1]) if x != IGNORE_INDEX), None)
         raise _BadRecord(f"no assistant tokens to learn (first labelled token: {first})")
-    return input_ids, labels, truncated
+    return kept, truncated
 
 
 def prepare_dataset(
@@ -296,13 +335,11 @@ def prepare_dataset(
         reason = validate_record(record)
         if reason is None:
             try:
-                ids, labels, truncated = encode_conversation(
-                    tokenizer, _messages(record), max_length, truncation
-                )
+                encoded, truncated = encode_conversation(tokenizer, _messages(record), max_length, truncation)
             except _BadRecord as e:
                 reason = str(e)
             else:
-                examples.append(Example(ids, labels, location))
+                examples.extend(Example(ids, labels, location) for ids, labels in encoded)
                 num_truncated += truncated
         if reason is not None:
             problems.append(Problem(location, reason))
@@ -327,21 +364,23 @@ def prepare_dataset(
 def split_train_eval(
     examples: Sequence[Example], eval_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """A seeded random split; with a fraction > 0 and at least two examples, eval gets at least one.
+    """A seeded random split of the records; with a fraction > 0 and at least two records, eval gets at least one.
 
-    Eval never takes the last training example: ``int(n * fraction) < n`` for a fraction below 1, so a
-    single example is all training (the caller logs that there is no eval set).
+    A record's examples (one per reply under some templates) stay together, so eval never scores a reply
+    whose conversation was trained on. Eval never takes the last training record: ``int(n * fraction) < n``
+    for a fraction below 1, so a single record is all training (the caller logs that there is no eval set).
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
-    n_eval = int(len(examples) * eval_fraction)
-    if eval_fraction > 0 and n_eval == 0 and len(examples) >= 2:
+    records = list(dict.fromkeys(e.location for e in examples))
+    n_eval = int(len(records) * eval_fraction)
+    if eval_fraction > 0 and n_eval == 0 and len(records) >= 2:
         n_eval = 1
-    order = list(range(len(examples)))
+    order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    eval_idx = set(order[:n_eval])
-    train = [e for i, e in enumerate(examples) if i not in eval_idx]
-    evals = [e for i, e in enumerate(examples) if i in eval_idx]
+    held_out = {records[i] for i in order[:n_eval]}
+    train = [e for e in examples if e.location not in held_out]
+    evals = [e for e in examples if e.location in held_out]
     return train, evals
 
 

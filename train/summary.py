@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUMMARY_FILE", "LOSS_CURVE_FILE", "plot_loss_curve", "write_summary"]
+from .config import TrainConfig
+from .data import Example, PreparedData
+from .loop import TrainState
+
+__all__ = ["SUMMARY_FILE", "LOSS_CURVE_FILE", "build_summary", "num_records", "plot_loss_curve", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +75,56 @@ def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> tuple[Path, P
     )
     log.info("wrote %s and %s", json_path, png_path)
     return json_path, png_path
+
+
+def num_records(examples: list[Example]) -> int:
+    """Records, not sequences: a record gives one sequence per reply under some templates (train/data.py)."""
+    return len({e.location for e in examples})
+
+
+def build_summary(
+    cfg: TrainConfig,
+    data: PreparedData,
+    train: list[Example],
+    evals: list[Example],
+    state: TrainState,
+    run_name: str,
+    storage: str,
+    result: Any,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """What ``training_summary.json`` holds: the run, its records, its config and its losses."""
+    last_epoch = [h["loss"] for h in state.history[-state.steps_per_epoch :]] if state.steps_per_epoch else []
+    return {
+        "model": cfg.model,
+        "data": cfg.data,
+        "output": cfg.output,
+        "run": {
+            "name": run_name,
+            "storage_path": storage,
+            "checkpoint": result.checkpoint.path,
+            "restarts_from_step": state.restarts,
+        },
+        "records": {
+            "total": data.num_records,
+            "used": data.num_used,
+            "skipped": data.num_skipped,
+            "truncated": data.num_truncated,
+            "train": num_records(train),
+            "eval": num_records(evals),
+            "problems": [str(p) for p in data.problems],
+        },
+        "config": cfg.to_dict(),
+        "steps": state.step,
+        "epochs": state.epoch,
+        "final_train_loss": (sum(last_epoch) / len(last_epoch)) if last_epoch else None,
+        "final_eval_loss": state.eval_history[-1]["eval_loss"] if state.eval_history else None,
+        "train_seconds": state.train_seconds,
+        "wall_seconds": wall_seconds,
+        "tokens": state.tokens,
+        "samples": state.samples,
+        "tokens_per_s": state.tokens / state.train_seconds if state.train_seconds else None,
+        "samples_per_s": state.samples / state.train_seconds if state.train_seconds else None,
+        "history": state.history,
+        "eval_history": state.eval_history,
+    }

@@ -1,4 +1,4 @@
-"""The local Ray cluster that `serve` (and the demo) start when no `--ray-address` is given.
+"""The local Ray cluster that `serve`, `train` (and the demo) start when no `--ray-address` is given.
 
 It runs as `ray start --head --block` in a session of its own (docs/local-ray.md):
 
