@@ -275,7 +275,7 @@ def test_adapter_that_cannot_be_restored_fails_its_requests_only(tiny_model, tok
     assert isinstance(lora, AdapterLost) and "'v1.2' was unloaded" in str(lora)
     assert ("changed since the gateway loaded it" in str(lora)) == (change == "retrained-in-place")
     assert base == reference(tiny_model, PROMPTS[1], MAX_NEW)
-    assert h.lost_adapters == ["v1.2"] and pipeline.adapters == {}
+    assert h.lost_adapters == ["v1.2"] and pipeline.adapters.sources == {}
     assert all("v1.2" not in r.adapters.held for r in pipeline.runners)
     assert h.health == [False, True] and pipeline.lost == 1
 
@@ -300,7 +300,8 @@ def test_unload_failing_half_way_leaves_nothing_served_and_the_name_reusable(tin
             await registry.load("a", str(folder))
             broken.unload_adapter = fail
             await registry.unload("a")  # slice 0 dropped it, slice 1 raised
-            state = ("a" in registry, dict(pipeline.adapters), [set(r.adapters.held) for r in pipeline.runners])
+            held = [set(r.adapters.held) for r in pipeline.runners]
+            state = ("a" in registry, dict(pipeline.adapters.sources), held)
             del broken.unload_adapter
             await registry.load("a", str(folder))  # the leftover on slice 1 is replaced, not refused
             return state, "a" in registry
@@ -324,7 +325,7 @@ def test_a_slice_failing_during_load_adapter_leaves_it_nowhere(tiny_model, tmp_p
 
     with pytest.raises(RuntimeError, match="injected"):
         asyncio.run(pipeline.load_adapter("a", str(folder), fingerprint(folder)))
-    assert pipeline.adapters == {} and not pipeline.runners[0].adapters.held
+    assert pipeline.adapters.sources == {} and not pipeline.runners[0].adapters.held
 
 
 # ------------------------------------------------------- RayPipeline's recovery logic, with stand-in actors
@@ -387,7 +388,7 @@ def test_ray_slice_dying_during_load_adapter_is_unavailable_and_leaves_it_nowher
     pipeline.actors[1].dead = True
     with pytest.raises(SliceLost, match="slice 1 died while loading adapter 'a'"):
         asyncio.run(pipeline.load_adapter("a", "/x", "f"))
-    assert pipeline.adapters == {} and pipeline.actors[0].held == {}
+    assert pipeline.adapters.sources == {} and pipeline.actors[0].held == {}
 
 
 def test_ray_recover_waits_for_dead_slices_and_reports_adapters_it_cannot_restore():
@@ -407,7 +408,8 @@ def test_ray_recover_waits_for_dead_slices_and_reports_adapters_it_cannot_restor
     restarted.load_adapter = _Method(refuse_b)
     recovery = asyncio.run(pipeline.recover())
     assert recovery.lost_adapters == {"b": "path: /y is not a PEFT adapter folder"}
-    assert set(pipeline.adapters) == {"a"} and restarted.held == {"a": "f"} and pipeline.actors[0].held == {"a": "f"}
+    assert set(pipeline.adapters.sources) == {"a"}
+    assert restarted.held == {"a": "f"} and pipeline.actors[0].held == {"a": "f"}
     assert pipeline.actors[0].resets == restarted.resets == 1
 
 
