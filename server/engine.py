@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.sampler import NO_TOKEN
 
-from .pipeline import Pipeline, SliceLost
+from .pipeline import AdapterNotServed, Pipeline, SliceLost
 from .scheduler import Scheduler
 from .sequence import Delta, FinishReason, Sequence
 
@@ -63,8 +63,8 @@ class Unavailable(RuntimeError):
 
 
 class AdapterLost(RuntimeError):
-    """The request's adapter was unloaded because a restarted slice could not load it again
-    (FAILED_PRECONDITION: load it again, then retry)."""
+    """The request's adapter was unloaded: before the request was admitted, or because a restarted slice could
+    not load it again (FAILED_PRECONDITION: load it again, then retry). Never a lost slice."""
 
 
 class ReplayLimit(RuntimeError):
@@ -162,6 +162,12 @@ class Engine:
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise Overloaded(f"admission queue is full: {len(self.scheduler.waiting)} requests wait for one of "
                              f"{self.config.max_batch} active-sequence slots (limits --max-queue, --max-batch)")
+        adapter = seq.params.adapter
+        if adapter and (self.pipeline is None or adapter not in self.pipeline.adapters):
+            # Validated while loaded, unloaded since: admission and `adapter_users` are one atomic step apart
+            # from an unload's check, so no request naming an unloaded adapter reaches a slice.
+            raise AdapterLost(f"adapter {adapter!r} was unloaded before this request started; load it again, "
+                              f"then retry")
         self.scheduler.add(seq)
         self._report_load()
         self._wake.set()
@@ -263,6 +269,12 @@ class Engine:
         except SliceLost as e:
             self._lost_step(step.seqs, e)
             return False
+        except AdapterNotServed as e:  # refused before any slice ran: no cache changed, the others step again
+            self._release += step.batch.release
+            self._fail([s for s in step.seqs if s.params.adapter in e.names],
+                       AdapterLost(f"adapter(s) {', '.join(map(repr, sorted(e.names)))} was unloaded while this "
+                                   f"request ran; load it again, then retry"))
+            return True
         except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
             log.error("step failed for %d sequences (requests %s): %s", len(step.seqs),
                       ", ".join(s.log_id for s in step.seqs), e, exc_info=e)

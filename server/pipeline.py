@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,22 +68,39 @@ class PipelineAdapters:
     """The adapters every slice must hold: one owner for both pipelines, which only say how to load or drop an
     adapter on all their slices (`LoadAll`, `UnloadAll`).
 
-    A step may name only these (`check`); a load is all slices or none; an unload forgets the adapter before
-    any slice is asked, so no step, admission or recovery takes it up again; a recovery loads each again on
-    every slice (`restore`) and drops one a slice cannot load, reporting it in the next `Recovery`."""
+    A step may name only these (`stepping`); a load is all slices or none; an unload forgets the adapter before
+    any slice is asked, so no step, admission or recovery takes it up again, and drops its weights only once the
+    steps naming it are back; a recovery loads each again on every slice (`restore`) and drops one a slice
+    cannot load, reporting it in the next `Recovery`. A slice missing an adapter listed here lost it (Ray
+    restarted it): that is a lost slice, and only then."""
 
     def __init__(self) -> None:
         self.sources: dict[str, AdapterSource] = {}
         self._lost: dict[str, str] = {}  # dropped by a restore, reported by the next successful recovery
+        self._stepping: dict[str, int] = {}  # adapter -> steps in flight naming it
+        self._settled = asyncio.Event()  # set whenever such a step comes back
 
     def __contains__(self, name: object) -> bool:
         return name in self.sources
 
-    def check(self, batch: StepBatch) -> None:
-        """Refuse a step naming an adapter not served (`AdapterNotServed`), before any slice sees it."""
-        unknown = {a for a in batch.adapters or () if a} - self.sources.keys()
+    @contextmanager
+    def stepping(self, batch: StepBatch) -> Iterator[None]:
+        """Around one step: refuse it if it names an adapter not served (`AdapterNotServed`, before any slice
+        sees it), and hold the adapters it names until it is back, so no unload drops weights under it."""
+        names = {a for a in batch.adapters or () if a}
+        unknown = names - self.sources.keys()
         if unknown:
             raise AdapterNotServed(unknown)
+        for name in names:
+            self._stepping[name] = self._stepping.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            for name in names:
+                self._stepping[name] -= 1
+                if not self._stepping[name]:
+                    del self._stepping[name]
+            self._settled.set()
 
     async def load(self, name: str, source: AdapterSource, load_all: LoadAll, unload_all: UnloadAll) -> list[dict]:
         try:
@@ -95,6 +113,9 @@ class PipelineAdapters:
 
     async def unload(self, name: str, unload_all: UnloadAll) -> list[int]:
         self.sources.pop(name, None)  # first, and before any await: from here on no step may name it
+        while name in self._stepping:  # steps that named it before: their slices still use its weights
+            self._settled.clear()
+            await self._settled.wait()
         return await unload_all(name)
 
     async def restore(self, load_all: LoadAll, unload_all: UnloadAll) -> None:
@@ -126,7 +147,8 @@ class Pipeline(Protocol):
     adapters: PipelineAdapters  # what steps may name; the engine admits requests against it
 
     async def step(self, batch: StepBatch) -> list[int]:
-        """Raises `AdapterNotServed` before any slice runs if the batch names an adapter not in `adapters`."""
+        """Raises `AdapterNotServed` before any slice runs if the batch names an adapter not in `adapters`
+        (`PipelineAdapters.stepping`)."""
         ...
 
     async def recover(self) -> Recovery:
@@ -160,12 +182,12 @@ class LocalPipeline:
         self.adapters = PipelineAdapters()
 
     async def step(self, batch: StepBatch) -> list[int]:
-        self.adapters.check(batch)
         loop = asyncio.get_running_loop()
         out = None
         try:
-            for runner, stage in zip(self.runners, self._stages, strict=True):
-                out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+            with self.adapters.stepping(batch):
+                for runner, stage in zip(self.runners, self._stages, strict=True):
+                    out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
         except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
             raise SliceLost(f"a slice lost its cache: {e}") from e
         return out

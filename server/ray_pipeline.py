@@ -116,13 +116,13 @@ class RayPipeline:
 
     async def step(self, batch: StepBatch) -> list[int]:
         """Up to `depth` calls may be outstanding; slices see the batches in call order."""
-        self.adapters.check(batch)
         if self._dropping is not None and not self._dropping.done():
             await asyncio.shield(self._dropping)  # a new graph only over slices the old one has let go
         self._cancel_idle()
         self._in_flight += 1
         try:
-            return await self._transport().step(batch)
+            with self.adapters.stepping(batch):
+                return await self._transport().step(batch)
         finally:
             self._in_flight -= 1
             if not self._in_flight:

@@ -443,3 +443,76 @@ def test_drain_ends_running_and_queued_requests_unavailable(tiny_model, tokenize
     (running, queued), refused = asyncio.run(main())
     for error in (running, queued, refused):
         assert isinstance(error, Unavailable) and "shutting down" in str(error)
+
+
+# ------------------------------------------------------------------- adapters unloaded under load (#27 item 2)
+
+
+def _registry(tiny_model, engine: Engine, root: Path):
+    from qwen_relay.server.admin import AdapterPolicy, AdapterRegistry
+    from qwen_relay.shards.loader import load_config
+
+    return AdapterRegistry(load_config(tiny_model), str(tiny_model), engine, AdapterPolicy(roots=(str(root),)))
+
+
+def test_an_adapter_unloaded_between_validation_and_admission_fails_that_request_alone(tiny_model, tokenizer,
+                                                                                     reference, tmp_path):
+    """The request passed validation (`prepare`: the adapter was loaded), then the adapter was unloaded before
+    the request reached the engine. It fails FAILED_PRECONDITION (AdapterLost) alone; no slice is lost, health
+    never flips, the base requests under way complete exactly."""
+    from qwen_relay.server.validation import Limits, prepare
+    from qwen_relay.v1 import relay_pb2
+
+    folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
+    pipeline = FaultyPipeline(_specs(tiny_model))
+    limits = Limits(vocab_size=tokenizer.vocab_size, max_context=128)
+
+    async def main():
+        h = Harness(pipeline, tokenizer)
+        registry = _registry(tiny_model, h.engine, tmp_path)
+        try:
+            await registry.load("a", str(folder))
+            base = [asyncio.ensure_future(h.run(h.seq(f"base{i}", p))) for i, p in enumerate(PROMPTS[:2])]
+            request = relay_pb2.GenerateRequest(prompt_token_ids=PROMPTS[2], adapter="a", max_new_tokens=4)
+            seq = prepare(request, tokenizer, limits, registry)  # validated: "a" is loaded
+            await registry.unload("a")  # nobody waits or runs with it yet: allowed
+            late = await h.run(seq)
+            return late, await asyncio.gather(*base), h.health
+        finally:
+            await h.engine.stop()
+
+    late, base, health = asyncio.run(main())
+    assert isinstance(late, AdapterLost) and "'a' was unloaded" in str(late), repr(late)
+    assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[:2]]
+    assert health == [] and pipeline.lost == 0
+
+
+def test_a_step_naming_an_adapter_no_longer_served_is_refused_before_any_slice(tiny_model, tokenizer, reference,
+                                                                              tmp_path):
+    """Past the registry's in-use check (the pipeline unloads the adapter under a running request): the next step
+    is refused before any slice runs, so the request naming it fails AdapterLost alone, its neighbours complete
+    exactly, and no slice is taken for lost (no recovery, health never flips)."""
+    from qwen_relay.shards.adapters import fingerprint
+
+    folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
+    pipeline = FaultyPipeline(_specs(tiny_model))
+
+    async def main():
+        await pipeline.load_adapter("a", str(folder), fingerprint(folder))
+        h = Harness(pipeline, tokenizer)
+
+        def unload_at(n: int) -> None:
+            if n == 3:
+                asyncio.ensure_future(pipeline.unload_adapter("a"))
+
+        try:
+            results = await asyncio.gather(h.run(h.seq("lora", PROMPTS[0], adapter="a"), unload_at),
+                                           *(h.run(h.seq(f"base{i}", p)) for i, p in enumerate(PROMPTS[1:3])))
+            return results, h.health
+        finally:
+            await h.engine.stop()
+
+    (lora, *base), health = asyncio.run(main())
+    assert isinstance(lora, AdapterLost) and "'a' was unloaded" in str(lora), repr(lora)
+    assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[1:3]]
+    assert health == [] and pipeline.lost == 0
