@@ -7,9 +7,10 @@ step ever names an adapter some slice lacks. An adapter a restarted slice cannot
 (`forget`, called by the engine), so it cannot wedge the engine.
 
 Loading over the API reads folders on the gateway's and the slices' machines, so it is confined
-(`AdapterPolicy`): paths must resolve (symlinks followed) under an allowed root, and a path outside every root
-gets the same answer whether or not it exists. The number and size of loaded adapters are bounded. Adapters
-given on the command line (`serve --adapter`) come from the operator and skip the root check, not the limits.
+(`AdapterPolicy`): the folder and each file read from it must resolve (symlinks followed) under an allowed root,
+and a path outside every root gets the same answer whether or not it exists. The number and size of loaded
+adapters are bounded. Adapters given on the command line (`serve --adapter`) come from the operator and skip
+the root check, not the limits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import grpc
 from transformers import PretrainedConfig
 
 from qwen_relay.shards.adapters import (
+    ADAPTER_FILES,
     WEIGHTS_FILE,
     AdapterError,
     AdapterMismatch,
@@ -89,14 +91,21 @@ class AdapterRegistry:
         self.specs: dict[str, AdapterSpec] = {}
         self._busy: set[str] = set()  # names being loaded or unloaded
 
+    def _inside(self, path: Path) -> None:
+        """Refuse `path` (resolved) outside every root, in the same words whether or not it exists."""
+        if not any(path.is_relative_to(root) for root in self.policy.roots):
+            raise AdapterForbidden("path: not under an allowed adapter root (serve --adapter-root)")
+
     def _folder(self, path: str, trusted: bool) -> Path:
-        """The adapter folder `path` names, refused outside the allowed roots unless `trusted`."""
+        """The adapter folder `path` names, refused unless it and every file read from it resolve under an
+        allowed root (a folder inside whose files link outside is outside), unless `trusted`."""
         folder = Path(os.path.realpath(Path(path).expanduser()))
         if not trusted:
             if not self.policy.roots:
                 raise AdapterForbidden("path: loading adapters over the API is off (start serve with --adapter-root)")
-            if not any(folder.is_relative_to(root) for root in self.policy.roots):
-                raise AdapterForbidden("path: not under an allowed adapter root (serve --adapter-root)")
+            self._inside(folder)
+            for file in ADAPTER_FILES:  # before anything about them is looked at, their size included
+                self._inside(Path(os.path.realpath(folder / file)))
         if not folder.is_dir():
             raise AdapterError(f"path: {path} is not a folder on the gateway's machine")
         weights = folder / WEIGHTS_FILE
