@@ -194,7 +194,11 @@ class LocalPipeline:
 
     async def recover(self) -> Recovery:
         await self.adapters.restore(self._load_all, self._unload_all)
-        await asyncio.to_thread(lambda: [runner.reset() for runner in self.runners])
+        # Each reset on its slice's own thread, so after any step still running there: a dead loop cancels its
+        # steps, but a forward already in a thread goes on, and its commit must not land after the reset.
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(stage, runner.reset)
+                               for runner, stage in zip(self.runners, self._stages, strict=True)))
         return self.adapters.recovered()
 
     async def stats(self) -> list[SliceStats]:

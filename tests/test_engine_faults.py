@@ -516,3 +516,40 @@ def test_a_step_naming_an_adapter_no_longer_served_is_refused_before_any_slice(t
     assert isinstance(lora, AdapterLost) and "'a' was unloaded" in str(lora), repr(lora)
     assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[1:3]]
     assert health == [] and pipeline.lost == 0
+
+
+def test_local_recovery_waits_for_a_step_still_running_in_a_slice_thread(tiny_model):
+    """The engine loop died and cancelled its steps, but a slice thread is still inside one (a thread cannot be
+    cancelled). Recovery must not reset that slice until the step is out, or the step's late commit leaves a
+    cache length behind the reset (the next replay of that slot would be refused as a lost cache)."""
+    import threading
+
+    from qwen_relay.shards.batch import SamplingParams
+
+    pipeline = LocalPipeline(_specs(tiny_model))
+    runner = pipeline.runners[0]
+    entered, go = threading.Event(), threading.Event()
+    real_step = runner.step
+
+    def held_step(batch, hidden=None):
+        entered.set()
+        go.wait(30)
+        return real_step(batch, hidden)
+
+    runner.step = held_step
+    batch = StepBatch(slots=[0], starts=[0], token_ids=[PROMPTS[0]], sampling=[SamplingParams()])
+
+    async def main():
+        step = asyncio.ensure_future(pipeline.step(batch))
+        await asyncio.to_thread(entered.wait, 30)
+        step.cancel()  # as the dying loop does; the slice thread goes on
+        recovery = asyncio.ensure_future(pipeline.recover())
+        await asyncio.wait({recovery}, timeout=0.5)  # before the fix: done here, the step not yet committed
+        go.set()
+        await recovery
+        await asyncio.get_running_loop().run_in_executor(pipeline._stages[0], lambda: None)  # the thread is idle
+        lengths = [dict(r.cache.lengths) for r in pipeline.runners]
+        await pipeline.close()
+        return lengths
+
+    assert asyncio.run(main()) == [{}, {}]
