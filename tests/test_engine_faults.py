@@ -92,7 +92,9 @@ class Harness:
                 self.serving.clear()
 
         config = {"max_batch": 8, "max_context": 128, "eos_ids": frozenset(), **config}
-        self.engine = Engine(EngineConfig(**config), on_health=on_health, on_adapter_lost=self.lost_adapters.append)
+        self.engine = Engine(EngineConfig(**config))
+        self.engine.health_changed.subscribe(on_health)
+        self.engine.adapter_lost.subscribe(self.lost_adapters.append)
         self.engine.start(pipeline)
 
     def seq(self, rid: str, ids: list[int], adapter: str = "", max_new: int = MAX_NEW) -> Sequence:
@@ -245,8 +247,6 @@ def test_adapter_that_cannot_be_restored_fails_its_requests_only(tiny_model, tok
     """The adapter folder is deleted (or retrained in place), then slice 1 restarts mid-generation. The
     adapter's request fails AdapterLost at once; the base request beside it completes exactly; the adapter is
     unloaded everywhere and reported; health comes back."""
-    from qwen_relay.shards.adapters import fingerprint
-
     folder = _save_adapter(tiny_model, tmp_path / "v1.2", seed=1)
 
     def kill(i: int, batch: StepBatch) -> bool:
@@ -262,16 +262,18 @@ def test_adapter_that_cannot_be_restored_fails_its_requests_only(tiny_model, tok
     pipeline = FaultyPipeline(_specs(tiny_model), kill=kill)
 
     async def main():
-        await pipeline.load_adapter("v1.2", str(folder), fingerprint(folder))
         h = Harness(pipeline, tokenizer)
+        registry = _registry(tiny_model, h.engine, tmp_path)  # subscribed to the engine's adapter_lost
+        await registry.load("v1.2", str(folder))
         try:
             results = await asyncio.gather(h.run(h.seq("lora", PROMPTS[0], adapter="v1.2")),
                                            h.run(h.seq("base", PROMPTS[1])))
-            return results, h
+            return results, h, "v1.2" in registry
         finally:
             await h.engine.stop()
 
-    (lora, base), h = asyncio.run(main())
+    (lora, base), h, still_listed = asyncio.run(main())
+    assert not still_listed
     assert isinstance(lora, AdapterLost) and "'v1.2' was unloaded" in str(lora)
     assert ("changed since the gateway loaded it" in str(lora)) == (change == "retrained-in-place")
     assert base == reference(tiny_model, PROMPTS[1], MAX_NEW)
@@ -281,7 +283,7 @@ def test_adapter_that_cannot_be_restored_fails_its_requests_only(tiny_model, tok
 
 
 def test_unload_failing_half_way_leaves_nothing_served_and_the_name_reusable(tiny_model, tmp_path):
-    from qwen_relay.server.admin import AdapterPolicy, AdapterRegistry
+    from qwen_relay.server.adapters import AdapterPolicy, AdapterRegistry
     from qwen_relay.shards.loader import load_config
 
     folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
@@ -449,7 +451,7 @@ def test_drain_ends_running_and_queued_requests_unavailable(tiny_model, tokenize
 
 
 def _registry(tiny_model, engine: Engine, root: Path):
-    from qwen_relay.server.admin import AdapterPolicy, AdapterRegistry
+    from qwen_relay.server.adapters import AdapterPolicy, AdapterRegistry
     from qwen_relay.shards.loader import load_config
 
     return AdapterRegistry(load_config(tiny_model), str(tiny_model), engine, AdapterPolicy(roots=(str(root),)))

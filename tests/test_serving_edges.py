@@ -34,7 +34,7 @@ def adapter_root(tiny_model, tmp_path_factory) -> Path:
 
 
 def _registry(tiny_model, **policy):
-    from qwen_relay.server.admin import AdapterPolicy, AdapterRegistry
+    from qwen_relay.server.adapters import AdapterPolicy, AdapterRegistry
     from qwen_relay.server.engine import Engine, EngineConfig
     from qwen_relay.shards.loader import load_config
 
@@ -49,7 +49,7 @@ def _refusal(registry, path: str, name: str = "x") -> Exception:
 
 
 def test_load_adapter_path_policy(tiny_model, adapter_root, tmp_path):
-    from qwen_relay.server.admin import AdapterForbidden
+    from qwen_relay.server.adapters import AdapterForbidden
 
     outside = tmp_path / "outside"
     _save_adapter(tiny_model, outside)
@@ -68,7 +68,7 @@ def test_load_adapter_path_policy(tiny_model, adapter_root, tmp_path):
 
 
 def test_load_adapter_limits(tiny_model, adapter_root):
-    from qwen_relay.server.admin import AdapterLimit
+    from qwen_relay.server.adapters import AdapterLimit
 
     too_many = _refusal(_registry(tiny_model, roots=(str(adapter_root),), max_adapters=0), str(adapter_root / "a"))
     assert isinstance(too_many, AdapterLimit) and "--max-adapters" in str(too_many)
@@ -81,7 +81,7 @@ def test_load_adapter_files_resolving_outside_the_root_are_refused_unread(tiny_m
     the outside file's size (or anything else about it) in the answer (issue #27 item 9)."""
     import shutil
 
-    from qwen_relay.server.admin import AdapterForbidden
+    from qwen_relay.server.adapters import AdapterForbidden
     from qwen_relay.shards.adapters import CONFIG_FILE, WEIGHTS_FILE
 
     outside = _save_adapter(tiny_model, tmp_path / "outside")
