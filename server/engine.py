@@ -23,14 +23,14 @@ Faults (docs/reliability.md lists each with its outcome):
   replay, and the `adapter_lost` event tells whoever subscribed (the registry).
 - A request is admitted only while the pipeline serves its adapter; a step naming one it no longer serves is
   refused before any slice runs (`AdapterNotServed`) and fails the requests naming it alone, never a slice.
-
-The engine reports to subscribers (`health_changed`, `adapter_lost`: server/events.py) and never calls up into
-the app or the registry; the registry reaches the pipeline's adapters only through `load_adapter`,
-`unload_adapter` and `adapter_users`.
 - The loop is supervised: if it dies, the reason is logged, every request fails UNAVAILABLE, health turns
   NOT_SERVING and the loop restarts (with backoff), recovering the slices first. Restarting, not exiting: the
   loop's state is only the requests just failed, while the slices hold weights that take minutes to reload;
   a loop that keeps dying keeps health NOT_SERVING, which is what an orchestrator acts on.
+
+The engine reports to subscribers (`health_changed`, `adapter_lost`: server/events.py) and never calls up into
+the app or the registry; the registry reaches the pipeline's adapters only through `load_adapter`,
+`unload_adapter` and `adapter_users`.
 """
 
 from __future__ import annotations
@@ -179,8 +179,9 @@ class Engine:
                              f"{self.config.max_batch} active-sequence slots (limits --max-queue, --max-batch)")
         adapter = seq.params.adapter
         if adapter and (self.pipeline is None or adapter not in self.pipeline.adapters):
-            # Validated while loaded, unloaded since: admission and `adapter_users` are one atomic step apart
-            # from an unload's check, so no request naming an unloaded adapter reaches a slice.
+            # Validated while loaded, unloaded since. An unload counts `adapter_users` and withdraws the adapter
+            # with no await between, and this check and `scheduler.add` have none either: a request is counted
+            # by the unload (which is then refused) or refused here, and never reaches a slice.
             raise AdapterLost(f"adapter {adapter!r} was unloaded before this request started; load it again, "
                               f"then retry")
         self.scheduler.add(seq)
