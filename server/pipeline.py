@@ -122,6 +122,8 @@ class PipelineAdapters:
         """Every adapter again on every slice (a no-op where held). One a slice cannot load (its folder moved,
         or now holds other files) is unloaded everywhere; `SliceLost` (a slice died meanwhile) propagates."""
         for name, source in list(self.sources.items()):
+            if self.sources.get(name) != source:
+                continue  # unloaded (or unloaded and loaded again) since this restore began
             try:
                 await load_all(name, source)
             except SliceLost:
@@ -130,6 +132,12 @@ class PipelineAdapters:
                 log.error("adapter %r cannot be restored on a restarted slice, unloading it: %s", name, e)
                 self._lost[name] = str(e)
                 await self.unload(name, unload_all)
+                continue
+            current = self.sources.get(name)
+            if current is None:  # unloaded while this load ran: drop what it put back
+                await unload_all(name)
+            elif current != source:  # and loaded again from other files: those, not the ones this load put back
+                await load_all(name, current)
 
     def recovered(self) -> Recovery:
         """What the recovery that just succeeded could not bring back (and earlier failed attempts dropped)."""

@@ -555,3 +555,36 @@ def test_local_recovery_waits_for_a_step_still_running_in_a_slice_thread(tiny_mo
         return lengths
 
     assert asyncio.run(main()) == [{}, {}]
+
+
+def test_an_adapter_unloaded_while_a_recovery_restores_it_is_left_on_no_slice():
+    """UnloadAdapter may run while the engine recovers: a restore that was loading the adapter again when it was
+    unloaded must not leave it on the slices (weights nobody lists or frees)."""
+    pipeline = _ray_pipeline()
+    asyncio.run(pipeline.load_adapter("a", "/x", "f"))
+
+    async def main():
+        gate, waiting = asyncio.Event(), []
+        for actor in pipeline.actors:
+            load = actor.load_adapter.fn
+
+            class Gated:
+                def remote(self, *args, load=load):
+                    async def call():
+                        waiting.append(args)
+                        await gate.wait()
+                        return load(*args)
+
+                    return call()
+
+            actor.load_adapter = Gated()
+        recovery = asyncio.ensure_future(pipeline.recover())
+        while len(waiting) < len(pipeline.actors):  # the restore is loading "a" again on every slice
+            await asyncio.sleep(0)
+        await pipeline.unload_adapter("a")
+        gate.set()
+        return await recovery
+
+    recovery = asyncio.run(main())
+    assert recovery.lost_adapters == {}
+    assert "a" not in pipeline.adapters and [a.held for a in pipeline.actors] == [{}, {}]
