@@ -588,3 +588,68 @@ def test_an_adapter_unloaded_while_a_recovery_restores_it_is_left_on_no_slice():
     recovery = asyncio.run(main())
     assert recovery.lost_adapters == {}
     assert "a" not in pipeline.adapters and [a.held for a in pipeline.actors] == [{}, {}]
+
+
+def test_an_adapter_loaded_and_unloaded_under_load_never_flips_health(tiny_model, tokenizer, reference, tmp_path):
+    """Requests naming an adapter arrive while it is unloaded and loaded again, at every point of their way
+    (before validation, between validation and admission, waiting, running). Each ends in its tokens or in
+    NOT_FOUND (validation) / FAILED_PRECONDITION (AdapterLost); unloads in use are refused; no slice is ever
+    taken for lost and health never flips; the base requests beside them complete exactly."""
+    from qwen_relay.server.adapters import AdapterInUse
+    from qwen_relay.server.validation import Limits, UnknownAdapter, prepare
+    from qwen_relay.v1 import relay_pb2
+
+    folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
+    pipeline = FaultyPipeline(_specs(tiny_model))
+    limits = Limits(vocab_size=tokenizer.vocab_size, max_context=128)
+
+    async def main():
+        h = Harness(pipeline, tokenizer)
+        registry = _registry(tiny_model, h.engine, tmp_path)
+        outcomes: list[str] = []
+
+        async def lora_request(delay: int) -> None:
+            for _ in range(delay // 2):
+                await asyncio.sleep(0)
+            request = relay_pb2.GenerateRequest(prompt_token_ids=PROMPTS[3], adapter="a", max_new_tokens=3)
+            try:
+                seq = prepare(request, tokenizer, limits, registry)
+            except UnknownAdapter:
+                outcomes.append("NOT_FOUND")
+                return
+            for _ in range(delay % 2 * 2):  # validated; reaches the engine a little later
+                await asyncio.sleep(0)
+            result = await h.run(seq)
+            outcomes.append("OK" if isinstance(result, list) and len(result) == 3 else
+                            "FAILED_PRECONDITION" if isinstance(result, AdapterLost) else repr(result))
+
+        async def churn() -> list[asyncio.Future]:
+            requests = []
+            for round_ in range(6):
+                await registry.load("a", str(folder))
+                # Odd rounds: every request is validated a tick or two before the engine admits it, so the unload
+                # below finds none waiting or running while some are on their way.
+                delays = range(8) if round_ % 2 == 0 else range(1, 8, 2)
+                requests += [asyncio.ensure_future(lora_request(d)) for d in delays]
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                try:
+                    await registry.unload("a")
+                except AdapterInUse:
+                    outcomes.append("in use")
+                    while h.engine.adapter_users("a"):
+                        await asyncio.sleep(0.01)
+                    await registry.unload("a")
+            return requests
+
+        try:
+            base = [asyncio.ensure_future(h.run(h.seq(f"base{i}", p))) for i, p in enumerate(PROMPTS[:2])]
+            await asyncio.gather(*await churn())
+            return outcomes, await asyncio.gather(*base), h.health
+        finally:
+            await h.engine.stop()
+
+    outcomes, base, health = asyncio.run(main())
+    assert set(outcomes) == {"OK", "NOT_FOUND", "FAILED_PRECONDITION", "in use"}, outcomes  # every way was taken
+    assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[:2]]
+    assert health == [] and pipeline.lost == 0
