@@ -26,7 +26,8 @@ from qwen_relay.shards.loader import load_config
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
-from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
+from .adapters import AdapterPolicy, AdapterRegistry
+from .admin import AdapterAdminServicer
 from .engine import Engine, EngineConfig
 from .layout import balanced_split, describe, model_costs, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
@@ -122,7 +123,8 @@ class Relay:
             EngineConfig(max_batch=options.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
                          max_queue=options.max_queue, recovery_timeout=options.recovery_timeout,
                          max_in_flight=options.max_in_flight),
-            on_health=self._set_health, metrics=self.metrics, on_adapter_lost=self._adapter_lost)
+            metrics=self.metrics)
+        self.engine.health_changed.subscribe(self._set_health)
         self.adapters = AdapterRegistry(self.config, options.model, self.engine, AdapterPolicy(
             roots=options.adapter_roots, max_adapters=options.max_adapters, max_bytes=options.max_adapter_bytes))
         self.servicer = TextGenerationServicer(
@@ -255,9 +257,6 @@ class Relay:
         while True:
             await asyncio.sleep(self.options.stats_interval)
             self.metrics.update_slices(await self.pipeline.stats())
-
-    def _adapter_lost(self, name: str) -> None:
-        self.adapters.forget(name)
 
     async def _set_health(self, serving: bool) -> None:
         self.serving = serving

@@ -20,11 +20,17 @@ Faults (docs/reliability.md lists each with its outcome):
 - If the slices are not back within `recovery_timeout`, every request fails UNAVAILABLE and new ones are
   refused until they are; probing goes on.
 - An adapter a restarted slice cannot load again is unloaded: its requests fail (`AdapterLost`), the rest
-  replay, and `on_adapter_lost` tells the registry.
+  replay, and the `adapter_lost` event tells whoever subscribed (the registry).
+- A request is admitted only while the pipeline serves its adapter; a step naming one it no longer serves is
+  refused before any slice runs (`AdapterNotServed`) and fails the requests naming it alone, never a slice.
 - The loop is supervised: if it dies, the reason is logged, every request fails UNAVAILABLE, health turns
   NOT_SERVING and the loop restarts (with backoff), recovering the slices first. Restarting, not exiting: the
   loop's state is only the requests just failed, while the slices hold weights that take minutes to reload;
   a loop that keeps dying keeps health NOT_SERVING, which is what an orchestrator acts on.
+
+The engine reports to subscribers (`health_changed`, `adapter_lost`: server/events.py) and never calls up into
+the app or the registry; the registry reaches the pipeline's adapters only through `load_adapter`,
+`unload_adapter` and `adapter_users`.
 """
 
 from __future__ import annotations
@@ -32,14 +38,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.sampler import NO_TOKEN
 
-from .pipeline import Pipeline, SliceLost
+from .events import Signal
+from .pipeline import AdapterNotServed, Pipeline, SliceLost
 from .scheduler import Scheduler
 from .sequence import Delta, FinishReason, Sequence
 
@@ -63,8 +70,8 @@ class Unavailable(RuntimeError):
 
 
 class AdapterLost(RuntimeError):
-    """The request's adapter was unloaded because a restarted slice could not load it again
-    (FAILED_PRECONDITION: load it again, then retry)."""
+    """The request's adapter was unloaded: before the request was admitted, or because a restarted slice could
+    not load it again (FAILED_PRECONDITION: load it again, then retry). Never a lost slice."""
 
 
 class ReplayLimit(RuntimeError):
@@ -97,14 +104,13 @@ class Engine:
     """Built before the slices load, so the servicer can hold it from the start; `start(pipeline)` once they
     are warm. Until then `ready` is False."""
 
-    def __init__(self, config: EngineConfig, on_health: Callable[[bool], Awaitable[None]] | None = None,
-                 metrics: Metrics | None = None, on_adapter_lost: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: EngineConfig, metrics: Metrics | None = None) -> None:
         self.pipeline: Pipeline | None = None
         self.config = config
         self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
         self.available = True
-        self._on_health = on_health
-        self._on_adapter_lost = on_adapter_lost
+        self.health_changed: Signal[bool] = Signal()  # serving or not, reported on each change
+        self.adapter_lost: Signal[str] = Signal()  # an adapter the slices dropped (see the module doc)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever no request waits or runs (shutdown drains on it)
         self._task: asyncio.Task | None = None
@@ -132,6 +138,15 @@ class Engine:
     def adapter_users(self, name: str) -> int:
         """Requests waiting for or holding a cache slot with adapter `name`."""
         return sum(1 for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name)
+
+    async def load_adapter(self, name: str, path: str, fingerprint: str) -> None:
+        """Have every slice load the adapter (all or none); requests may name it once this returns."""
+        await self.pipeline.load_adapter(name, path, fingerprint)
+
+    async def unload_adapter(self, name: str) -> list[int]:
+        """Stop admitting requests with the adapter at once (before any await), then drop it from every slice
+        once no step in flight names it; returns the slices that failed to. Call it when `adapter_users` is 0."""
+        return await self.pipeline.unload_adapter(name)
 
     async def drain(self, timeout: float) -> None:
         """Shutdown: refuse new requests, let queued and running ones finish for up to `timeout` s, then fail
@@ -162,6 +177,13 @@ class Engine:
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise Overloaded(f"admission queue is full: {len(self.scheduler.waiting)} requests wait for one of "
                              f"{self.config.max_batch} active-sequence slots (limits --max-queue, --max-batch)")
+        adapter = seq.params.adapter
+        if adapter and (self.pipeline is None or adapter not in self.pipeline.adapters):
+            # Validated while loaded, unloaded since. An unload counts `adapter_users` and withdraws the adapter
+            # with no await between, and this check and `scheduler.add` have none either: a request is counted
+            # by the unload (which is then refused) or refused here, and never reaches a slice.
+            raise AdapterLost(f"adapter {adapter!r} was unloaded before this request started; load it again, "
+                              f"then retry")
         self.scheduler.add(seq)
         self._report_load()
         self._wake.set()
@@ -263,6 +285,12 @@ class Engine:
         except SliceLost as e:
             self._lost_step(step.seqs, e)
             return False
+        except AdapterNotServed as e:  # refused before any slice ran: no cache changed, the others step again
+            self._release += step.batch.release
+            self._fail([s for s in step.seqs if s.params.adapter in e.names],
+                       AdapterLost(f"adapter(s) {', '.join(map(repr, sorted(e.names)))} was unloaded while this "
+                                   f"request ran; load it again, then retry"))
+            return True
         except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
             log.error("step failed for %d sequences (requests %s): %s", len(step.seqs),
                       ", ".join(s.log_id for s in step.seqs), e, exc_info=e)
@@ -330,9 +358,9 @@ class Engine:
 
     async def _set_health(self, serving: bool) -> None:
         """Report a change of health (only a change: recovery after a restarted loop does not repeat it)."""
-        if self._on_health is not None and serving != self._serving:
+        if serving != self._serving:
             self._serving = serving
-            await self._on_health(serving)
+            await self.health_changed.emit(serving)
 
     def _lost_step(self, batch: list[Sequence], error: SliceLost) -> None:
         """A step that lost a slice appended nothing: strike its sequences, fail those out of strikes."""
@@ -373,7 +401,7 @@ class Engine:
             await asyncio.sleep(wait)
             delay = min(delay * 2, PROBE_MAX_S)
         for name, reason in recovery.lost_adapters.items():
-            self._adapter_lost(name, reason)
+            await self._adapter_lost(name, reason)
         for seq in self.scheduler.running:
             seq.num_cached = 0  # the next steps re-prefill prompt + generated tokens
         self._lost = False
@@ -381,13 +409,12 @@ class Engine:
         log.info("slices back; replaying %d sequences", len(self.scheduler.running))
         await self._set_health(True)
 
-    def _adapter_lost(self, name: str, reason: str) -> None:
+    async def _adapter_lost(self, name: str, reason: str) -> None:
         users = [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name]
         log.error("adapter %r was unloaded (%s): failing its %d requests", name, reason, len(users))
         self._fail(users, AdapterLost(f"adapter {name!r} was unloaded: a restarted model slice could not load it "
                                       f"again ({reason}); load it again, then retry"))
-        if self._on_adapter_lost is not None:
-            self._on_adapter_lost(name)
+        await self.adapter_lost.emit(name)
 
     def _report_load(self) -> None:
         if self.metrics is not None:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwen_relay.v1 import relay_pb2
 
-from .engine import Overloaded, Unavailable
+from .engine import AdapterLost, Overloaded, Unavailable
 from .reasoning import ReasoningSplitter
 from .sequence import Delta, FinishReason, Sequence
 from .servicer import run, split, splitter
@@ -280,6 +280,8 @@ def _engine_error(e: BaseException) -> ApiError:
         return ApiError(429, str(e), None, "queue_full")
     if isinstance(e, Unavailable):
         return ApiError(503, str(e), None, "unavailable")
+    if isinstance(e, AdapterLost):  # the adapter the model names was unloaded: as for any model not served
+        return ApiError(404, str(e), "model", "model_not_found")
     return ApiError(500, f"generation failed: {e}", None, "generation_failed")
 
 

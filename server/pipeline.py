@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +51,100 @@ class Recovery:
     lost_adapters: dict[str, str] = field(default_factory=dict)
 
 
+class AdapterNotServed(RuntimeError):
+    """A step names an adapter the pipeline no longer serves (unloaded, or dropped by a recovery). Refused
+    before any slice runs, so no cache changed: it is the request's problem, never a lost slice."""
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__(f"adapter(s) {', '.join(map(repr, sorted(names)))} not loaded")
+        self.names = frozenset(names)
+
+
+LoadAll = Callable[[str, AdapterSource], Awaitable[list[dict]]]  # every slice loads it; raises SliceLost if one died
+UnloadAll = Callable[[str], Awaitable[list[int]]]  # every slice drops it; returns the slices that failed to
+
+
+class PipelineAdapters:
+    """The adapters every slice must hold: one owner for both pipelines, which only say how to load or drop an
+    adapter on all their slices (`LoadAll`, `UnloadAll`).
+
+    A step may name only these (`stepping`); a load is all slices or none; an unload forgets the adapter before
+    any slice is asked, so no step, admission or recovery takes it up again, and drops its weights only once the
+    steps naming it are back; a recovery loads each again on every slice (`restore`) and drops one a slice
+    cannot load, reporting it in the next `Recovery`. A slice missing an adapter listed here lost it (Ray
+    restarted it): that is a lost slice, and only then."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, AdapterSource] = {}
+        self._lost: dict[str, str] = {}  # dropped by a restore, reported by the next successful recovery
+        self._stepping: dict[str, int] = {}  # adapter -> steps in flight naming it
+        self._settled = asyncio.Event()  # set whenever such a step comes back
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    @contextmanager
+    def stepping(self, batch: StepBatch) -> Iterator[None]:
+        """Around one step: refuse it if it names an adapter not served (`AdapterNotServed`, before any slice
+        sees it), and hold the adapters it names until it is back, so no unload drops weights under it."""
+        names = {a for a in batch.adapters or () if a}
+        unknown = names - self.sources.keys()
+        if unknown:
+            raise AdapterNotServed(unknown)
+        for name in names:
+            self._stepping[name] = self._stepping.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            for name in names:
+                self._stepping[name] -= 1
+                if not self._stepping[name]:
+                    del self._stepping[name]
+            self._settled.set()
+
+    async def load(self, name: str, source: AdapterSource, load_all: LoadAll, unload_all: UnloadAll) -> list[dict]:
+        try:
+            infos = await load_all(name, source)
+        except BaseException:
+            await unload_all(name)  # the slices that did load it drop it again
+            raise
+        self.sources[name] = source
+        return infos
+
+    async def unload(self, name: str, unload_all: UnloadAll) -> list[int]:
+        self.sources.pop(name, None)  # first, and before any await: from here on no step may name it
+        while name in self._stepping:  # steps that named it before: their slices still use its weights
+            self._settled.clear()
+            await self._settled.wait()
+        return await unload_all(name)
+
+    async def restore(self, load_all: LoadAll, unload_all: UnloadAll) -> None:
+        """Every adapter again on every slice (a no-op where held). One a slice cannot load (its folder moved,
+        or now holds other files) is unloaded everywhere; `SliceLost` (a slice died meanwhile) propagates."""
+        for name, source in list(self.sources.items()):
+            if self.sources.get(name) != source:
+                continue  # unloaded (or unloaded and loaded again) since this restore began
+            try:
+                await load_all(name, source)
+            except SliceLost:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported in the Recovery, and the adapter dropped
+                log.error("adapter %r cannot be restored on a restarted slice, unloading it: %s", name, e)
+                self._lost[name] = str(e)
+                await self.unload(name, unload_all)
+                continue
+            current = self.sources.get(name)
+            if current is None:  # unloaded while this load ran: drop what it put back
+                await unload_all(name)
+            elif current != source:  # and loaded again from other files: those, not the ones this load put back
+                await load_all(name, current)
+
+    def recovered(self) -> Recovery:
+        """What the recovery that just succeeded could not bring back (and earlier failed attempts dropped)."""
+        recovery, self._lost = Recovery(dict(self._lost)), {}
+        return recovery
+
+
 class Pipeline(Protocol):
     """What the engine drives. `step` may be awaited up to `depth` times concurrently: the pipeline runs the
     batches through every slice in the order they were submitted (slice k sees batch A before batch B), so
@@ -56,8 +152,12 @@ class Pipeline(Protocol):
     every outstanding step raises `SliceLost`; `recover` is called only once they have all settled."""
 
     depth: int
+    adapters: PipelineAdapters  # what steps may name; the engine admits requests against it
 
-    async def step(self, batch: StepBatch) -> list[int]: ...
+    async def step(self, batch: StepBatch) -> list[int]:
+        """Raises `AdapterNotServed` before any slice runs if the batch names an adapter not in `adapters`
+        (`PipelineAdapters.stepping`)."""
+        ...
 
     async def recover(self) -> Recovery:
         """One attempt: every slice answers, restarted ones get their adapters back, every cache is cleared.
@@ -69,7 +169,8 @@ class Pipeline(Protocol):
     async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]: ...
 
     async def unload_adapter(self, name: str) -> list[int]:
-        """Forget the adapter, then drop it from every slice; returns the slices that failed to drop it."""
+        """Forget the adapter (before its first await), then drop it from every slice; returns the slices that
+        failed to drop it."""
         ...
 
     async def close(self) -> None: ...
@@ -86,51 +187,39 @@ class LocalPipeline:
             runner.warmup()
         self.depth = len(self.runners)
         self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
-        self.adapters: dict[str, AdapterSource] = {}  # re-sent to every runner on recovery
-        self._lost: dict[str, str] = {}  # adapters dropped by a recovery attempt, reported by the next success
+        self.adapters = PipelineAdapters()
 
     async def step(self, batch: StepBatch) -> list[int]:
         loop = asyncio.get_running_loop()
         out = None
         try:
-            for runner, stage in zip(self.runners, self._stages, strict=True):
-                out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+            with self.adapters.stepping(batch):
+                for runner, stage in zip(self.runners, self._stages, strict=True):
+                    out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
         except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
             raise SliceLost(f"a slice lost its cache: {e}") from e
         return out
 
-    def _recover(self) -> Recovery:
-        for name, source in list(self.adapters.items()):
-            try:
-                for runner in self.runners:
-                    runner.load_adapter(name, source.path, source.fingerprint)  # a no-op where it is held
-            except Exception as e:  # noqa: BLE001 - reported in the Recovery, and the adapter dropped
-                log.error("adapter %r cannot be restored on a rebuilt slice, unloading it: %s", name, e)
-                self._lost[name] = str(e)
-                self._unload(name)
-        for runner in self.runners:
-            runner.reset()
-        recovery, self._lost = Recovery(dict(self._lost)), {}
-        return recovery
-
     async def recover(self) -> Recovery:
-        return await asyncio.to_thread(self._recover)
+        await self.adapters.restore(self._load_all, self._unload_all)
+        # Each reset on its slice's own thread, so after any step still running there: a dead loop cancels its
+        # steps, but a forward already in a thread goes on, and its commit must not land after the reset.
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(stage, runner.reset)
+                               for runner, stage in zip(self.runners, self._stages, strict=True)))
+        return self.adapters.recovered()
 
     async def stats(self) -> list[SliceStats]:
         return [r.stats() for r in self.runners]
 
-    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]:
-        """Every slice takes its own layers' share of the adapter; all slices or none."""
-        try:
-            infos = await asyncio.to_thread(lambda: [r.load_adapter(name, path, fingerprint) for r in self.runners])
-        except Exception:
-            await self.unload_adapter(name)
-            raise
-        self.adapters[name] = AdapterSource(path, fingerprint)
-        return infos
+    async def _load_all(self, name: str, source: AdapterSource) -> list[dict]:
+        return await asyncio.to_thread(lambda: [r.load_adapter(name, source.path, source.fingerprint)
+                                                for r in self.runners])
+
+    async def _unload_all(self, name: str) -> list[int]:
+        return await asyncio.to_thread(self._unload, name)
 
     def _unload(self, name: str) -> list[int]:
-        self.adapters.pop(name, None)
         failed = []
         for i, runner in enumerate(self.runners):
             try:
@@ -140,9 +229,12 @@ class LocalPipeline:
                 failed.append(i)
         return failed
 
+    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]:
+        """Every slice takes its own layers' share of the adapter; all slices or none."""
+        return await self.adapters.load(name, AdapterSource(path, fingerprint), self._load_all, self._unload_all)
+
     async def unload_adapter(self, name: str) -> list[int]:
-        self.adapters.pop(name, None)  # forgotten before any runner is asked: a recovery never restores it
-        return await asyncio.to_thread(self._unload, name)
+        return await self.adapters.unload(name, self._unload_all)
 
     async def close(self) -> None:
         for stage in self._stages:

@@ -22,7 +22,7 @@ from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
-from .pipeline import SLICE_ENV, AdapterSource, Recovery, SliceLost
+from .pipeline import SLICE_ENV, AdapterSource, PipelineAdapters, Recovery, SliceLost
 from .transport import SLICE_DIED, Transport, build_transport
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class RayPipeline:
         self._dropping: asyncio.Future | None = None  # a transport being torn down; the next one waits for it
         self.incarnations = [s.incarnation for s in first]  # a new one means Ray restarted that slice
         self.restarts = [0] * len(specs)
-        self.adapters: dict[str, AdapterSource] = {}  # re-sent to every slice on recovery
-        self._lost: dict[str, str] = {}  # adapters dropped by a recovery attempt, reported by the next success
+        self.adapters = PipelineAdapters()
 
     def _transport(self) -> Transport:
         if self.transport is None:
@@ -122,7 +121,8 @@ class RayPipeline:
         self._cancel_idle()
         self._in_flight += 1
         try:
-            return await self._transport().step(batch)
+            with self.adapters.stepping(batch):
+                return await self._transport().step(batch)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -168,25 +168,12 @@ class RayPipeline:
         down = [i for i, s in enumerate(await self.stats()) if not s.healthy]
         if down:
             raise SliceLost(f"slice(s) {', '.join(map(str, down))} not answering yet")
+        await self.adapters.restore(self._load_all, self._unload_all)
         try:
-            for name, source in list(self.adapters.items()):  # a no-op on slices that still hold it
-                results = await asyncio.gather(
-                    *(a.load_adapter.remote(name, source.path, source.fingerprint) for a in self.actors),
-                    return_exceptions=True)
-                failures = [r for r in results if isinstance(r, BaseException)]
-                died = next((f for f in failures if isinstance(f, SLICE_DIED)), None)
-                if died is not None:
-                    raise died
-                if failures:
-                    reason = str(_cause(failures[0]))
-                    log.error("adapter %r cannot be restored on a restarted slice, unloading it: %s", name, reason)
-                    self._lost[name] = reason
-                    await self.unload_adapter(name)
             await asyncio.gather(*(a.reset.remote() for a in self.actors))
         except SLICE_DIED as e:
             raise SliceLost(f"a slice died during recovery: {type(e).__name__}") from e
-        recovery, self._lost = Recovery(dict(self._lost)), {}
-        return recovery
+        return self.adapters.recovered()
 
     async def _stats(self, index: int) -> SliceStats:
         spec = self.specs[index]
@@ -205,33 +192,35 @@ class RayPipeline:
     async def stats(self) -> list[SliceStats]:
         return list(await asyncio.gather(*(self._stats(i) for i in range(len(self.actors)))))
 
-    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]:
-        """Every slice actor takes its own layers' share of the adapter; all slices or none."""
-        results = await asyncio.gather(*(a.load_adapter.remote(name, path, fingerprint) for a in self.actors),
-                                       return_exceptions=True)
+    async def _load_all(self, name: str, source: AdapterSource) -> list[dict]:
+        results = await asyncio.gather(
+            *(a.load_adapter.remote(name, source.path, source.fingerprint) for a in self.actors),
+            return_exceptions=True)
         failures = [(i, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if not failures:
-            self.adapters[name] = AdapterSource(path, fingerprint)
-            return results
-        await self.unload_adapter(name)  # the slices that did load it drop it again
         died = next((i for i, f in failures if isinstance(f, SLICE_DIED)), None)
         if died is not None:
             raise SliceLost(f"slice {died} died while loading adapter {name!r}; no slice keeps it: retry once the "
                             f"slice is back")
-        raise _cause(failures[0][1]) from None
+        if failures:
+            raise _cause(failures[0][1]) from None
+        return results
 
-    async def unload_adapter(self, name: str) -> list[int]:
-        """Forget the adapter first (a restarted slice never gets it back), then drop it from every slice.
-
-        Returns the slices that failed to: a dead one holds nothing any more; one that raised keeps a leftover
-        that the next load under this name replaces."""
-        self.adapters.pop(name, None)
+    async def _unload_all(self, name: str) -> list[int]:
+        """A dead slice holds nothing any more; one that raised keeps a leftover that the next load under this
+        name replaces."""
         results = await asyncio.gather(*(a.unload_adapter.remote(name) for a in self.actors),
                                        return_exceptions=True)
         failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         for i in failed:
             log.warning("slice %d could not unload adapter %r: %s", i, name, _cause(results[i]))
         return failed
+
+    async def load_adapter(self, name: str, path: str, fingerprint: str) -> list[dict]:
+        """Every slice actor takes its own layers' share of the adapter; all slices or none."""
+        return await self.adapters.load(name, AdapterSource(path, fingerprint), self._load_all, self._unload_all)
+
+    async def unload_adapter(self, name: str) -> list[int]:
+        return await self.adapters.unload(name, self._unload_all)
 
     async def close(self) -> None:
         await self.drop_transport()

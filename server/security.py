@@ -9,7 +9,7 @@ grpcurl send the token as easily as any other header.
 Administration (the AdapterAdmin service: it makes the gateway and every slice read folders) can require a
 token of its own (`--admin-token` / $QWEN_RELAY_ADMIN_TOKEN): then the generation token does not open it, so
 the many clients that generate need not hold the power to load adapters. Without one, the generation token
-covers both (adapter loads are still confined to --adapter-root, server/admin.py).
+covers both (adapter loads are still confined to --adapter-root, server/adapters.py).
 
 The token itself is never logged: it stays out of `ServeOptions.__repr__`, and log lines say only whether
 a token is configured.

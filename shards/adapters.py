@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # every file read from an adapter folder
+MAX_CONFIG_BYTES = 1 << 20  # a LoRA config is a few KiB; nothing larger is read
 SAVED_PREFIX = "base_model.model."  # PeftModel.save_pretrained's prefix; slice names start after it
 BASE = "__base__"  # PEFT's row name for "no adapter" in a mixed batch
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -99,7 +101,7 @@ def peft_name(name: str) -> str:
 def fingerprint(folder: str | Path) -> str:
     """sha256 over the adapter's config and weights files: the same adapter byte for byte, wherever it is read."""
     digest = hashlib.sha256()
-    for file in (CONFIG_FILE, WEIGHTS_FILE):
+    for file in ADAPTER_FILES:
         with open(Path(folder) / file, "rb") as f:
             digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
@@ -119,12 +121,21 @@ def read_config(path: Path) -> LoraConfig:
     if not (path / WEIGHTS_FILE).is_file():
         raise AdapterError(f"path: {path} has no {WEIGHTS_FILE} (only safetensors adapters are served)")
     try:
-        peft_type = json.loads(config_file.read_text()).get("peft_type")
-    except (OSError, ValueError) as e:
+        with open(config_file, "rb") as f:
+            text = f.read(MAX_CONFIG_BYTES + 1)  # bounded: the file may be anything
+    except OSError as e:
         raise AdapterError(f"path: cannot read {config_file}: {e}") from e
-    if peft_type != "LORA":
+    if len(text) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"path: {CONFIG_FILE} is over the limit of {MAX_CONFIG_BYTES} bytes")
+    try:
+        saved = json.loads(text)
+    except ValueError as e:
+        raise AdapterError(f"path: cannot read {config_file}: {e}") from e
+    if not isinstance(saved, dict) or saved.get("peft_type") != "LORA":
+        peft_type = saved.get("peft_type") if isinstance(saved, dict) else None
         raise AdapterError(f"path: {path} is a {peft_type} adapter; only LORA adapters are served")
-    config = LoraConfig.from_pretrained(str(path))
+    saved.pop("runtime_config", None)  # as LoraConfig.from_pretrained does, from the text read once here
+    config = LoraConfig.from_peft_type(**LoraConfig.check_kwargs(**saved))
     if config.use_dora:
         raise AdapterError("path: DoRA adapters cannot be mixed in a batch (PEFT's mixed-batch forward refuses "
                            "them); merge it or train plain LoRA")

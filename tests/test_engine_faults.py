@@ -92,7 +92,9 @@ class Harness:
                 self.serving.clear()
 
         config = {"max_batch": 8, "max_context": 128, "eos_ids": frozenset(), **config}
-        self.engine = Engine(EngineConfig(**config), on_health=on_health, on_adapter_lost=self.lost_adapters.append)
+        self.engine = Engine(EngineConfig(**config))
+        self.engine.health_changed.subscribe(on_health)
+        self.engine.adapter_lost.subscribe(self.lost_adapters.append)
         self.engine.start(pipeline)
 
     def seq(self, rid: str, ids: list[int], adapter: str = "", max_new: int = MAX_NEW) -> Sequence:
@@ -245,8 +247,6 @@ def test_adapter_that_cannot_be_restored_fails_its_requests_only(tiny_model, tok
     """The adapter folder is deleted (or retrained in place), then slice 1 restarts mid-generation. The
     adapter's request fails AdapterLost at once; the base request beside it completes exactly; the adapter is
     unloaded everywhere and reported; health comes back."""
-    from qwen_relay.shards.adapters import fingerprint
-
     folder = _save_adapter(tiny_model, tmp_path / "v1.2", seed=1)
 
     def kill(i: int, batch: StepBatch) -> bool:
@@ -262,26 +262,28 @@ def test_adapter_that_cannot_be_restored_fails_its_requests_only(tiny_model, tok
     pipeline = FaultyPipeline(_specs(tiny_model), kill=kill)
 
     async def main():
-        await pipeline.load_adapter("v1.2", str(folder), fingerprint(folder))
         h = Harness(pipeline, tokenizer)
+        registry = _registry(tiny_model, h.engine, tmp_path)  # subscribed to the engine's adapter_lost
+        await registry.load("v1.2", str(folder))
         try:
             results = await asyncio.gather(h.run(h.seq("lora", PROMPTS[0], adapter="v1.2")),
                                            h.run(h.seq("base", PROMPTS[1])))
-            return results, h
+            return results, h, "v1.2" in registry
         finally:
             await h.engine.stop()
 
-    (lora, base), h = asyncio.run(main())
+    (lora, base), h, still_listed = asyncio.run(main())
+    assert not still_listed
     assert isinstance(lora, AdapterLost) and "'v1.2' was unloaded" in str(lora)
     assert ("changed since the gateway loaded it" in str(lora)) == (change == "retrained-in-place")
     assert base == reference(tiny_model, PROMPTS[1], MAX_NEW)
-    assert h.lost_adapters == ["v1.2"] and pipeline.adapters == {}
+    assert h.lost_adapters == ["v1.2"] and pipeline.adapters.sources == {}
     assert all("v1.2" not in r.adapters.held for r in pipeline.runners)
     assert h.health == [False, True] and pipeline.lost == 1
 
 
 def test_unload_failing_half_way_leaves_nothing_served_and_the_name_reusable(tiny_model, tmp_path):
-    from qwen_relay.server.admin import AdapterPolicy, AdapterRegistry
+    from qwen_relay.server.adapters import AdapterPolicy, AdapterRegistry
     from qwen_relay.shards.loader import load_config
 
     folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
@@ -300,7 +302,8 @@ def test_unload_failing_half_way_leaves_nothing_served_and_the_name_reusable(tin
             await registry.load("a", str(folder))
             broken.unload_adapter = fail
             await registry.unload("a")  # slice 0 dropped it, slice 1 raised
-            state = ("a" in registry, dict(pipeline.adapters), [set(r.adapters.held) for r in pipeline.runners])
+            held = [set(r.adapters.held) for r in pipeline.runners]
+            state = ("a" in registry, dict(pipeline.adapters.sources), held)
             del broken.unload_adapter
             await registry.load("a", str(folder))  # the leftover on slice 1 is replaced, not refused
             return state, "a" in registry
@@ -324,7 +327,7 @@ def test_a_slice_failing_during_load_adapter_leaves_it_nowhere(tiny_model, tmp_p
 
     with pytest.raises(RuntimeError, match="injected"):
         asyncio.run(pipeline.load_adapter("a", str(folder), fingerprint(folder)))
-    assert pipeline.adapters == {} and not pipeline.runners[0].adapters.held
+    assert pipeline.adapters.sources == {} and not pipeline.runners[0].adapters.held
 
 
 # ------------------------------------------------------- RayPipeline's recovery logic, with stand-in actors
@@ -387,7 +390,7 @@ def test_ray_slice_dying_during_load_adapter_is_unavailable_and_leaves_it_nowher
     pipeline.actors[1].dead = True
     with pytest.raises(SliceLost, match="slice 1 died while loading adapter 'a'"):
         asyncio.run(pipeline.load_adapter("a", "/x", "f"))
-    assert pipeline.adapters == {} and pipeline.actors[0].held == {}
+    assert pipeline.adapters.sources == {} and pipeline.actors[0].held == {}
 
 
 def test_ray_recover_waits_for_dead_slices_and_reports_adapters_it_cannot_restore():
@@ -407,7 +410,8 @@ def test_ray_recover_waits_for_dead_slices_and_reports_adapters_it_cannot_restor
     restarted.load_adapter = _Method(refuse_b)
     recovery = asyncio.run(pipeline.recover())
     assert recovery.lost_adapters == {"b": "path: /y is not a PEFT adapter folder"}
-    assert set(pipeline.adapters) == {"a"} and restarted.held == {"a": "f"} and pipeline.actors[0].held == {"a": "f"}
+    assert set(pipeline.adapters.sources) == {"a"}
+    assert restarted.held == {"a": "f"} and pipeline.actors[0].held == {"a": "f"}
     assert pipeline.actors[0].resets == restarted.resets == 1
 
 
@@ -441,3 +445,211 @@ def test_drain_ends_running_and_queued_requests_unavailable(tiny_model, tokenize
     (running, queued), refused = asyncio.run(main())
     for error in (running, queued, refused):
         assert isinstance(error, Unavailable) and "shutting down" in str(error)
+
+
+# ------------------------------------------------------------------- adapters unloaded under load (#27 item 2)
+
+
+def _registry(tiny_model, engine: Engine, root: Path):
+    from qwen_relay.server.adapters import AdapterPolicy, AdapterRegistry
+    from qwen_relay.shards.loader import load_config
+
+    return AdapterRegistry(load_config(tiny_model), str(tiny_model), engine, AdapterPolicy(roots=(str(root),)))
+
+
+def test_an_adapter_unloaded_between_validation_and_admission_fails_that_request_alone(tiny_model, tokenizer,
+                                                                                     reference, tmp_path):
+    """The request passed validation (`prepare`: the adapter was loaded), then the adapter was unloaded before
+    the request reached the engine. It fails FAILED_PRECONDITION (AdapterLost) alone; no slice is lost, health
+    never flips, the base requests under way complete exactly."""
+    from qwen_relay.server.validation import Limits, prepare
+    from qwen_relay.v1 import relay_pb2
+
+    folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
+    pipeline = FaultyPipeline(_specs(tiny_model))
+    limits = Limits(vocab_size=tokenizer.vocab_size, max_context=128)
+
+    async def main():
+        h = Harness(pipeline, tokenizer)
+        registry = _registry(tiny_model, h.engine, tmp_path)
+        try:
+            await registry.load("a", str(folder))
+            base = [asyncio.ensure_future(h.run(h.seq(f"base{i}", p))) for i, p in enumerate(PROMPTS[:2])]
+            request = relay_pb2.GenerateRequest(prompt_token_ids=PROMPTS[2], adapter="a", max_new_tokens=4)
+            seq = prepare(request, tokenizer, limits, registry)  # validated: "a" is loaded
+            await registry.unload("a")  # nobody waits or runs with it yet: allowed
+            late = await h.run(seq)
+            return late, await asyncio.gather(*base), h.health
+        finally:
+            await h.engine.stop()
+
+    late, base, health = asyncio.run(main())
+    assert isinstance(late, AdapterLost) and "'a' was unloaded" in str(late), repr(late)
+    assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[:2]]
+    assert health == [] and pipeline.lost == 0
+
+
+def test_a_step_naming_an_adapter_no_longer_served_is_refused_before_any_slice(tiny_model, tokenizer, reference,
+                                                                              tmp_path):
+    """Past the registry's in-use check (the pipeline unloads the adapter under a running request): the next step
+    is refused before any slice runs, so the request naming it fails AdapterLost alone, its neighbours complete
+    exactly, and no slice is taken for lost (no recovery, health never flips)."""
+    from qwen_relay.shards.adapters import fingerprint
+
+    folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
+    pipeline = FaultyPipeline(_specs(tiny_model))
+
+    async def main():
+        await pipeline.load_adapter("a", str(folder), fingerprint(folder))
+        h = Harness(pipeline, tokenizer)
+
+        def unload_at(n: int) -> None:
+            if n == 3:
+                asyncio.ensure_future(pipeline.unload_adapter("a"))
+
+        try:
+            results = await asyncio.gather(h.run(h.seq("lora", PROMPTS[0], adapter="a"), unload_at),
+                                           *(h.run(h.seq(f"base{i}", p)) for i, p in enumerate(PROMPTS[1:3])))
+            return results, h.health
+        finally:
+            await h.engine.stop()
+
+    (lora, *base), health = asyncio.run(main())
+    assert isinstance(lora, AdapterLost) and "'a' was unloaded" in str(lora), repr(lora)
+    assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[1:3]]
+    assert health == [] and pipeline.lost == 0
+
+
+def test_local_recovery_waits_for_a_step_still_running_in_a_slice_thread(tiny_model):
+    """The engine loop died and cancelled its steps, but a slice thread is still inside one (a thread cannot be
+    cancelled). Recovery must not reset that slice until the step is out, or the step's late commit leaves a
+    cache length behind the reset (the next replay of that slot would be refused as a lost cache)."""
+    import threading
+
+    from qwen_relay.shards.batch import SamplingParams
+
+    pipeline = LocalPipeline(_specs(tiny_model))
+    runner = pipeline.runners[0]
+    entered, go = threading.Event(), threading.Event()
+    real_step = runner.step
+
+    def held_step(batch, hidden=None):
+        entered.set()
+        go.wait(30)
+        return real_step(batch, hidden)
+
+    runner.step = held_step
+    batch = StepBatch(slots=[0], starts=[0], token_ids=[PROMPTS[0]], sampling=[SamplingParams()])
+
+    async def main():
+        step = asyncio.ensure_future(pipeline.step(batch))
+        await asyncio.to_thread(entered.wait, 30)
+        step.cancel()  # as the dying loop does; the slice thread goes on
+        recovery = asyncio.ensure_future(pipeline.recover())
+        await asyncio.wait({recovery}, timeout=0.5)  # before the fix: done here, the step not yet committed
+        go.set()
+        await recovery
+        await asyncio.get_running_loop().run_in_executor(pipeline._stages[0], lambda: None)  # the thread is idle
+        lengths = [dict(r.cache.lengths) for r in pipeline.runners]
+        await pipeline.close()
+        return lengths
+
+    assert asyncio.run(main()) == [{}, {}]
+
+
+def test_an_adapter_unloaded_while_a_recovery_restores_it_is_left_on_no_slice():
+    """UnloadAdapter may run while the engine recovers: a restore that was loading the adapter again when it was
+    unloaded must not leave it on the slices (weights nobody lists or frees)."""
+    pipeline = _ray_pipeline()
+    asyncio.run(pipeline.load_adapter("a", "/x", "f"))
+
+    async def main():
+        gate, waiting = asyncio.Event(), []
+        for actor in pipeline.actors:
+            load = actor.load_adapter.fn
+
+            class Gated:
+                def remote(self, *args, load=load):
+                    async def call():
+                        waiting.append(args)
+                        await gate.wait()
+                        return load(*args)
+
+                    return call()
+
+            actor.load_adapter = Gated()
+        recovery = asyncio.ensure_future(pipeline.recover())
+        while len(waiting) < len(pipeline.actors):  # the restore is loading "a" again on every slice
+            await asyncio.sleep(0)
+        await pipeline.unload_adapter("a")
+        gate.set()
+        return await recovery
+
+    recovery = asyncio.run(main())
+    assert recovery.lost_adapters == {}
+    assert "a" not in pipeline.adapters and [a.held for a in pipeline.actors] == [{}, {}]
+
+
+def test_an_adapter_loaded_and_unloaded_under_load_never_flips_health(tiny_model, tokenizer, reference, tmp_path):
+    """Requests naming an adapter arrive while it is unloaded and loaded again, at every point of their way
+    (before validation, between validation and admission, waiting, running). Each ends in its tokens or in
+    NOT_FOUND (validation) / FAILED_PRECONDITION (AdapterLost); unloads in use are refused; no slice is ever
+    taken for lost and health never flips; the base requests beside them complete exactly."""
+    from qwen_relay.server.adapters import AdapterInUse
+    from qwen_relay.server.validation import Limits, UnknownAdapter, prepare
+    from qwen_relay.v1 import relay_pb2
+
+    folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
+    pipeline = FaultyPipeline(_specs(tiny_model))
+    limits = Limits(vocab_size=tokenizer.vocab_size, max_context=128)
+
+    async def main():
+        h = Harness(pipeline, tokenizer)
+        registry = _registry(tiny_model, h.engine, tmp_path)
+        outcomes: list[str] = []
+
+        async def lora_request(delay: int) -> None:
+            for _ in range(delay // 2):
+                await asyncio.sleep(0)
+            request = relay_pb2.GenerateRequest(prompt_token_ids=PROMPTS[3], adapter="a", max_new_tokens=3)
+            try:
+                seq = prepare(request, tokenizer, limits, registry)
+            except UnknownAdapter:
+                outcomes.append("NOT_FOUND")
+                return
+            for _ in range(delay % 2 * 2):  # validated; reaches the engine a little later
+                await asyncio.sleep(0)
+            result = await h.run(seq)
+            outcomes.append("OK" if isinstance(result, list) and len(result) == 3 else
+                            "FAILED_PRECONDITION" if isinstance(result, AdapterLost) else repr(result))
+
+        async def churn() -> list[asyncio.Future]:
+            requests = []
+            for round_ in range(6):
+                await registry.load("a", str(folder))
+                # Odd rounds: every request is validated a tick or two before the engine admits it, so the unload
+                # below finds none waiting or running while some are on their way.
+                delays = range(8) if round_ % 2 == 0 else range(1, 8, 2)
+                requests += [asyncio.ensure_future(lora_request(d)) for d in delays]
+                for _ in range(2):
+                    await asyncio.sleep(0)
+                try:
+                    await registry.unload("a")
+                except AdapterInUse:
+                    outcomes.append("in use")
+                    while h.engine.adapter_users("a"):
+                        await asyncio.sleep(0.01)
+                    await registry.unload("a")
+            return requests
+
+        try:
+            base = [asyncio.ensure_future(h.run(h.seq(f"base{i}", p))) for i, p in enumerate(PROMPTS[:2])]
+            await asyncio.gather(*await churn())
+            return outcomes, await asyncio.gather(*base), h.health
+        finally:
+            await h.engine.stop()
+
+    outcomes, base, health = asyncio.run(main())
+    assert set(outcomes) == {"OK", "NOT_FOUND", "FAILED_PRECONDITION", "in use"}, outcomes  # every way was taken
+    assert base == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS[:2]]
+    assert health == [] and pipeline.lost == 0

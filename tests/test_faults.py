@@ -81,13 +81,14 @@ def test_slice_that_does_not_return_in_time_fails_calls_unavailable_then_recover
     engine = ray_relay.engine
     monkeypatch.setattr(engine, "config", dataclasses.replace(engine.config, recovery_timeout=0.5))
     reported: list[bool] = []  # every health change the engine reports, however fast the restart is
-    report = engine._on_health
+    engine.health_changed.subscribe(reported.append)
+    try:
+        _fail_then_recover(ray_relay, reported, wait_caches_empty)
+    finally:
+        engine.health_changed.unsubscribe(reported.append)
 
-    async def recording(serving: bool) -> None:
-        reported.append(serving)
-        await report(serving)
 
-    monkeypatch.setattr(engine, "_on_health", recording)
+def _fail_then_recover(ray_relay, reported: list[bool], wait_caches_empty) -> None:
     with RelayClient(f"127.0.0.1:{ray_relay.port}", timeout=60) as client:
         with pytest.raises(grpc.RpcError) as failed:
             for i, _ in enumerate(client.stream(prompt="Merhaba", max_new_tokens=200, ignore_eos=True)):

@@ -210,6 +210,27 @@ def test_adapter_as_model(oai, grpc_client, tiny_model, adapter_dir):
     assert out.model == "all"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_adapter_unloaded_after_validation_is_404_not_500(relay, grpc_client, stream):
+    """The request passed validation (the registry lists "all"), but the pipeline no longer serves it when the
+    engine admits it (an unload in between): HTTP 404 model_not_found and gRPC FAILED_PRECONDITION, as for a
+    model not served, never 500 / INTERNAL (issue #27 item 2); health stays SERVING."""
+    import grpc
+
+    sources = relay.pipeline.adapters.sources
+    source = sources.pop("all")
+    try:
+        status, _, body = _post(relay.http_port, "/v1/chat/completions", _chat("all", stream=stream))
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.generate(PROMPT, max_new_tokens=2, adapter="all")
+    finally:
+        sources["all"] = source
+    assert status == 404 and _error(status, body)["code"] == "model_not_found", body
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'all' was unloaded" in refused.value.details()
+    assert grpc_client.health() == "SERVING"
+
+
 # ---------------------------------------------------------------------------------------- SSE framing
 
 

@@ -34,7 +34,7 @@ def adapter_root(tiny_model, tmp_path_factory) -> Path:
 
 
 def _registry(tiny_model, **policy):
-    from qwen_relay.server.admin import AdapterPolicy, AdapterRegistry
+    from qwen_relay.server.adapters import AdapterPolicy, AdapterRegistry
     from qwen_relay.server.engine import Engine, EngineConfig
     from qwen_relay.shards.loader import load_config
 
@@ -49,7 +49,7 @@ def _refusal(registry, path: str, name: str = "x") -> Exception:
 
 
 def test_load_adapter_path_policy(tiny_model, adapter_root, tmp_path):
-    from qwen_relay.server.admin import AdapterForbidden
+    from qwen_relay.server.adapters import AdapterForbidden
 
     outside = tmp_path / "outside"
     _save_adapter(tiny_model, outside)
@@ -68,12 +68,49 @@ def test_load_adapter_path_policy(tiny_model, adapter_root, tmp_path):
 
 
 def test_load_adapter_limits(tiny_model, adapter_root):
-    from qwen_relay.server.admin import AdapterLimit
+    from qwen_relay.server.adapters import AdapterLimit
 
     too_many = _refusal(_registry(tiny_model, roots=(str(adapter_root),), max_adapters=0), str(adapter_root / "a"))
     assert isinstance(too_many, AdapterLimit) and "--max-adapters" in str(too_many)
     too_big = _refusal(_registry(tiny_model, roots=(str(adapter_root),), max_bytes=100), str(adapter_root / "a"))
     assert isinstance(too_big, AdapterLimit) and "over the limit of 100" in str(too_big)
+
+
+def test_load_adapter_files_resolving_outside_the_root_are_refused_unread(tiny_model, adapter_root, tmp_path):
+    """The folder lies under the root but a file in it links outside: refused like any outside path, without
+    the outside file's size (or anything else about it) in the answer (issue #27 item 9)."""
+    import shutil
+
+    from qwen_relay.server.adapters import AdapterForbidden
+    from qwen_relay.shards.adapters import CONFIG_FILE, WEIGHTS_FILE
+
+    outside = _save_adapter(tiny_model, tmp_path / "outside")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x" * 4321)
+    registry = _registry(tiny_model, roots=(str(adapter_root),), max_bytes=100)
+    for linked, target in [(WEIGHTS_FILE, outside / WEIGHTS_FILE), (WEIGHTS_FILE, secret),
+                           (CONFIG_FILE, outside / CONFIG_FILE)]:
+        folder = adapter_root / f"link-{linked}-{target.name}"
+        shutil.copytree(adapter_root / "a", folder)
+        (folder / linked).unlink()
+        (folder / linked).symlink_to(target)
+        refused = _refusal(registry, str(folder))
+        assert isinstance(refused, AdapterForbidden), (linked, target, refused)
+        assert str(refused) == "path: not under an allowed adapter root (serve --adapter-root)"
+
+
+def test_adapter_config_is_read_within_a_size_limit(tiny_model, adapter_root):
+    import json
+    import shutil
+
+    from qwen_relay.shards.adapters import CONFIG_FILE, MAX_CONFIG_BYTES, AdapterError
+
+    folder = adapter_root / "huge-config"
+    shutil.copytree(adapter_root / "a", folder)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    (folder / CONFIG_FILE).write_text(json.dumps(config) + " " * MAX_CONFIG_BYTES)  # valid JSON, too large
+    refused = _refusal(_registry(tiny_model, roots=(str(adapter_root),)), str(folder))
+    assert isinstance(refused, AdapterError) and f"over the limit of {MAX_CONFIG_BYTES} bytes" in str(refused)
 
 
 def test_adapter_names_with_a_dot_load_and_route_like_any_other(tiny_model, adapter_root):
