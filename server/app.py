@@ -34,7 +34,7 @@ from .pipeline import LocalPipeline, Pipeline
 from .placement import check_fits_node, local_cpu_share
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
-from .validation import Limits
+from .validation import MAX_MESSAGE_BYTES, Limits
 
 if TYPE_CHECKING:
     from .http import HttpServer
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 ADMIN_SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 STOP_SLACK_S = 2.0  # after the grace period, for calls to send the UNAVAILABLE they were failed with
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -5,7 +5,9 @@ they know; pydantic models parse the OpenAI request bodies (types only: every li
 path gRPC requests take, `validation.prepare`); and uvicorn runs on the gateway's own asyncio loop, so an HTTP
 handler submits to the same `Engine` as a gRPC handler, with no thread hop, second process or second copy of
 the model. TLS comes from the same PEM files through Python's `ssl` (a client CA makes it mutual TLS), and the
-bearer token is the gRPC token, checked on every route but `/health` (as gRPC exempts only health).
+bearer token is the gRPC token, checked on every route but `/health` (as gRPC exempts only health). The token
+is checked, and the body bounded to gRPC's message limit, by an ASGI wrapper before anything reads the body:
+FastAPI reads and parses a body before its dependencies run, and uvicorn sets no size limit.
 
 A request is turned into a `GenerateRequest` and validated exactly as gRPC validates it; errors come back as
 OpenAI's error JSON naming the OpenAI parameter. Options the relay cannot honour are refused, not ignored.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import struct_pb2
@@ -38,7 +40,7 @@ from .engine import Overloaded, Unavailable
 from .reasoning import ReasoningSplitter
 from .sequence import Delta, FinishReason, Sequence
 from .servicer import run, split, splitter
-from .validation import InvalidRequest, UnknownAdapter, prepare
+from .validation import MAX_MESSAGE_BYTES, InvalidRequest, UnknownAdapter, prepare
 
 if TYPE_CHECKING:
     from .app import Relay
@@ -49,9 +51,11 @@ T = TypeVar("T")
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "service_unavailable_error"}
 FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
 PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"})  # metric labels
+OPEN_PATHS = frozenset({"/health"})  # answered without the token, as gRPC health
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for system messages
 
 
@@ -375,9 +379,72 @@ class _CountRequests:
                 self.counter.labels(f"{scope['method']} {path}", "499").inc()
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def _bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The bearer token of raw ASGI headers, if any."""
+    value = next((v for k, v in headers if k == b"authorization"), b"")
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
+
+
+class _Gate:
+    """Token first, then a bounded body, before the app sees the request (a plain ASGI wrapper).
+
+    Without a valid token the answer is 401 before one byte of the body is read; a body over
+    `max_bytes` (gRPC's message limit) is 413, refused from its Content-Length alone when it has one, else
+    once the bytes read pass the limit. A body within the limit is read here and handed on, so the app's
+    later `receive` calls see only what follows it (a disconnect). `scope["state"]["admin"]` says whether the
+    caller presented the admin token (`GET /v1/models` shows adapter paths only then)."""
+
+    def __init__(self, app: Any, token: bytes | None, admin_token: bytes | None, max_bytes: int) -> None:
+        self.app, self.token, self.admin_token, self.max_bytes = app, token, admin_token, max_bytes
+
+    def _refusal(self, scope) -> ApiError | None:
+        given = _bearer(scope["headers"])
+        admin = given is not None and self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
+        scope.setdefault("state", {})["admin"] = admin
+        if self.token is None or scope["path"] in OPEN_PATHS or (admin and scope["path"] == "/v1/models"):
+            return None
+        if given is not None and hmac.compare_digest(given, self.token):
+            return None
+        reason = "missing bearer token" if given is None else "invalid bearer token"
+        log.warning("refused HTTP %s: %s", scope["path"], reason)
+        return ApiError(401, f"{reason} (send 'Authorization: Bearer <token>')", None, "invalid_api_key")
+
+    def _too_large(self, size: int | str) -> ApiError:
+        return ApiError(413, f"request body: {size} bytes is over the limit of {self.max_bytes} bytes", None,
+                        "request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            refusal = (self._too_large(int(length)) if length.isdigit()
+                       else ApiError(400, "Content-Length: not a number", None, "invalid_value"))
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(f"more than {size}").response()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body: dict[str, Any] | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict[str, Any]:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
 
 
 def build_app(relay: Relay) -> FastAPI:
@@ -400,17 +467,7 @@ def build_app(relay: Relay) -> FastAPI:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"][2:])
         return ApiError(400, f"{param}{where}: {err['msg']}", param, "invalid_value").response()
 
-    async def authorize(request: Request) -> None:
-        if token is None:
-            return
-        given = _bearer(request)
-        if given is not None and hmac.compare_digest(given.encode(), token):
-            return
-        reason = "missing bearer token" if given is None else "invalid bearer token"
-        log.warning("refused HTTP %s: %s", request.url.path, reason)
-        raise ApiError(401, f"{reason} (send 'Authorization: Bearer <token>')", None, "invalid_api_key")
-
-    api = APIRouter(dependencies=[Depends(authorize)])
+    api = APIRouter()
 
     def engine():
         if not relay.engine.ready:
@@ -496,7 +553,9 @@ def build_app(relay: Relay) -> FastAPI:
         return JSONResponse({"status": status}, status_code=200 if relay.serving else 503)
 
     app.include_router(api)
-    app.add_middleware(_CountRequests, counter=relay.metrics.requests, paths=PATHS)
+    admin_token = opts.admin_token.encode() if opts.admin_token else None
+    app.add_middleware(_Gate, token=token, admin_token=admin_token, max_bytes=MAX_MESSAGE_BYTES)
+    app.add_middleware(_CountRequests, counter=relay.metrics.requests, paths=PATHS)  # outermost: counts refusals
     return app
 
 

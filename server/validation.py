@@ -23,6 +23,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one request (gRPC message, HTTP body) and one gRPC reply
 MAX_ADAPTER_CHARS = 64  # adapter names are 1-64 characters (shards/adapters.py NAME_PATTERN)
 # Below this, logits / temperature overflows float32 to inf, softmax gives NaN and the sampler raises inside
 # the last slice, failing every sequence in that step (vLLM's sampling epsilon is the same).

@@ -8,6 +8,7 @@ The slow tier repeats parity and disconnect-cancellation with the slices on Ray 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -307,13 +308,66 @@ def test_token_required_except_health(relay, tiny_model):
     response = conn.getresponse()
     assert (response.status, json.loads(response.read())) == (200, {"status": "SERVING"})
     conn.request("GET", "/openapi.json")  # like gRPC reflection, the API map needs the token
-    assert conn.getresponse().status == 404
+    assert conn.getresponse().status == 401  # every path but /health: the token is checked before routing
     conn.close()
 
 
 def test_bad_json_is_400(relay):
     status, _, body = _post(relay.http_port, "/v1/chat/completions", b"{not json")
     assert status == 400 and _error(status, body)["type"] == "invalid_request_error"
+    status, _, body = _post(relay.http_port, "/v1/chat/completions", b"{not json", token=None)
+    assert status == 401 and _error(status, body)["type"] == "authentication_error"  # the token comes first
+
+
+def _raw_head(port: int, path: str, headers: dict[str, str], data: bytes = b"") -> socket.socket:
+    """A POST whose head (and `data`) is sent, the rest of the body never: the server must answer anyway."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Type": "application/json", **headers}.items())
+    sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + data)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    """Status and error JSON of the answer on `sock` (read until the server closes or the JSON is complete)."""
+    received = b""
+    while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), _error(int(head.split()[1]), body)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/no/such/path"])
+def test_token_is_checked_before_the_body_is_read(relay, path):
+    """100 MiB announced, 1 KiB sent, no token: 401 at once (FastAPI used to wait for the whole body first)."""
+    start = time.monotonic()
+    status, error = _answer(_raw_head(relay.http_port, path, {"Content-Length": str(100 << 20)}, b"{" * 1024))
+    assert (status, error["type"]) == (401, "authentication_error")
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_body_over_the_grpc_message_limit_is_413_unread(relay, tiny_model):
+    start = time.monotonic()
+    sock = _raw_head(relay.http_port, "/v1/completions", {"Authorization": f"Bearer {TOKEN}",
+                                                          "Content-Length": str(100 << 20)}, b"{" * 1024)
+    status, error = _answer(sock)
+    assert (status, error["code"], error["type"]) == (413, "request_too_large", "invalid_request_error")
+    assert time.monotonic() - start < 1.0
+    # Without a Content-Length (chunked), reading stops once the limit is passed.
+    sock = _raw_head(relay.http_port, "/v1/completions", {"Authorization": f"Bearer {TOKEN}",
+                                                          "Transfer-Encoding": "chunked"})
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    with contextlib.suppress(OSError):  # the server may close before the last chunk is sent
+        for _ in range(40):
+            sock.sendall(chunk)
+    status, error = _answer(sock)
+    assert status == 413 and error["code"] == "request_too_large"
+    # Within the limit, a large body is read and validated as before.
+    body = {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 2, "user": "u" * (8 << 20)}
+    assert _post(relay.http_port, "/v1/completions", body)[0] == 200
 
 
 def test_http_requests_are_counted_with_grpc(relay, tiny_model):
