@@ -287,9 +287,11 @@ def _engine_error(e: BaseException) -> ApiError:
     return ApiError(500, f"generation failed: {e}", None, "generation_failed")
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T], seq: Sequence) -> T:
-    """Await `work` (a unary answer) unless the client goes away first; then cancel it, which cancels the
-    generation and frees its cache slots, as gRPC does for a cancelled unary call."""
+async def _unless_disconnected(request: Request, work: Awaitable[T], what: str) -> T:
+    """Await `work` unless the client goes away first; then cancel it, as gRPC cancels a cancelled call: a
+    request waiting for the tokenizer or in the admission queue gives its place up at once (it used to keep it
+    until its first token, costing a prefill and turning live clients away with 429), a running unary one
+    stops generating and frees its cache slots."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -306,7 +308,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], seq: Sequen
             await asyncio.gather(task, return_exceptions=True)
     if task in done:
         return task.result()
-    log.info("request %s: the client disconnected; generation cancelled", seq.request_id)
+    log.info("%s: the client disconnected; cancelled", what)
     raise ApiError(499, "the client closed the connection", None, "client_closed")
 
 
@@ -488,7 +490,8 @@ def build_app(relay: Relay) -> FastAPI:
         request = _generate_request(body, adapter_for(body.model))
         servicer = relay.servicer
         try:
-            seq = await servicer.off_loop(prepare, request, servicer.tokenizer, servicer.limits, relay.adapters)
+            seq = await _unless_disconnected(http_request, servicer.off_loop(
+                prepare, request, servicer.tokenizer, servicer.limits, relay.adapters), "a request being prepared")
         except InvalidRequest as e:
             param = _param(e, body)
             message = str(e)
@@ -501,8 +504,10 @@ def build_app(relay: Relay) -> FastAPI:
                        request.separate_reasoning, body.return_token_ids)
         reasoning = splitter(request, seq, servicer.tokenizer)
         deltas = run(eng, seq, servicer.metrics)
-        try:
-            first = await anext(deltas)  # queue full / slice down answer with their status, streaming or not
+        try:  # queue full / slice down answer with their status, streaming or not
+            first = await _unless_disconnected(http_request, anext(deltas), f"request {seq.request_id} (queued)")
+        except ApiError:
+            raise
         except Exception as e:  # noqa: BLE001 - mapped to a status
             raise _engine_error(e) from None
         if body.stream:
@@ -526,7 +531,7 @@ def build_app(relay: Relay) -> FastAPI:
             choice = reply.choice("".join(thoughts), "".join(texts), delta.finish_reason, False, seq.generated)
             return {**reply.head(False), "choices": [choice], "usage": reply.usage()}
 
-        return await _unless_disconnected(http_request, collect(), seq)
+        return await _unless_disconnected(http_request, collect(), f"request {seq.request_id}")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:

@@ -8,12 +8,14 @@ The slow tier repeats parity and disconnect-cancellation with the slices on Ray 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import http.client
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -499,6 +501,48 @@ def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream, wa
     check_disconnect_cancels(relay, grpc_client, str(tiny_model), TOKEN, wait_caches_empty, stream)
     # The relay keeps serving afterwards.
     assert grpc_client.generate(PROMPT, max_new_tokens=4).completion_tokens == 4
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_disconnect_while_queued_gives_the_place_up_at_once(relays, tiny_model, stream):
+    """One cache slot, held by a stream whose steps are then held back; a second request queues, its client goes
+    away: it leaves the queue at once (it used to stay until the slot came free, then cost a prefill before
+    anyone noticed)."""
+    relay = relays(ServeOptions(model=str(tiny_model), shards=2, use_ray=False, max_batch=1, max_context=512))
+    scheduler, pipeline = relay.engine.scheduler, relay.engine.pipeline
+    steps_open = threading.Event()
+    steps_open.set()
+    step = pipeline.step
+
+    async def held_step(batch):
+        await asyncio.to_thread(steps_open.wait)
+        return await step(batch)
+
+    pipeline.step = held_step
+    body = {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "stream": True}
+    holder = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=120)
+    try:
+        holder.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = holder.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        steps_open.clear()  # the holder keeps its slot until the test ends
+        queued = json.dumps({**body, "max_tokens": 4, "stream": stream}).encode()
+        sock = socket.create_connection(("127.0.0.1", relay.http_port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(queued), queued))
+        deadline = time.monotonic() + 30
+        while not scheduler.waiting:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.01)
+        sock.close()
+        deadline = time.monotonic() + 5
+        while scheduler.waiting:
+            assert time.monotonic() < deadline, "the abandoned request kept its place in the queue"
+            time.sleep(0.01)
+    finally:
+        steps_open.set()
+        del pipeline.step
+        holder.close()
 
 
 # ------------------------------------------------------------------------------------------------- CLI
