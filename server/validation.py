@@ -162,8 +162,14 @@ def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerB
     prompt_ids = render_prompt(request, tokenizer, limits.vocab_size)
     if not prompt_ids:
         raise InvalidRequest("prompt: renders to no tokens")
-    max_new = request.max_new_tokens or limits.default_max_new_tokens
-    if len(prompt_ids) + max_new > limits.max_context:
+    room = limits.max_context - len(prompt_ids)
+    if room < 1:
+        raise InvalidRequest(f"prompt: {len(prompt_ids)} tokens leave no room for a new token in the context "
+                             f"limit {limits.max_context}")
+    # The default is held to the room left (as OpenAI and vLLM do): an error naming max_new_tokens would be about
+    # a parameter the client never sent. A value the client did send stays an error when it does not fit.
+    max_new = request.max_new_tokens or min(limits.default_max_new_tokens, room)
+    if max_new > room:
         raise InvalidRequest(f"max_new_tokens: prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) "
                              f"exceeds the context limit {limits.max_context}")
     seed = request.seed if request.HasField("seed") else secrets.randbits(63)

@@ -190,6 +190,20 @@ def test_stop_string_and_default_max_tokens(oai, grpc_client, tiny_model):
     assert out.usage.completion_tokens == 128
 
 
+def test_default_max_tokens_is_held_to_the_room_left(relay, grpc_client, tiny_model):
+    """A 450-token prompt in a 512 context, no max_tokens: 62 tokens, as OpenAI and vLLM cap their default (it
+    was a 400 naming max_tokens, which the client never sent). A value that was sent and does not fit stays 400."""
+    prompt = [5] * 450
+    body = {"model": str(tiny_model), "prompt": prompt, "temperature": 0, "ignore_eos": True}
+    status, _, raw = _post(relay.http_port, "/v1/completions", body)
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 62
+    assert grpc_client.generate(prompt_token_ids=prompt, ignore_eos=True).completion_tokens == 62
+    status, _, raw = _post(relay.http_port, "/v1/completions", {**body, "max_tokens": 63})
+    assert status == 400 and _error(status, raw)["param"] == "max_tokens"
+    status, _, raw = _post(relay.http_port, "/v1/completions", {**body, "prompt": [5] * 512})
+    assert status == 400 and _error(status, raw)["param"] == "prompt"  # no room at all: the prompt is the fault
+
+
 def test_sampling_options_and_seed_reproduce(oai, grpc_client, tiny_model):
     kwargs = dict(model=str(tiny_model), messages=MESSAGES, max_completion_tokens=16, temperature=0.9, top_p=0.9,
                   seed=1234, extra_body={"top_k": 40, "ignore_eos": True})

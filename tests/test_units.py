@@ -213,7 +213,7 @@ def test_validate_inputs(tokenizer):
     ({"prompt": "", "prompt_token_ids": [5] * 65}, "prompt_token_ids"),
     ({"max_new_tokens": 33}, "max_new_tokens"),
     ({"prompt": "", "prompt_token_ids": [5] * 40, "max_new_tokens": 25}, "max_new_tokens"),  # 65 > 64
-    ({"prompt": "", "prompt_token_ids": [5] * 50}, "max_new_tokens"),  # + the default 16 > 64
+    ({"prompt": "", "prompt_token_ids": [5] * 64}, "prompt"),  # no room left for the default either
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": math.nan}, "temperature"),
     ({"temperature": math.inf}, "temperature"),
@@ -243,6 +243,9 @@ def test_validate_accepts_the_boundaries(tokenizer):
     _, ids, at_context = validate(relay_pb2.GenerateRequest(prompt_token_ids=[5] * 32, max_new_tokens=32),
                                   tokenizer, LIMITS)
     assert len(ids) + at_context.max_new_tokens == LIMITS.max_context  # exactly fills the context
+    # Unset, the default (16) is held to the room left: 14, not an error about a parameter never sent.
+    assert params(prompt_token_ids=[5] * 50).max_new_tokens == 14
+    assert params(prompt_token_ids=[5] * 63).max_new_tokens == 1
     assert validate(relay_pb2.GenerateRequest(prompt_token_ids=[1023]), tokenizer, LIMITS)[1] == [1023]  # last id
     top = params(prompt="Merhaba", temperature=1.0, top_p=1.0).sampling
     assert (top.temperature, top.top_p) == (1.0, 1.0)
