@@ -25,14 +25,14 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from google.protobuf import struct_pb2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from qwen_relay.v1 import relay_pb2
 
@@ -71,10 +71,31 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return _AsciiJSON(self.body(), status_code=self.status)
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote the client's text, and a lone surrogate in it (valid in
+    JSON's `\\ud800`, not in UTF-8) must not turn the answer into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 # ------------------------------------------------------------------------------------------- request bodies
+
+
+def _utf8(value: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate (`"\\ud800"`), which no UTF-8 text (protobuf, the tokenizer) can
+    hold: refused here, naming the field, instead of failing later as a 500."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at character {e.start})") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
 
 
 class _Body(BaseModel):
@@ -89,61 +110,61 @@ class StreamOptions(_Body):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class Message(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    role: Text
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
 
 class ResponseFormat(_Body):
-    type: str
+    type: Text
 
 
 class _Sampling(_Body):
     """What chat and text completions share."""
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     temperature: float | None = None  # unset: 1.0, as OpenAI's API (gRPC's unset is 0, greedy)
     top_p: float | None = None
     top_k: int | None = Field(None, ge=-1, le=UINT32_MAX)  # an extra (vLLM's); -1 or 0: no top-k filter
     seed: int | None = Field(None, ge=0, le=UINT64_MAX)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # an extra, as vLLM's
     return_token_ids: bool = False  # an extra, as vLLM's: the generated token ids beside the text
-    user: str | None = None  # accepted and unused, as OpenAI's own API does not act on it either
+    user: Text | None = None  # accepted and unused, as OpenAI's own API does not act on it either
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Text, float] | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    chat_template_kwargs: dict[str, Any] | None = None  # as vLLM's; allowed names: validation.py
+    chat_template_kwargs: dict[Text, Any] | None = None  # as vLLM's; allowed names: validation.py
     separate_reasoning: bool = False  # answer <think>...</think> as reasoning_content (SGLang's name)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    function_call: Text | dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
-    suffix: str | None = None
+    suffix: Text | None = None
 
 
 def _refuse_unsupported(body: _Sampling) -> None:
@@ -183,7 +204,10 @@ def _template_value(value: Any, name: str) -> struct_pb2.Value:
     if isinstance(value, bool):
         return struct_pb2.Value(bool_value=value)
     if isinstance(value, str):
-        return struct_pb2.Value(string_value=value)
+        try:
+            return struct_pb2.Value(string_value=_utf8(value))
+        except ValueError as e:
+            raise ApiError(400, f"chat_template_kwargs: {name}: {e}", "chat_template_kwargs", "invalid_value") from None
     if isinstance(value, int | float):
         return struct_pb2.Value(number_value=value)
     raise ApiError(400, f"chat_template_kwargs: {name} must be a boolean, number or string",

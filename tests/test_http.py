@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import http.client
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -298,6 +299,33 @@ def test_completion_refusals_name_the_parameter(relay, tiny_model, extra, param)
     body = {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 4, **extra}
     status, _, raw = _post(relay.http_port, "/v1/completions", body)
     assert status == 400 and _error(status, raw)["param"] == param
+
+
+LONE = "\ud800"  # a lone UTF-16 surrogate: valid in JSON ("\\ud800"), not in UTF-8 or protobuf
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi" + LONE}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": LONE, "content": "hi"}]}, "messages"),
+    ("/v1/chat/completions", {"stop": ["ok", LONE]}, "stop"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"enable_thinking": LONE}}, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"model": LONE}, "model"),
+    ("/v1/chat/completions", {LONE: 1}, "body"),  # an unknown parameter named by no valid text
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": [LONE]}, "prompt"),
+    ("/v1/completions", {"stop": LONE}, "stop"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(relay, tiny_model, caplog, path, extra, param):
+    """It was a plain-text 500 (building the protobuf request raised UnicodeEncodeError), logged at ERROR."""
+    body = {"model": str(tiny_model), "max_tokens": 2, **(
+        {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": PROMPT}), **extra}
+    status, headers, raw = _post(relay.http_port, path, body)
+    assert status == 400 and headers["content-type"] == "application/json", raw
+    error = _error(status, raw)
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_openai_client_sees_errors_as_its_exceptions(oai, tiny_model, relay):
