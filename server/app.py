@@ -26,6 +26,7 @@ from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .admin import AdapterAdminServicer, AdapterPolicy, AdapterRegistry
+from .decoding import ParseInCallInterceptor
 from .engine import Engine, EngineConfig
 from .layout import balanced_split, describe, model_costs, parse_layers
 from .local_ray import LocalRay, local_ray_cpus
@@ -155,6 +156,7 @@ class Relay:
         interceptors = [RequestMetricsInterceptor(self.metrics)]  # first: it also counts refused calls
         if opts.auth_token or opts.admin_token:
             interceptors.append(BearerTokenInterceptor(opts.auth_token, opts.admin_token))
+        interceptors.append(ParseInCallInterceptor())  # last: a body protobuf refuses is INVALID_ARGUMENT
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

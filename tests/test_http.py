@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 import torch
@@ -29,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_relay.client import RelayClient
 from qwen_relay.server.app import Relay, ServeOptions
+from qwen_relay.v1 import relay_pb2
 
 TOKEN = "http-test-token"
 MESSAGES = [{"role": "user", "content": "Merhaba! Nasıl yardımcı olabilirim?"}]
@@ -325,6 +327,23 @@ def test_a_lone_surrogate_is_400_naming_the_field(relay, tiny_model, caplog, pat
     assert status == 400 and headers["content-type"] == "application/json", raw
     error = _error(status, raw)
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Tokenize"])
+def test_a_grpc_string_that_is_not_utf8_is_invalid_argument(relay, caplog, method):
+    """The gRPC side of the same fault: a client in another language can send a lone surrogate as bytes; gRPC's
+    deserializer raised DecodeError, answered UNKNOWN with a traceback at ERROR."""
+    kind = relay_pb2.TokenizeRequest if method == "Tokenize" else relay_pb2.GenerateRequest
+    prompt_field = kind.DESCRIPTOR.fields_by_name["prompt"].number
+    raw = bytes([prompt_field << 3 | 2, 3]) + "\ud800".encode("utf-8", "surrogatepass")
+    with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(
+            f"/qwen_relay.v1.TextGeneration/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            result = call(raw, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=30)
+            list(result) if method == "GenerateStream" else None
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in info.value.details()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
