@@ -566,12 +566,16 @@ def build_app(relay: Relay) -> FastAPI:
         return await complete(body, request)
 
     @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        """Names only; where each adapter's folder is (`root`) only to a caller presenting the admin token, as
+        gRPC's ListAdapters shows paths only to it."""
         created = int(relay.started)
+        admin = request.state.admin
         base = {"id": opts.model, "object": "model", "created": created, "owned_by": "qwen-relay",
                 "root": opts.model, "parent": None}
         adapters = [{"id": spec.name, "object": "model", "created": created, "owned_by": "qwen-relay",
-                     "root": spec.path, "parent": opts.model} for spec in relay.adapters.list()]
+                     "root": spec.path if admin else spec.name, "parent": opts.model}
+                    for spec in relay.adapters.list()]
         return {"object": "list", "data": [base, *adapters]}
 
     @app.get("/health")

@@ -221,6 +221,7 @@ def test_adapter_as_model(oai, grpc_client, tiny_model, adapter_dir):
     listed = oai.models.list().data
     assert [m.id for m in listed] == [str(tiny_model), "all"]
     assert listed[1].parent == str(tiny_model)
+    assert listed[1].root == "all"  # its folder is for the admin token only (no admin token is set here)
     out = oai.completions.create(model="all", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0,
                                  extra_body={"ignore_eos": True})
     with_adapter = grpc_client.generate(PROMPT, max_new_tokens=MAX_NEW, ignore_eos=True, adapter="all")
@@ -228,6 +229,20 @@ def test_adapter_as_model(oai, grpc_client, tiny_model, adapter_dir):
     assert with_adapter.token_ids != base.token_ids  # the adapter changes the output
     assert out.choices[0].text == with_adapter.text
     assert out.model == "all"
+
+
+def test_models_show_adapter_folders_only_to_the_admin_token(relays, tiny_model, adapter_dir):
+    """As gRPC's ListAdapters: the generation token sees names, the admin token also sees where they live."""
+    relay = relays(ServeOptions(model=str(tiny_model), shards=1, use_ray=False, max_context=512, auth_token=TOKEN,
+                                admin_token="admin-token", adapters={"all": str(adapter_dir)}))
+    listed = {token: json.loads(_post(relay.http_port, "/v1/models", None, token=token)[2])["data"]
+              for token in (TOKEN, "admin-token")}
+    assert [m["id"] for m in listed[TOKEN]] == [m["id"] for m in listed["admin-token"]] == [str(tiny_model), "all"]
+    assert listed[TOKEN][1]["root"] == "all" and str(adapter_dir) not in json.dumps(listed[TOKEN])
+    assert listed["admin-token"][1]["root"] == str(adapter_dir)
+    status, _, body = _post(relay.http_port, "/v1/completions", {"model": "all", "prompt": PROMPT},
+                            token="admin-token")
+    assert status == 401  # the admin token opens the listing, not generation
 
 
 # ---------------------------------------------------------------------------------------- SSE framing
