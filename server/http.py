@@ -198,6 +198,10 @@ def _refuse_unsupported(body: _Sampling) -> None:
     for param, bad, why in checks:
         if bad:
             raise ApiError(400, f"{param}: {why}", param, "unsupported_parameter")
+    for i, message in enumerate(getattr(body, "messages", ())):
+        if message.name is not None:  # the chat template has no place for it: it would be dropped
+            raise ApiError(400, f"messages[{i}].name: message names are not supported", "messages",
+                           "unsupported_parameter")
 
 
 def _template_value(value: Any, name: str) -> struct_pb2.Value:
@@ -227,8 +231,8 @@ def _generate_request(body: _Sampling, adapter: str) -> relay_pb2.GenerateReques
     if isinstance(body, ChatCompletionRequest):
         request.max_new_tokens = body.max_completion_tokens or body.max_tokens or 0
         for i, message in enumerate(body.messages):
-            if isinstance(message.content, list):
-                content = "".join(part.text for part in message.content)
+            if isinstance(message.content, list):  # parts are lines, as vLLM joins them
+                content = "\n".join(part.text for part in message.content)
             elif message.content is None:
                 raise ApiError(400, f"messages[{i}].content: required", "messages", "invalid_value")
             else:

@@ -207,6 +207,16 @@ def test_default_max_tokens_is_held_to_the_room_left(relay, grpc_client, tiny_mo
     assert status == 400 and _error(status, raw)["param"] == "prompt"  # no room at all: the prompt is the fault
 
 
+def test_content_parts_are_joined_as_lines(relay, tiny_model):
+    """[{"text": "Hello"}, {"text": "World"}] is "Hello\\nWorld", as vLLM joins parts (it was "HelloWorld")."""
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
+    answers = [json.loads(_post(relay.http_port, "/v1/chat/completions", _chat(
+        str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=8, ignore_eos=True,
+        return_token_ids=True))[2]) for content in (parts, "Hello\nWorld")]
+    assert answers[0]["usage"] == answers[1]["usage"]
+    assert answers[0]["choices"][0]["token_ids"] == answers[1]["choices"][0]["token_ids"]
+
+
 def test_sampling_options_and_seed_reproduce(oai, grpc_client, tiny_model):
     kwargs = dict(model=str(tiny_model), messages=MESSAGES, max_completion_tokens=16, temperature=0.9, top_p=0.9,
                   seed=1234, extra_body={"top_k": 40, "ignore_eos": True})
@@ -293,6 +303,7 @@ def _error(status: int, body: bytes) -> dict:
     ({"stop": [""]}, "stop"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
     ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "ayse"}]}, "messages"),  # was dropped silently
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
