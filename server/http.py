@@ -528,6 +528,8 @@ def build_app(relay: Relay) -> FastAPI:
             raise ApiError(400, message, param, "invalid_value") from None
         except UnknownAdapter as e:
             raise ApiError(404, str(e), "model", "model_not_found") from None
+        except Overloaded as e:
+            raise _engine_error(e) from None
         reply = _Reply(seq, body.model, isinstance(body, ChatCompletionRequest), int(time.time()),
                        request.separate_reasoning, body.return_token_ids)
         reasoning = splitter(request, seq, servicer.tokenizer)

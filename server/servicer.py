@@ -2,7 +2,9 @@
 
 Requests are rendered and tokenized on one worker thread, not on the event loop: a chat of 30k small messages
 passes the size check yet takes seconds to render, and every stream would stall meanwhile. One thread, because
-a Hugging Face fast tokenizer must not be used by two threads at once.
+a Hugging Face fast tokenizer must not be used by two threads at once. Its queue is bounded like the engine's
+admission queue (`--max-queue`): beyond it a request is refused at once (RESOURCE_EXHAUSTED, HTTP 429), since
+requests waiting to be tokenized are not yet in the admission queue the engine bounds.
 """
 
 from __future__ import annotations
@@ -108,10 +110,20 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
         self.adapters = adapters  # names requests may pick (the gateway's AdapterRegistry)
         self.metrics = metrics
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see the module doc
+        self._tokenizing_jobs = 0  # submitted and not yet answered
 
     async def off_loop(self, fn, *args):
-        """`fn(*args)` on the tokenizing thread (see the module doc); HTTP requests are prepared here too."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+        """`fn(*args)` on the tokenizing thread (see the module doc); HTTP requests are prepared here too.
+        `Overloaded` when `--max-queue` jobs already wait for it."""
+        limit = self.engine.config.max_queue
+        if self._tokenizing_jobs >= limit:
+            raise Overloaded(f"tokenizer queue is full: {self._tokenizing_jobs} requests wait to be rendered and "
+                             f"tokenized (limit --max-queue {limit})")
+        self._tokenizing_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+        finally:
+            self._tokenizing_jobs -= 1
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
         if not self.engine.ready:
@@ -126,6 +138,8 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except UnknownAdapter as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
 
     async def _deltas(self, seq: Sequence, context: grpc.aio.ServicerContext) -> AsyncIterator[Delta]:
         try:
@@ -172,6 +186,8 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
             ids = await self.off_loop(render_prompt, request, self.tokenizer, self.limits.vocab_size)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return relay_pb2.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def GetModelInfo(self, request, context):  # noqa: N802

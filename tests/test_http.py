@@ -494,6 +494,43 @@ def test_full_queue_429_and_slice_down_503(relay, tiny_model, stream):
     assert status == 200
 
 
+def test_the_tokenizer_queue_is_bounded_like_the_admission_queue(relay, grpc_client, tiny_model):
+    """Requests wait for the one tokenizer thread before the engine's --max-queue check: that wait was unbounded,
+    so admission did not bound the work accepted. Now beyond --max-queue waiting there, 429 / RESOURCE_EXHAUSTED
+    at once."""
+    engine, config = relay.engine, relay.engine.config
+    tokenizer_free = threading.Event()
+    blocker = relay.servicer._tokenizing.submit(tokenizer_free.wait)  # the thread is busy until the test says
+    engine.config = dataclasses.replace(config, max_queue=1)
+    waiting = threading.Thread(target=_post, args=(relay.http_port, "/v1/completions",
+                                                   {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 2}))
+    try:
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while relay.servicer._tokenizing._work_queue.qsize() < 1:  # queued behind the blocker
+            assert time.monotonic() < deadline, "the first request never reached the tokenizer queue"
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=5)
+        conn.request("POST", "/v1/completions", json.dumps({"model": str(tiny_model), "prompt": PROMPT}),
+                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+        conn.close()
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.generate(PROMPT, max_new_tokens=2, timeout=5)
+        with pytest.raises(grpc.RpcError) as refused_tokenize:
+            grpc_client.tokenize(PROMPT, timeout=5)
+    finally:
+        tokenizer_free.set()
+        blocker.result(30)
+        waiting.join(60)
+        engine.config = config
+    assert status == 429 and _error(status, body)["code"] == "queue_full", body
+    assert "tokenizer queue is full" in _error(status, body)["message"]
+    assert refused.value.code() == refused_tokenize.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_client.generate(PROMPT, max_new_tokens=2).completion_tokens == 2
+
+
 def test_health_mirrors_grpc_health(relay, grpc_client, loop_thread):
     loop_thread.run(relay._set_health(False))  # what the engine does while a slice recovers
     try:
