@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import math
 import secrets
+import struct
 from collections.abc import Container
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 from qwen_relay.shards.batch import SamplingParams
-from qwen_relay.v1 import relay_pb2
 
 from .detokenizer import Detokenizer
+from .request import GenerationRequest
 from .sequence import GenerationParams, Sequence
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
@@ -31,7 +32,7 @@ MIN_TEMPERATURE = 1e-5
 ECHO_CHARS = 40  # error messages quote at most this much of a value: gRPC trailers are limited to 8-16 KiB
 # Chat-template options a request may set, with the JSON type each takes. An allow-list: templates are code,
 # and a free map would let callers steer any variable a template reads (tools, documents, date strings...).
-CHAT_TEMPLATE_OPTIONS: dict[str, str] = {"enable_thinking": "bool_value"}
+CHAT_TEMPLATE_OPTIONS: dict[str, type] = {"enable_thinking": bool}
 
 
 class InvalidRequest(ValueError):
@@ -71,26 +72,34 @@ class Limits:
                              f"{self.max_new_tokens_cap} (--max-new-tokens-cap)")
 
 
-def template_options(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest) -> dict[str, object]:
-    """`chat_template_kwargs` as Python values, each checked against `CHAT_TEMPLATE_OPTIONS`."""
+def _float32(value: float) -> float:
+    """`value` at float32 precision, as gRPC carries sampling numbers: the same request gives the same tokens over
+    either API."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: infinite, as protobuf stores it
+        return math.copysign(math.inf, value)
+
+
+def template_options(request: GenerationRequest) -> dict[str, object]:
+    """`chat_template_kwargs`, each checked against `CHAT_TEMPLATE_OPTIONS`."""
     options: dict[str, object] = {}
     for name, value in sorted(request.chat_template_kwargs.items()):
         kind = CHAT_TEMPLATE_OPTIONS.get(name)
         if kind is None:
             raise InvalidRequest(f"chat_template_kwargs: {_quote(name)} is not an allowed option (allowed: "
                                  f"{', '.join(sorted(CHAT_TEMPLATE_OPTIONS))})")
-        if value.WhichOneof("kind") != kind:
-            raise InvalidRequest(f"chat_template_kwargs: {name} must be a {kind.removesuffix('_value')}")
-        options[name] = getattr(value, kind)
+        if type(value) is not kind:
+            raise InvalidRequest(f"chat_template_kwargs: {name} must be a {kind.__name__}")
+        options[name] = value
     if options and not request.messages:
         raise InvalidRequest("chat_template_kwargs: only applies to messages (the chat template renders them)")
     return options
 
 
-def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest,
-                  tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
+def render_prompt(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> list[int]:
     """The prompt's token ids from whichever single input the request carries."""
-    token_ids = list(getattr(request, "prompt_token_ids", ()))
+    token_ids = list(request.prompt_token_ids)
     given = [name for name, present in
              (("prompt", bool(request.prompt)), ("messages", len(request.messages) > 0),
               ("prompt_token_ids", len(token_ids) > 0)) if present]
@@ -117,7 +126,7 @@ def render_prompt(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def check_size(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest, limits: Limits) -> None:
+def check_size(request: GenerationRequest, limits: Limits) -> None:
     """Refuse input that cannot fit the context before tokenizing it: tokenizing runs on the event loop."""
     if len(request.prompt) > limits.max_context * 64:
         raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit the context limit "
@@ -126,26 +135,25 @@ def check_size(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest, l
     if chars > limits.max_context * 64:
         raise InvalidRequest(f"messages: {chars} characters cannot fit the context limit {limits.max_context} "
                              f"tokens")
-    token_ids = getattr(request, "prompt_token_ids", ())
-    if len(token_ids) > limits.max_context:
-        raise InvalidRequest(f"prompt_token_ids: {len(token_ids)} tokens cannot fit the context "
+    if len(request.prompt_token_ids) > limits.max_context:
+        raise InvalidRequest(f"prompt_token_ids: {len(request.prompt_token_ids)} tokens cannot fit the context "
                              f"limit {limits.max_context}")
 
 
-def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerBase,
+def validate(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase,
              limits: Limits) -> tuple[str, list[int], GenerationParams]:
     """Request id, prompt token ids and generation parameters, or `InvalidRequest`."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidRequest(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
     request_id = request.request_id or secrets.token_hex(8)
     # Cheap checks first, so a huge prompt with a bad number is refused before tokenizing it.
-    if not math.isfinite(request.temperature) or request.temperature < 0:
-        raise InvalidRequest(f"temperature: must be a finite number >= 0, got {request.temperature}")
-    # float32 on the wire: 1e-5 arrives as 9.99999974e-06; 7 significant digits give back what was sent.
-    if 0 < float(f"{request.temperature:.7g}") < MIN_TEMPERATURE:
-        raise InvalidRequest(f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
-                             f"got {request.temperature}")
-    top_p = request.top_p if request.HasField("top_p") else 1.0
+    temperature = _float32(request.temperature)
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidRequest(f"temperature: must be a finite number >= 0, got {temperature}")
+    # float32: 1e-5 becomes 9.99999974e-06; 7 significant digits give back what was sent.
+    if 0 < float(f"{temperature:.7g}") < MIN_TEMPERATURE:
+        raise InvalidRequest(f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}")
+    top_p = 1.0 if request.top_p is None else _float32(request.top_p)
     if not 0.0 < top_p <= 1.0:  # also false for NaN
         raise InvalidRequest(f"top_p: must lie in (0, 1], got {top_p}")
     if request.max_new_tokens > limits.max_new_tokens_cap:
@@ -172,14 +180,14 @@ def validate(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerB
     if max_new > room:
         raise InvalidRequest(f"max_new_tokens: prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) "
                              f"exceeds the context limit {limits.max_context}")
-    seed = request.seed if request.HasField("seed") else secrets.randbits(63)
-    sampling = SamplingParams(temperature=request.temperature, top_p=top_p, top_k=request.top_k, seed=seed)
+    seed = secrets.randbits(63) if request.seed is None else request.seed
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=seed)
     params = GenerationParams(max_new_tokens=max_new, sampling=sampling, stop=tuple(request.stop),
                               ignore_eos=request.ignore_eos, adapter=request.adapter)
     return request_id, prompt_ids, params
 
 
-def prepare(request: relay_pb2.GenerateRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits,
+def prepare(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits,
             adapters: Container[str]) -> Sequence:
     """The one way a request becomes a `Sequence`, for gRPC and HTTP alike: `InvalidRequest` or
     `UnknownAdapter` otherwise."""

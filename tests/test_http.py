@@ -500,14 +500,14 @@ def test_the_tokenizer_queue_is_bounded_like_the_admission_queue(relay, grpc_cli
     at once."""
     engine, config = relay.engine, relay.engine.config
     tokenizer_free = threading.Event()
-    blocker = relay.servicer._tokenizing.submit(tokenizer_free.wait)  # the thread is busy until the test says
+    blocker = relay.frontend._tokenizing.submit(tokenizer_free.wait)  # the thread is busy until the test says
     engine.config = dataclasses.replace(config, max_queue=1)
     waiting = threading.Thread(target=_post, args=(relay.http_port, "/v1/completions",
                                                    {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 2}))
     try:
         waiting.start()
         deadline = time.monotonic() + 30
-        while relay.servicer._tokenizing._work_queue.qsize() < 1:  # queued behind the blocker
+        while relay.frontend._tokenizing._work_queue.qsize() < 1:  # queued behind the blocker
             assert time.monotonic() < deadline, "the first request never reached the tokenizer queue"
             time.sleep(0.01)
         conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=5)
