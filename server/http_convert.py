@@ -55,11 +55,8 @@ def invalid(error: InvalidRequest, body: Sampling) -> ApiError:
     names = {"max_new_tokens": max_name, "prompt_token_ids": "prompt", "adapter": "model",
              "prompt": "messages" if chat else "prompt"}
     param = names.get(error.field, error.field)
-    message = str(error)
-    if param != error.field:  # the message starts with the field's name: name the OpenAI parameter there too
-        message = param + message[len(error.field):]
     status, _ = describe(error, "validation")
-    return ApiError.of(status, message, param)
+    return ApiError.of(status, f"{param}{error.path[len(error.field):]}: {error.detail}", param)
 
 
 def failure(error: BaseException) -> ApiError:

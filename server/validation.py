@@ -36,12 +36,16 @@ CHAT_TEMPLATE_OPTIONS: dict[str, type] = {"enable_thinking": bool}
 
 
 class InvalidRequest(ValueError):
-    """Maps to INVALID_ARGUMENT; the message starts with the offending field."""
+    """Maps to INVALID_ARGUMENT: "PATH: DETAIL", PATH naming the offending field ("messages[2].role")."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"{path}: {detail}")
+        self.path, self.detail = path, detail
 
     @property
     def field(self) -> str:
-        """The request field the message starts with, without indices ("messages" for "messages[2].role")."""
-        return str(self).partition(":")[0].partition("[")[0].partition(".")[0]
+        """The request record's field, without indices ("messages" for "messages[2].role")."""
+        return self.path.partition("[")[0].partition(".")[0]
 
 
 class UnknownAdapter(LookupError):
@@ -87,13 +91,13 @@ def template_options(request: GenerationRequest) -> dict[str, object]:
     for name, value in sorted(request.chat_template_kwargs.items()):
         kind = CHAT_TEMPLATE_OPTIONS.get(name)
         if kind is None:
-            raise InvalidRequest(f"chat_template_kwargs: {_quote(name)} is not an allowed option (allowed: "
+            raise InvalidRequest("chat_template_kwargs", f"{_quote(name)} is not an allowed option (allowed: "
                                  f"{', '.join(sorted(CHAT_TEMPLATE_OPTIONS))})")
         if type(value) is not kind:
-            raise InvalidRequest(f"chat_template_kwargs: {name} must be a {kind.__name__}")
+            raise InvalidRequest("chat_template_kwargs", f"{name} must be a {kind.__name__}")
         options[name] = value
     if options and not request.messages:
-        raise InvalidRequest("chat_template_kwargs: only applies to messages (the chat template renders them)")
+        raise InvalidRequest("chat_template_kwargs", "only applies to messages (the chat template renders them)")
     return options
 
 
@@ -104,22 +108,22 @@ def render_prompt(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase
              (("prompt", bool(request.prompt)), ("messages", len(request.messages) > 0),
               ("prompt_token_ids", len(token_ids) > 0)) if present]
     if not given:
-        raise InvalidRequest("prompt: no input given (set exactly one of prompt, messages, prompt_token_ids)")
+        raise InvalidRequest("prompt", "no input given (set exactly one of prompt, messages, prompt_token_ids)")
     if len(given) > 1:
-        raise InvalidRequest(f"{given[1]}: only one input is allowed, but {' and '.join(given)} are set")
+        raise InvalidRequest(given[1], f"only one input is allowed, but {' and '.join(given)} are set")
     options = template_options(request)
     if request.prompt:
         return tokenizer.encode(request.prompt, add_special_tokens=False)
     if token_ids:
         for i, token in enumerate(token_ids):
             if not 0 <= token < vocab_size:
-                raise InvalidRequest(f"prompt_token_ids[{i}]: token id {token} is outside the vocabulary "
+                raise InvalidRequest(f"prompt_token_ids[{i}]", f"token id {token} is outside the vocabulary "
                                      f"[0, {vocab_size})")
         return token_ids
     messages = []
     for i, message in enumerate(request.messages):
         if message.role not in ROLES:
-            raise InvalidRequest(f"messages[{i}].role: unknown role {_quote(message.role)} "
+            raise InvalidRequest(f"messages[{i}].role", f"unknown role {_quote(message.role)} "
                                  f"(expected one of {', '.join(sorted(ROLES))})")
         messages.append({"role": message.role, "content": message.content})
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **options)
@@ -129,14 +133,14 @@ def render_prompt(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase
 def check_size(request: GenerationRequest, limits: Limits) -> None:
     """Refuse input that cannot fit the context before tokenizing it: tokenizing runs on the event loop."""
     if len(request.prompt) > limits.max_context * 64:
-        raise InvalidRequest(f"prompt: {len(request.prompt)} characters cannot fit the context limit "
+        raise InvalidRequest("prompt", f"{len(request.prompt)} characters cannot fit the context limit "
                              f"{limits.max_context} tokens")
     chars = sum(len(m.role) + len(m.content) for m in request.messages)
     if chars > limits.max_context * 64:
-        raise InvalidRequest(f"messages: {chars} characters cannot fit the context limit {limits.max_context} "
+        raise InvalidRequest("messages", f"{chars} characters cannot fit the context limit {limits.max_context} "
                              f"tokens")
     if len(request.prompt_token_ids) > limits.max_context:
-        raise InvalidRequest(f"prompt_token_ids: {len(request.prompt_token_ids)} tokens cannot fit the context "
+        raise InvalidRequest("prompt_token_ids", f"{len(request.prompt_token_ids)} tokens cannot fit the context "
                              f"limit {limits.max_context}")
 
 
@@ -144,41 +148,41 @@ def validate(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase,
              limits: Limits) -> tuple[str, list[int], GenerationParams]:
     """Request id, prompt token ids and generation parameters, or `InvalidRequest`."""
     if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-        raise InvalidRequest(f"request_id: longer than {MAX_REQUEST_ID_CHARS} characters")
+        raise InvalidRequest("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
     request_id = request.request_id or secrets.token_hex(8)
     # Cheap checks first, so a huge prompt with a bad number is refused before tokenizing it.
     temperature = _float32(request.temperature)
     if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidRequest(f"temperature: must be a finite number >= 0, got {temperature}")
+        raise InvalidRequest("temperature", f"must be a finite number >= 0, got {temperature}")
     # float32: 1e-5 becomes 9.99999974e-06; 7 significant digits give back what was sent.
     if 0 < float(f"{temperature:.7g}") < MIN_TEMPERATURE:
-        raise InvalidRequest(f"temperature: must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}")
+        raise InvalidRequest("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}")
     top_p = 1.0 if request.top_p is None else _float32(request.top_p)
     if not 0.0 < top_p <= 1.0:  # also false for NaN
-        raise InvalidRequest(f"top_p: must lie in (0, 1], got {top_p}")
+        raise InvalidRequest("top_p", f"must lie in (0, 1], got {top_p}")
     if request.max_new_tokens > limits.max_new_tokens_cap:
-        raise InvalidRequest(f"max_new_tokens: {request.max_new_tokens} is above the server cap "
+        raise InvalidRequest("max_new_tokens", f"{request.max_new_tokens} is above the server cap "
                              f"{limits.max_new_tokens_cap}")
     if len(request.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidRequest(f"stop: at most {MAX_STOP_SEQUENCES} stop sequences, got {len(request.stop)}")
+        raise InvalidRequest("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(request.stop)}")
     for i, stop in enumerate(request.stop):
         if not stop or len(stop) > MAX_STOP_CHARS:
-            raise InvalidRequest(f"stop[{i}]: must be 1 to {MAX_STOP_CHARS} characters long")
+            raise InvalidRequest(f"stop[{i}]", f"must be 1 to {MAX_STOP_CHARS} characters long")
     if len(request.adapter) > MAX_ADAPTER_CHARS:
-        raise InvalidRequest(f"adapter: longer than {MAX_ADAPTER_CHARS} characters")
+        raise InvalidRequest("adapter", f"longer than {MAX_ADAPTER_CHARS} characters")
     check_size(request, limits)
     prompt_ids = render_prompt(request, tokenizer, limits.vocab_size)
     if not prompt_ids:
-        raise InvalidRequest("prompt: renders to no tokens")
+        raise InvalidRequest("prompt", "renders to no tokens")
     room = limits.max_context - len(prompt_ids)
     if room < 1:
-        raise InvalidRequest(f"prompt: {len(prompt_ids)} tokens leave no room for a new token in the context "
+        raise InvalidRequest("prompt", f"{len(prompt_ids)} tokens leave no room for a new token in the context "
                              f"limit {limits.max_context}")
     # The default is held to the room left (as OpenAI and vLLM do): an error naming max_new_tokens would be about
     # a parameter the client never sent. A value the client did send stays an error when it does not fit.
     max_new = request.max_new_tokens or min(limits.default_max_new_tokens, room)
     if max_new > room:
-        raise InvalidRequest(f"max_new_tokens: prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) "
+        raise InvalidRequest("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) "
                              f"exceeds the context limit {limits.max_context}")
     seed = secrets.randbits(63) if request.seed is None else request.seed
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=request.top_k, seed=seed)
