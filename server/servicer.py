@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import grpc
@@ -13,8 +12,6 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .frontend import FINISH_REASONS, Frontend, Piece, Prepared, describe
 from .request import ChatTurn, GenerationRequest
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
