@@ -518,7 +518,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
                         ignore_eos=args.ignore_eos, seed=args.seed, time_limit=args.time_limit,
                         request_timeout=args.request_timeout)
     if not getattr(args, "verbose", False):  # two lines per request from the gateway would bury the report
-        logging.getLogger("qwen_relay.server.servicer").setLevel(logging.WARNING)
+        logging.getLogger("qwen_relay.server.frontend").setLevel(logging.WARNING)
     started_ray = False
     if args.model:
         import ray

@@ -1209,8 +1209,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model = default_model(args.shape, args.dtype, args.device, Path(args.model_cache).expanduser())
     cfg = config_from_args(args)
-    # One INFO line per request from the servicer would drown the progress lines.
-    logging.getLogger("qwen_relay.server.servicer").setLevel(logging.WARNING)
+    # One INFO line per request from the front end would drown the progress lines.
+    logging.getLogger("qwen_relay.server.frontend").setLevel(logging.WARNING)
     command = "qwen-relay " + shlex.join(sys.argv[1:])
     result = run_benchmark(cfg, command)
     print((Path(cfg.out) / "table.md").read_text())

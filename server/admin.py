@@ -20,8 +20,8 @@ from .adapters import (
     AdapterNotFound,
     AdapterRegistry,
 )
+from .frontend import ERRORS, ErrorTable, Status, describe
 from .pipeline import SliceLost
-from .servicer import public_message
 
 log = logging.getLogger(__name__)
 
@@ -34,34 +34,34 @@ def adapter_info(spec: AdapterSpec) -> relay_pb2.AdapterInfo:
                                  base_model=spec.base_model)
 
 
-STATUS = [  # most specific first: AdapterMismatch is an AdapterError
-    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
-    (AdapterForbidden, grpc.StatusCode.PERMISSION_DENIED),
-    (AdapterLimit, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (SliceLost, grpc.StatusCode.UNAVAILABLE),
-    (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
-    (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
-    (AdapterMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (AdapterError, grpc.StatusCode.INVALID_ARGUMENT),
-]
+ADAPTER_ERRORS: ErrorTable = (  # rows of frontend.ERRORS' kind; most specific first: AdapterMismatch is an AdapterError
+    (AdapterNotFound, Status(grpc.StatusCode.NOT_FOUND, 404, "adapter_not_found")),
+    (AdapterForbidden, Status(grpc.StatusCode.PERMISSION_DENIED, 403, "forbidden")),
+    (AdapterLimit, Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "adapter_limit")),
+    (SliceLost, Status(grpc.StatusCode.UNAVAILABLE, 503, "unavailable")),
+    (AdapterExists, Status(grpc.StatusCode.ALREADY_EXISTS, 409, "adapter_exists")),
+    (AdapterInUse, Status(grpc.StatusCode.FAILED_PRECONDITION, 409, "adapter_in_use")),
+    (AdapterMismatch, Status(grpc.StatusCode.FAILED_PRECONDITION, 400, "adapter_mismatch")),
+    (AdapterError, Status(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_value")),
+    *ERRORS,
+)
 
 
 class AdapterAdminServicer(relay_pb2_grpc.AdapterAdminServicer):
-    def __init__(self, registry: AdapterRegistry) -> None:
+    """`ready` raises until the slices are loaded (`Frontend.check_ready`)."""
+
+    def __init__(self, registry: AdapterRegistry, ready: Callable[[], object]) -> None:
         self.registry = registry
+        self.ready = ready
 
     async def _call(self, context: grpc.aio.ServicerContext, action: Callable[[], Awaitable[T]]) -> T:
-        """Run `action`, answering each adapter error with its status code."""
-        if not self.registry.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        """Run `action`, answering each error with its status code."""
         try:
+            self.ready()
             return await action()
         except Exception as e:  # noqa: BLE001 - mapped to a status code, never raised into gRPC
-            for kind, code in STATUS:
-                if isinstance(e, kind):
-                    await context.abort(code, str(e))
-            log.exception("adapter admin call failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"adapter operation failed: {public_message(e)}")
+            status, message = describe(e, "adapter operation", ADAPTER_ERRORS)
+            await context.abort(status.grpc, message)
 
     async def LoadAdapter(self, request, context):  # noqa: N802 - gRPC method names
         return adapter_info(await self._call(context, lambda: self.registry.load(request.name, request.path)))

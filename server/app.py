@@ -28,14 +28,16 @@ from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .adapters import AdapterPolicy, AdapterRegistry
 from .admin import AdapterAdminServicer
+from .decoding import ParseInCallInterceptor
 from .engine import Engine, EngineConfig
+from .frontend import Frontend
 from .layout import balanced_split, describe, model_costs, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
 from .placement import check_fits_node, local_cpu_share
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
-from .validation import Limits
+from .validation import MAX_MESSAGE_BYTES, Limits
 
 if TYPE_CHECKING:
     from .http import HttpServer
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 ADMIN_SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 STOP_SLACK_S = 2.0  # after the grace period, for calls to send the UNAVAILABLE they were failed with
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -127,10 +128,10 @@ class Relay:
         self.engine.health_changed.subscribe(self._set_health)
         self.adapters = AdapterRegistry(self.config, options.model, self.engine, AdapterPolicy(
             roots=options.adapter_roots, max_adapters=options.max_adapters, max_bytes=options.max_adapter_bytes))
+        self.frontend = Frontend(self.engine, self.tokenizer, self.limits, self.adapters, self.metrics)
         self.servicer = TextGenerationServicer(
-            self.engine, self.tokenizer, self.limits,
-            ModelMeta(model_id=options.model, num_layers=self.config.num_hidden_layers, max_batch=options.max_batch),
-            self.adapters, self.metrics)
+            self.frontend,
+            ModelMeta(model_id=options.model, num_layers=self.config.num_hidden_layers, max_batch=options.max_batch))
         self._stats_task: asyncio.Task | None = None
         self._server_stop: asyncio.Future | None = None
         self._http_stop: asyncio.Future | None = None
@@ -158,11 +159,13 @@ class Relay:
         interceptors = [RequestMetricsInterceptor(self.metrics)]  # first: it also counts refused calls
         if opts.auth_token or opts.admin_token:
             interceptors.append(BearerTokenInterceptor(opts.auth_token, opts.admin_token))
+        interceptors.append(ParseInCallInterceptor())  # last: a body protobuf refuses is INVALID_ARGUMENT
         self.server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
         await self._set_health(False)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         relay_pb2_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
-        relay_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self.adapters), self.server)
+        relay_pb2_grpc.add_AdapterAdminServicer_to_server(
+            AdapterAdminServicer(self.adapters, self.frontend.check_ready), self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, ADMIN_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
@@ -178,9 +181,14 @@ class Relay:
             self.metrics.serve(opts.metrics_port, opts.host)
         await self.server.start()
         if opts.http_port is not None:
-            from .http import HttpServer  # only here: FastAPI and uvicorn load only when HTTP is asked for
+            from .http import HttpHandle, HttpServer, HttpSettings  # only here: FastAPI loads only when asked for
 
-            self.http = HttpServer(self)
+            self.http = HttpServer(HttpHandle(
+                self.frontend, self.adapters, serving=lambda: self.serving, requests=self.metrics.requests,
+                created=int(self.started), settings=HttpSettings(
+                    host=opts.host, port=opts.http_port, model_id=opts.model, auth_token=opts.auth_token,
+                    admin_token=opts.admin_token, tls_cert=opts.tls_cert, tls_key=opts.tls_key,
+                    tls_client_ca=opts.tls_client_ca, grace_seconds=opts.grace_seconds)))
             self.http_port = self.http.port
             self.http.start()
             log.info("HTTP (OpenAI-compatible) on %s:%d", opts.host, self.http_port)

@@ -1,14 +1,19 @@
-"""The OpenAI-compatible HTTP API, served beside gRPC from the same process, engine and validation.
+"""The OpenAI-compatible HTTP API, served beside gRPC from the same process, engine and validation: the server
+and its routes, a thin adapter over the front-end core (server/frontend.py). Bodies: http_bodies.py;
+conversion to request records and back to OpenAI's JSON and event stream: http_convert.py.
 
 Why FastAPI on uvicorn: it is the stack vLLM's and SGLang's OpenAI servers use, so clients meet the behaviour
 they know; pydantic models parse the OpenAI request bodies (types only: every limit is checked by the one
-path gRPC requests take, `validation.prepare`); and uvicorn runs on the gateway's own asyncio loop, so an HTTP
-handler submits to the same `Engine` as a gRPC handler, with no thread hop, second process or second copy of
-the model. TLS comes from the same PEM files through Python's `ssl` (a client CA makes it mutual TLS), and the
-bearer token is the gRPC token, checked on every route but `/health` (as gRPC exempts only health).
+validation path gRPC requests take); and uvicorn runs on the gateway's own asyncio loop, so an HTTP handler
+submits to the same `Engine` as a gRPC handler, with no thread hop, second process or second copy of the model.
+TLS comes from the same PEM files through Python's `ssl` (a client CA makes it mutual TLS), and the bearer token
+is the gRPC token, checked on every route but `/health` (as gRPC exempts only health). The token is checked,
+and the body bounded to gRPC's message limit, by an ASGI wrapper before anything reads the body: FastAPI reads
+and parses a body before its dependencies run, and uvicorn sets no size limit.
 
-A request is turned into a `GenerateRequest` and validated exactly as gRPC validates it; errors come back as
-OpenAI's error JSON naming the OpenAI parameter. Options the relay cannot honour are refused, not ignored.
+A request becomes a `GenerationRequest` and is validated exactly as a gRPC request is; errors come back as
+OpenAI's error JSON naming the OpenAI parameter, with the status `frontend.ERRORS` gives them. Options the
+relay cannot honour are refused, not ignored.
 """
 
 from __future__ import annotations
@@ -16,278 +21,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from google.protobuf import struct_pb2
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import Counter
 
-from qwen_relay.v1 import relay_pb2
+from qwen_relay.shards.adapters import AdapterSpec
 
-from .engine import AdapterLost, Overloaded, Unavailable
-from .reasoning import ReasoningSplitter
-from .sequence import Delta, FinishReason, Sequence
-from .servicer import run, split, splitter
-from .validation import InvalidRequest, UnknownAdapter, prepare
-
-if TYPE_CHECKING:
-    from .app import Relay
+from .frontend import Frontend
+from .http_bodies import ApiError, ChatCompletionRequest, CompletionRequest, Sampling, refuse_unsupported
+from .http_convert import Reply, events, failure, invalid, to_request
+from .validation import MAX_MESSAGE_BYTES, InvalidRequest
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-UINT32_MAX = 2**32 - 1
-UINT64_MAX = 2**64 - 1
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
-FINISH_REASONS = {FinishReason.EOS: "stop", FinishReason.STOP_SEQUENCE: "stop", FinishReason.LENGTH: "length"}
 PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"})  # metric labels
-ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for system messages
+OPEN_PATHS = frozenset({"/health"})  # answered without the token, as gRPC health
 
 
-class ApiError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with its HTTP status."""
+class AdapterListing(Protocol):
+    """The gateway's adapter registry, as far as the HTTP API uses it."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+    def __contains__(self, name: object) -> bool: ...
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def list(self) -> list[AdapterSpec]: ...
 
 
-# ------------------------------------------------------------------------------------------- request bodies
+@dataclass(frozen=True)
+class HttpSettings:
+    """The `serve` options the HTTP port needs."""
+
+    host: str
+    port: int
+    model_id: str  # the base model's name in `model` (`--model` as given)
+    auth_token: str | None = None
+    admin_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    grace_seconds: float = 10.0
 
 
-class _Body(BaseModel):
-    """Strict JSON types, unknown parameters refused (a misspelt option must not silently do nothing)."""
+@dataclass(frozen=True)
+class HttpHandle:
+    """What the HTTP API serves from (app.py builds it): the front-end core and a few facts, not the gateway."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
+    frontend: Frontend
+    adapters: AdapterListing
+    serving: Callable[[], bool]  # what gRPC health says
+    requests: Counter  # the gateway's request counter, which gRPC's interceptor also counts in
+    created: int  # when the gateway started, as OpenAI's model objects say it
+    settings: HttpSettings
 
 
-class Message(_Body):
-    role: str
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-
-class ResponseFormat(_Body):
-    type: str
-
-
-class _Sampling(_Body):
-    """What chat and text completions share."""
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    temperature: float | None = None  # unset: 1.0, as OpenAI's API (gRPC's unset is 0, greedy)
-    top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1, le=UINT32_MAX)  # an extra (vLLM's); -1 or 0: no top-k filter
-    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    ignore_eos: bool = False  # an extra, as vLLM's
-    return_token_ids: bool = False  # an extra, as vLLM's: the generated token ids beside the text
-    user: str | None = None  # accepted and unused, as OpenAI's own API does not act on it either
-    n: int = 1
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    chat_template_kwargs: dict[str, Any] | None = None  # as vLLM's; allowed names: validation.py
-    separate_reasoning: bool = False  # answer <think>...</think> as reasoning_content (SGLang's name)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-def _refuse_unsupported(body: _Sampling) -> None:
-    """400 naming the first option the relay cannot honour."""
-    checks: list[tuple[str, bool, str]] = [
-        ("n", body.n != 1, "only n=1 is supported"),
-        ("presence_penalty", body.presence_penalty != 0, "penalties are not supported"),
-        ("frequency_penalty", body.frequency_penalty != 0, "penalties are not supported"),
-        ("logit_bias", bool(body.logit_bias), "logit_bias is not supported"),
-        ("stream_options", body.stream_options is not None and not body.stream,
-         "stream_options needs stream: true"),
-    ]
-    if isinstance(body, ChatCompletionRequest):
-        checks += [
-            ("logprobs", bool(body.logprobs) or body.top_logprobs is not None, "logprobs are not supported"),
-            ("tools", bool(body.tools), "tools are not supported"),
-            ("tool_choice", body.tool_choice not in (None, "none"), "tools are not supported"),
-            ("functions", bool(body.functions), "functions are not supported"),
-            ("function_call", body.function_call not in (None, "none"), "functions are not supported"),
-            ("response_format", body.response_format is not None and body.response_format.type != "text",
-             "only the text response format is supported"),
-        ]
-    else:
-        assert isinstance(body, CompletionRequest)
-        checks += [
-            ("logprobs", body.logprobs is not None, "logprobs are not supported"),
-            ("echo", body.echo, "echo is not supported"),
-            ("best_of", body.best_of not in (None, 1), "only best_of=1 is supported"),
-            ("suffix", body.suffix is not None, "suffix is not supported"),
-        ]
-    for param, bad, why in checks:
-        if bad:
-            raise ApiError(400, f"{param}: {why}", param, "unsupported_parameter")
-
-
-def _template_value(value: Any, name: str) -> struct_pb2.Value:
-    if isinstance(value, bool):
-        return struct_pb2.Value(bool_value=value)
-    if isinstance(value, str):
-        return struct_pb2.Value(string_value=value)
-    if isinstance(value, int | float):
-        return struct_pb2.Value(number_value=value)
-    raise ApiError(400, f"chat_template_kwargs: {name} must be a boolean, number or string",
-                   "chat_template_kwargs", "invalid_value")
-
-
-def _generate_request(body: _Sampling, adapter: str) -> relay_pb2.GenerateRequest:
-    """The gRPC request this HTTP request means; `validation.prepare` then checks it like any other."""
-    request = relay_pb2.GenerateRequest(
-        adapter=adapter, temperature=1.0 if body.temperature is None else body.temperature,
-        top_k=max(body.top_k or 0, 0), ignore_eos=body.ignore_eos,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or ()))
-    if body.top_p is not None:
-        request.top_p = body.top_p
-    if body.seed is not None:
-        request.seed = body.seed
-    if isinstance(body, ChatCompletionRequest):
-        request.max_new_tokens = body.max_completion_tokens or body.max_tokens or 0
-        for i, message in enumerate(body.messages):
-            if isinstance(message.content, list):
-                content = "".join(part.text for part in message.content)
-            elif message.content is None:
-                raise ApiError(400, f"messages[{i}].content: required", "messages", "invalid_value")
-            else:
-                content = message.content
-            request.messages.add(role=ROLE_ALIASES.get(message.role, message.role), content=content)
-        for name, value in (body.chat_template_kwargs or {}).items():
-            request.chat_template_kwargs[name].CopyFrom(_template_value(value, name))
-        request.separate_reasoning = body.separate_reasoning
-    else:
-        request.max_new_tokens = body.max_tokens or 0
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            if len(prompt) != 1:
-                raise ApiError(400, "prompt: only one prompt per request (a batch would need n choices)",
-                               "prompt", "unsupported_parameter")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            request.prompt = prompt
-        else:
-            request.prompt_token_ids.extend(prompt)
-    return request
-
-
-def _param(error: InvalidRequest, body: _Sampling) -> str:
-    """The OpenAI parameter a validation error is about (validation names the gRPC field)."""
-    chat = isinstance(body, ChatCompletionRequest)
-    max_name = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-    names = {"max_new_tokens": max_name, "prompt_token_ids": "prompt", "adapter": "model",
-             "prompt": "messages" if chat else "prompt"}
-    return names.get(error.field, error.field)
-
-
-# -------------------------------------------------------------------------------------------- responses
-
-
-@dataclass
-class _Reply:
-    """One request's identity in every response object and chunk."""
-
-    seq: Sequence
-    model: str
-    chat: bool
-    created: int
-    separates_reasoning: bool  # unary chat answers carry reasoning_content (maybe empty)
-    token_ids: bool  # choices carry the generated token ids (return_token_ids)
-
-    def head(self, chunk: bool) -> dict[str, Any]:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{self.seq.request_id}", "object": kind,
-                "created": self.created, "model": self.model}
-
-    def usage(self) -> dict[str, int]:
-        prompt, completion = len(self.seq.prompt_ids), self.seq.num_generated
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def choice(self, reasoning: str, text: str, reason: FinishReason | None, chunk: bool,
-               token_ids: list[int]) -> dict[str, Any]:
-        finish = FINISH_REASONS.get(reason) if reason is not None else None
-        ids = {"token_ids": token_ids} if self.token_ids else {}
-        if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **ids}
-        message: dict[str, Any] = {} if chunk else {"role": "assistant", "content": text}
-        if chunk and text:
-            message["content"] = text
-        if reasoning or (not chunk and self.separates_reasoning):
-            message["reasoning_content"] = reasoning
-        return {"index": 0, ("delta" if chunk else "message"): message, "logprobs": None, "finish_reason": finish,
-                **ids}
-
-
-def _sse(data: dict[str, Any] | str) -> bytes:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-def _engine_error(e: BaseException) -> ApiError:
-    if isinstance(e, Overloaded):
-        return ApiError(429, str(e), None, "queue_full")
-    if isinstance(e, Unavailable):
-        return ApiError(503, str(e), None, "unavailable")
-    if isinstance(e, AdapterLost):  # the adapter the model names was unloaded: as for any model not served
-        return ApiError(404, str(e), "model", "model_not_found")
-    return ApiError(500, f"generation failed: {e}", None, "generation_failed")
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T], seq: Sequence) -> T:
-    """Await `work` (a unary answer) unless the client goes away first; then cancel it, which cancels the
-    generation and frees its cache slots, as gRPC does for a cancelled unary call."""
+async def _unless_disconnected(request: Request, work: Awaitable[T], what: str) -> T:
+    """Await `work` unless the client goes away first; then cancel it, as gRPC cancels a cancelled call: a
+    request waiting for the tokenizer or in the admission queue gives its place up at once (it used to keep it
+    until its first token, costing a prefill and turning live clients away with 429), a running unary one
+    stops generating and frees its cache slots."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -304,7 +105,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], seq: Sequen
             await asyncio.gather(task, return_exceptions=True)
     if task in done:
         return task.result()
-    log.info("request %s: the client disconnected; generation cancelled", seq.request_id)
+    log.info("%s: the client disconnected; cancelled", what)
     raise ApiError(499, "the client closed the connection", None, "client_closed")
 
 
@@ -318,33 +119,6 @@ class _ClosingStream(StreamingResponse):
             await super().stream_response(send)
         finally:
             await self.body_iterator.aclose()
-
-
-async def _events(reply: _Reply, first: Delta, rest: AsyncIterator[Delta], reasoning: ReasoningSplitter | None,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """OpenAI's chunk stream: (chat: a role chunk), deltas, a finish chunk, maybe a usage chunk, [DONE]."""
-    usage = {"usage": None} if include_usage else {}
-    try:
-        if reply.chat:
-            yield _sse({**reply.head(True), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                         "logprobs": None, "finish_reason": None}], **usage})
-        delta: Delta | None = first
-        while delta is not None:
-            thought, text = split(reasoning, delta)
-            if thought or text or delta.finish_reason is not None or reply.token_ids:
-                choice = reply.choice(thought, text, delta.finish_reason, True, delta.token_ids)
-                yield _sse({**reply.head(True), "choices": [choice], **usage})
-            if delta.finish_reason is not None:
-                break
-            delta = await anext(rest, None)
-        if include_usage:
-            yield _sse({**reply.head(True), "choices": [], "usage": reply.usage()})
-    except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-        log.warning("request %s failed mid-stream: %s", reply.seq.request_id, e)
-        yield _sse(_engine_error(e).body())
-    finally:
-        await rest.aclose()
-    yield _sse("[DONE]")
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -377,14 +151,77 @@ class _CountRequests:
                 self.counter.labels(f"{scope['method']} {path}", "499").inc()
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def _bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The bearer token of raw ASGI headers, if any."""
+    value = next((v for k, v in headers if k == b"authorization"), b"")
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
 
 
-def build_app(relay: Relay) -> FastAPI:
-    """The FastAPI app over `relay`'s servicer state (engine, tokenizer, limits, adapters, metrics)."""
-    opts = relay.options
+class _Gate:
+    """Token first, then a bounded body, before the app sees the request (a plain ASGI wrapper).
+
+    Without a valid token the answer is 401 before one byte of the body is read; a body over
+    `max_bytes` (gRPC's message limit) is 413, refused from its Content-Length alone when it has one, else
+    once the bytes read pass the limit. A body within the limit is read here and handed on, so the app's
+    later `receive` calls see only what follows it (a disconnect). `scope["state"]["admin"]` says whether the
+    caller presented the admin token (`GET /v1/models` shows adapter paths only then)."""
+
+    def __init__(self, app: Any, token: bytes | None, admin_token: bytes | None, max_bytes: int) -> None:
+        self.app, self.token, self.admin_token, self.max_bytes = app, token, admin_token, max_bytes
+
+    def _refusal(self, scope) -> ApiError | None:
+        given = _bearer(scope["headers"])
+        admin = given is not None and self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
+        scope.setdefault("state", {})["admin"] = admin
+        if self.token is None or scope["path"] in OPEN_PATHS or (admin and scope["path"] == "/v1/models"):
+            return None
+        if given is not None and hmac.compare_digest(given, self.token):
+            return None
+        reason = "missing bearer token" if given is None else "invalid bearer token"
+        log.warning("refused HTTP %s: %s", scope["path"], reason)
+        return ApiError(401, f"{reason} (send 'Authorization: Bearer <token>')", None, "invalid_api_key")
+
+    def _too_large(self, size: int | str) -> ApiError:
+        return ApiError(413, f"request body: {size} bytes is over the limit of {self.max_bytes} bytes", None,
+                        "request_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if refusal is None and length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            refusal = (self._too_large(int(length)) if length.isdigit()
+                       else ApiError(400, "Content-Length: not a number", None, "invalid_value"))
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._too_large(f"more than {size}").response()(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body: dict[str, Any] | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict[str, Any]:
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = body, None
+            return message
+
+        await self.app(scope, replay, send)
+
+
+def build_app(handle: HttpHandle) -> FastAPI:
+    """The FastAPI app over `handle`."""
+    opts, frontend = handle.settings, handle.frontend
     token = opts.auth_token.encode() if opts.auth_token else None
     # Like gRPC reflection, the API's self-description is for callers holding the token.
     docs = {} if token is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -402,76 +239,46 @@ def build_app(relay: Relay) -> FastAPI:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"][2:])
         return ApiError(400, f"{param}{where}: {err['msg']}", param, "invalid_value").response()
 
-    async def authorize(request: Request) -> None:
-        if token is None:
-            return
-        given = _bearer(request)
-        if given is not None and hmac.compare_digest(given.encode(), token):
-            return
-        reason = "missing bearer token" if given is None else "invalid bearer token"
-        log.warning("refused HTTP %s: %s", request.url.path, reason)
-        raise ApiError(401, f"{reason} (send 'Authorization: Bearer <token>')", None, "invalid_api_key")
-
-    api = APIRouter(dependencies=[Depends(authorize)])
-
-    def engine():
-        if not relay.engine.ready:
-            raise ApiError(503, "the model is still loading; retry shortly", None, "loading")
-        return relay.engine
+    api = APIRouter()
 
     def adapter_for(model: str) -> str:
-        if model == opts.model:
+        if model == opts.model_id:
             return ""
-        if model in relay.adapters:
+        if model in handle.adapters:
             return model
         raise ApiError(404, f"model: no model or adapter named {model!r} is served (GET /v1/models lists them)",
                        "model", "model_not_found")
 
-    async def complete(body: _Sampling, http_request: Request) -> Any:
-        eng = engine()
-        _refuse_unsupported(body)
-        request = _generate_request(body, adapter_for(body.model))
-        servicer = relay.servicer
+    async def complete(body: Sampling, http_request: Request) -> Any:
         try:
-            seq = await servicer.off_loop(prepare, request, servicer.tokenizer, servicer.limits, relay.adapters)
+            frontend.check_ready()
+            refuse_unsupported(body)
+            request = to_request(body, adapter_for(body.model))
+            prepared = await _unless_disconnected(http_request, frontend.prepare(request), "a request being prepared")
+            reply = Reply(prepared, body.model, isinstance(body, ChatCompletionRequest), int(time.time()),
+                          request.separate_reasoning, body.return_token_ids)
+            pieces = frontend.pieces(prepared)
+            # Queue full or a slice down answer with their status, streaming or not.
+            first = await _unless_disconnected(http_request, anext(pieces),
+                                               f"request {prepared.seq.request_id} (queued)")
+        except ApiError:
+            raise
         except InvalidRequest as e:
-            param = _param(e, body)
-            message = str(e)
-            if param != e.field:  # name the OpenAI parameter in the message too
-                message = param + message[len(e.field):]
-            raise ApiError(400, message, param, "invalid_value") from None
-        except UnknownAdapter as e:
-            raise ApiError(404, str(e), "model", "model_not_found") from None
-        reply = _Reply(seq, body.model, isinstance(body, ChatCompletionRequest), int(time.time()),
-                       request.separate_reasoning, body.return_token_ids)
-        reasoning = splitter(request, seq, servicer.tokenizer)
-        deltas = run(eng, seq, servicer.metrics)
-        try:
-            first = await anext(deltas)  # queue full / slice down answer with their status, streaming or not
+            raise invalid(e, body) from None
         except Exception as e:  # noqa: BLE001 - mapped to a status
-            raise _engine_error(e) from None
+            raise failure(e) from None
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return _ClosingStream(_events(reply, first, deltas, reasoning, include_usage),
-                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        async def collect() -> dict[str, Any]:
-            thoughts, texts, delta = [], [], first
-            try:
-                while True:
-                    thought, text = split(reasoning, delta)
-                    thoughts.append(thought)
-                    texts.append(text)
-                    if delta.finish_reason is not None:
-                        break
-                    delta = await anext(deltas)
-            except Exception as e:  # noqa: BLE001 - mapped to a status
-                raise _engine_error(e) from None
-            finally:
-                await deltas.aclose()
-            choice = reply.choice("".join(thoughts), "".join(texts), delta.finish_reason, False, seq.generated)
-            return {**reply.head(False), "choices": [choice], "usage": reply.usage()}
+            return _ClosingStream(events(reply, first, pieces, include_usage), media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache"})
 
-        return await _unless_disconnected(http_request, collect(), seq)
+        async def collect() -> dict[str, Any]:
+            try:
+                return reply.completion(await frontend.fold(first, pieces, prepared))
+            except Exception as e:  # noqa: BLE001 - mapped to a status
+                raise failure(e) from None
+
+        return await _unless_disconnected(http_request, collect(), f"request {prepared.seq.request_id}")
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -482,23 +289,28 @@ def build_app(relay: Relay) -> FastAPI:
         return await complete(body, request)
 
     @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        created = int(relay.started)
-        base = {"id": opts.model, "object": "model", "created": created, "owned_by": "qwen-relay",
-                "root": opts.model, "parent": None}
+    async def models(request: Request) -> dict[str, Any]:
+        """Names only; where each adapter's folder is (`root`) only to a caller presenting the admin token, as
+        gRPC's ListAdapters shows paths only to it."""
+        admin, created = request.state.admin, handle.created
+        base = {"id": opts.model_id, "object": "model", "created": created, "owned_by": "qwen-relay",
+                "root": opts.model_id, "parent": None}
         adapters = [{"id": spec.name, "object": "model", "created": created, "owned_by": "qwen-relay",
-                     "root": spec.path, "parent": opts.model} for spec in relay.adapters.list()]
+                     "root": spec.path if admin else spec.name, "parent": opts.model_id}
+                    for spec in handle.adapters.list()]
         return {"object": "list", "data": [base, *adapters]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
         """Mirrors gRPC health: SERVING once every slice is warm, NOT_SERVING while loading, recovering or
         draining (503, so a load balancer's plain HTTP check takes the gateway out of rotation)."""
-        status = "SERVING" if relay.serving else "NOT_SERVING"
-        return JSONResponse({"status": status}, status_code=200 if relay.serving else 503)
+        serving = handle.serving()
+        return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"}, status_code=200 if serving else 503)
 
     app.include_router(api)
-    app.add_middleware(_CountRequests, counter=relay.metrics.requests, paths=PATHS)
+    admin_token = opts.admin_token.encode() if opts.admin_token else None
+    app.add_middleware(_Gate, token=token, admin_token=admin_token, max_bytes=MAX_MESSAGE_BYTES)
+    app.add_middleware(_CountRequests, counter=handle.requests, paths=PATHS)  # outermost: counts refusals
     return app
 
 
@@ -522,14 +334,14 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 class HttpServer:
-    """uvicorn on the running event loop, serving `build_app(relay)`."""
+    """uvicorn on the running event loop, serving `build_app(handle)`."""
 
-    def __init__(self, relay: Relay) -> None:
-        opts = relay.options
-        self.socket = _listen(opts.host, opts.http_port)
+    def __init__(self, handle: HttpHandle) -> None:
+        opts = handle.settings
+        self.socket = _listen(opts.host, opts.port)
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
-            build_app(relay), host=opts.host, port=self.port, log_level="warning", access_log=False,
+            build_app(handle), host=opts.host, port=self.port, log_level="warning", access_log=False,
             lifespan="off", timeout_graceful_shutdown=opts.grace_seconds, ssl_certfile=opts.tls_cert,
             ssl_keyfile=opts.tls_key, ssl_ca_certs=opts.tls_client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if opts.tls_client_ca else ssl.CERT_NONE)

@@ -1,54 +1,17 @@
-"""The thin gRPC servicer (TGI style): validate at the edge, one call into the engine per RPC.
-
-Requests are rendered and tokenized on one worker thread, not on the event loop: a chat of 30k small messages
-passes the size check yet takes seconds to render, and every stream would stall meanwhile. One thread, because
-a Hugging Face fast tokenizer must not be used by two threads at once.
-"""
+"""The thin gRPC servicer (TGI style): a protobuf request becomes a `GenerationRequest`, one call into the
+`Frontend` per RPC, and its errors leave with the gRPC code `frontend.describe` gives them."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator, Container
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
-from transformers import PreTrainedTokenizerBase
+from google.protobuf import json_format
 
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
-from .engine import AdapterLost, Engine, Overloaded, ReplayLimit, Unavailable
-from .metrics import Metrics
-from .reasoning import ReasoningSplitter, opens_reasoning
-from .sequence import Delta, FinishReason, Sequence
-from .validation import InvalidRequest, Limits, UnknownAdapter, check_size, prepare, render_prompt
-
-log = logging.getLogger(__name__)
-
-MAX_ERROR_CHARS = 300
-ERROR_CODES = [  # engine errors a client can act on; anything else is INTERNAL
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (AdapterLost, grpc.StatusCode.FAILED_PRECONDITION),
-    (ReplayLimit, grpc.StatusCode.INTERNAL),
-]
-
-FINISH_REASONS = {
-    FinishReason.EOS: relay_pb2.FINISH_REASON_EOS,
-    FinishReason.LENGTH: relay_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP_SEQUENCE: relay_pb2.FINISH_REASON_STOP_SEQUENCE,
-}
-
-
-def public_message(error: BaseException) -> str:
-    """An error as a client may read it: the root cause's first line, clipped. Never a remote traceback: Ray's
-    `RayTaskError` text is one, with file paths, addresses and pids (the full error goes to the log)."""
-    while isinstance(getattr(error, "cause", None), BaseException):
-        error = error.cause
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
+from .frontend import FINISH_REASONS, Frontend, Piece, Prepared, describe
+from .request import ChatTurn, GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -60,130 +23,76 @@ class ModelMeta:
     max_batch: int
 
 
-async def run(engine: Engine, seq: Sequence, metrics: Metrics) -> AsyncIterator[Delta]:
-    """The deltas of one request, timed and logged; what every front end (gRPC, HTTP) generates through.
-    Raises the engine's errors (`Overloaded`, `Unavailable`, a failed step) for the caller to map."""
-    log.info("request %s: %d prompt tokens, max_new_tokens %d", seq.log_id, len(seq.prompt_ids),
-             seq.params.max_new_tokens)
-    timer = metrics.generation()
-    try:
-        async for delta in engine.generate(seq):
-            timer.tokens(len(delta.token_ids))
-            yield delta
-    finally:
-        timer.finish()
-        log.info("request %s ended (%s): %d tokens, first after %s", seq.log_id,
-                 seq.finish_reason.value if seq.finish_reason else "unfinished", timer.num_tokens,
-                 f"{timer.ttft:.3f} s" if timer.ttft is not None else "-")
+def from_grpc(request: relay_pb2.GenerateRequest | relay_pb2.TokenizeRequest) -> GenerationRequest:
+    """The request record a gRPC request means (a TokenizeRequest carries only the input)."""
+    options = {name: json_format.MessageToDict(value) for name, value in request.chat_template_kwargs.items()}
+    messages = tuple(ChatTurn(m.role, m.content) for m in request.messages)
+    if isinstance(request, relay_pb2.TokenizeRequest):
+        return GenerationRequest(prompt=request.prompt, messages=messages, chat_template_kwargs=options)
+    return GenerationRequest(
+        prompt=request.prompt, messages=messages, prompt_token_ids=tuple(request.prompt_token_ids),
+        request_id=request.request_id, max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+        top_p=request.top_p if request.HasField("top_p") else None, top_k=request.top_k,
+        seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
+        ignore_eos=request.ignore_eos, adapter=request.adapter, chat_template_kwargs=options,
+        separate_reasoning=request.separate_reasoning)
 
 
-def splitter(request: relay_pb2.GenerateRequest, seq: Sequence, tokenizer: PreTrainedTokenizerBase
-             ) -> ReasoningSplitter | None:
-    """A reasoning splitter when the request asks for one."""
-    if not request.separate_reasoning:
-        return None
-    return ReasoningSplitter(opens_reasoning(tokenizer, seq.prompt_ids))
+async def abort(context: grpc.aio.ServicerContext, error: BaseException, what: str) -> None:
+    """End the call with the code and message `describe` gives `error`."""
+    status, message = describe(error, what)
+    await context.abort(status.grpc, message)
 
 
-def split(splitter: ReasoningSplitter | None, delta: Delta) -> tuple[str, str]:
-    """(reasoning, answer) of one delta; everything is answer without a splitter."""
-    if splitter is None:
-        return "", delta.text
-    reasoning, answer = splitter.add(delta.text)
-    if delta.finish_reason is not None:
-        tail = splitter.flush()
-        reasoning, answer = reasoning + tail[0], answer + tail[1]
-    return reasoning, answer
+def _response(prepared: Prepared, piece: Piece) -> relay_pb2.GenerateResponse:
+    response = relay_pb2.GenerateResponse(request_id=prepared.seq.request_id, text=piece.text,
+                                          token_ids=piece.token_ids, reasoning=piece.reasoning)
+    if piece.finish_reason is not None:
+        response.finish_reason = FINISH_REASONS[piece.finish_reason].grpc
+        response.usage.prompt_tokens, response.usage.completion_tokens = prepared.usage
+    return response
 
 
 class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
-    """Built complete before the slices load: until the engine is `ready`, calls get UNAVAILABLE."""
-
-    def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, limits: Limits, meta: ModelMeta,
-                 adapters: Container[str], metrics: Metrics) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.limits = limits
+    def __init__(self, frontend: Frontend, meta: ModelMeta) -> None:
+        self.frontend = frontend
         self.meta = meta
-        self.adapters = adapters  # names requests may pick (the gateway's AdapterRegistry)
-        self.metrics = metrics
-        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see the module doc
-
-    async def off_loop(self, fn, *args):
-        """`fn(*args)` on the tokenizing thread (see the module doc); HTTP requests are prepared here too."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
-
-    async def _ready(self, context: grpc.aio.ServicerContext) -> Engine:
-        if not self.engine.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
-        return self.engine
-
-    async def _sequence(self, request: relay_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
-        await self._ready(context)
-        try:
-            return await self.off_loop(prepare, request, self.tokenizer, self.limits, self.adapters)
-        except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except UnknownAdapter as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-
-    async def _deltas(self, seq: Sequence, context: grpc.aio.ServicerContext) -> AsyncIterator[Delta]:
-        try:
-            async for delta in run(self.engine, seq, self.metrics):
-                yield delta
-        except Exception as e:  # noqa: BLE001 - a failed step ends this call, not the server
-            code = next((c for kind, c in ERROR_CODES if isinstance(e, kind)), None)
-            if code is None:
-                log.error("request %s failed: %r", seq.log_id, e)
-                await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {public_message(e)}")
-            await context.abort(code, str(e))
-
-    def _response(self, seq: Sequence, text: str, token_ids: list[int], reason: FinishReason | None,
-                  reasoning: str = "") -> relay_pb2.GenerateResponse:
-        response = relay_pb2.GenerateResponse(request_id=seq.request_id, text=text, token_ids=token_ids,
-                                              reasoning=reasoning)
-        if reason is not None:
-            response.finish_reason = FINISH_REASONS[reason]
-            response.usage.prompt_tokens = len(seq.prompt_ids)
-            response.usage.completion_tokens = seq.num_generated
-        return response
 
     async def Generate(self, request, context):  # noqa: N802 - gRPC method names
-        seq = await self._sequence(request, context)
-        reasoning = splitter(request, seq, self.tokenizer)
-        thoughts, texts, reason = [], [], None
-        async for delta in self._deltas(seq, context):
-            thought, text = split(reasoning, delta)
-            thoughts.append(thought)
-            texts.append(text)
-            reason = delta.finish_reason
-        return self._response(seq, "".join(texts), seq.generated, reason, "".join(thoughts))
+        try:
+            prepared = await self.frontend.prepare(from_grpc(request))
+            return _response(prepared, await self.frontend.fold(None, self.frontend.pieces(prepared), prepared))
+        except Exception as e:  # noqa: BLE001 - every error ends this call with its status, never the server
+            await abort(context, e, "generation")
 
     async def GenerateStream(self, request, context):  # noqa: N802
-        seq = await self._sequence(request, context)
-        reasoning = splitter(request, seq, self.tokenizer)
-        async for delta in self._deltas(seq, context):
-            thought, text = split(reasoning, delta)
-            yield self._response(seq, text, delta.token_ids, delta.finish_reason, thought)
+        try:
+            prepared = await self.frontend.prepare(from_grpc(request))
+            async for piece in self.frontend.pieces(prepared):
+                yield _response(prepared, piece)
+        except Exception as e:  # noqa: BLE001
+            await abort(context, e, "generation")
 
     async def Tokenize(self, request, context):  # noqa: N802
         try:
-            check_size(request, self.limits)
-            ids = await self.off_loop(render_prompt, request, self.tokenizer, self.limits.vocab_size)
-        except InvalidRequest as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            ids = await self.frontend.tokenize(from_grpc(request))
+        except Exception as e:  # noqa: BLE001
+            await abort(context, e, "tokenizing")
         return relay_pb2.TokenizeResponse(token_ids=ids, count=len(ids))
 
     async def GetModelInfo(self, request, context):  # noqa: N802
-        engine = await self._ready(context)
-        stats = await engine.pipeline.stats()
+        try:
+            stats = await self.frontend.check_ready().pipeline.stats()
+        except Exception as e:  # noqa: BLE001
+            await abort(context, e, "model info")
+        limits = self.frontend.limits
         info = relay_pb2.ModelInfo(
             model_id=self.meta.model_id,
             dtype=next((s.dtype for s in stats if s.dtype), ""),  # a slice that is down reports none
             num_layers=self.meta.num_layers,
-            max_context=self.limits.max_context,
-            vocab_size=self.limits.vocab_size,
-            max_new_tokens_cap=self.limits.max_new_tokens_cap,
+            max_context=limits.max_context,
+            vocab_size=limits.vocab_size,
+            max_new_tokens_cap=limits.max_new_tokens_cap,
             max_batch_size=self.meta.max_batch,
         )
         for i, s in enumerate(stats):

@@ -8,15 +8,20 @@ The slow tier repeats parity and disconnect-cancellation with the slices on Ray 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import http.client
 import json
+import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 import torch
@@ -25,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_relay.client import RelayClient
 from qwen_relay.server.app import Relay, ServeOptions
+from qwen_relay.v1 import relay_pb2
 
 TOKEN = "http-test-token"
 MESSAGES = [{"role": "user", "content": "Merhaba! Nasıl yardımcı olabilirim?"}]
@@ -187,6 +193,30 @@ def test_stop_string_and_default_max_tokens(oai, grpc_client, tiny_model):
     assert out.usage.completion_tokens == 128
 
 
+def test_default_max_tokens_is_held_to_the_room_left(relay, grpc_client, tiny_model):
+    """A 450-token prompt in a 512 context, no max_tokens: 62 tokens, as OpenAI and vLLM cap their default (it
+    was a 400 naming max_tokens, which the client never sent). A value that was sent and does not fit stays 400."""
+    prompt = [5] * 450
+    body = {"model": str(tiny_model), "prompt": prompt, "temperature": 0, "ignore_eos": True}
+    status, _, raw = _post(relay.http_port, "/v1/completions", body)
+    assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 62
+    assert grpc_client.generate(prompt_token_ids=prompt, ignore_eos=True).completion_tokens == 62
+    status, _, raw = _post(relay.http_port, "/v1/completions", {**body, "max_tokens": 63})
+    assert status == 400 and _error(status, raw)["param"] == "max_tokens"
+    status, _, raw = _post(relay.http_port, "/v1/completions", {**body, "prompt": [5] * 512})
+    assert status == 400 and _error(status, raw)["param"] == "prompt"  # no room at all: the prompt is the fault
+
+
+def test_content_parts_are_joined_as_lines(relay, tiny_model):
+    """[{"text": "Hello"}, {"text": "World"}] is "Hello\\nWorld", as vLLM joins parts (it was "HelloWorld")."""
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
+    answers = [json.loads(_post(relay.http_port, "/v1/chat/completions", _chat(
+        str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=8, ignore_eos=True,
+        return_token_ids=True))[2]) for content in (parts, "Hello\nWorld")]
+    assert answers[0]["usage"] == answers[1]["usage"]
+    assert answers[0]["choices"][0]["token_ids"] == answers[1]["choices"][0]["token_ids"]
+
+
 def test_sampling_options_and_seed_reproduce(oai, grpc_client, tiny_model):
     kwargs = dict(model=str(tiny_model), messages=MESSAGES, max_completion_tokens=16, temperature=0.9, top_p=0.9,
                   seed=1234, extra_body={"top_k": 40, "ignore_eos": True})
@@ -201,6 +231,7 @@ def test_adapter_as_model(oai, grpc_client, tiny_model, adapter_dir):
     listed = oai.models.list().data
     assert [m.id for m in listed] == [str(tiny_model), "all"]
     assert listed[1].parent == str(tiny_model)
+    assert listed[1].root == "all"  # its folder is for the admin token only (no admin token is set here)
     out = oai.completions.create(model="all", prompt=PROMPT, max_tokens=MAX_NEW, temperature=0,
                                  extra_body={"ignore_eos": True})
     with_adapter = grpc_client.generate(PROMPT, max_new_tokens=MAX_NEW, ignore_eos=True, adapter="all")
@@ -229,6 +260,20 @@ def test_adapter_unloaded_after_validation_is_404_not_500(relay, grpc_client, st
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "'all' was unloaded" in refused.value.details()
     assert grpc_client.health() == "SERVING"
+
+
+def test_models_show_adapter_folders_only_to_the_admin_token(relays, tiny_model, adapter_dir):
+    """As gRPC's ListAdapters: the generation token sees names, the admin token also sees where they live."""
+    relay = relays(ServeOptions(model=str(tiny_model), shards=1, use_ray=False, max_context=512, auth_token=TOKEN,
+                                admin_token="admin-token", adapters={"all": str(adapter_dir)}))
+    listed = {token: json.loads(_post(relay.http_port, "/v1/models", None, token=token)[2])["data"]
+              for token in (TOKEN, "admin-token")}
+    assert [m["id"] for m in listed[TOKEN]] == [m["id"] for m in listed["admin-token"]] == [str(tiny_model), "all"]
+    assert listed[TOKEN][1]["root"] == "all" and str(adapter_dir) not in json.dumps(listed[TOKEN])
+    assert listed["admin-token"][1]["root"] == str(adapter_dir)
+    status, _, body = _post(relay.http_port, "/v1/completions", {"model": "all", "prompt": PROMPT},
+                            token="admin-token")
+    assert status == 401  # the admin token opens the listing, not generation
 
 
 # ---------------------------------------------------------------------------------------- SSE framing
@@ -279,6 +324,7 @@ def _error(status: int, body: bytes) -> dict:
     ({"stop": [""]}, "stop"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
     ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "ayse"}]}, "messages"),  # was dropped silently
     ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -302,6 +348,50 @@ def test_completion_refusals_name_the_parameter(relay, tiny_model, extra, param)
     body = {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 4, **extra}
     status, _, raw = _post(relay.http_port, "/v1/completions", body)
     assert status == 400 and _error(status, raw)["param"] == param
+
+
+LONE = "\ud800"  # a lone UTF-16 surrogate: valid in JSON ("\\ud800"), not in UTF-8 or protobuf
+
+
+@pytest.mark.parametrize(("path", "extra", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi" + LONE}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": LONE, "content": "hi"}]}, "messages"),
+    ("/v1/chat/completions", {"stop": ["ok", LONE]}, "stop"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"enable_thinking": LONE}}, "chat_template_kwargs"),
+    ("/v1/chat/completions", {"model": LONE}, "model"),
+    ("/v1/chat/completions", {LONE: 1}, "body"),  # an unknown parameter named by no valid text
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": [LONE]}, "prompt"),
+    ("/v1/completions", {"stop": LONE}, "stop"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(relay, tiny_model, caplog, path, extra, param):
+    """It was a plain-text 500 (building the protobuf request raised UnicodeEncodeError), logged at ERROR."""
+    body = {"model": str(tiny_model), "max_tokens": 2, **(
+        {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": PROMPT}), **extra}
+    status, headers, raw = _post(relay.http_port, path, body)
+    assert status == 400 and headers["content-type"] == "application/json", raw
+    error = _error(status, raw)
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Tokenize"])
+def test_a_grpc_string_that_is_not_utf8_is_invalid_argument(relay, caplog, method):
+    """The gRPC side of the same fault: a client in another language can send a lone surrogate as bytes; gRPC's
+    deserializer raised DecodeError, answered UNKNOWN with a traceback at ERROR."""
+    kind = relay_pb2.TokenizeRequest if method == "Tokenize" else relay_pb2.GenerateRequest
+    prompt_field = kind.DESCRIPTOR.fields_by_name["prompt"].number
+    raw = bytes([prompt_field << 3 | 2, 3]) + "\ud800".encode("utf-8", "surrogatepass")
+    with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(
+            f"/qwen_relay.v1.TextGeneration/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            result = call(raw, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=30)
+            list(result) if method == "GenerateStream" else None
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in info.value.details()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_openai_client_sees_errors_as_its_exceptions(oai, tiny_model, relay):
@@ -328,13 +418,66 @@ def test_token_required_except_health(relay, tiny_model):
     response = conn.getresponse()
     assert (response.status, json.loads(response.read())) == (200, {"status": "SERVING"})
     conn.request("GET", "/openapi.json")  # like gRPC reflection, the API map needs the token
-    assert conn.getresponse().status == 404
+    assert conn.getresponse().status == 401  # every path but /health: the token is checked before routing
     conn.close()
 
 
 def test_bad_json_is_400(relay):
     status, _, body = _post(relay.http_port, "/v1/chat/completions", b"{not json")
     assert status == 400 and _error(status, body)["type"] == "invalid_request_error"
+    status, _, body = _post(relay.http_port, "/v1/chat/completions", b"{not json", token=None)
+    assert status == 401 and _error(status, body)["type"] == "authentication_error"  # the token comes first
+
+
+def _raw_head(port: int, path: str, headers: dict[str, str], data: bytes = b"") -> socket.socket:
+    """A POST whose head (and `data`) is sent, the rest of the body never: the server must answer anyway."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "x", "Content-Type": "application/json", **headers}.items())
+    sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + data)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict]:
+    """Status and error JSON of the answer on `sock` (read until the server closes or the JSON is complete)."""
+    received = b""
+    while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), _error(int(head.split()[1]), body)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/no/such/path"])
+def test_token_is_checked_before_the_body_is_read(relay, path):
+    """100 MiB announced, 1 KiB sent, no token: 401 at once (FastAPI used to wait for the whole body first)."""
+    start = time.monotonic()
+    status, error = _answer(_raw_head(relay.http_port, path, {"Content-Length": str(100 << 20)}, b"{" * 1024))
+    assert (status, error["type"]) == (401, "authentication_error")
+    assert time.monotonic() - start < 1.0
+
+
+def test_a_body_over_the_grpc_message_limit_is_413_unread(relay, tiny_model):
+    start = time.monotonic()
+    sock = _raw_head(relay.http_port, "/v1/completions", {"Authorization": f"Bearer {TOKEN}",
+                                                          "Content-Length": str(100 << 20)}, b"{" * 1024)
+    status, error = _answer(sock)
+    assert (status, error["code"], error["type"]) == (413, "request_too_large", "invalid_request_error")
+    assert time.monotonic() - start < 1.0
+    # Without a Content-Length (chunked), reading stops once the limit is passed.
+    sock = _raw_head(relay.http_port, "/v1/completions", {"Authorization": f"Bearer {TOKEN}",
+                                                          "Transfer-Encoding": "chunked"})
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b" " * (1 << 20))
+    with contextlib.suppress(OSError):  # the server may close before the last chunk is sent
+        for _ in range(40):
+            sock.sendall(chunk)
+    status, error = _answer(sock)
+    assert status == 413 and error["code"] == "request_too_large"
+    # Within the limit, a large body is read and validated as before.
+    body = {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 2, "user": "u" * (8 << 20)}
+    assert _post(relay.http_port, "/v1/completions", body)[0] == 200
 
 
 def test_http_requests_are_counted_with_grpc(relay, tiny_model):
@@ -370,6 +513,43 @@ def test_full_queue_429_and_slice_down_503(relay, tiny_model, stream):
     assert health[0] == 200  # the health flag follows the engine's recovery, not a single refusal
     status, _, _ = _post(relay.http_port, "/v1/chat/completions", _chat(str(tiny_model)))
     assert status == 200
+
+
+def test_the_tokenizer_queue_is_bounded_like_the_admission_queue(relay, grpc_client, tiny_model):
+    """Requests wait for the one tokenizer thread before the engine's --max-queue check: that wait was unbounded,
+    so admission did not bound the work accepted. Now beyond --max-queue waiting there, 429 / RESOURCE_EXHAUSTED
+    at once."""
+    engine, config = relay.engine, relay.engine.config
+    tokenizer_free = threading.Event()
+    blocker = relay.frontend._tokenizing.submit(tokenizer_free.wait)  # the thread is busy until the test says
+    engine.config = dataclasses.replace(config, max_queue=1)
+    waiting = threading.Thread(target=_post, args=(relay.http_port, "/v1/completions",
+                                                   {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 2}))
+    try:
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while relay.frontend._tokenizing._work_queue.qsize() < 1:  # queued behind the blocker
+            assert time.monotonic() < deadline, "the first request never reached the tokenizer queue"
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=5)
+        conn.request("POST", "/v1/completions", json.dumps({"model": str(tiny_model), "prompt": PROMPT}),
+                     {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, body = response.status, response.read()
+        conn.close()
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.generate(PROMPT, max_new_tokens=2, timeout=5)
+        with pytest.raises(grpc.RpcError) as refused_tokenize:
+            grpc_client.tokenize(PROMPT, timeout=5)
+    finally:
+        tokenizer_free.set()
+        blocker.result(30)
+        waiting.join(60)
+        engine.config = config
+    assert status == 429 and _error(status, body)["code"] == "queue_full", body
+    assert "tokenizer queue is full" in _error(status, body)["message"]
+    assert refused.value.code() == refused_tokenize.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_client.generate(PROMPT, max_new_tokens=2).completion_tokens == 2
 
 
 def test_health_mirrors_grpc_health(relay, grpc_client, loop_thread):
@@ -466,6 +646,48 @@ def test_disconnect_frees_every_slice(relay, grpc_client, tiny_model, stream, wa
     check_disconnect_cancels(relay, grpc_client, str(tiny_model), TOKEN, wait_caches_empty, stream)
     # The relay keeps serving afterwards.
     assert grpc_client.generate(PROMPT, max_new_tokens=4).completion_tokens == 4
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "unary"])
+def test_disconnect_while_queued_gives_the_place_up_at_once(relays, tiny_model, stream):
+    """One cache slot, held by a stream whose steps are then held back; a second request queues, its client goes
+    away: it leaves the queue at once (it used to stay until the slot came free, then cost a prefill before
+    anyone noticed)."""
+    relay = relays(ServeOptions(model=str(tiny_model), shards=2, use_ray=False, max_batch=1, max_context=512))
+    scheduler, pipeline = relay.engine.scheduler, relay.engine.pipeline
+    steps_open = threading.Event()
+    steps_open.set()
+    step = pipeline.step
+
+    async def held_step(batch):
+        await asyncio.to_thread(steps_open.wait)
+        return await step(batch)
+
+    pipeline.step = held_step
+    body = {"model": str(tiny_model), "prompt": PROMPT, "max_tokens": 64, "ignore_eos": True, "stream": True}
+    holder = http.client.HTTPConnection("127.0.0.1", relay.http_port, timeout=120)
+    try:
+        holder.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = holder.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        steps_open.clear()  # the holder keeps its slot until the test ends
+        queued = json.dumps({**body, "max_tokens": 4, "stream": stream}).encode()
+        sock = socket.create_connection(("127.0.0.1", relay.http_port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(queued), queued))
+        deadline = time.monotonic() + 30
+        while not scheduler.waiting:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.01)
+        sock.close()
+        deadline = time.monotonic() + 5
+        while scheduler.waiting:
+            assert time.monotonic() < deadline, "the abandoned request kept its place in the queue"
+            time.sleep(0.01)
+    finally:
+        steps_open.set()
+        del pipeline.step
+        holder.close()
 
 
 # ------------------------------------------------------------------------------------------------- CLI

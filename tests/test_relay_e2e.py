@@ -220,7 +220,7 @@ def _bad_requests() -> list[tuple[str, relay_pb2.GenerateRequest, str]]:
     """(case, request, field its INVALID_ARGUMENT message must name)."""
     msg = relay_pb2.ChatMessage
     long_ids = [7] * 300  # 300 prompt tokens + 256 new > 512
-    long_prompt_tokens = [7] * (MAX_CONTEXT - 10)  # + the default 128 new tokens > 512
+    full_context = [7] * MAX_CONTEXT  # no room for a new token (the default is held to the room left)
     return [
         ("no input", relay_pb2.GenerateRequest(max_new_tokens=4), "prompt"),
         ("empty prompt", relay_pb2.GenerateRequest(prompt="", max_new_tokens=4), "prompt"),
@@ -233,8 +233,7 @@ def _bad_requests() -> list[tuple[str, relay_pb2.GenerateRequest, str]]:
          "max_new_tokens"),
         ("context overflow", relay_pb2.GenerateRequest(prompt_token_ids=long_ids, max_new_tokens=CAP),
          "max_new_tokens"),
-        ("context overflow by default", relay_pb2.GenerateRequest(prompt_token_ids=long_prompt_tokens),
-         "max_new_tokens"),
+        ("prompt fills the context", relay_pb2.GenerateRequest(prompt_token_ids=full_context), "prompt"),
         ("negative temperature", relay_pb2.GenerateRequest(prompt="hi", temperature=-0.5), "temperature"),
         ("NaN temperature", relay_pb2.GenerateRequest(prompt="hi", temperature=math.nan), "temperature"),
         ("top_p 0", relay_pb2.GenerateRequest(prompt="hi", temperature=1.0, top_p=0.0), "top_p"),

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qwen_relay.server.detokenizer import REPLACEMENT, Detokenizer
+from qwen_relay.server.frontend import MAX_ERROR_CHARS, public_message
 from qwen_relay.server.sequence import GenerationParams, Sequence
-from qwen_relay.server.servicer import MAX_ERROR_CHARS, public_message
 from qwen_relay.server.validation import Limits
 
 
@@ -178,6 +178,28 @@ def test_error_details_carry_no_remote_traceback():
     assert public_message(KeyError()) == "KeyError"
 
 
+def test_one_error_table_gives_grpc_and_http_their_statuses(caplog):
+    """gRPC and HTTP answer from the same rows (frontend.ERRORS); an error no row knows is INTERNAL / 500, logged
+    with its traceback, answered with its first line only (HTTP used to send the whole text, a remote traceback
+    included, as "generation failed: ...")."""
+    import grpc
+
+    from qwen_relay.server.engine import Overloaded
+    from qwen_relay.server.frontend import Loading, describe
+    from qwen_relay.server.http_convert import failure
+
+    status, message = describe(Overloaded("admission queue is full"), "generation")
+    assert (status.grpc, status.http, status.openai_type) == (grpc.StatusCode.RESOURCE_EXHAUSTED, 429,
+                                                               "rate_limit_error")
+    assert message == "admission queue is full"
+    assert (describe(Loading(), "x")[0].grpc, failure(Loading()).status) == (grpc.StatusCode.UNAVAILABLE, 503)
+    crash = RuntimeError("CUDA out of memory\nTraceback (most recent call last):\n  File \"/home/ray/x.py\"")
+    status, message = describe(crash, "generation")
+    assert (status.grpc, status.http) == (grpc.StatusCode.INTERNAL, 500)
+    assert message == "generation failed: CUDA out of memory" == failure(crash).message
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
+
+
 def test_request_ids_are_escaped_in_logs():
     seq = Sequence("abc\n2026 INFO forged\u2028x", [1], GenerationParams(max_new_tokens=1), None)
     assert seq.log_id == "abc\\n2026 INFO forged\\u2028x"
@@ -218,8 +240,9 @@ def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
     from transformers import AutoTokenizer
 
     from qwen_relay.server.engine import Engine, EngineConfig
+    from qwen_relay.server.frontend import Frontend
     from qwen_relay.server.metrics import Metrics
-    from qwen_relay.server.servicer import ModelMeta, TextGenerationServicer
+    from qwen_relay.server.servicer import from_grpc
     from qwen_relay.v1 import relay_pb2
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -233,10 +256,9 @@ def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
     tokenizer.apply_chat_template = recording
     engine = Engine(EngineConfig(max_batch=1, max_context=256, eos_ids=frozenset()))
     engine.pipeline = object()  # ready: the servicer validates before anything reaches the engine
-    servicer = TextGenerationServicer(engine, tokenizer, Limits(vocab_size=1024, max_context=256),
-                                      ModelMeta(model_id="m", num_layers=5, max_batch=1), set(), Metrics())
+    frontend = Frontend(engine, tokenizer, Limits(vocab_size=1024, max_context=256), set(), Metrics())
     chat = [relay_pb2.ChatMessage(role="user", content="Merhaba")]
-    seq = asyncio.run(servicer._sequence(relay_pb2.GenerateRequest(messages=chat), context=None))
+    seq = asyncio.run(frontend.prepare(from_grpc(relay_pb2.GenerateRequest(messages=chat)))).seq
     assert seq.prompt_ids and len(threads) == 1 and threads[0].startswith("tokenize")
     assert threads[0] != threading.main_thread().name
 

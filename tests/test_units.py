@@ -15,6 +15,7 @@ from qwen_relay.server.engine import Engine, EngineConfig
 from qwen_relay.server.layout import LAYER_OVERHEAD, ModelCosts, balanced_split, describe, model_costs, parse_layers
 from qwen_relay.server.scheduler import Scheduler
 from qwen_relay.server.sequence import GenerationParams, Sequence
+from qwen_relay.server.servicer import from_grpc
 from qwen_relay.server.slots import SlotAllocator
 from qwen_relay.server.validation import (
     MAX_ADAPTER_CHARS,
@@ -153,6 +154,11 @@ def test_parse_layers_refuses_bad_specs(spec):
 LIMITS = Limits(vocab_size=1024, max_context=64, default_max_new_tokens=16, max_new_tokens_cap=32)
 
 
+def _validate(request: relay_pb2.GenerateRequest, tokenizer, limits: Limits):
+    """Validation of a gRPC request, as the servicer does it: converted to the request record, then checked."""
+    return validate(from_grpc(request), tokenizer, limits)
+
+
 def _request(**fields) -> relay_pb2.GenerateRequest:
     fields.setdefault("prompt", "Merhaba")
     return relay_pb2.GenerateRequest(**fields)
@@ -160,12 +166,12 @@ def _request(**fields) -> relay_pb2.GenerateRequest:
 
 def _invalid(tokenizer, request, limits: Limits = LIMITS) -> str:
     with pytest.raises(InvalidRequest) as info:
-        validate(request, tokenizer, limits)
+        _validate(request, tokenizer, limits)
     return str(info.value)
 
 
 def test_validate_defaults(tokenizer):
-    request_id, prompt_ids, params = validate(_request(), tokenizer, LIMITS)
+    request_id, prompt_ids, params = _validate(_request(), tokenizer, LIMITS)
     assert request_id and len(request_id) <= MAX_REQUEST_ID_CHARS  # made up when empty
     assert prompt_ids == tokenizer.encode("Merhaba", add_special_tokens=False)
     assert params.max_new_tokens == LIMITS.default_max_new_tokens
@@ -173,14 +179,14 @@ def test_validate_defaults(tokenizer):
     assert params.sampling.top_p == 1.0 and params.sampling.top_k == 0
     assert params.stop == () and not params.ignore_eos and params.adapter == ""
     # No seed given: each request draws its own.
-    seeds = {validate(_request(temperature=1.0), tokenizer, LIMITS)[2].sampling.seed for _ in range(4)}
+    seeds = {_validate(_request(temperature=1.0), tokenizer, LIMITS)[2].sampling.seed for _ in range(4)}
     assert len(seeds) > 1
 
 
 def test_validate_keeps_what_was_asked(tokenizer):
     request = _request(request_id="abc", max_new_tokens=5, temperature=0.7, top_p=0.5, top_k=3, seed=42,
                        stop=["x", "yz"], ignore_eos=True, adapter="a")
-    request_id, _, params = validate(request, tokenizer, LIMITS)
+    request_id, _, params = _validate(request, tokenizer, LIMITS)
     assert request_id == "abc"
     assert params == GenerationParams(
         max_new_tokens=5, sampling=SamplingParams(temperature=pytest.approx(0.7), top_p=0.5, top_k=3, seed=42),
@@ -188,10 +194,10 @@ def test_validate_keeps_what_was_asked(tokenizer):
 
 
 def test_validate_inputs(tokenizer):
-    ids = validate(relay_pb2.GenerateRequest(prompt_token_ids=[0, 5, 1023]), tokenizer, LIMITS)[1]
+    ids = _validate(relay_pb2.GenerateRequest(prompt_token_ids=[0, 5, 1023]), tokenizer, LIMITS)[1]
     assert ids == [0, 5, 1023]
     messages = [relay_pb2.ChatMessage(role=r, content="hi") for r in ("system", "user", "assistant", "tool")]
-    ids = validate(relay_pb2.GenerateRequest(messages=messages), tokenizer,
+    ids = _validate(relay_pb2.GenerateRequest(messages=messages), tokenizer,
                    Limits(vocab_size=1024, max_context=512))[1]
     text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
                                          add_generation_prompt=True, tokenize=False)
@@ -213,7 +219,7 @@ def test_validate_inputs(tokenizer):
     ({"prompt": "", "prompt_token_ids": [5] * 65}, "prompt_token_ids"),
     ({"max_new_tokens": 33}, "max_new_tokens"),
     ({"prompt": "", "prompt_token_ids": [5] * 40, "max_new_tokens": 25}, "max_new_tokens"),  # 65 > 64
-    ({"prompt": "", "prompt_token_ids": [5] * 50}, "max_new_tokens"),  # + the default 16 > 64
+    ({"prompt": "", "prompt_token_ids": [5] * 64}, "prompt"),  # no room left for the default either
     ({"temperature": -0.5}, "temperature"),
     ({"temperature": math.nan}, "temperature"),
     ({"temperature": math.inf}, "temperature"),
@@ -237,13 +243,16 @@ def test_validate_refuses(tokenizer, fields, field):
 
 def test_validate_accepts_the_boundaries(tokenizer):
     def params(**fields) -> GenerationParams:
-        return validate(relay_pb2.GenerateRequest(**fields), tokenizer, LIMITS)[2]
+        return _validate(relay_pb2.GenerateRequest(**fields), tokenizer, LIMITS)[2]
 
     assert params(prompt="Merhaba", max_new_tokens=32).max_new_tokens == 32  # at the cap
-    _, ids, at_context = validate(relay_pb2.GenerateRequest(prompt_token_ids=[5] * 32, max_new_tokens=32),
+    _, ids, at_context = _validate(relay_pb2.GenerateRequest(prompt_token_ids=[5] * 32, max_new_tokens=32),
                                   tokenizer, LIMITS)
     assert len(ids) + at_context.max_new_tokens == LIMITS.max_context  # exactly fills the context
-    assert validate(relay_pb2.GenerateRequest(prompt_token_ids=[1023]), tokenizer, LIMITS)[1] == [1023]  # last id
+    # Unset, the default (16) is held to the room left: 14, not an error about a parameter never sent.
+    assert params(prompt_token_ids=[5] * 50).max_new_tokens == 14
+    assert params(prompt_token_ids=[5] * 63).max_new_tokens == 1
+    assert _validate(relay_pb2.GenerateRequest(prompt_token_ids=[1023]), tokenizer, LIMITS)[1] == [1023]  # last id
     top = params(prompt="Merhaba", temperature=1.0, top_p=1.0).sampling
     assert (top.temperature, top.top_p) == (1.0, 1.0)
     assert 0 < params(prompt="Merhaba", temperature=1e-5).sampling.temperature  # the floor (float32 on the wire)
@@ -257,7 +266,7 @@ def test_validate_refuses_a_prompt_that_renders_to_nothing():
             return []
 
     with pytest.raises(InvalidRequest, match="^prompt"):
-        validate(_request(prompt="\u200b"), Silent(), LIMITS)
+        _validate(_request(prompt="\u200b"), Silent(), LIMITS)
 
 
 # ------------------------------------------------------------------------------------ slots and scheduling
