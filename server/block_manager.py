@@ -34,10 +34,24 @@ class Block:
 
 @dataclass
 class CacheUsage:
-    """Counters for metrics and GetModelInfo."""
+    """Counters since start (a recovery empties the cache, not these)."""
 
     prompt_tokens: int = 0  # prompt tokens of admitted sequences (first admission only)
     hit_tokens: int = 0  # of those, found in the prefix cache
+
+
+@dataclass(frozen=True)
+class KvStats:
+    """The KV cache seen from outside (metrics, GetModelInfo)."""
+
+    capacity_tokens: int
+    block_size: int
+    blocks_free: int
+    blocks_used: int
+    prefix_cache: bool
+    prompt_tokens: int
+    hit_tokens: int
+    preemptions: int
 
     @property
     def hit_rate(self) -> float:
@@ -66,6 +80,12 @@ class BlockManager:
     @property
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.block_size
+
+    def stats(self, preemptions: int) -> KvStats:
+        return KvStats(capacity_tokens=self.capacity_tokens, block_size=self.block_size, blocks_free=self.num_free,
+                       blocks_used=self.num_blocks - self.num_free, prefix_cache=self.prefix_cache,
+                       prompt_tokens=self.usage.prompt_tokens, hit_tokens=self.usage.hit_tokens,
+                       preemptions=preemptions)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)

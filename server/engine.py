@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.sampler import NO_TOKEN
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, KvStats
 from .pipeline import Pipeline, SliceLost
 from .scheduler import Row, Scheduler
 from .sequence import Delta, FinishReason, Sequence
@@ -402,9 +402,16 @@ class Engine:
         if self._on_adapter_lost is not None:
             self._on_adapter_lost(name)
 
+    def sequences_holding_blocks(self) -> int:
+        return sum(1 for s in self.scheduler.running if s.block_table)
+
+    def kv_stats(self) -> KvStats:
+        return self.blocks.stats(self.scheduler.preemptions)
+
     def _report_load(self) -> None:
         if self.metrics is not None:
             self.metrics.observe_load(waiting=len(self.scheduler.waiting), active=len(self.scheduler.running))
+            self.metrics.observe_kv(self.kv_stats())
 
     def _reap_cancelled(self) -> None:
         """Finish cancelled sequences, except those in flight: their blocks are in use until their step is back."""

@@ -252,9 +252,10 @@ class _Reply:
         return {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{self.seq.request_id}", "object": kind,
                 "created": self.created, "model": self.model}
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt, completion = len(self.seq.prompt_ids), self.seq.num_generated
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.seq.cached_tokens or 0}}
 
     def choice(self, reasoning: str, text: str, reason: FinishReason | None, chunk: bool,
                token_ids: list[int]) -> dict[str, Any]:
@@ -431,7 +432,8 @@ def build_app(relay: Relay) -> FastAPI:
         request = _generate_request(body, adapter_for(body.model))
         servicer = relay.servicer
         try:
-            seq = await servicer.off_loop(prepare, request, servicer.tokenizer, servicer.limits, relay.adapters)
+            seq = await servicer.off_loop(prepare, request, servicer.tokenizer, servicer.limits,
+                                             relay.adapters.fingerprints())
         except InvalidRequest as e:
             param = _param(e, body)
             message = str(e)

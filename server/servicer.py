@@ -121,7 +121,8 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
     async def _sequence(self, request: relay_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> Sequence:
         await self._ready(context)
         try:
-            return await self.off_loop(prepare, request, self.tokenizer, self.limits, self.adapters)
+            return await self.off_loop(prepare, request, self.tokenizer, self.limits,
+                                       self.adapters.fingerprints())
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except UnknownAdapter as e:
@@ -146,6 +147,7 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
             response.finish_reason = FINISH_REASONS[reason]
             response.usage.prompt_tokens = len(seq.prompt_ids)
             response.usage.completion_tokens = seq.num_generated
+            response.usage.cached_prompt_tokens = seq.cached_tokens or 0
         return response
 
     async def Generate(self, request, context):  # noqa: N802 - gRPC method names
@@ -186,11 +188,16 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
             max_new_tokens_cap=self.limits.max_new_tokens_cap,
             max_batch_size=self.meta.max_batch,
         )
+        kv = self.engine.kv_stats()
+        info.kv_capacity_tokens, info.kv_block_size, info.kv_blocks_free = (kv.capacity_tokens, kv.block_size,
+                                                                            kv.blocks_free)
+        info.prefix_cache, info.prefix_cache_hit_rate, info.preemptions = kv.prefix_cache, kv.hit_rate, kv.preemptions
+        holding = self.engine.sequences_holding_blocks()
         for i, s in enumerate(stats):
             info.slices.add(
                 index=i, first_layer=s.first, last_layer=s.end - 1, has_embeddings=s.has_embeddings,
                 has_lm_head=s.has_lm_head, actor_id=s.actor_id, node_id=s.node_id, device=s.device,
-                cache_entries=s.cache_entries, weight_bytes=s.weight_bytes,
+                cache_entries=holding, weight_bytes=s.weight_bytes,
                 peak_rss_bytes=s.peak_rss_bytes, healthy=s.healthy, restarts=s.restarts,
             )
         return info
