@@ -19,7 +19,7 @@ from qwen_relay.server.layout import balanced_split, model_costs
 from qwen_relay.server.pipeline import LocalPipeline, SliceLost
 from qwen_relay.server.scheduler import Row, Scheduler
 from qwen_relay.server.sequence import GenerationParams, Sequence
-from qwen_relay.shards.batch import StepBatch
+from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.runner import SliceSpec
 
 # ------------------------------------------------------------------------------------------ block manager
@@ -539,3 +539,36 @@ def test_a_failed_step_with_another_in_flight_fails_its_request_only(tiny_model,
     assert after == reference(tiny_model, PROMPTS[3], MAX_NEW)
     assert h.recoveries == 0 and h.health == []  # no recovery, never NOT_SERVING
     assert h.engine.blocks.num_free == h.config.num_blocks
+
+
+# ------------------------------------------------------------------------------------------- slice warm-up
+
+WARMUP_POOLS = [
+    pytest.param(1, 64, marks=pytest.mark.xfail(
+        strict=True, raises=ValueError,
+        reason="SliceRunner.warmup's decode step reaches position 2 with the table [0, 1]: 2 blocks of 1 "
+               "cannot hold 3 positions (serve --block-size 1 fails every slice at start)"), id="block-1"),
+    pytest.param(2, 1, marks=pytest.mark.xfail(
+        strict=True, raises=ValueError,
+        reason="SliceRunner.warmup names block 1 when blocks hold fewer than 3 positions, outside a pool of "
+               "1 block"), id="one-block-of-2"),
+    pytest.param(2, 2, id="block-2"),
+    pytest.param(4, 1, id="one-block-of-4"),
+]
+
+
+@pytest.mark.parametrize(("block_size", "num_blocks"), WARMUP_POOLS)
+def test_a_slice_warms_up_with_any_pool_serve_accepts(tiny_model, block_size, num_blocks):
+    """serve takes any --block-size >= 1 and sizes the pool (>= one context) from it: every slice must warm
+    up on it (the static decode step too) and stay closed to steps until the gateway resets it."""
+    from qwen_relay.shards.kv_cache import CacheMismatch
+    from qwen_relay.shards.runner import SliceRunner
+
+    runner = SliceRunner(SliceSpec(model=str(tiny_model), first=0, end=1, device="cpu", max_slots=2, max_len=4,
+                                   num_blocks=num_blocks, block_size=block_size, decode="static"))
+    runner.warmup()
+    batch = StepBatch([0], [0], [[5]], [[0]], [SamplingParams()])
+    with pytest.raises(CacheMismatch):
+        runner.step(batch)  # warmed up, still shut
+    runner.reset()
+    assert runner.step(batch, None).shape[:2] == (1, 1)  # hidden states of the first slice
