@@ -106,9 +106,12 @@ class SliceRunner:
 
         The last slice samples here, next to its logits, so only token ids (never vocab-sized logits) leave it.
         """
+        self.cache.check(batch.slots, batch.blocks, batch.ends())
+        return self._forward(batch, hidden)
+
+    def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor | list[int]:
         start = time.perf_counter()
         ends = batch.ends()
-        self.cache.check(batch.slots, batch.blocks, ends)
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
         with self._lock:
@@ -202,22 +205,21 @@ class SliceRunner:
         sequence's blocks by replaying token histories): accept steps from now on."""
         self.cache.reset()
 
+    @torch.inference_mode()
     def warmup(self) -> None:
-        """One throwaway step so the first real request does not pay for lazy initialisation. The cache stays
-        closed to steps until the gateway resets it (a restarted actor warms up too, and must refuse steps)."""
-        blocks = [[0]] if self.spec.block_size >= 3 else [[0, 1]]
-        batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], blocks=blocks, sampling=[SamplingParams()])
+        """One throwaway prefill and decode so the first real request does not pay for lazy initialisation.
+        They write only the scratch block (every position of the table names it), whatever the pool's size;
+        the cache stays closed to steps until the gateway resets it (a restarted actor warms up too, and must
+        refuse steps)."""
+        table = [[self.cache.scratch] * 3]
+        batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], blocks=table, sampling=[SamplingParams()])
         hidden = None
         if not self.slice.is_first:
             hidden = torch.zeros(1, 2, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
-        self.cache.live = True
-        try:
-            self.step(batch, hidden)
-            if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here
-                decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], blocks=blocks, sampling=[SamplingParams()])
-                self.step(decode, None if hidden is None else hidden[:, :1])
-        finally:
-            self.cache.live = False
+        self._forward(batch, hidden)
+        if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here
+            decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], blocks=table, sampling=[SamplingParams()])
+            self._forward(decode, None if hidden is None else hidden[:, :1])
 
     def stats(self) -> SliceStats:
         return SliceStats(
