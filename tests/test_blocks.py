@@ -339,9 +339,10 @@ class Harness:
         self.on_health = on_health
         self.engine: Engine | None = None
 
-    def seq(self, rid: str, ids: list[int], max_new: int = MAX_NEW) -> Sequence:
-        return Sequence(rid, list(ids), GenerationParams(max_new_tokens=max_new, ignore_eos=True),
-                        Detokenizer(self.tokenizer, ()))
+    def seq(self, rid: str, ids: list[int], max_new: int = MAX_NEW, sampling: SamplingParams | None = None
+            ) -> Sequence:
+        params = GenerationParams(max_new_tokens=max_new, ignore_eos=True, sampling=sampling or SamplingParams())
+        return Sequence(rid, list(ids), params, Detokenizer(self.tokenizer, ()))
 
     async def start(self) -> None:
         self.engine = Engine(self.config, on_health=self.on_health)
@@ -449,6 +450,29 @@ def test_chunked_prompts_change_no_token(request, reference, model_fixture, pref
     assert all(b.num_tokens <= 8 for b in h.batches), [b.num_tokens for b in h.batches]
     chunks = [(s, t) for b in h.batches for s, t in zip(b.starts, b.token_ids, strict=True) if s > 0 and len(t) > 1]
     assert chunks, "no prompt was cut into chunks"  # the 13-token prompt cannot fit one step
+
+
+def test_seeded_sampling_is_the_same_through_preemption_and_chunks(tiny_model):
+    """A seeded draw depends on (seed, position) only: preempted, re-prefilled and chunked sequences draw the
+    same tokens as with a pool and a budget that never preempt or chunk."""
+    def sampled(**config) -> tuple[list, int, int]:
+        h = Harness(tiny_model, max_context=32, **config)
+
+        async def scenario(h: Harness):
+            seqs = [h.seq(f"r{i}", p, sampling=SamplingParams(temperature=1.0, top_k=50, seed=100 + i))
+                    for i, p in enumerate(PROMPTS)]
+            return await asyncio.gather(*(h.run(s) for s in seqs))
+
+        results = _run(h, scenario)
+        chunked = sum(1 for b in h.batches for s, t in zip(b.starts, b.token_ids, strict=True) if s and len(t) > 1)
+        return results, h.engine.scheduler.preemptions, chunked
+
+    roomy, preempted, _ = sampled()
+    assert preempted == 0
+    tight, preempted, chunked = sampled(num_blocks=12, max_step_tokens=8, prefix_cache=False)
+    assert preempted > 0 and chunked > 0
+    assert tight == roomy
+    assert len({tuple(r) for r in roomy}) == len(PROMPTS)  # real draws, not one degenerate answer
 
 
 def test_concurrent_requests_share_a_cached_system_prompt(tiny_model, reference):
