@@ -202,6 +202,7 @@ class Completion:
     completion_tokens: int
     request_id: str
     reasoning: str = ""  # with separate_reasoning: the <think> block's text, apart from ``text``
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those whose KV the server found in its prefix cache
     raw: relay_pb2.GenerateResponse | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -220,6 +221,7 @@ class Chunk:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     reasoning: str = ""  # with separate_reasoning: this delta's share of the <think> block
+    cached_prompt_tokens: int | None = None
     raw: relay_pb2.GenerateResponse | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -272,6 +274,12 @@ class ModelInfo:
     max_new_tokens_cap: int
     max_batch_size: int
     slices: list[SliceInfo]
+    kv_capacity_tokens: int = 0  # tokens the KV cache holds (the same on every slice)
+    kv_block_size: int = 0
+    kv_blocks_free: int = 0
+    prefix_cache: bool = False
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the cache / prompt tokens, since start
+    preemptions: int = 0
     raw: relay_pb2.ModelInfo | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,6 +317,7 @@ def completion_from_response(response: relay_pb2.GenerateResponse) -> Completion
         completion_tokens=response.usage.completion_tokens,
         request_id=response.request_id,
         reasoning=response.reasoning,
+        cached_prompt_tokens=response.usage.cached_prompt_tokens,
         raw=response,
     )
 
@@ -323,6 +332,7 @@ def chunk_from_response(response: relay_pb2.GenerateResponse) -> Chunk:
         prompt_tokens=response.usage.prompt_tokens if has_usage else None,
         completion_tokens=response.usage.completion_tokens if has_usage else None,
         reasoning=response.reasoning,
+        cached_prompt_tokens=response.usage.cached_prompt_tokens if has_usage else None,
         raw=response,
     )
 
@@ -358,6 +368,7 @@ class CompletionBuilder:
         self._request_id = ""
         self._prompt_tokens: int | None = None
         self._completion_tokens: int | None = None
+        self._cached_prompt_tokens = 0
 
     def add(self, chunk: Chunk) -> None:
         self._text.append(chunk.text)
@@ -370,6 +381,8 @@ class CompletionBuilder:
             self._prompt_tokens = chunk.prompt_tokens
         if chunk.completion_tokens is not None:
             self._completion_tokens = chunk.completion_tokens
+        if chunk.cached_prompt_tokens is not None:
+            self._cached_prompt_tokens = chunk.cached_prompt_tokens
 
     @property
     def text(self) -> str:
@@ -387,6 +400,7 @@ class CompletionBuilder:
             ),
             request_id=self._request_id,
             reasoning="".join(self._reasoning),
+            cached_prompt_tokens=self._cached_prompt_tokens,
         )
 
 

@@ -132,6 +132,10 @@ class AdapterRegistry:
     def __contains__(self, name: object) -> bool:
         return name in self.specs
 
+    def fingerprints(self) -> dict[str, str]:
+        """Loaded adapter name -> the fingerprint of its files (what validation and the prefix cache key on)."""
+        return {name: spec.fingerprint for name, spec in self.specs.items()}
+
     def list(self) -> list[AdapterSpec]:
         return [self.specs[n] for n in sorted(self.specs)]
 

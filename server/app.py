@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoTokenizer, GenerationConfig
 
 from qwen_relay.ray_common.local_ray import LocalRay, local_ray_cpus
+from qwen_relay.shards.dtypes import resolve_dtype
 from qwen_relay.shards.hub import model_dir
 from qwen_relay.shards.loader import load_config
 from qwen_relay.shards.runner import SliceSpec
@@ -31,6 +33,7 @@ from .admin import AdapterAdminServicer
 from .decoding import ParseInCallInterceptor
 from .engine import Engine, EngineConfig
 from .frontend import Frontend
+from .kv_capacity import has_recurrent_layers, kv_capacity
 from .layout import balanced_split, describe, model_costs, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
@@ -71,7 +74,12 @@ class ServeOptions:
     local_ray_cpus: int | None = None  # CPUs of the local Ray serve starts without ray_address (None: all cores)
     use_ray: bool = True  # False: every slice in this process (no actors)
     max_batch: int = 16
-    max_context: int = 2048
+    max_context: int = 2048  # prompt + new tokens of one request (a limit; KV memory is --kv-cache-tokens)
+    kv_cache_tokens: int | None = None  # KV cache size in tokens (server/kv_capacity.py); None: the default
+    kv_cache_memory: int | None = None  # or in bytes per slice (overrides kv_cache_tokens)
+    block_size: int = 16  # tokens per KV block
+    prefix_cache: bool = True  # reuse cached prefixes (blocks) across requests
+    max_step_tokens: int = 512  # a step's token budget: decodes, then chunks of prompts
     default_max_new_tokens: int | None = None  # None: 128, or the cap if lower
     max_new_tokens_cap: int = 1024
     cpus_per_slice: float | None = None  # Ray CPUs per CPU slice; None: 1, or a share of a local node
@@ -120,8 +128,18 @@ class Relay:
         self.server: grpc.aio.Server | None = None
         self.pipeline: Pipeline | None = None
         self.metrics = Metrics()
+        self.kv = kv_capacity(self.config, self.ranges, kv_dtype(options), options.block_size,
+                              options.kv_cache_tokens, options.kv_cache_memory)
+        prefix_cache = options.prefix_cache and not has_recurrent_layers(self.config)
+        if options.prefix_cache and not prefix_cache:
+            log.warning("prefix cache off: %s has linear-attention layers, whose recurrent state the cached blocks "
+                        "do not hold (docs/design.md, \"KV blocks and shared prefixes\")", self.config.model_type)
+        log.info("KV cache: %s per slice; prefix cache %s; a step takes up to %d tokens", self.kv.describe(),
+                 "on" if prefix_cache else "off", options.max_step_tokens)
         self.engine = Engine(
             EngineConfig(max_batch=options.max_batch, max_context=self.max_context, eos_ids=self.eos_ids,
+                         num_blocks=self.kv.num_blocks, block_size=self.kv.block_size, prefix_cache=prefix_cache,
+                         max_step_tokens=options.max_step_tokens,
                          max_queue=options.max_queue, recovery_timeout=options.recovery_timeout,
                          max_in_flight=options.max_in_flight),
             metrics=self.metrics)
@@ -210,7 +228,8 @@ class Relay:
                 opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
         specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
-                           max_slots=opts.max_batch, max_len=self.max_context, threads=self._threads(use_gpu),
+                           max_slots=opts.max_batch, max_len=self.max_context, num_blocks=self.kv.num_blocks,
+                           block_size=self.kv.block_size, threads=self._threads(use_gpu),
                            prepack=opts.prepack, decode=opts.decode_step)
                  for a, b in self.ranges]
         if opts.use_ray:
@@ -316,6 +335,13 @@ def slice_ranges(options: ServeOptions, config) -> list[tuple[int, int]]:
     if options.layers:
         return parse_layers(options.layers, config.num_hidden_layers)
     return balanced_split(model_costs(config), options.shards)
+
+
+def kv_dtype(options: ServeOptions) -> torch.dtype:
+    """The dtype the slices will hold KV in, for sizing `--kv-cache-memory`: the weights'. `auto` counts fp32
+    bytes unless `--device cuda` says the slices get GPUs (bf16 there): never more blocks than fit."""
+    return resolve_dtype(options.dtype, "cpu") if options.dtype != "auto" or options.device != "cuda" \
+        else torch.bfloat16
 
 
 def refuse_what_local_ray_cannot_hold(options: ServeOptions) -> None:

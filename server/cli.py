@@ -62,7 +62,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPUs of the local Ray node serve starts without --ray-address (default: all cores)")
     parser.add_argument("--no-ray", action="store_true", help="run every slice in this process, without Ray")
     parser.add_argument("--max-batch", type=bounded(int, 1), default=16,
-                        help="sequences decoded together (cache slots)")
+                        help="sequences running at once (decoding, or prefilling in chunks)")
     parser.add_argument("--max-in-flight", type=bounded(int, 0), default=0,
                         help="step batches in the pipe at once (default 0: one per slice, so every slice works; "
                              "1: one step at a time)")
@@ -73,6 +73,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tear the compiled graph down after this long without a step (its slices and the "
                              "gateway poll a core each while it idles); the next step builds it again. 0: keep it")
     parser.add_argument("--max-context", type=bounded(int, 2), default=2048, help="prompt + new tokens per sequence")
+    parser.add_argument("--kv-cache-tokens", type=bounded(int, 1), default=None,
+                        help="KV cache size in tokens, the same on every slice (default 32768); sequences take "
+                             "blocks as their tokens fill them, so --max-context reserves nothing")
+    parser.add_argument("--kv-cache-memory", type=bounded(float, 0.001), default=None, metavar="GIB",
+                        help="KV cache size in GiB per slice instead of --kv-cache-tokens")
+    parser.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV block")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="do not reuse cached prompt prefixes across requests (on by default)")
+    parser.add_argument("--max-step-tokens", type=bounded(int, 2), default=512,
+                        help="tokens one step may take: running decodes first, then chunks of prompts, so a long "
+                             "prompt never stalls running streams for its whole prefill")
     parser.add_argument("--max-new-tokens-cap", type=bounded(int, 1), default=1024)
     parser.add_argument("--default-max-new-tokens", type=bounded(int, 1),
                         help="new tokens for a request that does not say (default: 128, or the cap if lower)")
@@ -149,7 +160,9 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         local_ray_cpus=args.local_ray_cpus,
         max_batch=args.max_batch, max_in_flight=args.max_in_flight, slice_transport=args.slice_transport,
         graph_idle_teardown=args.graph_idle_teardown,
-        max_context=args.max_context,
+        max_context=args.max_context, kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
+        block_size=args.block_size, prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
         max_new_tokens_cap=args.max_new_tokens_cap,
         default_max_new_tokens=args.default_max_new_tokens, adapter_roots=tuple(args.adapter_root or ()),
         max_adapters=args.max_adapters, max_adapter_bytes=int(args.max_adapter_mib * 2**20),

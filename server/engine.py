@@ -4,15 +4,16 @@ One asyncio task runs the loop; RPC handlers only `generate` (submit a sequence 
 keeps up to `depth` steps in the pipe (one per slice: slice 0 runs batch B while slice 1 runs batch A) and
 postprocesses each as it comes back, oldest first; a sequence is in at most one step in flight
 (docs/design.md, "Several batches in flight").
-Cancellation is a flag the loop reaps between steps, so a slot is never freed while a step that uses it is in
-flight. A freed slot travels to the slices on the next step (`StepBatch.release`), so every slice forgets it
-before it runs anything that reuses it.
+Cancellation is a flag the loop reaps between steps, so a sequence's blocks are never freed while a step that
+uses them is in flight. The gateway owns the blocks (server/block_manager.py): a finished or failed sequence
+needs no message to any slice, and a block is reused only by steps sent after it was freed.
 
 Faults (docs/reliability.md lists each with its outcome):
 - A lost step (`SliceLost`: a slice died or restarted mid-step) appended nothing. Every sequence in it gets a
   strike; the engine recovers (`_recover`: one probe loop with backoff until `pipeline.recover()` succeeds,
-  which clears every cache) and replays each running sequence by prefilling prompt + generated tokens, within
-  the prefill token budget: callers see no token lost, repeated or changed. A slice killed during replay is
+  which clears every cache; the gateway forgets every block and cached prefix with them) and replays each
+  running sequence by prefilling prompt + generated tokens, in chunks within the step's token budget: callers
+  see no token lost, repeated or changed. A slice killed during replay is
   just another lost step.
 - Replay is bounded: a sequence in two lost steps steps alone (server/scheduler.py), and one in
   `max_lost_steps` lost steps fails (`ReplayLimit`), so a request whose step kills its slice every time cannot
@@ -45,9 +46,10 @@ from typing import TYPE_CHECKING
 from qwen_relay.shards.batch import StepBatch
 from qwen_relay.shards.sampler import NO_TOKEN
 
+from .block_manager import BlockManager, KvStats
 from .events import Signal
 from .pipeline import AdapterNotServed, Pipeline, SliceLost
-from .scheduler import Scheduler
+from .scheduler import Row, Scheduler
 from .sequence import Delta, FinishReason, Sequence
 
 if TYPE_CHECKING:
@@ -81,20 +83,27 @@ class ReplayLimit(RuntimeError):
 
 @dataclass(frozen=True)
 class InFlight:
-    """A step in the pipe: its sequences, the batch sent and when it was sent."""
+    """A step in the pipe: its rows, the batch sent and when it was sent."""
 
-    seqs: list[Sequence]
+    rows: list[Row]
     batch: StepBatch
     started: float
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [r.seq for r in self.rows]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch: int  # sequences stepping together; also the number of cache slots in every slice
-    max_context: int  # prompt + generated tokens per sequence
+    max_batch: int  # sequences running at once (decoding, or prefilling in chunks)
+    max_context: int  # prompt + generated tokens per sequence: a per-request limit, not a reservation
     eos_ids: frozenset[int]
-    max_prefill_tokens: int = 4096
-    max_queue: int = 256  # requests waiting for a cache slot; beyond it new ones are refused
+    num_blocks: int = 2048  # KV blocks every slice holds (server/block_manager.py)
+    block_size: int = 16
+    prefix_cache: bool = True
+    max_step_tokens: int = 2048  # a step's token budget: decodes first, then chunks of prompts
+    max_queue: int = 256  # requests waiting to run; beyond it new ones are refused
     recovery_timeout: float = 60.0  # how long in-flight calls wait for a lost slice to come back
     max_in_flight: int = 0  # steps in the pipe at once; 0: the pipeline's depth (one per slice)
     max_lost_steps: int = 3  # a request in this many lost steps fails (ReplayLimit)
@@ -107,14 +116,17 @@ class Engine:
     def __init__(self, config: EngineConfig, metrics: Metrics | None = None) -> None:
         self.pipeline: Pipeline | None = None
         self.config = config
-        self.scheduler = Scheduler(config.max_batch, config.max_prefill_tokens)
+        if config.num_blocks * config.block_size < config.max_context:
+            raise ValueError(f"the KV cache holds {config.num_blocks * config.block_size} tokens, fewer than one "
+                             f"sequence of the context limit ({config.max_context})")
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_cache)
+        self.scheduler = Scheduler(config.max_batch, self.blocks, config.max_step_tokens)
         self.available = True
         self.health_changed: Signal[bool] = Signal()  # serving or not, reported on each change
         self.adapter_lost: Signal[str] = Signal()  # an adapter the slices dropped (see the module doc)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever no request waits or runs (shutdown drains on it)
         self._task: asyncio.Task | None = None
-        self._release: list[int] = []  # slots freed since the last step, released by the slices on the next
         self._lost = False  # a step was lost (or the loop died): recover before the next step
         self._closing = False
         self._serving = True  # the last health reported; the app reports SERVING once the engine starts
@@ -176,7 +188,8 @@ class Engine:
             raise Unavailable("a model slice is down and being restored; retry shortly")
         if len(self.scheduler.waiting) >= self.config.max_queue:
             raise Overloaded(f"admission queue is full: {len(self.scheduler.waiting)} requests wait for one of "
-                             f"{self.config.max_batch} active-sequence slots (limits --max-queue, --max-batch)")
+                             f"{self.config.max_batch} running places or KV blocks (limits --max-queue, --max-batch, "
+                             f"--kv-cache-tokens)")
         adapter = seq.params.adapter
         if adapter and (self.pipeline is None or adapter not in self.pipeline.adapters):
             # Validated while loaded, unloaded since. An unload counts `adapter_users` and withdraws the adapter
@@ -258,23 +271,23 @@ class Engine:
                 task.cancel()
 
     def _next_step(self, room: int) -> InFlight | None:
-        """The next batch to send down the pipe, with the slots freed since the last one; None if idle."""
-        seqs = self.scheduler.schedule(room)
+        """The next batch to send down the pipe; None if idle."""
+        rows = self.scheduler.schedule(room)
         self._report_load()
-        if not seqs and not self._release:
+        if not rows:
             return None
-        release, self._release = self._release, []
+        seqs = [r.seq for r in rows]
         for seq in seqs:
             seq.in_flight = True
         batch = StepBatch(
             slots=[s.slot for s in seqs],
             starts=[s.num_cached for s in seqs],
-            token_ids=[s.pending() for s in seqs],
+            token_ids=[r.tokens for r in rows],
+            blocks=[list(s.block_table) for s in seqs],
             sampling=[s.params.sampling for s in seqs],
             adapters=[s.params.adapter for s in seqs] if any(s.params.adapter for s in seqs) else None,
-            release=release,
         )
-        return InFlight(seqs, batch, time.perf_counter())
+        return InFlight(rows, batch, time.perf_counter())
 
     def _postprocess(self, step: InFlight, task: asyncio.Task[list[int]]) -> bool:
         """Append a finished step's tokens; False if it was lost with a slice (nothing was appended)."""
@@ -285,8 +298,7 @@ class Engine:
         except SliceLost as e:
             self._lost_step(step.seqs, e)
             return False
-        except AdapterNotServed as e:  # refused before any slice ran: no cache changed, the others step again
-            self._release += step.batch.release
+        except AdapterNotServed as e:  # refused before any slice ran: no block was written, the others step again
             self._fail([s for s in step.seqs if s.params.adapter in e.names],
                        AdapterLost(f"adapter(s) {', '.join(map(repr, sorted(e.names)))} was unloaded while this "
                                    f"request ran; load it again, then retry"))
@@ -294,16 +306,19 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
             log.error("step failed for %d sequences (requests %s): %s", len(step.seqs),
                       ", ".join(s.log_id for s in step.seqs), e, exc_info=e)
-            self._release += step.batch.release  # some slices may not have seen them; releasing twice is harmless
-            self._fail(step.seqs, e)
+            self._fail(step.seqs, e)  # their blocks go back; steps sent later never named them
             return True
         self._restart_delay = RESTART_FIRST_S  # the loop works again
         if self.metrics is not None and step.seqs:
             self.metrics.observe_step(time.perf_counter() - step.started)
         if len(step.seqs) == 1:
             step.seqs[0].lost_steps = 0  # it got through a step alone: not what kills the slice
+        rows = [r for r in step.rows if r.seq.finish_reason is None]  # not failed meanwhile (shutdown)
+        complete = {id(r.seq) for r in rows if r.completes}
+        self.scheduler.done(rows)
         for seq, token in zip(step.seqs, tokens, strict=True):
-            seq.num_cached = len(seq.tokens)
+            if id(seq) not in complete:
+                continue  # a chunk of a prompt: its sampled token is not the next one
             try:
                 self._take(seq, token)
             except Exception as e:  # noqa: BLE001 - a bug in one request's postprocessing fails it alone
@@ -341,9 +356,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: FinishReason, last: Delta | None = None) -> None:
         seq.finish_reason = reason
-        slot = self.scheduler.finish(seq)
-        if slot is not None:
-            self._release.append(slot)
+        self.scheduler.finish(seq)
         if last is not None:
             seq.outbox.put_nowait(last)
         if not len(self.scheduler):
@@ -402,8 +415,7 @@ class Engine:
             delay = min(delay * 2, PROBE_MAX_S)
         for name, reason in recovery.lost_adapters.items():
             await self._adapter_lost(name, reason)
-        for seq in self.scheduler.running:
-            seq.num_cached = 0  # the next steps re-prefill prompt + generated tokens
+        self.scheduler.caches_lost()  # the next steps re-prefill prompt + generated tokens
         self._lost = False
         self.available = True
         log.info("slices back; replaying %d sequences", len(self.scheduler.running))
@@ -416,12 +428,19 @@ class Engine:
                                       f"again ({reason}); load it again, then retry"))
         await self.adapter_lost.emit(name)
 
+    def sequences_holding_blocks(self) -> int:
+        return sum(1 for s in self.scheduler.running if s.block_table)
+
+    def kv_stats(self) -> KvStats:
+        return self.blocks.stats(self.scheduler.preemptions)
+
     def _report_load(self) -> None:
         if self.metrics is not None:
             self.metrics.observe_load(waiting=len(self.scheduler.waiting), active=len(self.scheduler.running))
+            self.metrics.observe_kv(self.kv_stats())
 
     def _reap_cancelled(self) -> None:
-        """Finish cancelled sequences, except those in flight: their slot is in use until their step is back."""
+        """Finish cancelled sequences, except those in flight: their blocks are in use until their step is back."""
         for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled and not s.in_flight]:
             log.info("request %s cancelled after %d tokens", seq.log_id, seq.num_generated)
             self._finish(seq, FinishReason.CANCELLED)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Container
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from transformers import PreTrainedTokenizerBase
@@ -130,6 +130,13 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int  # of the prompt's, those whose KV came from the prefix cache
+
+
+@dataclass(frozen=True)
 class Prepared:
     """A validated request, ready to generate."""
 
@@ -137,9 +144,8 @@ class Prepared:
     reasoning: ReasoningSplitter | None  # set when the request asked for reasoning to be separated
 
     @property
-    def usage(self) -> tuple[int, int]:
-        """(prompt tokens, generated tokens)."""
-        return len(self.seq.prompt_ids), self.seq.num_generated
+    def usage(self) -> Usage:
+        return Usage(len(self.seq.prompt_ids), self.seq.num_generated, self.seq.cached_tokens or 0)
 
 
 def _split(splitter: ReasoningSplitter | None, text: str, finished: bool) -> tuple[str, str]:
@@ -156,15 +162,23 @@ def _split(splitter: ReasoningSplitter | None, text: str, finished: bool) -> tup
 # ----------------------------------------------------------------------------------------------- the core
 
 
+class AdapterNames(Protocol):
+    """The adapter registry, as validation sees it."""
+
+    def fingerprints(self) -> dict[str, str]:
+        """Loaded adapter name -> fingerprint of its files (part of every cached KV block's key)."""
+        ...
+
+
 class Frontend:
     """What every API calls; built before the slices load (until the engine is ready, `Loading`)."""
 
     def __init__(self, engine: Engine, tokenizer: PreTrainedTokenizerBase, limits: Limits,
-                 adapters: Container[str], metrics: Metrics) -> None:
+                 adapters: AdapterNames, metrics: Metrics) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = limits
-        self.adapters = adapters  # names requests may pick (the gateway's AdapterRegistry)
+        self.adapters = adapters  # what requests may pick (the gateway's AdapterRegistry)
         self.metrics = metrics
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # see the module doc
         self._tokenizing_jobs = 0  # submitted and not yet answered
@@ -189,7 +203,7 @@ class Frontend:
     async def prepare(self, request: GenerationRequest) -> Prepared:
         """Validate and tokenize: `Loading`, `InvalidRequest`, `UnknownAdapter` or `Overloaded` otherwise."""
         self.check_ready()
-        seq = await self._off_loop(prepare, request, self.tokenizer, self.limits, self.adapters)
+        seq = await self._off_loop(prepare, request, self.tokenizer, self.limits, self.adapters.fingerprints())
         splitter = ReasoningSplitter(opens_reasoning(self.tokenizer, seq.prompt_ids)) \
             if request.separate_reasoning else None
         return Prepared(seq, splitter)

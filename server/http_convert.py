@@ -82,9 +82,11 @@ class Reply:
         return {"id": f"{'chatcmpl' if self.chat else 'cmpl'}-{self.prepared.seq.request_id}", "object": kind,
                 "created": self.created, "model": self.model}
 
-    def usage(self) -> dict[str, int]:
-        prompt, completion = self.prepared.usage
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    def usage(self) -> dict[str, Any]:
+        u = self.prepared.usage
+        return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens}}
 
     def choice(self, piece: Piece, chunk: bool) -> dict[str, Any]:
         finish = FINISH_REASONS[piece.finish_reason].openai if piece.finish_reason in FINISH_REASONS else None

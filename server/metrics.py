@@ -9,7 +9,10 @@ Where the numbers come from:
   the validated request is handed to the engine, so TTFT = queueing + prefill + streaming the first token.
 - `qwen_relay_queue_depth`, `qwen_relay_active_sequences`: pushed by the engine whenever they change.
 - `qwen_relay_step_seconds`: the engine, one histogram sample per step through every slice.
-- `qwen_relay_kv_cache_entries{slice}`, `qwen_relay_slice_forward_seconds_total{slice}` (slice compute,
+- `qwen_relay_kv_blocks{state}` (used, free), `qwen_relay_prefix_cache_prompt_tokens_total`,
+  `qwen_relay_prefix_cache_hit_tokens_total` (hit rate: the ratio of their rates), `qwen_relay_preemptions_total`:
+  pushed by the engine with the load (server/block_manager.py).
+- `qwen_relay_slice_forward_seconds_total{slice}` (slice compute,
   cumulative; restarts from 0 when a slice restarts), `qwen_relay_slice_healthy{slice}`: the slices' own
   stats, pushed by the gateway's stats poller (`update_slices`) every few seconds. A scrape never calls a
   slice: a stats call waits behind the slice's steps, and scrapes would add to that queue.
@@ -37,6 +40,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from qwen_relay.shards.stats import SliceStats
+
+from .block_manager import KvStats
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +97,14 @@ class Metrics:
             "qwen_relay_time_per_output_token_seconds",
             "Per request: mean time between output tokens after the first", buckets=TPOT_BUCKETS, registry=r)
         self.generated_tokens = Counter("qwen_relay_generated_tokens", "Tokens generated and streamed", registry=r)
-        self.queue_depth = Gauge("qwen_relay_queue_depth", "Requests waiting for a cache slot", registry=r)
-        self.active_sequences = Gauge("qwen_relay_active_sequences", "Sequences holding a slot (decoding)",
+        self.queue_depth = Gauge("qwen_relay_queue_depth", "Requests waiting to run", registry=r)
+        self.active_sequences = Gauge("qwen_relay_active_sequences", "Sequences running (decoding or prefilling)",
                                       registry=r)
         self.step_seconds = Histogram("qwen_relay_step_seconds", "One engine step through every slice",
                                       buckets=STEP_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._slices: list[SliceStats] = []  # the latest snapshot
+        self._kv: KvStats | None = None  # the engine's latest
         self._restarts: dict[int, int] = {}
         self._step_total = 0.0  # seconds inside successful steps
         self._forward_last: dict[int, float] = {}  # last cumulative forward_seconds seen, per slice
@@ -124,6 +130,11 @@ class Metrics:
         """Requests waiting for a cache slot, and sequences holding one."""
         self.queue_depth.set(waiting)
         self.active_sequences.set(active)
+
+    def observe_kv(self, stats: KvStats) -> None:
+        """The KV cache's blocks, prefix-cache counters and preemptions, as the engine last saw them."""
+        with self._lock:
+            self._kv = stats
 
     def update_slices(self, stats: list[SliceStats]) -> None:
         """Fold one snapshot of the slices' stats into the per-slice series, restart counts and the
@@ -174,20 +185,29 @@ class _SliceCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         m = self._metrics
         with m._lock:
-            stats, hop, restarts = list(m._slices), m._hop_total, dict(m._restarts)
+            stats, hop, restarts, kv = list(m._slices), m._hop_total, dict(m._restarts), m._kv
+        if kv is not None:
+            blocks = GaugeMetricFamily("qwen_relay_kv_blocks", "KV blocks (every slice holds as many)",
+                                       labels=["state"])
+            blocks.add_metric(["used"], kv.blocks_used)
+            blocks.add_metric(["free"], kv.blocks_free)
+            yield blocks
+            yield CounterMetricFamily("qwen_relay_prefix_cache_prompt_tokens", "Prompt tokens of admitted requests",
+                                      value=kv.prompt_tokens)
+            yield CounterMetricFamily("qwen_relay_prefix_cache_hit_tokens",
+                                      "Prompt tokens whose KV came from the prefix cache", value=kv.hit_tokens)
+            yield CounterMetricFamily("qwen_relay_preemptions", "Sequences preempted for want of KV blocks",
+                                      value=kv.preemptions)
         if stats:
-            kv = GaugeMetricFamily("qwen_relay_kv_cache_entries", "Sequences holding KV cache in the slice",
-                                   labels=["slice"])
             forward = CounterMetricFamily("qwen_relay_slice_forward_seconds",
                                           "Slice compute time (cumulative; restarts from 0 with the slice)",
                                           labels=["slice"])
             healthy = GaugeMetricFamily("qwen_relay_slice_healthy", "1 when the slice answered its stats call",
                                         labels=["slice"])
             for i, s in enumerate(stats):
-                kv.add_metric([str(i)], s.cache_entries)
                 forward.add_metric([str(i)], s.forward_seconds)
                 healthy.add_metric([str(i)], 1.0 if s.healthy else 0.0)
-            yield from (kv, forward, healthy)
+            yield from (forward, healthy)
         yield CounterMetricFamily("qwen_relay_hop_transfer_seconds",
                                   "Step time outside slice compute, divided by hops (slices + 1)", value=hop)
         family = CounterMetricFamily("qwen_relay_slice_restarts", "Times a slice was restarted", labels=["slice"])

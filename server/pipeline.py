@@ -185,6 +185,7 @@ class LocalPipeline:
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
+            runner.reset()  # open the cache; a runner rebuilt later (a restarted slice) stays shut until recovery
         self.depth = len(self.runners)
         self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
         self.adapters = PipelineAdapters()

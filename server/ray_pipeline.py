@@ -105,6 +105,7 @@ class RayPipeline:
             ]
             # Constructors load weights and warm up; wait for all of them so health turns SERVING only then.
             first = await asyncio.wait_for(_all([a.stats.remote() for a in actors]), load_timeout)
+            await _all([a.reset.remote() for a in actors])  # open the caches; a restarted actor's stay shut
         except BaseException as e:
             for actor in actors:
                 ray.kill(actor)

@@ -1,4 +1,4 @@
-"""A request's whole life in the gateway: prompt, generated tokens, cache slot and stream of deltas.
+"""A request's whole life in the gateway: prompt, generated tokens, KV blocks and stream of deltas.
 
 The gateway owns the truth (docs/design.md, "Who owns what"): a slice only caches keys and values, so
 everything needed to rebuild a lost cache (`tokens`) and to finish the request (stop checks, text) lives here.
@@ -32,6 +32,7 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     adapter: str = ""
+    adapter_fingerprint: str = ""  # of the adapter's files: part of every cached block's key (block_manager.py)
 
 
 @dataclass
@@ -52,7 +53,10 @@ class Sequence:
     detokenizer: Detokenizer
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # leading tokens whose keys/values the slices hold
-    slot: int | None = None
+    block_table: list[int] = field(default_factory=list)  # KV blocks holding positions 0, 1, ... in order
+    block_keys: list[int] = field(default_factory=list)  # prefix-index keys of its full blocks (block_manager.py)
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
+    slot: int | None = None  # sequence slot: recurrent state of linear-attention layers, a static decode row
     in_flight: bool = False  # in a step the slices are running; its next step waits for that one's token
     finish_reason: FinishReason | None = None
     cancelled: bool = False

@@ -49,7 +49,9 @@ def _response(prepared: Prepared, piece: Piece) -> relay_pb2.GenerateResponse:
                                           token_ids=piece.token_ids, reasoning=piece.reasoning)
     if piece.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[piece.finish_reason].grpc
-        response.usage.prompt_tokens, response.usage.completion_tokens = prepared.usage
+        usage = prepared.usage
+        response.usage.prompt_tokens, response.usage.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        response.usage.cached_prompt_tokens = usage.cached_prompt_tokens
     return response
 
 
@@ -95,11 +97,17 @@ class TextGenerationServicer(relay_pb2_grpc.TextGenerationServicer):
             max_new_tokens_cap=limits.max_new_tokens_cap,
             max_batch_size=self.meta.max_batch,
         )
+        engine = self.frontend.engine
+        kv = engine.kv_stats()
+        info.kv_capacity_tokens, info.kv_block_size, info.kv_blocks_free = (kv.capacity_tokens, kv.block_size,
+                                                                            kv.blocks_free)
+        info.prefix_cache, info.prefix_cache_hit_rate, info.preemptions = kv.prefix_cache, kv.hit_rate, kv.preemptions
+        holding = engine.sequences_holding_blocks()
         for i, s in enumerate(stats):
             info.slices.add(
                 index=i, first_layer=s.first, last_layer=s.end - 1, has_embeddings=s.has_embeddings,
                 has_lm_head=s.has_lm_head, actor_id=s.actor_id, node_id=s.node_id, device=s.device,
-                cache_entries=s.cache_entries, weight_bytes=s.weight_bytes,
+                cache_entries=holding, weight_bytes=s.weight_bytes,
                 peak_rss_bytes=s.peak_rss_bytes, healthy=s.healthy, restarts=s.restarts,
             )
         return info

@@ -5,10 +5,11 @@ Nothing invalid reaches the engine; slices assume valid batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import struct
-from collections.abc import Container
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -192,10 +193,13 @@ def validate(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase,
 
 
 def prepare(request: GenerationRequest, tokenizer: PreTrainedTokenizerBase, limits: Limits,
-            adapters: Container[str]) -> Sequence:
+            adapters: Mapping[str, str]) -> Sequence:
     """The one way a request becomes a `Sequence`, for gRPC and HTTP alike: `InvalidRequest` or
-    `UnknownAdapter` otherwise."""
+    `UnknownAdapter` otherwise. `adapters`: loaded adapter name -> fingerprint of its files (part of the key of
+    every KV block it computes, server/block_manager.py)."""
     request_id, prompt_ids, params = validate(request, tokenizer, limits)
-    if params.adapter and params.adapter not in adapters:
-        raise UnknownAdapter(f"adapter: no adapter named {params.adapter!r} is loaded")
+    if params.adapter:
+        if params.adapter not in adapters:
+            raise UnknownAdapter(f"adapter: no adapter named {params.adapter!r} is loaded")
+        params = dataclasses.replace(params, adapter_fingerprint=adapters[params.adapter])
     return Sequence(request_id, prompt_ids, params, Detokenizer(tokenizer, params.stop))

@@ -1,12 +1,12 @@
-"""What one decoding step asks of every slice: a batch of sequences, their cache slots and new tokens.
+"""What one decoding step asks of every slice: a batch of sequences, their KV blocks and new tokens.
 
 The gateway builds one `StepBatch` per step and every slice receives the same object, so a slice never needs
-to ask the gateway anything: slot and start say where the new tokens' keys and values go in its cache.
+to ask the gateway anything: the block table and start say where the new tokens' keys and values go.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -27,23 +27,23 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """Sequences that step together: for row i, `token_ids[i]` go into cache slot `slots[i]` at `starts[i]`.
+    """Sequences that step together: row i brings `token_ids[i]` at positions `starts[i]` onward; its keys and
+    values go to (and its attention reads) the KV blocks `blocks[i]`, which cover positions 0 .. end - 1 in
+    order; `slots[i]` is its sequence slot (recurrent state of linear-attention layers, static decode rows).
 
-    A prefill has `starts[i] == 0` and the whole prompt; a decode has one token; a replay after a lost cache
-    is a prefill of prompt plus everything generated so far. One shape covers all three.
-
-    `release` lists slots of finished sequences that every slice forgets before it runs the rows. Carried on
-    the step, a release reaches each slice in step order with no ordering of its own: a slot freed and handed
-    to a new sequence in the same step is released before the new prefill is checked. A batch may carry only
-    releases (no rows).
+    A prefill has `starts[i] == 0` and the whole prompt, or with a prefix found in the cache the prompt's
+    uncached rest; a chunk of a long prompt brings part of it (its sampled token is ignored); a decode brings
+    one token; a replay after a lost cache is a prefill of prompt plus everything generated so far. One shape
+    covers all of them. The gateway owns the blocks (server/block_manager.py): a slice keeps no per-sequence
+    state for attention, so a finished sequence needs no message to any slice.
     """
 
     slots: list[int]
     starts: list[int]
     token_ids: list[list[int]]
+    blocks: list[list[int]]
     sampling: list[SamplingParams]
     adapters: list[str] | None = None
-    release: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -67,3 +67,8 @@ class StepBatch:
         positions = torch.tensor(self.starts, device=device)[:, None] + offsets[None, :]
         valid = offsets[None, :] < lengths[:, None]
         return ids, positions, valid
+
+    def tables(self, width: int, scratch: int, device: torch.device) -> torch.Tensor:
+        """Block tables [B, width]: each row's blocks, padded with `scratch` (a block nobody reads)."""
+        return torch.tensor([t[:width] + [scratch] * (width - len(t[:width])) for t in self.blocks],
+                            dtype=torch.long, device=device)

@@ -4,10 +4,11 @@ A decode step (every row one token: the steady state) can run with shapes that d
 `torch.compile(fullgraph=True)` traces it whole and CUDA graphs can capture it (shards/runner.py):
 
 - the batch is padded to a bucket of rows (powers of two up to the slot count); a padded row reads token 0 at
-  position 0 and writes its key and value to the cache's scratch slot, which no sequence owns, so writes and
+  position 0 and writes its key and value to the cache's scratch block, which no sequence owns, so writes and
   reads index the cache with tensors alone;
-- keys are read up to a context bucket (powers of two from `CONTEXT_FLOOR` up to the cache length), and the mask
-  is built on the device from positions inside the step;
+- keys are read up to a context bucket (powers of two from `CONTEXT_FLOOR` up to the longest context a request
+  may have): each row's block table is padded with the scratch block to the bucket's width, and the mask is
+  built on the device from positions inside the step;
 - everything a step needs is built here, on the host, from the `StepBatch`'s plain lists: one tensor each,
   before the first kernel, so nothing in the step waits on the host.
 
@@ -44,24 +45,27 @@ class DecodeInputs:
 
     ids: torch.Tensor  # [R, 1] the new token of each row (read by the first slice only)
     positions: torch.Tensor  # [R, 1] its position; 0 for padding
-    slots: torch.Tensor  # [R] cache slot of each row; the scratch slot for padding
-    context: int  # keys read per row: a bucket >= every row's cache length after the step
+    tables: torch.Tensor  # [R, W] each row's blocks up to the context bucket; the scratch block for padding
     rows: int  # real rows
 
     @classmethod
-    def build(cls, batch: StepBatch, device: torch.device, max_slots: int, max_len: int,
+    def build(cls, batch: StepBatch, device: torch.device, max_rows: int, max_len: int, block_size: int,
               scratch: int) -> DecodeInputs:
-        width = bucket(len(batch), max_slots)
-        pad = width - len(batch)
+        height = bucket(len(batch), max_rows)
+        pad = height - len(batch)
+        context = bucket(max(batch.ends()), max(max_len, block_size), max(CONTEXT_FLOOR, block_size))
+        width = -(-context // block_size)
+        tables = batch.tables(width, scratch, device)
+        if pad:
+            tables = torch.cat([tables, tables.new_full((pad, width), scratch)])
         return cls(
             ids=torch.tensor([t[0] for t in batch.token_ids] + [0] * pad, device=device)[:, None],
             positions=torch.tensor(list(batch.starts) + [0] * pad, device=device)[:, None],
-            slots=torch.tensor(list(batch.slots) + [scratch] * pad, device=device),
-            context=bucket(max(batch.ends()), max_len, CONTEXT_FLOOR),
+            tables=tables,
             rows=len(batch),
         )
 
     def pad(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [rows, 1, H] from the previous slice, padded with zero rows to the bucket."""
-        extra = self.slots.shape[0] - hidden.shape[0]
+        extra = self.tables.shape[0] - hidden.shape[0]
         return torch.cat([hidden, hidden.new_zeros(extra, *hidden.shape[1:])]) if extra else hidden

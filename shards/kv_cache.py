@@ -1,16 +1,23 @@
-"""A preallocated, slot-indexed cache for one slice's layers (gpt-fast style buffers).
+"""A slice's KV cache in fixed-size blocks (vLLM's paged layout, gpt-fast's plain buffers).
 
-Every sequence owns one slot for its lifetime; its keys and values for position p of the slice's l-th
-full-attention layer live at `k[l, slot, :, p]`. Sequences join and leave between steps without copying
-anyone else's cache. One extra attention slot, `scratch`, belongs to no sequence: the padded rows of a static decode
-step (shards/decode.py) write there, so that step needs no data-dependent indexing. The buffers are
-zero-filled so that never-written positions (masked out in attention) are finite: a NaN there would poison
-the softmax even under a -inf mask.
+Keys and values of the slice's l-th full-attention layer for block b live at `k[l, b]` [block_size, kv_heads,
+head_dim]. The gateway owns the block tables (server/block_manager.py): each step names, per row, the blocks
+that hold that sequence's positions 0, 1, ... in order, so position p of a row is at offset p % block_size of
+its table's block p // block_size. A slice only reads and writes the blocks a step names; it keeps no
+per-sequence bookkeeping for attention, and two sequences that share a prefix read the same blocks.
 
-Linear-attention layers (Qwen3.5's Gated DeltaNet) keep a fixed-size state per sequence instead, allocated
-per slot the same way: the conv state `conv[l, slot]` [conv_dim, kernel] and the DeltaNet state
-`state[l, slot]` [heads, key_dim, value_dim], kept in fp32 as the kernels compute it. A step replaces them;
-`lengths` counts the tokens they have absorbed, like the tokens cached for attention.
+One extra block, `scratch`, belongs to no sequence: padded rows of a static decode step (shards/decode.py) and
+padded table entries point at it, so gathers and writes index with tensors alone. The buffers are
+zero-filled so never-written positions (masked out in attention) are finite: a NaN there would poison the
+softmax even under a -inf mask.
+
+Linear-attention layers (Qwen3.5's Gated DeltaNet) keep a fixed-size state per sequence instead, in one of
+`num_slots` sequence slots: the conv state `conv[l, slot]` [conv_dim, kernel] and the DeltaNet state
+`state[l, slot]` [heads, key_dim, value_dim], kept in fp32 as the kernels compute it. A step replaces them.
+
+A cache built by a restarted actor holds nothing the gateway's tables point to. It refuses steps
+(`CacheMismatch`) until the gateway resets it, which the gateway does only in a recovery, after which it
+replays every sequence.
 """
 
 from __future__ import annotations
@@ -32,82 +39,83 @@ class RecurrentShape:
     value_dim: int
 
 
+@dataclass(frozen=True)
+class CacheShape:
+    """How much cache a slice holds: blocks for attention, slots for recurrent state."""
+
+    num_blocks: int
+    block_size: int
+    num_slots: int  # sequences that can run at once (recurrent state, static decode rows)
+
+
 class CacheMismatch(RuntimeError):
     """The gateway's view of a sequence and the slice's cache disagree; the gateway must re-prefill."""
 
 
+def kv_bytes_per_token(attention_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take in `attention_layers` layers (what sizes the block pool)."""
+    return 2 * attention_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class KVCache:
-    """Keys and values of `num_layers` layers for `num_slots` sequences of up to `max_len` tokens."""
+    """Keys and values of `num_layers` layers in `shape.num_blocks` blocks, plus recurrent state per slot."""
 
     def __init__(
         self,
         num_layers: int,
-        num_slots: int,
-        max_len: int,
+        shape: CacheShape,
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
         recurrent: RecurrentShape | None = None,
     ) -> None:
-        shape = (num_layers, num_slots + 1, num_kv_heads, max_len, head_dim)  # + the scratch slot
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        blocks = (num_layers, shape.num_blocks + 1, shape.block_size, num_kv_heads, head_dim)  # + the scratch block
+        self.k = torch.zeros(blocks, dtype=dtype, device=device)
+        self.v = torch.zeros(blocks, dtype=dtype, device=device)
         r = recurrent or RecurrentShape(0, 0, 0, 0, 0, 0)
-        self.conv = torch.zeros((r.layers, num_slots, r.conv_dim, r.conv_kernel), dtype=dtype, device=device)
-        self.state = torch.zeros((r.layers, num_slots, r.heads, r.key_dim, r.value_dim), dtype=torch.float32,
+        self.conv = torch.zeros((r.layers, shape.num_slots, r.conv_dim, r.conv_kernel), dtype=dtype, device=device)
+        self.state = torch.zeros((r.layers, shape.num_slots, r.heads, r.key_dim, r.value_dim), dtype=torch.float32,
                                  device=device)
-        self.num_slots = num_slots
-        self.scratch = num_slots  # written by padded rows, read by nobody
-        self.max_len = max_len
-        self.lengths: dict[int, int] = {}  # slot -> tokens cached; a slot absent here holds nothing
+        self.shape = shape
+        self.block_size = shape.block_size
+        self.scratch = shape.num_blocks  # written by padded rows, read by nobody
+        self.live = False  # False until the gateway resets this cache (module docstring)
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.conv.nbytes + self.state.nbytes
 
-    def check(self, slots: list[int], starts: list[int], ends: list[int]) -> None:
-        """Refuse a step that does not continue what this cache holds (say, after the actor restarted)."""
-        for slot, start, end in zip(slots, starts, ends, strict=True):
-            if not 0 <= slot < self.num_slots:
-                raise ValueError(f"slot {slot} outside the cache's {self.num_slots} slots")
-            held = self.lengths.get(slot, 0)
-            if start != held:
-                raise CacheMismatch(f"slot {slot} holds {held} tokens but the step starts at {start}")
-            if end > self.max_len:
-                raise ValueError(f"slot {slot} would hold {end} tokens, over the cache's {self.max_len}")
+    def check(self, slots: list[int], blocks: list[list[int]], ends: list[int]) -> None:
+        """Refuse a step this cache cannot hold: before the gateway reset it (a restarted actor), or one that
+        names blocks or slots it does not have, or too few blocks for the row's positions."""
+        if not self.live:
+            raise CacheMismatch("this slice's cache was rebuilt (the actor restarted) and holds no sequence")
+        for slot, table, end in zip(slots, blocks, ends, strict=True):
+            if not 0 <= slot < self.shape.num_slots:
+                raise ValueError(f"slot {slot} outside the cache's {self.shape.num_slots} slots")
+            if len(table) * self.block_size < end:
+                raise ValueError(f"{len(table)} blocks cannot hold {end} positions")
+            if table and not 0 <= min(table) <= max(table) < self.shape.num_blocks:
+                raise ValueError(f"a block outside the cache's {self.shape.num_blocks} blocks")
 
-    def commit(self, slots: list[int], ends: list[int]) -> None:
-        for slot, end in zip(slots, ends, strict=True):
-            self.lengths[slot] = end
+    def reset(self) -> None:
+        """The gateway forgot every sequence (a recovery): from now on steps are accepted."""
+        self.live = True
 
-    def release(self, slots: list[int]) -> None:
-        for slot in slots:
-            self.lengths.pop(slot, None)
-
-    def write(self, layer: int, slot_idx: torch.Tensor, pos_idx: torch.Tensor, k: torch.Tensor,
+    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        """Store new keys/values [N, kv_heads, head_dim] of N tokens at (slot, position) pairs."""
-        self.k[layer, slot_idx, :, pos_idx] = k
-        self.v[layer, slot_idx, :, pos_idx] = v
+        """Store new keys/values [N, kv_heads, head_dim] of N tokens at (block, offset) pairs."""
+        self.k[layer, blocks, offsets] = k
+        self.v[layer, blocks, offsets] = v
 
-    def read(self, layer: int, slots: list[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, kv_heads, length, head_dim] of the batch's slots.
-
-        Consecutive slots (the common case: the allocator hands out the lowest free ones) are a view, not a
-        copy; anything else gathers.
-        """
-        first = slots[0]
-        if slots == list(range(first, first + len(slots))):
-            rows = slice(first, first + len(slots))
-        else:
-            rows = torch.tensor(slots, device=self.k.device)
-        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
-
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, kv_heads, length, head_dim] of `slots` (a device tensor): the same indexing
-        whatever the slots, as a captured step needs."""
-        return self.k[layer, slots, :, :length], self.v[layer, slots, :, :length]
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kv_heads, W * block_size, head_dim] of block tables [B, W] (padded with the
+        scratch block): row b's positions 0 .. W * block_size - 1 in order."""
+        bsz, width = tables.shape
+        k = self.k[layer, tables].view(bsz, width * self.block_size, *self.k.shape[-2:])
+        v = self.v[layer, tables].view(bsz, width * self.block_size, *self.v.shape[-2:])
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def read_state(self, layer: int, slots: torch.Tensor, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the conv and DeltaNet states [B, ...] of linear layer `layer`; zeros for `fresh` rows (a

@@ -3,7 +3,7 @@
 The slice keeps Hugging Face's own modules (the family's decoder layer, its projections, norms and MLP;
 shards/family.py) under the checkpoint's parameter names, so weights load by name and PEFT can wrap
 `q_proj`/`v_proj`; only the glue that touches the cache is written here, because it reads and writes our
-slot-indexed cache instead of HF's `Cache`: attention below, Qwen3.5's linear attention in shards/deltanet.py.
+block cache instead of HF's `Cache`: attention below, Qwen3.5's linear attention in shards/deltanet.py.
 Batches are right-padded: row i holds `len(token_ids[i])` real tokens at positions `start_i ...`, and a key
 at position p is visible to a query at position q iff p <= q. Padded queries attend to their row's first
 token (so softmax never sees an all-masked row) and are never written to the cache.
@@ -44,30 +44,31 @@ class StepMetadata:
     positions: torch.Tensor  # [B, T] absolute positions; pads continue past the row's end
     valid: torch.Tensor  # [B, T] True for real tokens
     mask: torch.Tensor  # [B, 1, T, L] key p visible to query q iff p <= q (pads see their row's first key)
-    slots: list[int]  # cache slot of each row
-    slot_index: torch.Tensor  # [B] the same, as a tensor
-    length: int  # L: keys read per row (the longest row's cache length after the step)
+    tables: torch.Tensor  # [B, W] each row's KV blocks, padded with the scratch block; L = W * block_size
+    slot_index: torch.Tensor  # [B] each row's sequence slot (recurrent state)
     write_rows: torch.Tensor  # [N] row of each real token, to write its key/value
     write_cols: torch.Tensor  # [N] its column in the padded batch
-    write_slots: torch.Tensor  # [N] its cache slot
-    write_pos: torch.Tensor  # [N] its position in that slot
+    write_blocks: torch.Tensor  # [N] the block its key/value goes to
+    write_offsets: torch.Tensor  # [N] its offset in that block
     last: torch.Tensor  # [B] column of each row's last real token
     fresh: torch.Tensor  # [B] rows starting at position 0: their recurrent state starts from zeros
 
     @classmethod
-    def build(cls, batch: StepBatch, device: torch.device) -> StepMetadata:
+    def build(cls, batch: StepBatch, device: torch.device, block_size: int, scratch: int) -> StepMetadata:
         ids, positions, valid = batch.padded(device)
-        length = max(batch.ends())
-        key_pos = torch.arange(length, device=device)
+        width = -(-max(batch.ends()) // block_size)
+        tables = batch.tables(width, scratch, device)
+        key_pos = torch.arange(width * block_size, device=device)
         query_pos = torch.where(valid, positions, 0)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
         rows, cols = valid.nonzero(as_tuple=True)
-        slots = torch.tensor(batch.slots, device=device)
+        at = positions[rows, cols]
         last = torch.tensor([len(t) - 1 for t in batch.token_ids], device=device)
         fresh = torch.tensor([s == 0 for s in batch.starts], device=device)
-        return cls(ids=ids, positions=positions, valid=valid, mask=mask, slots=list(batch.slots), slot_index=slots,
-                   length=length, write_rows=rows, write_cols=cols, write_slots=slots[rows],
-                   write_pos=positions[rows, cols], last=last, fresh=fresh)
+        return cls(ids=ids, positions=positions, valid=valid, mask=mask, tables=tables,
+                   slot_index=torch.tensor(batch.slots, device=device), write_rows=rows, write_cols=cols,
+                   write_blocks=tables[rows, at // block_size], write_offsets=at % block_size, last=last,
+                   fresh=fresh)
 
 
 class SliceBody(nn.Module):
@@ -144,22 +145,24 @@ class ModelSlice(nn.Module):
         h_last = self.model.norm(h[torch.arange(h.shape[0], device=h.device), meta.last])
         return self.lm_head(h_last).float()
 
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, hidden: torch.Tensor | None,
-               context: int, cache: KVCache) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, hidden: torch.Tensor | None,
+               cache: KVCache) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One decode step with static shapes (shards/decode.py): ids [R, 1] (first slice) or hidden [R, 1, H]
-        in, positions [R, 1], cache slots [R], keys read up to `context`. Hidden states [R, 1, H] out, or on
-        the last slice (greedy tokens [R], logits [R, V]): the sampler's `greedy`, on the device. No host
-        synchronisation from first kernel to output."""
+        in, positions [R, 1], block tables [R, W] (keys read: W * block_size per row). Hidden states [R, 1, H]
+        out, or on the last slice (greedy tokens [R], logits [R, V]): the sampler's `greedy`, on the device. No
+        host synchronisation from first kernel to output."""
         h = self.model.embed_tokens(ids) if self.is_first else hidden
         cos, sin = self.rotary_emb(h, positions)
-        keys = torch.arange(context, device=h.device)
-        mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [R, 1, 1, context]
+        keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
+        mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [R, 1, 1, W * block_size]
         at = positions[:, 0]
+        blocks = tables.gather(1, (at // cache.block_size)[:, None])[:, 0]
+        offsets = at % cache.block_size
         for layer, (_, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = layer.input_layernorm(h)
             q, k, v, gate = self._project(layer.self_attn, x, cos, sin)
-            cache.write(index, slots, at, k[:, :, 0], v[:, :, 0])
-            past_k, past_v = cache.gather(index, slots, context)
+            cache.write(index, blocks, offsets, k[:, :, 0], v[:, :, 0])
+            past_k, past_v = cache.gather(index, tables)
             h = h + self._output(layer.self_attn, self.attend(q, past_k, past_v, mask), gate)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if not self.is_last:
@@ -197,6 +200,6 @@ class ModelSlice(nn.Module):
                    meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
         q, k, v, gate = self._project(attn, x, cos, sin)
         rows, cols = meta.write_rows, meta.write_cols
-        cache.write(index, meta.write_slots, meta.write_pos, k[rows, :, cols], v[rows, :, cols])
-        keys, values = cache.read(index, meta.slots, meta.length)
+        cache.write(index, meta.write_blocks, meta.write_offsets, k[rows, :, cols], v[rows, :, cols])
+        keys, values = cache.gather(index, meta.tables)
         return self._output(attn, self.attend(q, keys, values, meta.mask), gate)

@@ -27,7 +27,7 @@ from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .decode import DecodeInputs, is_decode
 from .dtypes import resolve_dtype
-from .kv_cache import KVCache
+from .kv_cache import CacheShape, KVCache
 from .loader import load_slice
 from .model import StepMetadata
 from .sampler import sample
@@ -48,8 +48,10 @@ class SliceSpec:
     end: int  # last layer + 1
     dtype: str = "auto"
     device: str = "auto"  # "auto": the first visible GPU if any, else CPU
-    max_slots: int = 16
-    max_len: int = 2048
+    max_slots: int = 16  # sequences running at once (recurrent state, static decode rows)
+    max_len: int = 2048  # the longest context a request may have (the static step's largest context bucket)
+    num_blocks: int = 2048  # KV blocks (server/block_manager.py sizes the pool; every slice holds as many)
+    block_size: int = 16  # positions per block
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     prepack: bool = True  # CPU fp32: linear weights in oneDNN's layout (shards/packed.py)
     decode: str = "auto"  # the decode step: auto, dynamic, static or compiled (module docstring)
@@ -84,8 +86,7 @@ class SliceRunner:
         config = self.slice.config
         self.cache = KVCache(
             num_layers=self.slice.num_attention_layers,
-            num_slots=spec.max_slots,
-            max_len=spec.max_len,
+            shape=CacheShape(spec.num_blocks, spec.block_size, spec.max_slots),
             num_kv_heads=config.num_key_value_heads,
             head_dim=self.slice.head_dim,
             dtype=self.dtype,
@@ -105,22 +106,21 @@ class SliceRunner:
 
         The last slice samples here, next to its logits, so only token ids (never vocab-sized logits) leave it.
         """
+        self.cache.check(batch.slots, batch.blocks, batch.ends())
+        return self._forward(batch, hidden)
+
+    def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor | list[int]:
         start = time.perf_counter()
-        self.cache.release(batch.release)
-        if not len(batch):
-            return []  # releases only
         ends = batch.ends()
-        self.cache.check(batch.slots, batch.starts, ends)
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
         with self._lock:
             if self._static(batch):
                 out = self._run_static(batch, hidden)
             else:
-                meta = StepMetadata.build(batch, self.device)
+                meta = StepMetadata.build(batch, self.device, self.cache.block_size, self.cache.scratch)
                 with self.adapters.routed(batch.adapters):
                     out = self.slice(meta, hidden, self.cache)
-        self.cache.commit(batch.slots, ends)
         if isinstance(out, tuple):  # the static step's greedy tokens and logits
             tokens, logits = out
             greedy = all(p.greedy for p in batch.sampling)
@@ -166,13 +166,14 @@ class SliceRunner:
 
     def _run_static(self, batch: StepBatch,
                     hidden: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        inputs = DecodeInputs.build(batch, self.device, self.spec.max_slots, self.spec.max_len, self.cache.scratch)
+        inputs = DecodeInputs.build(batch, self.device, self.spec.max_slots, self.spec.max_len,
+                                    self.cache.block_size, self.cache.scratch)
         if hidden is not None:
             hidden = inputs.pad(hidden)
         graphs = self.decode_mode == "compiled" and self.device.type == "cuda"
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        args = (inputs.ids, inputs.positions, inputs.slots, hidden, inputs.context, self.cache)
+        args = (inputs.ids, inputs.positions, inputs.tables, hidden, self.cache)
         try:
             out = self._decode(*args)
         except Exception:
@@ -200,20 +201,25 @@ class SliceRunner:
             self.adapters.unload(name)
 
     def reset(self) -> None:
-        """Forget every cache: after a fault the gateway rebuilds them all by replaying token histories."""
-        self.cache.release(list(self.cache.lengths))
+        """The gateway forgot every sequence (start-up, or a recovery after a fault, which rebuilds every
+        sequence's blocks by replaying token histories): accept steps from now on."""
+        self.cache.reset()
 
+    @torch.inference_mode()
     def warmup(self) -> None:
-        """One throwaway step so the first real request does not pay for lazy initialisation."""
-        batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], sampling=[SamplingParams()])
+        """One throwaway prefill and decode so the first real request does not pay for lazy initialisation.
+        They write only the scratch block (every position of the table names it), whatever the pool's size;
+        the cache stays closed to steps until the gateway resets it (a restarted actor warms up too, and must
+        refuse steps)."""
+        table = [[self.cache.scratch] * 3]
+        batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], blocks=table, sampling=[SamplingParams()])
         hidden = None
         if not self.slice.is_first:
             hidden = torch.zeros(1, 2, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
-        self.step(batch, hidden)
-        if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here, not on a request
-            decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], sampling=[SamplingParams()])
-            self.step(decode, None if hidden is None else hidden[:, :1])
-        self.reset()
+        self._forward(batch, hidden)
+        if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here
+            decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], blocks=table, sampling=[SamplingParams()])
+            self._forward(decode, None if hidden is None else hidden[:, :1])
 
     def stats(self) -> SliceStats:
         return SliceStats(
@@ -223,7 +229,6 @@ class SliceRunner:
             has_lm_head=self.slice.is_last,
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
-            cache_entries=len(self.cache.lengths),
             cache_bytes=self.cache.nbytes,
             weight_bytes=sum(p.nbytes for p in self.slice.parameters()),  # a tied weight counts once
             peak_rss_bytes=peak_rss_bytes(),

@@ -17,7 +17,6 @@ class SliceStats:
     has_lm_head: bool
     device: str = ""
     dtype: str = ""
-    cache_entries: int = 0  # sequences whose keys and values the slice holds
     cache_bytes: int = 0
     weight_bytes: int = 0
     peak_rss_bytes: int = 0

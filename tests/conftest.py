@@ -197,22 +197,27 @@ def ray_relay(relay_factory, tiny_model, shared_metrics_port):
                                       http_port=0), shared=True)
 
 
-CACHE_DRAIN_S = 60  # how long a test waits for every slice to drop a finished request's cache (shared machine)
+CACHE_DRAIN_S = 60  # how long a test waits for a finished request's KV blocks to go back (shared machine)
 
 
 @pytest.fixture(scope="session")
 def wait_caches_empty() -> Callable:
-    """`wait_caches_empty(client)`: wait (bounded) until no slice holds a cache entry: releases reach the
-    slices on the next step, which an idle engine sends at once."""
+    """`wait_caches_empty(client)`: wait (bounded) until no sequence holds KV blocks and every block is free
+    again. The gateway owns the blocks (server/block_manager.py): a finished or cancelled request's go back when
+    the engine reaps it, with no message to any slice, and GetModelInfo reports the gateway's count in each
+    slice's `cache_entries` (every slice holds the same sequences) and the free blocks in `kv_blocks_free`
+    (blocks of cached prefixes are free: nobody holds them)."""
     import time
 
     def wait(client) -> None:
         deadline = time.monotonic() + CACHE_DRAIN_S
         while True:
-            slices = client.model_info().slices
-            if all(s.cache_entries == 0 for s in slices):
+            info = client.model_info()
+            assert info.kv_capacity_tokens > 0 and info.kv_block_size > 0, info  # the gateway reports its pool
+            if (all(s.cache_entries == 0 for s in info.slices)
+                    and info.kv_blocks_free * info.kv_block_size == info.kv_capacity_tokens):
                 return
-            assert time.monotonic() < deadline, f"caches still hold entries after {CACHE_DRAIN_S} s: {slices}"
+            assert time.monotonic() < deadline, f"KV blocks still held after {CACHE_DRAIN_S} s: {info}"
             time.sleep(0.1)
 
     return wait

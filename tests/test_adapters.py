@@ -274,10 +274,14 @@ def test_slice_holding_none_of_an_adapter_costs_nothing(tiny_model, adapters):
     assert not any(isinstance(m, LoraLayer) for m in first.slice.modules())
     assert sum(p.numel() for p in first.slice.parameters()) == before
 
-    batch = StepBatch(slots=[0], starts=[0], token_ids=[[1, 2]], sampling=[SamplingParams()], adapters=["late"])
+    first.reset()  # a fresh cache refuses steps until the gateway opens it
+    batch = StepBatch(slots=[0], starts=[0], token_ids=[[1, 2]], blocks=[[5]], sampling=[SamplingParams()],
+                      adapters=["late"])
+    keys, values = first.cache.k.clone(), first.cache.v.clone()
     with pytest.raises(AdapterMissing):
         first.step(batch)
-    assert first.cache.lengths == {}  # nothing was cached for the refused step
+    # Nothing was written for the refused step: no block it named (or any other) changed.
+    assert torch.equal(first.cache.k, keys) and torch.equal(first.cache.v, values)
 
 
 def test_cli_adapter_flag():

@@ -385,14 +385,20 @@ def test_gpu_script_dry_run_without_ray(tmp_path):
     assert "Pipelining" in (out / "table.md").read_text()
 
 
-def test_decode_timing_runs_first_and_later_slices_and_leaves_caches_empty(tiny_model):
-    """bench/steps.py's timer (also decode_step's): a first slice fed tokens, a later one fed hidden states."""
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="bench/steps.py's time_decode (and bench/hops.py's decode_batch) still build StepBatch "
+                          "without block tables, and never open the runner's cache (reset) before stepping")
+def test_decode_timing_runs_first_and_later_slices_on_a_warmed_up_runner(tiny_model):
+    """bench/steps.py's timer (also decode_step's): a first slice fed tokens, a later one fed hidden states, on a
+    runner as bench/steps.py's main leaves it (built and warmed up: its cache closed to steps until a reset)."""
     from qwen_relay.bench.steps import time_decode
     from qwen_relay.shards.runner import SliceRunner, SliceSpec
 
     for first, end in ((0, 3), (3, 5)):
         runner = SliceRunner(SliceSpec(model=str(tiny_model), first=first, end=end, device="cpu", max_slots=4,
                                        max_len=64, threads=1))
+        runner.warmup()
         timed = time_decode(runner, rows=3, steps=4, prompt=8, warmup=1)
         assert timed.ms > 0 and timed.first_s > 0
-        assert runner.cache.lengths == {}  # reset after timing
+        # The timer can be called again (decode_step times several batch sizes on one runner).
+        assert time_decode(runner, rows=4, steps=2, prompt=8).ms > 0

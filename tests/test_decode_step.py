@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from kv_blocks import runner_batch
 from test_slices_parity import PROMPTS, greedy
 
 from qwen_relay.shards.attention import choose_attention, expanded, folded
@@ -22,9 +23,12 @@ from qwen_relay.shards.runner import SliceRunner, SliceSpec
 MAX_NEW = 10
 
 
-def _runners(model, ranges, decode: str) -> list[SliceRunner]:
-    return [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=64,
-                                  decode=decode)) for a, b in ranges]
+def _runners(model, ranges, decode: str, block_size: int = 16) -> list[SliceRunner]:
+    runners = [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=64,
+                                     num_blocks=256, block_size=block_size, decode=decode)) for a, b in ranges]
+    for runner in runners:
+        runner.reset()  # a fresh cache refuses steps until the gateway opens it
+    return runners
 
 
 def _count_static(runners: list[SliceRunner]) -> list[int]:
@@ -41,8 +45,9 @@ def _count_static(runners: list[SliceRunner]) -> list[int]:
     return calls
 
 
-def _assert_static_parity(reference: Callable, model, ranges, decode: str, prompts: list[list[int]]) -> None:
-    runners = _runners(model, ranges, decode)
+def _assert_static_parity(reference: Callable, model, ranges, decode: str, prompts: list[list[int]],
+                          block_size: int = 16) -> None:
+    runners = _runners(model, ranges, decode, block_size)
     assert all(r.decode_mode == decode for r in runners)
     calls = _count_static(runners)
     got = greedy(runners, prompts, MAX_NEW)
@@ -58,6 +63,8 @@ def _assert_static_parity(reference: Callable, model, ranges, decode: str, promp
 def test_static_decode_parity(reference, tiny_model, ranges):
     _assert_static_parity(reference, tiny_model, ranges, "static", PROMPTS)  # 4 rows of 1 to 11 tokens
     _assert_static_parity(reference, tiny_model, ranges, "static", PROMPTS[:3])  # 3 rows: one padded row in bucket 4
+    # Blocks of 4 positions: rows span several blocks, and the context bucket's table is mostly scratch.
+    _assert_static_parity(reference, tiny_model, ranges, "static", PROMPTS, block_size=4)
 
 
 def test_static_decode_parity_qwen3(reference, qwen3_model):
@@ -81,8 +88,8 @@ def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model)
     tokens = {}
     for mode in ("dynamic", "static"):
         (runner,) = _runners(tiny_model, [(0, 5)], mode)
-        runner.step(StepBatch([0, 1], [0, 0], [[5, 6, 7], [8, 9]], sampling))
-        tokens[mode] = runner.step(StepBatch([0, 1], [3, 2], [[11], [12]], sampling))
+        runner.step(runner_batch(runner, [0, 1], [0, 0], [[5, 6, 7], [8, 9]], sampling))
+        tokens[mode] = runner.step(runner_batch(runner, [0, 1], [3, 2], [[11], [12]], sampling))
     assert tokens["static"] == tokens["dynamic"]
 
 
@@ -90,26 +97,34 @@ def test_moe_and_adapters_keep_the_dynamic_path(qwen3_moe_model, tiny_model):
     (moe,) = _runners(qwen3_moe_model, [(0, 5)], "static")
     assert moe.decode_mode == "dynamic"
     (dense,) = _runners(tiny_model, [(0, 5)], "static")
-    step = StepBatch([0], [0], [[3]], [SamplingParams()])
+    step = StepBatch([0], [0], [[3]], [[0]], [SamplingParams()])
     assert dense._static(step)
-    assert not dense._static(StepBatch([0], [0], [[3, 4]], [SamplingParams()]))  # a prefill
-    assert not dense._static(StepBatch([0], [0], [[3]], [SamplingParams()], adapters=["a"]))
+    assert not dense._static(StepBatch([0], [0], [[3, 4]], [[0]], [SamplingParams()]))  # a prefill
+    assert not dense._static(StepBatch([0], [0], [[3]], [[0]], [SamplingParams()], adapters=["a"]))
     with pytest.raises(ValueError, match="decode 'fast'"):
         _runners(tiny_model, [(0, 5)], "fast")
 
 
-def test_decode_inputs_pad_to_buckets_and_the_scratch_slot():
+def test_decode_inputs_pad_to_buckets_and_the_scratch_block():
     assert [bucket(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     assert bucket(3, 6) == 4 and bucket(5, 6) == 6  # the cap is the last bucket
     assert bucket(1, 2048, CONTEXT_FLOOR) == CONTEXT_FLOOR and bucket(129, 2048, CONTEXT_FLOOR) == 256
-    batch = StepBatch(slots=[2, 0, 3], starts=[7, 130, 1], token_ids=[[5], [6], [7]], sampling=[SamplingParams()] * 3)
-    assert is_decode(batch) and not is_decode(StepBatch([0], [0], [[1, 2]], [SamplingParams()]))
-    inputs = DecodeInputs.build(batch, torch.device("cpu"), max_slots=8, max_len=1024, scratch=8)
+    # Blocks of 64: row 1 ends at 131, so its table has 3 blocks; the others 1. Tables are any blocks.
+    blocks = [[40], [9, 3, 17], [5]]
+    batch = StepBatch(slots=[2, 0, 3], starts=[7, 130, 1], token_ids=[[5], [6], [7]], blocks=blocks,
+                      sampling=[SamplingParams()] * 3)
+    assert is_decode(batch) and not is_decode(StepBatch([0], [0], [[1, 2]], [[0]], [SamplingParams()]))
+    inputs = DecodeInputs.build(batch, torch.device("cpu"), max_rows=8, max_len=1024, block_size=64, scratch=99)
     assert inputs.ids[:, 0].tolist() == [5, 6, 7, 0]
     assert inputs.positions[:, 0].tolist() == [7, 130, 1, 0]
-    assert inputs.slots.tolist() == [2, 0, 3, 8]
-    assert (inputs.context, inputs.rows) == (256, 3)
+    # The context bucket is 256 positions = 4 blocks per row; padding (table entries and the padded row) is
+    # the scratch block.
+    assert inputs.tables.tolist() == [[40, 99, 99, 99], [9, 3, 17, 99], [5, 99, 99, 99], [99, 99, 99, 99]]
+    assert inputs.rows == 3
     assert inputs.pad(torch.ones(3, 1, 4)).tolist() == [[[1.0] * 4]] * 3 + [[[0.0] * 4]]
+    # A block bigger than the context floor: one block per row, no narrower than the block.
+    small = DecodeInputs.build(batch, torch.device("cpu"), max_rows=8, max_len=1024, block_size=256, scratch=99)
+    assert small.tables.tolist() == [[40], [9], [5], [99]]
 
 
 # ------------------------------------------------------------------------------------------- attention

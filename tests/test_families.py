@@ -108,14 +108,16 @@ def test_moe_slice_reads_only_its_own_layers_experts(qwen3_moe_model, monkeypatc
     assert read == {k for k in every if k.startswith(("model.layers.2.", "model.layers.3."))}
 
 
-def test_qwen3_5_slot_cache_holds_kv_and_recurrent_state_per_slot(qwen3_5_model):
+def test_qwen3_5_cache_holds_kv_blocks_and_recurrent_state_per_slot(qwen3_5_model):
     from qwen_relay.shards.runner import SliceRunner, SliceSpec
 
-    runner = SliceRunner(SliceSpec(model=str(qwen3_5_model), first=2, end=7, device="cpu", max_slots=3, max_len=32))
+    runner = SliceRunner(SliceSpec(model=str(qwen3_5_model), first=2, end=7, device="cpu", max_slots=3, max_len=32,
+                                   num_blocks=10, block_size=8))
     assert runner.slice.num_attention_layers == 1  # layer 3 (L L [L F L L L] F)
     assert runner.slice.recurrent_shape == RecurrentShape(layers=4, conv_dim=2 * 32 + 64, conv_kernel=4, heads=4,
                                                           key_dim=16, value_dim=16)
     cache = runner.cache
-    # Attention keeps one scratch slot more (shards/kv_cache.py); the recurrent state does not need one.
-    assert cache.k.shape[:2] == (1, 3 + 1) and cache.conv.shape[:2] == (4, 3) and cache.state.shape[:2] == (4, 3)
+    # Attention keeps its KV in blocks, one scratch block more (shards/kv_cache.py); the recurrent state is per
+    # sequence slot and needs no scratch.
+    assert cache.k.shape[:3] == (1, 10 + 1, 8) and cache.conv.shape[:2] == (4, 3) and cache.state.shape[:2] == (4, 3)
     assert cache.nbytes == sum(t.nbytes for t in (cache.k, cache.v, cache.conv, cache.state))

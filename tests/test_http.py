@@ -213,8 +213,11 @@ def test_content_parts_are_joined_as_lines(relay, tiny_model):
     answers = [json.loads(_post(relay.http_port, "/v1/chat/completions", _chat(
         str(tiny_model), messages=[{"role": "user", "content": content}], max_tokens=8, ignore_eos=True,
         return_token_ids=True))[2]) for content in (parts, "Hello\nWorld")]
-    assert answers[0]["usage"] == answers[1]["usage"]
+    counts = [{k: a["usage"][k] for k in ("prompt_tokens", "completion_tokens")} for a in answers]
+    assert counts[0] == counts[1]
     assert answers[0]["choices"][0]["token_ids"] == answers[1]["choices"][0]["token_ids"]
+    # The same prompt again: its full blocks come from the prefix cache (OpenAI's cached_tokens says how many).
+    assert answers[1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
 def test_sampling_options_and_seed_reproduce(oai, grpc_client, tiny_model):

@@ -47,9 +47,10 @@ def _scrape_when(port: int, ready: Callable[[Scrape], bool], what: str, timeout:
 
 
 def _settled(port: int) -> Scrape:
-    """A scrape once every slice has dropped its caches and the metrics have seen it."""
-    return _scrape_when(port, lambda s: all(s["qwen_relay_kv_cache_entries", {"slice": i}] == 0 for i in SLICES)
-                        and s["qwen_relay_active_sequences"] == 0, "empty caches")
+    """A scrape once no sequence holds a KV block (the gateway's count: blocks of cached prefixes are free) and
+    the metrics have seen it."""
+    return _scrape_when(port, lambda s: s["qwen_relay_kv_blocks", {"state": "used"}] == 0
+                        and s["qwen_relay_active_sequences"] == 0, "no KV block held")
 
 
 def test_metrics_follow_requests(ray_relay):
@@ -65,12 +66,12 @@ def test_metrics_follow_requests(ray_relay):
             client.generate("hello", top_p=2.0)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        # While a long stream is open: one active sequence, holding a cache entry in every slice.
+        # While a long stream is open: one active sequence, holding KV blocks.
         stream = client.stream("a long one", max_new_tokens=500, ignore_eos=True)
         next(stream)
-        during = _scrape_when(port, lambda s: all(s["qwen_relay_kv_cache_entries", {"slice": i}] == 1
-                                                  for i in SLICES), "the open stream's cache entries")
-        stream.close()  # cancels the call: the server frees the slot
+        during = _scrape_when(port, lambda s: s["qwen_relay_kv_blocks", {"state": "used"}] >= 1,
+                              "the open stream's KV blocks")
+        stream.close()  # cancels the call: the server frees its blocks
 
         info = client.model_info()
     after = _settled(port)
@@ -92,8 +93,10 @@ def test_metrics_follow_requests(ray_relay):
     assert delta("qwen_relay_step_seconds_count") >= max(c.completion_tokens for c in completions)
 
     assert during["qwen_relay_active_sequences"] == 1 and during["qwen_relay_queue_depth"] == 0
+    assert after["qwen_relay_kv_blocks", {"state": "used"}] == 0
+    assert (after["qwen_relay_kv_blocks", {"state": "free"}] * info.kv_block_size == info.kv_capacity_tokens
+            and info.kv_capacity_tokens > 0)
     for i in SLICES:
-        assert after["qwen_relay_kv_cache_entries", {"slice": i}] == 0
         assert after["qwen_relay_slice_healthy", {"slice": i}] == 1
         assert delta("qwen_relay_slice_forward_seconds_total", slice=i) > 0
     assert after["qwen_relay_active_sequences"] == 0 and after["qwen_relay_queue_depth"] == 0

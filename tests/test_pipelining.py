@@ -2,7 +2,8 @@
 
 The running sequences are split into `in_flight` groups, each stepping on its own (a sequence's next token
 needs its last), so up to `in_flight` steps are outstanding at once. Every group must get `generate()`'s
-tokens: a batch overtaking another at any slice would write a cache out of order and change them.
+tokens: a batch overtaking another at any slice would write a cache out of order and change them. Each slot
+has its own blocks (tests/kv_blocks.py), as the gateway's BlockManager would give it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from kv_blocks import blocks_needed, own_blocks
 
 from qwen_relay.server.pipeline import LocalPipeline, SliceLost
 from qwen_relay.shards.batch import SamplingParams, StepBatch
@@ -25,17 +27,26 @@ SPLITS = {1: [(0, 5)], 2: [(0, 3), (3, 5)], 3: [(0, 2), (2, 4), (4, 5)], 4: [(0,
 PROMPTS = [[5, 17, 300, 42, 7, 999, 3], [11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410],
            [9], [250, 7, 250, 7, 250], [1000, 2, 3, 4]]
 NEW = [9, 6, 8, 5, 7, 9]
+MAX_LEN = 128
+BLOCK_SIZE = 8
+REPLAY_BASE = blocks_needed(MAX_LEN, BLOCK_SIZE)  # a replay's blocks: none the first run used
 
 
 @dataclass
 class Seq:
-    """What the engine keeps per sequence: its slot, prompt, generated tokens and what the slices hold."""
+    """What the engine keeps per sequence: its slot, prompt, generated tokens, what the slices hold and where
+    (its blocks start at `base`)."""
 
     slot: int
     prompt: list[int]
     max_new: int
     generated: list[int] = field(default_factory=list)
     cached: int = 0
+    base: int = 0
+
+    def blocks(self) -> list[int]:
+        """Blocks for every position up to the end of its next step."""
+        return own_blocks(self.slot, len(self.prompt) + len(self.generated), BLOCK_SIZE, self.base)
 
     @property
     def done(self) -> bool:
@@ -69,24 +80,20 @@ def groups(seqs: list[Seq], in_flight: int) -> list[list[Seq]]:
 
 
 async def step(pipeline, group: list[Seq]) -> None:
-    """One step of a group's unfinished sequences, releasing the slots of those that finished."""
+    """One step of a group's unfinished sequences (a finished one needs no message: the slices keep nothing
+    per sequence for attention)."""
     active = [s for s in group if not s.done]
-    finished = [s.slot for s in group if s.done and s.cached >= 0]
-    batch = StepBatch(slots=[s.slot for s in active], starts=[s.cached for s in active],
-                      token_ids=[s.pending() for s in active], sampling=[SamplingParams()] * len(active),
-                      release=finished)
-    tokens = await pipeline.step(batch)
+    if not active:
+        return
+    tokens = await pipeline.step(_batch(group))
     assert len(tokens) == len(active)
     for s, token in zip(active, tokens, strict=True):
         s.cached = len(s.prompt) + len(s.generated)
         s.generated.append(token)
-    for s in group:
-        if s.slot in finished:
-            s.cached = -1  # released: its slot is free in every slice
 
 
 async def run_group(pipeline, group: list[Seq]) -> None:
-    while any(s.cached >= 0 for s in group):
+    while not all(s.done for s in group):
         await step(pipeline, group)
 
 
@@ -95,7 +102,8 @@ async def decode(pipeline, seqs: list[Seq], in_flight: int) -> None:
 
 
 def specs(model, shards: int) -> list[SliceSpec]:
-    return [SliceSpec(model=str(model), first=a, end=b, max_slots=8, max_len=128, threads=1)
+    return [SliceSpec(model=str(model), first=a, end=b, max_slots=8, max_len=MAX_LEN, num_blocks=2 * REPLAY_BASE,
+                      block_size=BLOCK_SIZE, threads=1)
             for a, b in SPLITS[shards]]
 
 
@@ -112,7 +120,7 @@ def test_local_pipeline_keeps_order_with_batches_in_flight(tiny_model, reference
             seqs = make_seqs()
             asyncio.run(decode(pipeline, seqs, in_flight))
             check(tiny_model, reference, seqs)
-            assert all(r.stats().cache_entries == 0 for r in pipeline.runners)
+            assert all(r.cache.live and r.stats().healthy for r in pipeline.runners)
     finally:
         asyncio.run(pipeline.close())
 
@@ -182,8 +190,7 @@ def test_ray_pipeline_parity_with_batches_in_flight(ray_pipeline, loop_thread, u
         check(untied_model, reference, seqs)
     assert pipeline.transport.name == "compiled graph"
     stats = loop_thread.run(pipeline.stats())  # answered while the graph's loops occupy the actors
-    assert all(s.healthy and s.cache_entries == 0 for s in stats)
-    assert loop_thread.run(pipeline.step(StepBatch([], [], [], [], release=[0]))) == []
+    assert all(s.healthy for s in stats)
 
 
 @pytest.mark.slow
@@ -221,16 +228,19 @@ def test_slice_killed_with_two_batches_in_flight_replays_exactly(ray_pipeline, l
 
 
 def replay(seqs: list[Seq]) -> None:
-    """After `recover` every cache is empty: each unfinished sequence prefills prompt + generated so far."""
+    """After `recover` the gateway has forgotten every block: each unfinished sequence prefills prompt +
+    generated so far into new blocks."""
     for s in seqs:
         if not s.done:
             s.cached = 0
+            s.base = REPLAY_BASE if s.base == 0 else 0
 
 
 def _batch(group: list[Seq]) -> StepBatch:
     active = [s for s in group if not s.done]
     return StepBatch(slots=[s.slot for s in active], starts=[s.cached for s in active],
-                     token_ids=[s.pending() for s in active], sampling=[SamplingParams()] * len(active))
+                     token_ids=[s.pending() for s in active], blocks=[s.blocks() for s in active],
+                     sampling=[SamplingParams()] * len(active))
 
 
 @pytest.mark.slow
@@ -350,7 +360,7 @@ def test_idle_teardown_waits_for_the_pipe_to_empty_and_a_new_graph_for_the_old_t
         return ray_pipeline.RayPipeline([], [], None, [SliceStats.down(0, 1, 1, 0)], use_gpu=False, transport=mode,
                                         idle_teardown=idle)
 
-    empty, long = StepBatch([], [], [], []), StepBatch([0], [0], [[1]], [SamplingParams()])
+    empty, long = StepBatch([], [], [], [], []), StepBatch([0], [0], [[1]], [[0]], [SamplingParams()])
 
     async def scenario() -> None:
         p = pipeline("compiled", idle=0.1)

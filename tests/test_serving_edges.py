@@ -122,10 +122,11 @@ def test_adapter_names_with_a_dot_load_and_route_like_any_other(tiny_model, adap
     folder = str(adapter_root / "a")
     assert inspect_adapter("v1.2", folder, load_config(tiny_model), str(tiny_model)).layers == (0, 1, 2, 3, 4)
     runner = SliceRunner(SliceSpec(model=str(tiny_model), first=0, end=5, device="cpu", max_slots=3, max_len=32))
+    runner.reset()  # a fresh cache refuses steps until the gateway opens it
     runner.load_adapter("v1.2", folder)
     runner.load_adapter("v12", folder)
     prompt = [5, 17, 300, 42, 7, 99]
-    tokens = runner.step(StepBatch(slots=[0, 1, 2], starts=[0, 0, 0], token_ids=[prompt] * 3,
+    tokens = runner.step(StepBatch(slots=[0, 1, 2], starts=[0, 0, 0], token_ids=[prompt] * 3, blocks=[[0], [1], [2]],
                                    sampling=[SamplingParams()] * 3, adapters=["v1.2", "v12", ""]))
     assert tokens[0] == tokens[1]
     runner.unload_adapter("v1.2")
@@ -239,10 +240,12 @@ def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
 
     from transformers import AutoTokenizer
 
+    from qwen_relay.server.adapters import AdapterRegistry
     from qwen_relay.server.engine import Engine, EngineConfig
     from qwen_relay.server.frontend import Frontend
     from qwen_relay.server.metrics import Metrics
     from qwen_relay.server.servicer import from_grpc
+    from qwen_relay.shards.loader import load_config
     from qwen_relay.v1 import relay_pb2
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -256,7 +259,8 @@ def test_chat_rendering_and_tokenizing_run_off_the_event_loop(tiny_model):
     tokenizer.apply_chat_template = recording
     engine = Engine(EngineConfig(max_batch=1, max_context=256, eos_ids=frozenset()))
     engine.pipeline = object()  # ready: the servicer validates before anything reaches the engine
-    frontend = Frontend(engine, tokenizer, Limits(vocab_size=1024, max_context=256), set(), Metrics())
+    adapters = AdapterRegistry(load_config(tiny_model), "m", engine)  # none loaded: what validation asks
+    frontend = Frontend(engine, tokenizer, Limits(vocab_size=1024, max_context=256), adapters, Metrics())
     chat = [relay_pb2.ChatMessage(role="user", content="Merhaba")]
     seq = asyncio.run(frontend.prepare(from_grpc(relay_pb2.GenerateRequest(messages=chat)))).seq
     assert seq.prompt_ids and len(threads) == 1 and threads[0].startswith("tokenize")

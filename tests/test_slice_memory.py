@@ -31,7 +31,7 @@ import json, math, sys
 import torch
 import transformers  # noqa: F401
 from qwen_relay.shards.batch import SamplingParams, StepBatch
-from qwen_relay.shards.kv_cache import KVCache
+from qwen_relay.shards.kv_cache import CacheShape, KVCache
 from qwen_relay.shards.loader import load_slice
 from qwen_relay.shards.model import StepMetadata
 from qwen_relay.shards.runner import peak_rss_bytes as peak  # VmHWM: this address space's, fresh at exec
@@ -53,10 +53,11 @@ with torch.inference_mode():
     touched = sum(float(p.sum()) for p in part.parameters() if not p.is_mkldnn)
     config = part.config
     head_dim = config.hidden_size // config.num_attention_heads
-    cache = KVCache(end - first, 1, 16, config.num_key_value_heads, head_dim, torch.float32, torch.device("cpu"))
-    batch = StepBatch(slots=[0], starts=[0], token_ids=[[1] * 8], sampling=[SamplingParams()])
+    cache = KVCache(end - first, CacheShape(num_blocks=1, block_size=16, num_slots=1), config.num_key_value_heads,
+                    head_dim, torch.float32, torch.device("cpu"))
+    batch = StepBatch(slots=[0], starts=[0], token_ids=[[1] * 8], blocks=[[0]], sampling=[SamplingParams()])
     hidden = None if part.is_first else torch.randn(1, 8, config.hidden_size)
-    out = part(StepMetadata.build(batch, torch.device("cpu")), hidden, cache)
+    out = part(StepMetadata.build(batch, torch.device("cpu"), cache.block_size, cache.scratch), hidden, cache)
 after = peak()
 names = [n for n, _ in part.named_parameters()]
 print(json.dumps({"before": before, "after": after, "names": names,

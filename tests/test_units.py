@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from qwen_relay.server.block_manager import BlockManager
 from qwen_relay.server.detokenizer import REPLACEMENT, Detokenizer
 from qwen_relay.server.engine import Engine, EngineConfig
 from qwen_relay.server.layout import LAYER_OVERHEAD, ModelCosts, balanced_split, describe, model_costs, parse_layers
-from qwen_relay.server.scheduler import Scheduler
+from qwen_relay.server.scheduler import Row, Scheduler
 from qwen_relay.server.sequence import GenerationParams, Sequence
 from qwen_relay.server.servicer import from_grpc
 from qwen_relay.server.slots import SlotAllocator
@@ -27,7 +28,7 @@ from qwen_relay.server.validation import (
     validate,
 )
 from qwen_relay.shards.batch import SamplingParams, StepBatch
-from qwen_relay.shards.kv_cache import CacheMismatch, KVCache
+from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
 from qwen_relay.shards.sampler import NO_TOKEN, sample
 from qwen_relay.v1 import relay_pb2
@@ -295,134 +296,179 @@ def _seq(name: str, prompt_len: int, max_new: int = 8) -> Sequence:
                     Detokenizer(None))
 
 
-def _stepped(batch: list[Sequence], token: int = 7) -> None:
-    """What the engine does after a step: everything pending is cached, one token is appended."""
-    for seq in batch:
-        seq.num_cached = len(seq.tokens)
+def _sched(num_slots: int = 4, max_step_tokens: int = 100, num_blocks: int = 256, block_size: int = 4,
+           depth: int = 1) -> Scheduler:
+    """A scheduler without the prefix cache (the prompts of `_seq` all begin alike): tests/test_blocks.py
+    tests the prefix cache."""
+    return Scheduler(num_slots, BlockManager(num_blocks, block_size, prefix_cache=False), max_step_tokens, depth)
+
+
+def _counts(rows: list[Row]) -> list[tuple[Sequence, int]]:
+    return [(r.seq, r.count) for r in rows]
+
+
+def _stepped(sched: Scheduler, rows: list[Row], token: int = 7) -> None:
+    """What the engine does after a step: the rows' tokens are cached, and a row that reached its sequence's
+    last token appends one (a chunk of a prompt appends nothing)."""
+    complete = [r.seq for r in rows if r.completes]
+    sched.done(rows)
+    for seq in complete:
         seq.tokens.append(token)
 
 
 def test_scheduler_prefill_then_decode():
-    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    sched = _sched()
     a, b = _seq("a", 5), _seq("b", 3)
     sched.add(a)
     sched.add(b)
     assert len(sched) == 2
-    batch = sched.schedule()
-    assert batch == [a, b]  # one prefill step for both
-    assert [s.slot for s in batch] == [0, 1]
-    assert all(s in sched.running for s in batch)
-    assert [len(s.pending()) for s in batch] == [5, 3]
-    _stepped(batch)
-    batch = sched.schedule()
-    assert batch == [a, b]  # a decode step: one pending token each
-    assert [s.pending() for s in batch] == [[7], [7]]
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 5), (b, 3)]  # one prefill step for both
+    assert all(r.completes for r in rows) and [r.tokens for r in rows] == [a.tokens, b.tokens]
+    assert [s.slot for s in (a, b)] == [0, 1]
+    assert [len(s.block_table) for s in (a, b)] == [2, 1]  # blocks of 4 for positions 0..4 and 0..2
+    assert all(s in sched.running for s in (a, b))
+    _stepped(sched, rows)
+    assert (a.num_cached, b.num_cached) == (5, 3)
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 1), (b, 1)]  # a decode step: one pending token each
+    assert [r.tokens for r in rows] == [[7], [7]]
+    assert [len(s.block_table) for s in (a, b)] == [2, 1]  # position 5 and 3 fit the blocks they hold
 
 
-def test_scheduler_new_request_prefills_alone_then_joins_decode():
-    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+def test_scheduler_new_request_prefills_beside_the_running_decodes():
+    """Continuous batching: a new prompt does not make the running sequences wait a step."""
+    sched = _sched()
     a = _seq("a", 4)
     sched.add(a)
-    _stepped(sched.schedule())
+    _stepped(sched, sched.schedule())
     c = _seq("c", 6)
     sched.add(c)
-    batch = sched.schedule()
-    assert batch == [c]  # a prefill step: the decoding sequence waits one step
-    assert len(c.pending()) == 6
-    _stepped(batch)
-    assert sched.schedule() == [a, c]  # then both decode together
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 1), (c, 6)]  # decodes first, then the prompt
+    _stepped(sched, rows)
+    assert _counts(sched.schedule()) == [(a, 1), (c, 1)]
 
 
-def test_scheduler_prefill_token_budget():
-    sched = Scheduler(num_slots=4, max_prefill_tokens=10)
+def test_scheduler_step_token_budget_chunks_prompts():
+    sched = _sched(max_step_tokens=10)
     a, b, c = _seq("a", 6), _seq("b", 6), _seq("c", 4)
     for s in (a, b, c):
         sched.add(s)
-    assert sched.schedule() == [a]  # b would take the step to 12 tokens
-    assert list(sched.waiting) == [b, c]  # order kept: c does not overtake b
-    _stepped([a])
-    assert sched.schedule() == [b, c]  # 6 + 4 fits
-    # A prompt longer than the whole budget still runs, alone.
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 6), (b, 4)]  # b's first chunk fills the budget
+    assert [r.completes for r in rows] == [True, False]  # b's row samples nothing that counts
+    assert list(sched.waiting) == [c]  # order kept: c does not overtake b
+    _stepped(sched, rows)
+    assert b.num_cached == 4 and b.tokens == b.prompt_ids  # no token for a chunk
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 1), (b, 2), (c, 4)]  # a decodes, b's rest, then c
+    assert [r.completes for r in rows] == [True, True, True]
+    _stepped(sched, rows)
+    # A prompt longer than the whole budget runs in chunks beside the decodes, each step within the budget.
     big = _seq("big", 25)
     sched.add(big)
-    _stepped([b, c])
-    assert sched.schedule() == [big]
+    chunks = []
+    while True:
+        rows = sched.schedule()
+        assert sum(r.count for r in rows) <= 10
+        assert _counts(rows)[:3] == [(a, 1), (b, 1), (c, 1)]  # the running streams keep producing
+        (row,) = [r for r in rows if r.seq is big]
+        chunks.append((row.count, row.completes))  # before the step is done: `completes` reads num_cached
+        _stepped(sched, rows)
+        if chunks[-1][1]:
+            break
+    assert chunks == [(7, False), (7, False), (7, False), (4, True)]
+    assert big.num_cached == 25 and len(big.tokens) == 26
+
+
+def test_scheduler_max_step_tokens_must_exceed_the_running_sequences():
+    with pytest.raises(ValueError, match="must exceed"):
+        Scheduler(4, BlockManager(16, 4), max_step_tokens=4)
 
 
 def test_scheduler_slot_reuse_and_finish():
-    sched = Scheduler(num_slots=2, max_prefill_tokens=100)
+    sched = _sched(num_slots=2)
     a, b, c = _seq("a", 2), _seq("b", 2), _seq("c", 2)
     for s in (a, b, c):
         sched.add(s)
-    assert sched.schedule() == [a, b]  # only two slots
-    assert c in sched.waiting and c.slot is None
-    _stepped([a, b])
-    assert sched.schedule() == [a, b]  # still no slot for c: it keeps waiting, the others decode
-    assert sched.finish(a) == 0  # the slot the slices must release
-    assert a.slot is None and a not in sched.running
-    assert sched.slots.num_free == 1
-    assert sched.schedule() == [c]
+    assert _counts(sched.schedule()) == [(a, 2), (b, 2)]  # only two slots
+    assert c in sched.waiting and c.slot is None and c.block_table == []
+    _stepped(sched, [Row(a, 2), Row(b, 2)])
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 1), (b, 1)]  # still no slot for c: it keeps waiting, the others decode
+    _stepped(sched, rows)
+    free = sched.blocks.num_free
+    assert sched.finish(a) is None  # nothing to tell the slices: the gateway owns the blocks
+    assert a.slot is None and a not in sched.running and a.block_table == []
+    assert sched.slots.num_free == 1 and sched.blocks.num_free == free + 1
+    assert _counts(sched.schedule()) == [(b, 1), (c, 2)]
     assert c.slot == 0  # the freed slot is reused
-    assert sched.finish(c) == 0
-    # Finishing a sequence that never got a slot (cancelled while waiting) frees nothing.
+    sched.finish(c)
+    # Finishing a sequence that never started (cancelled while waiting) frees nothing.
     d = _seq("d", 2)
     sched.add(d)
     sched.add(e := _seq("e", 2))
     sched.finish(b)
-    assert sched.schedule() == [d, e]
+    assert _counts(sched.schedule()) == [(d, 2), (e, 2)]
     f = _seq("f", 2)
     sched.add(f)
-    assert sched.finish(f) is None
+    sched.finish(f)
     assert f not in sched.waiting and len(sched) == 2
     assert sched.slots.num_free == 0
 
 
 def test_scheduler_rebuilds_lost_caches_as_a_prefill():
-    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    sched = _sched()
     a, b = _seq("a", 3), _seq("b", 2)
     sched.add(a)
     sched.add(b)
-    _stepped(sched.schedule())
-    _stepped(sched.schedule())
-    a.num_cached = 0  # a slice restarted: a's cache is gone, b's is replayed too in practice
-    batch = sched.schedule()
-    assert batch == [a]
-    assert a.pending() == a.tokens  # prompt + everything generated
+    _stepped(sched, sched.schedule())
+    _stepped(sched, sched.schedule())
+    sched.caches_lost()  # a slice restarted: every cache is gone
+    assert a.block_table == b.block_table == [] and a.num_cached == b.num_cached == 0
+    assert sched.blocks.num_free == sched.blocks.num_blocks
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 5), (b, 4)]
+    assert [r.tokens for r in rows] == [a.tokens, b.tokens]  # prompt + everything generated
+    assert all(r.completes for r in rows)
+    assert a.slot == 0 and b.slot == 1  # slots are kept: the recurrent state is rebuilt from position 0
 
 
-def test_scheduler_rebuilds_within_the_prefill_budget_before_admitting_anyone():
-    sched = Scheduler(num_slots=4, max_prefill_tokens=10)
-    a, b, c = _seq("a", 5), _seq("b", 4), _seq("c", 3)
+def test_scheduler_rebuilds_within_the_step_budget_before_admitting_anyone():
+    sched = _sched(max_step_tokens=10)
+    a, b, c = _seq("a", 5), _seq("b", 5), _seq("c", 3)
     for seq in (a, b, c):
         sched.add(seq)
-    _stepped(sched.schedule())  # a + b (9 tokens)
-    _stepped(sched.schedule())  # c
-    for seq in (a, b, c):
-        seq.num_cached = 0  # every cache was lost: 6 + 5 + 4 tokens to rebuild
+    _stepped(sched, sched.schedule())  # a + b (10 tokens)
+    _stepped(sched, sched.schedule())  # a, b decode; c
+    sched.caches_lost()  # 7 + 7 + 4 tokens to rebuild
     late = _seq("late", 2)
     sched.add(late)
-    assert sched.schedule() == [a]  # 6; b's 5 more would pass the budget of 10
-    _stepped([a])
-    assert sched.schedule() == [b, c]  # 6 + 4 = 10; still no admission
-    _stepped([b, c])
-    assert sched.schedule() == [late]  # every cache is back: now the newcomer
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 7), (b, 3)]  # b's 7 would pass the budget of 10: a chunk
+    assert list(sched.waiting) == [late]
+    _stepped(sched, rows)
+    rows = sched.schedule()
+    assert _counts(rows) == [(a, 1), (b, 4), (c, 4), (late, 1)]  # the replays first; the newcomer gets the rest
+    assert [r.completes for r in rows] == [True, True, True, False]
     assert list(sched.waiting) == []
 
 
 def test_scheduler_steps_a_suspect_alone():
-    sched = Scheduler(num_slots=4, max_prefill_tokens=100)
+    sched = _sched()
     a, b = _seq("a", 3), _seq("b", 3)
     sched.add(a)
     sched.add(b)
-    _stepped(sched.schedule())
+    _stepped(sched, sched.schedule())
     b.lost_steps = 2  # in two lost steps: maybe what kills the slice
-    assert sched.schedule() == [b]
+    assert _counts(sched.schedule()) == [(b, 1)]
     b.lost_steps = 0  # the engine clears it once b gets through a step alone
-    assert sched.schedule() == [a, b]
+    assert _counts(sched.schedule()) == [(a, 1), (b, 1)]
 
 
 def test_scheduler_idle_is_empty():
-    assert Scheduler(num_slots=2, max_prefill_tokens=10).schedule() == []
+    assert _sched(num_slots=2, max_step_tokens=10).schedule() == []
 
 
 # ----------------------------------------------------------------------------------------------- sampler
@@ -454,16 +500,12 @@ def test_engine_fails_only_the_request_without_a_token(tokenizer):
     class OneRowBroken:
         depth = 1
 
-        def __init__(self) -> None:
-            self.released: list[int] = []
-
         async def step(self, batch: StepBatch) -> list[int]:
-            self.released += batch.release
             return [NO_TOKEN if slot == 0 else 5 for slot in batch.slots]
 
-    async def run() -> tuple[list, list, list[int]]:
+    async def run() -> tuple[list, list, tuple[int, int]]:
         pipeline = OneRowBroken()
-        engine = Engine(EngineConfig(max_batch=2, max_context=64, eos_ids=frozenset()))
+        engine = Engine(EngineConfig(max_batch=2, max_context=64, eos_ids=frozenset(), num_blocks=8, block_size=8))
         engine.start(pipeline)
         seqs = [Sequence(f"r{i}", [1, 2, 3], GenerationParams(max_new_tokens=3), Detokenizer(tokenizer, ()))
                 for i in range(2)]
@@ -476,18 +518,14 @@ def test_engine_fails_only_the_request_without_a_token(tokenizer):
 
         try:
             results = await asyncio.gather(*(collect(s) for s in seqs))
-            for _ in range(100):  # the idle engine sends the last release on a step of its own
-                if len(pipeline.released) == 2:
-                    break
-                await asyncio.sleep(0)
         finally:
             await engine.stop()
-        return results[0], results[1], pipeline.released
+        return results[0], results[1], (engine.blocks.num_free, engine.scheduler.slots.num_free)
 
-    broken, healthy, released = asyncio.run(run())
+    broken, healthy, free = asyncio.run(run())
     assert broken == ["the model produced non-finite logits (NaN or inf) for this request"]
     assert healthy == [[5], [5], [5]]
-    assert sorted(released) == [0, 1]  # both slots handed back
+    assert free == (8, 2)  # every block and both slots handed back, with no message to any slice
 
 
 def test_seeded_draws_are_reproducible_per_seed_and_position():
@@ -535,57 +573,86 @@ def test_top_k_and_top_p_restrict_the_candidates():
 # ---------------------------------------------------------------------------------------------- KV cache
 
 
-def _cache(slots: int = 4, max_len: int = 16) -> KVCache:
-    return KVCache(num_layers=2, num_slots=slots, max_len=max_len, num_kv_heads=2, head_dim=3,
+def _cache(slots: int = 4, blocks: int = 8, block_size: int = 4) -> KVCache:
+    return KVCache(num_layers=2, shape=CacheShape(blocks, block_size, slots), num_kv_heads=2, head_dim=3,
                    dtype=torch.float32, device=torch.device("cpu"))
 
 
-def test_cache_check_refuses_a_step_that_does_not_continue_it():
+def test_a_fresh_cache_refuses_steps_until_reset():
+    """A restarted actor's cache holds nothing the gateway's tables point to: it refuses every step (the
+    gateway recovers, which resets it and replays) instead of reading zeros as someone's keys."""
     cache = _cache()
-    cache.check([0, 1], [0, 0], [5, 2])  # fresh slots: prefills start at 0
+    assert not cache.live
     with pytest.raises(CacheMismatch):
-        cache.check([0], [3], [4])  # a decode for a slot that holds nothing (the actor restarted)
-    cache.commit([0, 1], [5, 2])
-    cache.check([0, 1], [5, 2], [6, 3])
+        cache.check([0], [[0, 1]], [5])
     with pytest.raises(CacheMismatch):
-        cache.check([0], [0], [6])  # a re-prefill over a slot still holding 5 tokens
-    with pytest.raises(CacheMismatch):
-        cache.check([1, 0], [2, 4], [3, 5])  # one row out of step is enough
-    with pytest.raises(ValueError):
-        cache.check([4], [0], [1])  # no such slot
-    with pytest.raises(ValueError):
-        cache.check([0], [5], [17])  # over max_len
-    cache.release([0])
-    cache.check([0], [0], [3])
-    with pytest.raises(CacheMismatch):
-        cache.check([0], [5], [6])
+        cache.check([0], [[0]], [1])  # a prefill too: nothing is accepted before the reset
+    cache.reset()
+    assert cache.live
+    cache.check([0, 1], [[0, 1], [2]], [5, 2])
+    cache.reset()  # again: harmless
+    cache.check([0], [[3]], [4])
 
 
-def test_cache_read_consecutive_slots_is_a_view_scattered_is_a_gather():
+def test_cache_check_refuses_a_step_it_cannot_hold():
     cache = _cache()
+    cache.reset()
+    cache.check([0, 3], [[7, 0], [5]], [8, 1])  # any blocks, in any order; a table may be longer than needed
+    cache.check([1], [[2, 3, 4]], [9])
+    with pytest.raises(ValueError, match="cannot hold"):
+        cache.check([0], [[0, 1]], [9])  # 2 blocks of 4 hold positions 0..7, not 8
+    with pytest.raises(ValueError, match="cannot hold"):
+        cache.check([0], [[]], [1])
+    with pytest.raises(ValueError, match="outside"):
+        cache.check([0], [[0, 8]], [5])  # block 8 is the scratch block: nobody's
+    with pytest.raises(ValueError, match="outside"):
+        cache.check([0], [[-1]], [1])
+    with pytest.raises(ValueError, match="slot"):
+        cache.check([4], [[0]], [1])  # no such slot
+    with pytest.raises(ValueError, match="cannot hold"):
+        cache.check([0, 1], [[0, 1], [2]], [5, 6])  # one row out of bounds is enough
+    with pytest.raises(ValueError):
+        cache.check([0, 1], [[0]], [1, 1])  # a row without a table
+
+
+def test_cache_writes_go_to_their_blocks_and_gather_reads_tables_in_order():
+    cache = _cache(blocks=6, block_size=4)
     cache.k.normal_(generator=torch.Generator().manual_seed(0))
     cache.v.normal_(generator=torch.Generator().manual_seed(1))
-    storage = cache.k.untyped_storage().data_ptr()
+    assert cache.k.shape == (2, 6 + 1, 4, 2, 3)  # + the scratch block
+    assert cache.scratch == 6
 
-    keys, values = cache.read(1, [1, 2, 3], 7)
-    assert keys.shape == (3, 2, 7, 3)
-    assert keys.untyped_storage().data_ptr() == storage  # a view: no copy
-    assert values.untyped_storage().data_ptr() == cache.v.untyped_storage().data_ptr()
-    assert torch.equal(keys, cache.k[1, 1:4, :, :7])
-
-    keys, values = cache.read(1, [3, 0, 2], 7)
-    assert keys.shape == (3, 2, 7, 3)
-    assert torch.equal(keys, cache.k[1][[3, 0, 2]][:, :, :7])
-    assert torch.equal(values, cache.v[1][[3, 0, 2]][:, :, :7])
-    assert keys.untyped_storage().data_ptr() != storage  # a gather: a copy
-
-    # Writes land at (slot, position) pairs and nowhere else.
+    # Writes land at (block, offset) pairs and nowhere else.
     before = cache.k.clone()
     k = torch.full((2, 2, 3), 9.0)
-    cache.write(0, torch.tensor([2, 0]), torch.tensor([4, 11]), k, k)
-    assert torch.equal(cache.k[0, 2, :, 4], k[0]) and torch.equal(cache.k[0, 0, :, 11], k[1])
+    cache.write(0, torch.tensor([2, 5]), torch.tensor([3, 0]), k, k)
+    assert torch.equal(cache.k[0, 2, 3], k[0]) and torch.equal(cache.k[0, 5, 0], k[1])
+    assert torch.equal(cache.v[0, 2, 3], k[0])
     changed = (cache.k != before).nonzero().tolist()
-    assert {(layer, slot, pos) for layer, slot, _, pos, _ in changed} == {(0, 2, 4), (0, 0, 11)}
+    assert {(layer, block, offset) for layer, block, offset, _, _ in changed} == {(0, 2, 3), (0, 5, 0)}
+
+    # A row's positions 0 .. W * block_size - 1 come from its table's blocks in order; padding is scratch.
+    tables = torch.tensor([[4, 1, 6], [0, 3, 2]])
+    keys, values = cache.gather(1, tables)
+    assert keys.shape == values.shape == (2, 2, 12, 3)  # [B, kv_heads, W * block_size, head_dim]
+    for row, table in enumerate(tables.tolist()):
+        for position in range(12):
+            block, offset = table[position // 4], position % 4
+            assert torch.equal(keys[row, :, position], cache.k[1, block, offset])
+            assert torch.equal(values[row, :, position], cache.v[1, block, offset])
+
+
+def test_cache_recurrent_state_is_per_slot_and_fresh_rows_start_from_zeros():
+    recurrent = RecurrentShape(layers=1, conv_dim=2, conv_kernel=3, heads=1, key_dim=2, value_dim=2)
+    cache = KVCache(num_layers=0, shape=CacheShape(4, 4, 3), num_kv_heads=1, head_dim=2, dtype=torch.float32,
+                    device=torch.device("cpu"), recurrent=recurrent)
+    assert cache.conv.shape == (1, 3, 2, 3) and cache.state.shape == (1, 3, 1, 2, 2)  # no scratch slot
+    slots = torch.tensor([2, 0])
+    cache.write_state(0, slots, torch.ones(2, 2, 3), torch.full((2, 1, 2, 2), 5.0))
+    conv, state = cache.read_state(0, torch.tensor([0, 2, 1]), torch.tensor([False, True, False]))
+    assert conv[0].eq(1).all() and conv[1].eq(0).all() and conv[2].eq(0).all()  # slot 2 read as fresh: zeros
+    assert state[0].eq(5).all() and state[1].eq(0).all()
+    assert cache.conv[0, 2].eq(1).all()  # reading never clears
 
 
 # ------------------------------------------------------------------------------------------------- batch
@@ -619,7 +686,7 @@ def test_packed_linear_matches_dense_and_is_batch_invariant():
 
 
 def test_step_batch_padded():
-    batch = StepBatch(slots=[3, 0], starts=[0, 7], token_ids=[[11, 12, 13], [14]],
+    batch = StepBatch(slots=[3, 0], starts=[0, 7], token_ids=[[11, 12, 13], [14]], blocks=[[5], [2, 9, 4]],
                       sampling=[SamplingParams(), SamplingParams()])
     assert len(batch) == 2 and batch.num_tokens == 4
     assert batch.ends() == [3, 8]
@@ -629,7 +696,13 @@ def test_step_batch_padded():
     assert positions.tolist() == [[0, 1, 2], [7, 8, 9]]
     assert valid.tolist() == [[True, True, True], [True, False, False]]
 
-    decode = StepBatch(slots=[0, 1], starts=[5, 9], token_ids=[[1], [2]], sampling=[SamplingParams()] * 2)
+    # Block tables padded with the scratch block, or cut to the width asked for.
+    assert batch.tables(3, 99, torch.device("cpu")).tolist() == [[5, 99, 99], [2, 9, 4]]
+    assert batch.tables(2, 99, torch.device("cpu")).tolist() == [[5, 99], [2, 9]]
+    assert batch.tables(3, 99, torch.device("cpu")).dtype == torch.long
+
+    decode = StepBatch(slots=[0, 1], starts=[5, 9], token_ids=[[1], [2]], blocks=[[0, 1], [2, 3, 4]],
+                       sampling=[SamplingParams()] * 2)
     ids, positions, valid = decode.padded(torch.device("cpu"))
     assert ids.tolist() == [[1], [2]] and positions.tolist() == [[5], [9]] and valid.all()
 
@@ -732,13 +805,14 @@ def test_scheduler_splits_a_burst_of_prompts_across_the_steps_in_flight():
     """16 prompts of 64 tokens at once, 2 steps in flight: two prefill steps of 8, so the second slice runs the
     first half while the first slice prefills the second; with one step in flight, one step of all 16."""
     for depth, sizes in ((2, [8, 8]), (1, [16])):
-        sched = Scheduler(num_slots=16, max_prefill_tokens=4096, depth=depth)
+        sched = _sched(num_slots=16, max_step_tokens=4096, num_blocks=1024, depth=depth)
         for i in range(16):
             sched.add(_seq(f"s{i}", 64))
         steps = []
-        while batch := sched.schedule(room=depth - len(steps)):
-            for seq in batch:
-                seq.in_flight = True
-            steps.append(batch)
+        while rows := sched.schedule(room=depth - len(steps)):
+            assert all(r.count == 64 and r.completes for r in rows)  # whole prompts: the budget holds them
+            for row in rows:
+                row.seq.in_flight = True
+            steps.append(rows)
         assert [len(b) for b in steps] == sizes
         assert not sched.waiting

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19qwen_relay/v1/relay.proto\x12\rqwen_relay.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xeb\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.qwen_relay.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t\x12T\n\x14\x63hat_template_kwargs\x18\r \x03(\x0b\x32\x36.qwen_relay.v1.GenerateRequest.ChatTemplateKwargsEntry\x12\x1a\n\x12separate_reasoning\x18\x0e \x01(\x08\x1aQ\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.qwen_relay.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.qwen_relay.v1.Usage\x12\x11\n\treasoning\x18\x06 \x01(\t\"\xf8\x01\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.qwen_relay.v1.ChatMessage\x12T\n\x14\x63hat_template_kwargs\x18\x03 \x03(\x0b\x32\x36.qwen_relay.v1.TokenizeRequest.ChatTemplateKwargsEntry\x1aQ\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\x8b\x02\n\tSliceInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\r\x12\x12\n\nlast_layer\x18\x03 \x01(\r\x12\x16\n\x0ehas_embeddings\x18\x04 \x01(\x08\x12\x13\n\x0bhas_lm_head\x18\x05 \x01(\x08\x12\x10\n\x08\x61\x63tor_id\x18\x06 \x01(\t\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x15\n\rcache_entries\x18\t \x01(\r\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\x16\n\x0epeak_rss_bytes\x18\x0b \x01(\x04\x12\x0f\n\x07healthy\x18\x0c \x01(\x08\x12\x10\n\x08restarts\x18\r \x01(\r\"\xc7\x01\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1a\n\x12max_new_tokens_cap\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12(\n\x06slices\x18\x08 \x03(\x0b\x32\x18.qwen_relay.v1.SliceInfo\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x7f\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\t\n\x01r\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\x12\n\nbase_model\x18\x07 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.qwen_relay.v1.AdapterInfo*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xcd\x02\n\x0eTextGeneration\x12K\n\x08Generate\x12\x1e.qwen_relay.v1.GenerateRequest\x1a\x1f.qwen_relay.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.qwen_relay.v1.GenerateRequest\x1a\x1f.qwen_relay.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.qwen_relay.v1.TokenizeRequest\x1a\x1f.qwen_relay.v1.TokenizeResponse\x12L\n\x0cGetModelInfo\x12\".qwen_relay.v1.GetModelInfoRequest\x1a\x18.qwen_relay.v1.ModelInfo2\x91\x02\n\x0c\x41\x64\x61pterAdmin\x12L\n\x0bLoadAdapter\x12!.qwen_relay.v1.LoadAdapterRequest\x1a\x1a.qwen_relay.v1.AdapterInfo\x12Z\n\rUnloadAdapter\x12#.qwen_relay.v1.UnloadAdapterRequest\x1a$.qwen_relay.v1.UnloadAdapterResponse\x12W\n\x0cListAdapters\x12\".qwen_relay.v1.ListAdaptersRequest\x1a#.qwen_relay.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19qwen_relay/v1/relay.proto\x12\rqwen_relay.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xeb\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.qwen_relay.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\r\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x0f\n\x07\x61\x64\x61pter\x18\x0c \x01(\t\x12T\n\x14\x63hat_template_kwargs\x18\r \x03(\x0b\x32\x36.qwen_relay.v1.GenerateRequest.ChatTemplateKwargsEntry\x12\x1a\n\x12separate_reasoning\x18\x0e \x01(\x08\x1aQ\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xb3\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.qwen_relay.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.qwen_relay.v1.Usage\x12\x11\n\treasoning\x18\x06 \x01(\t\"\xf8\x01\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12,\n\x08messages\x18\x02 \x03(\x0b\x32\x1a.qwen_relay.v1.ChatMessage\x12T\n\x14\x63hat_template_kwargs\x18\x03 \x03(\x0b\x32\x36.qwen_relay.v1.TokenizeRequest.ChatTemplateKwargsEntry\x1aQ\n\x17\x43hatTemplateKwargsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\"4\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\x8b\x02\n\tSliceInfo\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x02 \x01(\r\x12\x12\n\nlast_layer\x18\x03 \x01(\r\x12\x16\n\x0ehas_embeddings\x18\x04 \x01(\x08\x12\x13\n\x0bhas_lm_head\x18\x05 \x01(\x08\x12\x10\n\x08\x61\x63tor_id\x18\x06 \x01(\t\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x15\n\rcache_entries\x18\t \x01(\r\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\x16\n\x0epeak_rss_bytes\x18\x0b \x01(\x04\x12\x0f\n\x07healthy\x18\x0c \x01(\x08\x12\x10\n\x08restarts\x18\r \x01(\r\"\xdc\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x1a\n\x12max_new_tokens_cap\x18\x06 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\r\x12(\n\x06slices\x18\x08 \x03(\x0b\x32\x18.qwen_relay.v1.SliceInfo\x12\x1a\n\x12kv_capacity_tokens\x18\t \x01(\x04\x12\x15\n\rkv_block_size\x18\n \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x0b \x01(\r\x12\x14\n\x0cprefix_cache\x18\x0c \x01(\x08\x12\x1d\n\x15prefix_cache_hit_rate\x18\r \x01(\x01\x12\x13\n\x0bpreemptions\x18\x0e \x01(\x04\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x7f\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\t\n\x01r\x18\x03 \x01(\r\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\x12\n\nbase_model\x18\x07 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.qwen_relay.v1.AdapterInfo*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xcd\x02\n\x0eTextGeneration\x12K\n\x08Generate\x12\x1e.qwen_relay.v1.GenerateRequest\x1a\x1f.qwen_relay.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1e.qwen_relay.v1.GenerateRequest\x1a\x1f.qwen_relay.v1.GenerateResponse0\x01\x12K\n\x08Tokenize\x12\x1e.qwen_relay.v1.TokenizeRequest\x1a\x1f.qwen_relay.v1.TokenizeResponse\x12L\n\x0cGetModelInfo\x12\".qwen_relay.v1.GetModelInfoRequest\x1a\x18.qwen_relay.v1.ModelInfo2\x91\x02\n\x0c\x41\x64\x61pterAdmin\x12L\n\x0bLoadAdapter\x12!.qwen_relay.v1.LoadAdapterRequest\x1a\x1a.qwen_relay.v1.AdapterInfo\x12Z\n\rUnloadAdapter\x12#.qwen_relay.v1.UnloadAdapterRequest\x1a$.qwen_relay.v1.UnloadAdapterResponse\x12W\n\x0cListAdapters\x12\".qwen_relay.v1.ListAdaptersRequest\x1a#.qwen_relay.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._loaded_options = None
   _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1990
-  _globals['_FINISHREASON']._serialized_end=2117
+  _globals['_FINISHREASON']._serialized_start=2169
+  _globals['_FINISHREASON']._serialized_end=2296
   _globals['_CHATMESSAGE']._serialized_start=74
   _globals['_CHATMESSAGE']._serialized_end=118
   _globals['_GENERATEREQUEST']._serialized_start=121
@@ -45,35 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=512
   _globals['_GENERATEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=593
   _globals['_USAGE']._serialized_start=614
-  _globals['_USAGE']._serialized_end=671
-  _globals['_GENERATERESPONSE']._serialized_start=674
-  _globals['_GENERATERESPONSE']._serialized_end=853
-  _globals['_TOKENIZEREQUEST']._serialized_start=856
-  _globals['_TOKENIZEREQUEST']._serialized_end=1104
+  _globals['_USAGE']._serialized_end=701
+  _globals['_GENERATERESPONSE']._serialized_start=704
+  _globals['_GENERATERESPONSE']._serialized_end=883
+  _globals['_TOKENIZEREQUEST']._serialized_start=886
+  _globals['_TOKENIZEREQUEST']._serialized_end=1134
   _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_start=512
   _globals['_TOKENIZEREQUEST_CHATTEMPLATEKWARGSENTRY']._serialized_end=593
-  _globals['_TOKENIZERESPONSE']._serialized_start=1106
-  _globals['_TOKENIZERESPONSE']._serialized_end=1158
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1160
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1181
-  _globals['_SLICEINFO']._serialized_start=1184
-  _globals['_SLICEINFO']._serialized_end=1451
-  _globals['_MODELINFO']._serialized_start=1454
-  _globals['_MODELINFO']._serialized_end=1653
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1655
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1703
-  _globals['_ADAPTERINFO']._serialized_start=1705
-  _globals['_ADAPTERINFO']._serialized_end=1832
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1834
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1870
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1872
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1895
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1897
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1918
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1920
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1988
-  _globals['_TEXTGENERATION']._serialized_start=2120
-  _globals['_TEXTGENERATION']._serialized_end=2453
-  _globals['_ADAPTERADMIN']._serialized_start=2456
-  _globals['_ADAPTERADMIN']._serialized_end=2729
+  _globals['_TOKENIZERESPONSE']._serialized_start=1136
+  _globals['_TOKENIZERESPONSE']._serialized_end=1188
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1190
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1211
+  _globals['_SLICEINFO']._serialized_start=1214
+  _globals['_SLICEINFO']._serialized_end=1481
+  _globals['_MODELINFO']._serialized_start=1484
+  _globals['_MODELINFO']._serialized_end=1832
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1834
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1882
+  _globals['_ADAPTERINFO']._serialized_start=1884
+  _globals['_ADAPTERINFO']._serialized_end=2011
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2013
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2049
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2051
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2074
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2076
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2097
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2099
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2167
+  _globals['_TEXTGENERATION']._serialized_start=2299
+  _globals['_TEXTGENERATION']._serialized_end=2632
+  _globals['_ADAPTERADMIN']._serialized_start=2635
+  _globals['_ADAPTERADMIN']._serialized_end=2908
 # @@protoc_insertion_point(module_scope)

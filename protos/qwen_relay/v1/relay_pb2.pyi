@@ -67,12 +67,14 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., adapter: _Optional[str] = ..., chat_template_kwargs: _Optional[_Mapping[str, _struct_pb2.Value]] = ..., separate_reasoning: _Optional[bool] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "finish_reason", "usage", "reasoning")
@@ -150,7 +152,7 @@ class SliceInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., actor_id: _Optional[str] = ..., node_id: _Optional[str] = ..., device: _Optional[str] = ..., cache_entries: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., healthy: _Optional[bool] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "dtype", "num_layers", "max_context", "vocab_size", "max_new_tokens_cap", "max_batch_size", "slices")
+    __slots__ = ("model_id", "dtype", "num_layers", "max_context", "vocab_size", "max_new_tokens_cap", "max_batch_size", "slices", "kv_capacity_tokens", "kv_block_size", "kv_blocks_free", "prefix_cache", "prefix_cache_hit_rate", "preemptions")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,12 @@ class ModelInfo(_message.Message):
     MAX_NEW_TOKENS_CAP_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SLICES_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dtype: str
     num_layers: int
@@ -167,7 +175,13 @@ class ModelInfo(_message.Message):
     max_new_tokens_cap: int
     max_batch_size: int
     slices: _containers.RepeatedCompositeFieldContainer[SliceInfo]
-    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ...) -> None: ...
+    kv_capacity_tokens: int
+    kv_block_size: int
+    kv_blocks_free: int
+    prefix_cache: bool
+    prefix_cache_hit_rate: float
+    preemptions: int
+    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., max_context: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_new_tokens_cap: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., slices: _Optional[_Iterable[_Union[SliceInfo, _Mapping]]] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache: _Optional[bool] = ..., prefix_cache_hit_rate: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("name", "path")
