@@ -461,8 +461,8 @@ def test_an_adapter_unloaded_between_validation_and_admission_fails_that_request
     """The request passed validation (`prepare`: the adapter was loaded), then the adapter was unloaded before
     the request reached the engine. It fails FAILED_PRECONDITION (AdapterLost) alone; no slice is lost, health
     never flips, the base requests under way complete exactly."""
+    from qwen_relay.server.request import GenerationRequest
     from qwen_relay.server.validation import Limits, prepare
-    from qwen_relay.v1 import relay_pb2
 
     folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
     pipeline = FaultyPipeline(_specs(tiny_model))
@@ -474,8 +474,8 @@ def test_an_adapter_unloaded_between_validation_and_admission_fails_that_request
         try:
             await registry.load("a", str(folder))
             base = [asyncio.ensure_future(h.run(h.seq(f"base{i}", p))) for i, p in enumerate(PROMPTS[:2])]
-            request = relay_pb2.GenerateRequest(prompt_token_ids=PROMPTS[2], adapter="a", max_new_tokens=4)
-            seq = prepare(request, tokenizer, limits, registry)  # validated: "a" is loaded
+            request = GenerationRequest(prompt_token_ids=tuple(PROMPTS[2]), adapter="a", max_new_tokens=4)
+            seq = prepare(request, tokenizer, limits, registry.fingerprints())  # validated: "a" is loaded
             await registry.unload("a")  # nobody waits or runs with it yet: allowed
             late = await h.run(seq)
             return late, await asyncio.gather(*base), h.health
@@ -521,8 +521,8 @@ def test_a_step_naming_an_adapter_no_longer_served_is_refused_before_any_slice(t
 
 def test_local_recovery_waits_for_a_step_still_running_in_a_slice_thread(tiny_model):
     """The engine loop died and cancelled its steps, but a slice thread is still inside one (a thread cannot be
-    cancelled). Recovery must not reset that slice until the step is out, or the step's late commit leaves a
-    cache length behind the reset (the next replay of that slot would be refused as a lost cache)."""
+    cancelled). Recovery must not reset that slice until the step is out: the replay that follows the reset
+    writes the same blocks, and a late write of the old step after it would corrupt them."""
     import threading
 
     from qwen_relay.shards.batch import SamplingParams
@@ -531,29 +531,38 @@ def test_local_recovery_waits_for_a_step_still_running_in_a_slice_thread(tiny_mo
     runner = pipeline.runners[0]
     entered, go = threading.Event(), threading.Event()
     real_step = runner.step
+    order: list[str] = []
 
     def held_step(batch, hidden=None):
         entered.set()
         go.wait(30)
-        return real_step(batch, hidden)
+        out = real_step(batch, hidden)
+        order.append("step")
+        return out
 
-    runner.step = held_step
-    batch = StepBatch(slots=[0], starts=[0], token_ids=[PROMPTS[0]], sampling=[SamplingParams()])
+    real_reset = runner.reset
+
+    def recorded_reset():
+        real_reset()
+        order.append("reset")
+
+    runner.step, runner.reset = held_step, recorded_reset
+    batch = StepBatch(slots=[0], starts=[0], token_ids=[PROMPTS[0]], blocks=[[0]], sampling=[SamplingParams()])
 
     async def main():
         step = asyncio.ensure_future(pipeline.step(batch))
         await asyncio.to_thread(entered.wait, 30)
         step.cancel()  # as the dying loop does; the slice thread goes on
         recovery = asyncio.ensure_future(pipeline.recover())
-        await asyncio.wait({recovery}, timeout=0.5)  # before the fix: done here, the step not yet committed
+        await asyncio.wait({recovery}, timeout=0.5)  # before the fix: done here, the step not yet out
+        held = not recovery.done()
         go.set()
         await recovery
-        await asyncio.get_running_loop().run_in_executor(pipeline._stages[0], lambda: None)  # the thread is idle
-        lengths = [dict(r.cache.lengths) for r in pipeline.runners]
         await pipeline.close()
-        return lengths
+        return held
 
-    assert asyncio.run(main()) == [{}, {}]
+    assert asyncio.run(main())  # recovery waited for the step
+    assert order == ["step", "reset"]
 
 
 def test_an_adapter_unloaded_while_a_recovery_restores_it_is_left_on_no_slice():
@@ -595,8 +604,8 @@ def test_an_adapter_loaded_and_unloaded_under_load_never_flips_health(tiny_model
     NOT_FOUND (validation) / FAILED_PRECONDITION (AdapterLost); unloads in use are refused; no slice is ever
     taken for lost and health never flips; the base requests beside them complete exactly."""
     from qwen_relay.server.adapters import AdapterInUse
+    from qwen_relay.server.request import GenerationRequest
     from qwen_relay.server.validation import Limits, UnknownAdapter, prepare
-    from qwen_relay.v1 import relay_pb2
 
     folder = _save_adapter(tiny_model, tmp_path / "a", seed=1)
     pipeline = FaultyPipeline(_specs(tiny_model))
@@ -610,9 +619,9 @@ def test_an_adapter_loaded_and_unloaded_under_load_never_flips_health(tiny_model
         async def lora_request(delay: int) -> None:
             for _ in range(delay // 2):
                 await asyncio.sleep(0)
-            request = relay_pb2.GenerateRequest(prompt_token_ids=PROMPTS[3], adapter="a", max_new_tokens=3)
+            request = GenerationRequest(prompt_token_ids=tuple(PROMPTS[3]), adapter="a", max_new_tokens=3)
             try:
-                seq = prepare(request, tokenizer, limits, registry)
+                seq = prepare(request, tokenizer, limits, registry.fingerprints())
             except UnknownAdapter:
                 outcomes.append("NOT_FOUND")
                 return
