@@ -567,21 +567,10 @@ def test_a_failed_step_with_another_in_flight_fails_its_request_only(tiny_model,
 
 # ------------------------------------------------------------------------------------------- slice warm-up
 
-WARMUP_POOLS = [
-    pytest.param(1, 64, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="SliceRunner.warmup's decode step reaches position 2 with the table [0, 1]: 2 blocks of 1 "
-               "cannot hold 3 positions (serve --block-size 1 fails every slice at start)"), id="block-1"),
-    pytest.param(2, 1, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="SliceRunner.warmup names block 1 when blocks hold fewer than 3 positions, outside a pool of "
-               "1 block"), id="one-block-of-2"),
-    pytest.param(2, 2, id="block-2"),
-    pytest.param(4, 1, id="one-block-of-4"),
-]
+WARMUP_POOLS = [(1, 64), (2, 1), (2, 2), (4, 1)]  # blocks of one position; one block of 2: both failed once
 
 
-@pytest.mark.parametrize(("block_size", "num_blocks"), WARMUP_POOLS)
+@pytest.mark.parametrize(("block_size", "num_blocks"), WARMUP_POOLS, ids=[f"{n}x{b}" for b, n in WARMUP_POOLS])
 def test_a_slice_warms_up_with_any_pool_serve_accepts(tiny_model, block_size, num_blocks):
     """serve takes any --block-size >= 1 and sizes the pool (>= one context) from it: every slice must warm
     up on it (the static decode step too) and stay closed to steps until the gateway resets it."""
