@@ -585,3 +585,24 @@ def test_a_slice_warms_up_with_any_pool_serve_accepts(tiny_model, block_size, nu
         runner.step(batch)  # warmed up, still shut
     runner.reset()
     assert runner.step(batch, None).shape[:2] == (1, 1)  # hidden states of the first slice
+
+
+# ------------------------------------------------------------------------------------------ through gRPC
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_over_grpc(client, tiny_model, reference):
+    """The in-process relay (2 slices, blocks of 16): a prompt sent again is served from its cached blocks, says
+    so in usage and GetModelInfo, and answers the same."""
+    ids = [600 + (7 * i) % 300 for i in range(40)]  # 40 tokens no other test sends: 2 full blocks, then 8
+    before = client.model_info()
+    assert before.prefix_cache and before.kv_block_size == 16 and before.kv_capacity_tokens >= 512
+    first = client.generate(prompt_token_ids=ids, max_new_tokens=6, ignore_eos=True)
+    second = client.generate(prompt_token_ids=ids, max_new_tokens=6, ignore_eos=True)
+    streamed = list(client.stream(prompt_token_ids=ids, max_new_tokens=6, ignore_eos=True))
+    assert first.token_ids == second.token_ids == reference(tiny_model, ids, 6)
+    assert (first.cached_prompt_tokens, second.cached_prompt_tokens) == (0, 32)
+    assert [t for c in streamed for t in c.token_ids] == first.token_ids
+    assert [c.cached_prompt_tokens for c in streamed if c.cached_prompt_tokens is not None][-1] == 32
+    after = client.model_info()
+    assert after.prefix_cache_hit_rate > 0  # since the relay started: other tests' requests count too
+    assert after.kv_blocks_free * after.kv_block_size == after.kv_capacity_tokens  # nobody holds a block now
