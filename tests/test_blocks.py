@@ -501,6 +501,35 @@ def test_concurrent_requests_share_a_cached_system_prompt(tiny_model, reference)
     assert any(shares(b) for b in h.batches), "no step had two rows reading the same blocks"
 
 
+def test_cancelling_a_request_mid_prompt_frees_its_blocks_and_spares_its_neighbours(tiny_model, reference):
+    """A long prompt arriving in chunks is cancelled between two of them, while a request sharing its first
+    blocks decodes: the neighbour's output is `generate()`'s, and every block comes back."""
+    system = [300 + i for i in range(16)]
+    long_prompt = system + list(range(500, 540))  # 56 tokens: 7 steps of 8 at most
+    short_prompt = system + [5, 6, 7]
+    h = Harness(tiny_model, max_step_tokens=8, max_context=96)
+
+    async def scenario(h: Harness):
+        short = h.seq("short", short_prompt, max_new=20)
+        done_short = asyncio.ensure_future(h.run(short))
+        while short.num_generated < 2:  # the shared blocks are indexed, the short one decodes
+            await asyncio.sleep(0.01)
+        long = h.seq("long", long_prompt)
+        task = asyncio.ensure_future(h.run(long))
+        while long.num_cached < 24:  # the cached system prompt, then some chunks of its own
+            await asyncio.sleep(0.001)
+        assert long.num_generated == 0 and long.cached_tokens == 16
+        task.cancel()
+        result = await asyncio.gather(task, return_exceptions=True)
+        return long, await done_short, result
+
+    long, short_tokens, (cancelled,) = _run(h, scenario)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert long.block_table == [] and long.num_generated == 0
+    assert short_tokens == reference(tiny_model, short_prompt, 20)
+    assert h.engine.blocks.num_free == h.config.num_blocks and not h.engine.scheduler.running
+
+
 def test_engine_refuses_a_pool_smaller_than_one_context_and_a_budget_of_one_decode_step():
     with pytest.raises(ValueError, match="fewer than one sequence"):
         Engine(EngineConfig(max_batch=2, max_context=100, eos_ids=frozenset(), num_blocks=6, block_size=16))
