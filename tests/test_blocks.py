@@ -501,6 +501,35 @@ def test_concurrent_requests_share_a_cached_system_prompt(tiny_model, reference)
     assert any(shares(b) for b in h.batches), "no step had two rows reading the same blocks"
 
 
+def test_cancelling_a_request_mid_prompt_frees_its_blocks_and_spares_its_neighbours(tiny_model, reference):
+    """A long prompt arriving in chunks is cancelled between two of them, while a request sharing its first
+    blocks decodes: the neighbour's output is `generate()`'s, and every block comes back."""
+    system = [300 + i for i in range(16)]
+    long_prompt = system + list(range(500, 540))  # 56 tokens: 7 steps of 8 at most
+    short_prompt = system + [5, 6, 7]
+    h = Harness(tiny_model, max_step_tokens=8, max_context=96)
+
+    async def scenario(h: Harness):
+        short = h.seq("short", short_prompt, max_new=20)
+        done_short = asyncio.ensure_future(h.run(short))
+        while short.num_generated < 2:  # the shared blocks are indexed, the short one decodes
+            await asyncio.sleep(0.01)
+        long = h.seq("long", long_prompt)
+        task = asyncio.ensure_future(h.run(long))
+        while long.num_cached < 24:  # the cached system prompt, then some chunks of its own
+            await asyncio.sleep(0.001)
+        assert long.num_generated == 0 and long.cached_tokens == 16
+        task.cancel()
+        result = await asyncio.gather(task, return_exceptions=True)
+        return long, await done_short, result
+
+    long, short_tokens, (cancelled,) = _run(h, scenario)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert long.block_table == [] and long.num_generated == 0
+    assert short_tokens == reference(tiny_model, short_prompt, 20)
+    assert h.engine.blocks.num_free == h.config.num_blocks and not h.engine.scheduler.running
+
+
 def test_engine_refuses_a_pool_smaller_than_one_context_and_a_budget_of_one_decode_step():
     with pytest.raises(ValueError, match="fewer than one sequence"):
         Engine(EngineConfig(max_batch=2, max_context=100, eos_ids=frozenset(), num_blocks=6, block_size=16))
@@ -533,7 +562,7 @@ def test_a_failed_step_with_another_in_flight_fails_its_request_only(tiny_model,
         return step0(batch, hidden)
 
     def slice1(batch: StepBatch, hidden=None):
-        if set(batch.slots) & other_ids:
+        if set(batch.slots) & other_ids and not failed.is_set():
             other_on_slice1.set()
             try:
                 time.sleep(0.2)  # hold the other request's step on slice 1 while slice 0 takes the next one
@@ -567,21 +596,10 @@ def test_a_failed_step_with_another_in_flight_fails_its_request_only(tiny_model,
 
 # ------------------------------------------------------------------------------------------- slice warm-up
 
-WARMUP_POOLS = [
-    pytest.param(1, 64, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="SliceRunner.warmup's decode step reaches position 2 with the table [0, 1]: 2 blocks of 1 "
-               "cannot hold 3 positions (serve --block-size 1 fails every slice at start)"), id="block-1"),
-    pytest.param(2, 1, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="SliceRunner.warmup names block 1 when blocks hold fewer than 3 positions, outside a pool of "
-               "1 block"), id="one-block-of-2"),
-    pytest.param(2, 2, id="block-2"),
-    pytest.param(4, 1, id="one-block-of-4"),
-]
+WARMUP_POOLS = [(1, 64), (2, 1), (2, 2), (4, 1)]  # blocks of one position; one block of 2: both failed once
 
 
-@pytest.mark.parametrize(("block_size", "num_blocks"), WARMUP_POOLS)
+@pytest.mark.parametrize(("block_size", "num_blocks"), WARMUP_POOLS, ids=[f"{n}x{b}" for b, n in WARMUP_POOLS])
 def test_a_slice_warms_up_with_any_pool_serve_accepts(tiny_model, block_size, num_blocks):
     """serve takes any --block-size >= 1 and sizes the pool (>= one context) from it: every slice must warm
     up on it (the static decode step too) and stay closed to steps until the gateway resets it."""
@@ -596,3 +614,24 @@ def test_a_slice_warms_up_with_any_pool_serve_accepts(tiny_model, block_size, nu
         runner.step(batch)  # warmed up, still shut
     runner.reset()
     assert runner.step(batch, None).shape[:2] == (1, 1)  # hidden states of the first slice
+
+
+# ------------------------------------------------------------------------------------------ through gRPC
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens_over_grpc(client, tiny_model, reference):
+    """The in-process relay (2 slices, blocks of 16): a prompt sent again is served from its cached blocks, says
+    so in usage and GetModelInfo, and answers the same."""
+    ids = [600 + (7 * i) % 300 for i in range(40)]  # 40 tokens no other test sends: 2 full blocks, then 8
+    before = client.model_info()
+    assert before.prefix_cache and before.kv_block_size == 16 and before.kv_capacity_tokens >= 512
+    first = client.generate(prompt_token_ids=ids, max_new_tokens=6, ignore_eos=True)
+    second = client.generate(prompt_token_ids=ids, max_new_tokens=6, ignore_eos=True)
+    streamed = list(client.stream(prompt_token_ids=ids, max_new_tokens=6, ignore_eos=True))
+    assert first.token_ids == second.token_ids == reference(tiny_model, ids, 6)
+    assert (first.cached_prompt_tokens, second.cached_prompt_tokens) == (0, 32)
+    assert [t for c in streamed for t in c.token_ids] == first.token_ids
+    assert [c.cached_prompt_tokens for c in streamed if c.cached_prompt_tokens is not None][-1] == 32
+    after = client.model_info()
+    assert after.prefix_cache_hit_rate > 0  # since the relay started: other tests' requests count too
+    assert after.kv_blocks_free * after.kv_block_size == after.kv_capacity_tokens  # nobody holds a block now

@@ -1,6 +1,7 @@
 """The contract, in-process and fast: greedy output of slice runners is token-for-token `generate()` on the
 whole model (fp32) for every family, every split (1 to 4 slices), batched and not, and through a replay
-(caches lost mid-generation, rebuilt by re-prefilling prompt + generated, as the engine does after a fault)."""
+(caches lost mid-generation, rebuilt by re-prefilling prompt + generated into other blocks, as the engine does
+after a fault). Blocks of 4 positions, so every row spans several blocks and crosses block boundaries."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kv_blocks import blocks_needed, step_batch
 from transformers import AutoModelForCausalLM
 
 from qwen_relay.server.layout import balanced_split, model_costs, parse_layers
@@ -17,11 +19,18 @@ from qwen_relay.shards.runner import SliceRunner, SliceSpec
 
 MAX_NEW = 12
 PROMPTS = [[5, 17, 300, 42, 7, 999, 3], [11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410], [77]]
+MAX_LEN = 64
+BLOCK_SIZE = 4
+REPLAY_BASE = blocks_needed(MAX_LEN, BLOCK_SIZE)  # a replay's tables: blocks the first run never used
 
 
 def _runners(model: Path, ranges: list[tuple[int, int]]) -> list[SliceRunner]:
-    return [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=64))
-            for a, b in ranges]
+    runners = [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=MAX_LEN,
+                                     num_blocks=2 * REPLAY_BASE, block_size=BLOCK_SIZE))
+               for a, b in ranges]
+    for runner in runners:
+        runner.reset()  # a fresh cache refuses steps until the gateway opens it
+    return runners
 
 
 def _step(runners: list[SliceRunner], batch: StepBatch) -> list[int]:
@@ -34,13 +43,15 @@ def _step(runners: list[SliceRunner], batch: StepBatch) -> list[int]:
 def greedy(runners: list[SliceRunner], prompts: list[list[int]], max_new: int, replay_at: int | None = None,
            adapters: list[str] | None = None) -> list[list[int]]:
     """Greedy generation of all prompts in one batch: one prefill step, then one decode step per token;
-    at decode step `replay_at` every cache is dropped and rebuilt from prompt + generated. `adapters`: the
-    LoRA adapter of each row ("" for the base model)."""
+    at decode step `replay_at` every cache is dropped and rebuilt from prompt + generated, into other blocks
+    (a recovery's new block tables). `adapters`: the LoRA adapter of each row ("" for the base model)."""
     slots = list(range(len(prompts)))
     greedy_params = [SamplingParams()] * len(prompts)
+    block_size = runners[0].spec.block_size
+    base = 0
 
     def batch(starts: list[int], token_ids: list[list[int]]) -> StepBatch:
-        return StepBatch(slots, starts, token_ids, greedy_params, adapters)
+        return step_batch(slots, starts, token_ids, greedy_params, adapters, block_size=block_size, base=base)
 
     tokens = _step(runners, batch([0] * len(prompts), [list(p) for p in prompts]))
     generated = [[t] for t in tokens]
@@ -48,14 +59,13 @@ def greedy(runners: list[SliceRunner], prompts: list[list[int]], max_new: int, r
         if step == replay_at:
             for runner in runners:
                 runner.reset()
+            base = REPLAY_BASE if base == 0 else 0
             history = [p + g[:-1] for p, g in zip(prompts, generated, strict=True)]
             _step(runners, batch([0] * len(prompts), history))
         starts = [len(p) + len(g) - 1 for p, g in zip(prompts, generated, strict=True)]
         tokens = _step(runners, batch(starts, [[g[-1]] for g in generated]))
         for g, t in zip(generated, tokens, strict=True):
             g.append(t)
-    for runner in runners:
-        runner.reset()
     return generated
 
 
