@@ -345,7 +345,8 @@ class Harness:
         return Sequence(rid, list(ids), params, Detokenizer(self.tokenizer, ()))
 
     async def start(self) -> None:
-        self.engine = Engine(self.config, on_health=self.on_health)
+        self.engine = Engine(self.config)
+        self.engine.health_changed.subscribe(self.on_health)
         self.engine.start(self.pipeline)
 
     async def stop(self) -> None:
