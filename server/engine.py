@@ -1,4 +1,5 @@
-"""The decode loop: schedule a batch, step it through the slices, turn token ids into streamed deltas.
+"""The decode loop, recovery and supervision: schedule a batch (server/scheduler.py), step it through the
+slices, hand each new token to postprocessing (server/postprocess.py) and stream the deltas.
 
 One asyncio task runs the loop; RPC handlers only `generate` (submit a sequence and read its outbox). The loop
 keeps up to `depth` steps in the pipe (one per slice: slice 0 runs batch B while slice 1 runs batch A) and
@@ -44,11 +45,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen_relay.shards.batch import StepBatch
-from qwen_relay.shards.sampler import NO_TOKEN
 
 from .block_manager import BlockManager, KvStats
 from .events import Signal
 from .pipeline import AdapterNotServed, Pipeline, SliceLost
+from .postprocess import take_token
 from .scheduler import Row, Scheduler
 from .sequence import Delta, FinishReason, Sequence
 
@@ -120,7 +121,8 @@ class Engine:
             raise ValueError(f"the KV cache holds {config.num_blocks * config.block_size} tokens, fewer than one "
                              f"sequence of the context limit ({config.max_context})")
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_cache)
-        self.scheduler = Scheduler(config.max_batch, self.blocks, config.max_step_tokens)
+        self.scheduler = Scheduler(config.max_batch, self.blocks, config.max_step_tokens,
+                                   max_lost_steps=config.max_lost_steps)
         self.available = True
         self.health_changed: Signal[bool] = Signal()  # serving or not, reported on each change
         self.adapter_lost: Signal[str] = Signal()  # an adapter the slices dropped (see the module doc)
@@ -149,7 +151,7 @@ class Engine:
 
     def adapter_users(self, name: str) -> int:
         """Requests waiting for or holding a cache slot with adapter `name`."""
-        return sum(1 for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name)
+        return len(self.scheduler.users_of(name))
 
     async def load_adapter(self, name: str, path: str, fingerprint: str) -> None:
         """Have every slice load the adapter (all or none); requests may name it once this returns."""
@@ -186,8 +188,8 @@ class Engine:
             raise Unavailable("the server is shutting down; retry on another replica")
         if not self.available:
             raise Unavailable("a model slice is down and being restored; retry shortly")
-        if len(self.scheduler.waiting) >= self.config.max_queue:
-            raise Overloaded(f"admission queue is full: {len(self.scheduler.waiting)} requests wait for one of "
+        if self.scheduler.num_waiting >= self.config.max_queue:
+            raise Overloaded(f"admission queue is full: {self.scheduler.num_waiting} requests wait for one of "
                              f"{self.config.max_batch} running places or KV blocks (limits --max-queue, --max-batch, "
                              f"--kv-cache-tokens)")
         adapter = seq.params.adapter
@@ -311,8 +313,7 @@ class Engine:
         self._restart_delay = RESTART_FIRST_S  # the loop works again
         if self.metrics is not None and step.seqs:
             self.metrics.observe_step(time.perf_counter() - step.started)
-        if len(step.seqs) == 1:
-            step.seqs[0].lost_steps = 0  # it got through a step alone: not what kills the slice
+        self.scheduler.stepped(step.rows)
         rows = [r for r in step.rows if r.seq.finish_reason is None]  # not failed meanwhile (shutdown)
         complete = {id(r.seq) for r in rows if r.completes}
         self.scheduler.done(rows)
@@ -327,32 +328,11 @@ class Engine:
         return True
 
     def _take(self, seq: Sequence, token: int) -> None:
-        if token == NO_TOKEN:
-            log.error("request %s: the model produced non-finite logits", seq.log_id)
-            error = RuntimeError("the model produced non-finite logits (NaN or inf) for this request")
-            self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
+        delta = take_token(seq, token, self.config.eos_ids, self.config.max_context)
+        if delta.finish_reason is None:
+            seq.outbox.put_nowait(delta)
         else:
-            self._append(seq, token)
-
-    def _append(self, seq: Sequence, token: int) -> None:
-        """Postprocess one new token: stop checks in the order a caller expects (stop string, EOS, length)."""
-        seq.tokens.append(token)
-        is_eos = token in self.config.eos_ids and not seq.params.ignore_eos
-        text = "" if is_eos else seq.detokenizer.add(token)
-        if seq.detokenizer.stopped:
-            reason = FinishReason.STOP_SEQUENCE
-        elif is_eos:
-            reason = FinishReason.EOS
-        elif seq.num_generated >= seq.params.max_new_tokens or len(seq.tokens) >= self.config.max_context:
-            reason = FinishReason.LENGTH
-        else:
-            seq.outbox.put_nowait(Delta(text, [token]))
-            return
-        if reason is not FinishReason.STOP_SEQUENCE:
-            text += seq.detokenizer.flush()
-            if seq.detokenizer.stopped:  # the held tail completed a stop string
-                reason = FinishReason.STOP_SEQUENCE
-        self._finish(seq, reason, Delta(text, [token], reason))
+            self._finish(seq, delta.finish_reason, delta)
 
     def _finish(self, seq: Sequence, reason: FinishReason, last: Delta | None = None) -> None:
         seq.finish_reason = reason
@@ -367,7 +347,7 @@ class Engine:
             self._finish(seq, FinishReason.ERROR, Delta("", [], FinishReason.ERROR, error=error))
 
     def _fail_all(self, error: Exception) -> None:
-        self._fail([*self.scheduler.waiting, *self.scheduler.running], error)
+        self._fail(self.scheduler.sequences(), error)
 
     async def _set_health(self, serving: bool) -> None:
         """Report a change of health (only a change: recovery after a restarted loop does not repeat it)."""
@@ -378,13 +358,11 @@ class Engine:
     def _lost_step(self, batch: list[Sequence], error: SliceLost) -> None:
         """A step that lost a slice appended nothing: strike its sequences, fail those out of strikes."""
         log.warning("step of %d sequences lost: %s", len(batch), error)
-        for seq in batch:
-            seq.lost_steps += 1
-            if seq.lost_steps >= self.config.max_lost_steps:
-                log.error("request %s: in %d steps that lost a slice; failing it", seq.log_id, seq.lost_steps)
-                self._fail([seq], ReplayLimit(
-                    f"this request was in {seq.lost_steps} steps that lost a model slice (its step may be what "
-                    f"kills the slice, e.g. out of memory); it is not replayed again"))
+        for seq in self.scheduler.strike(batch):
+            log.error("request %s: in %d steps that lost a slice; failing it", seq.log_id, seq.lost_steps)
+            self._fail([seq], ReplayLimit(
+                f"this request was in {seq.lost_steps} steps that lost a model slice (its step may be what "
+                f"kills the slice, e.g. out of memory); it is not replayed again"))
         self._lost = True
 
     async def _recover(self) -> None:
@@ -418,29 +396,29 @@ class Engine:
         self.scheduler.caches_lost()  # the next steps re-prefill prompt + generated tokens
         self._lost = False
         self.available = True
-        log.info("slices back; replaying %d sequences", len(self.scheduler.running))
+        log.info("slices back; replaying %d sequences", self.scheduler.num_running)
         await self._set_health(True)
 
     async def _adapter_lost(self, name: str, reason: str) -> None:
-        users = [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.params.adapter == name]
+        users = self.scheduler.users_of(name)
         log.error("adapter %r was unloaded (%s): failing its %d requests", name, reason, len(users))
         self._fail(users, AdapterLost(f"adapter {name!r} was unloaded: a restarted model slice could not load it "
                                       f"again ({reason}); load it again, then retry"))
         await self.adapter_lost.emit(name)
 
     def sequences_holding_blocks(self) -> int:
-        return sum(1 for s in self.scheduler.running if s.block_table)
+        return self.scheduler.holding_blocks()
 
     def kv_stats(self) -> KvStats:
         return self.blocks.stats(self.scheduler.preemptions)
 
     def _report_load(self) -> None:
         if self.metrics is not None:
-            self.metrics.observe_load(waiting=len(self.scheduler.waiting), active=len(self.scheduler.running))
+            self.metrics.observe_load(waiting=self.scheduler.num_waiting, active=self.scheduler.num_running)
             self.metrics.observe_kv(self.kv_stats())
 
     def _reap_cancelled(self) -> None:
         """Finish cancelled sequences, except those in flight: their blocks are in use until their step is back."""
-        for seq in [s for s in (*self.scheduler.waiting, *self.scheduler.running) if s.cancelled and not s.in_flight]:
+        for seq in self.scheduler.cancelled():
             log.info("request %s cancelled after %d tokens", seq.log_id, seq.num_generated)
             self._finish(seq, FinishReason.CANCELLED)

@@ -21,7 +21,8 @@ A burst of prompts splits the same way (a share of the backlog per step), so sli
 while slice 1 runs the first.
 
 The replay policy lives here too: a sequence in `ISOLATE_AFTER_LOST_STEPS` lost steps steps alone (its step
-may be what kills the slice, e.g. out of memory), until one of its steps gets through.
+may be what kills the slice, e.g. out of memory), until one of its steps gets through; one in
+`max_lost_steps` lost steps is out of strikes and fails.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Row:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, blocks: BlockManager, max_step_tokens: int, depth: int = 1) -> None:
+    def __init__(self, num_slots: int, blocks: BlockManager, max_step_tokens: int, depth: int = 1,
+                 max_lost_steps: int = 3) -> None:
         if max_step_tokens <= num_slots:
             raise ValueError(f"a step's token budget ({max_step_tokens}) must exceed the sequences that can run at "
                              f"once ({num_slots}), or prompts could starve behind decodes")
@@ -63,12 +65,49 @@ class Scheduler:
         self.blocks = blocks
         self.max_step_tokens = max_step_tokens
         self.depth = depth  # steps the engine keeps in flight at most
+        self.max_lost_steps = max_lost_steps  # a sequence in this many lost steps fails (ReplayLimit)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def sequences(self) -> list[Sequence]:
+        """Every sequence waiting or running."""
+        return [*self.waiting, *self.running]
+
+    def users_of(self, adapter: str) -> list[Sequence]:
+        return [s for s in self.sequences() if s.params.adapter == adapter]
+
+    def holding_blocks(self) -> int:
+        return sum(1 for s in self.running if s.block_table)
+
+    def cancelled(self) -> list[Sequence]:
+        """Cancelled sequences that may finish now: not in a step in flight (their blocks are in use until it is
+        back)."""
+        return [s for s in self.sequences() if s.cancelled and not s.in_flight]
+
+    def strike(self, seqs: list[Sequence]) -> list[Sequence]:
+        """The sequences of a step that lost a slice get a strike; returns those out of strikes (they fail: their
+        step may be what kills the slice). One with `ISOLATE_AFTER_LOST_STEPS` strikes steps alone."""
+        for seq in seqs:
+            seq.lost_steps += 1
+        return [s for s in seqs if s.lost_steps >= self.max_lost_steps]
+
+    def stepped(self, rows: list[Row]) -> None:
+        """A step got through: a sequence that stepped alone is cleared of its strikes (not what kills the
+        slice)."""
+        if len(rows) == 1:
+            rows[0].seq.lost_steps = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
