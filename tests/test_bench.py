@@ -338,6 +338,7 @@ def test_precheck_names_each_missing_package(monkeypatch, tmp_path):
     errors = precheck.check_packages(tmp_path)
     assert len(errors) == 3
     assert errors[0].startswith("json (no-such-dist-a; a): not installed. Fix: bench/gpu.sh installs it from")
+    assert "make gpu-wheels" in errors[0]  # git ignores the wheels: the fix says how to get them
     assert "torch (torch>=999; b): " in errors[1] and "is older than 999" in errors[1]
     assert "torch (torch<1; c): " in errors[2] and "is not below 1" in errors[2]
     assert "pip install 'torch<1'" in errors[2]
