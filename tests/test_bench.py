@@ -13,8 +13,10 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_relay.bench import relay as bench
-from qwen_relay.bench.relay import BenchConfig, Request
+from qwen_relay.bench import baselines, loadgen, measure, relay_under_test, report, workloads
+from qwen_relay.bench import relay as cli
+from qwen_relay.bench import run as bench_run
+from qwen_relay.bench.workloads import BenchConfig, Request
 
 
 def tiny_config(model, out, **overrides) -> BenchConfig:
@@ -29,21 +31,21 @@ def tiny_config(model, out, **overrides) -> BenchConfig:
 @pytest.fixture(scope="module")
 def pool(tiny_model) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    return bench.token_pool(tokenizer, 10**6)
+    return workloads.token_pool(tokenizer, 10**6)
 
 
 def test_token_pool_has_no_special_tokens(tiny_model, pool):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert pool and not set(pool) & set(tokenizer.all_special_ids)
     assert max(pool) < len(tokenizer)
-    assert max(bench.token_pool(tokenizer, 100)) < 100  # never outside the model's vocabulary
+    assert max(workloads.token_pool(tokenizer, 100)) < 100  # never outside the model's vocabulary
 
 
 def test_workloads_are_seeded_and_exact(tmp_path, tiny_model, pool):
     cfg = tiny_config(tiny_model, tmp_path)
-    work = bench.make_workloads(cfg, pool)
-    assert work == bench.make_workloads(cfg, pool)
-    assert work != bench.make_workloads(dataclasses.replace(cfg, seed=1), pool)
+    work = workloads.make_workloads(cfg, pool)
+    assert work == workloads.make_workloads(cfg, pool)
+    assert work != workloads.make_workloads(dataclasses.replace(cfg, seed=1), pool)
     assert sorted(work.single) == [4, 12]
     assert all(len(r.prompt_token_ids) == n and r.max_new_tokens == 4 for n, r in work.single.items())
     assert len(work.mixed) == 5 and len(work.uniform) == 2
@@ -55,7 +57,7 @@ def test_workloads_are_seeded_and_exact(tmp_path, tiny_model, pool):
 
 def test_issue_workload_sizes():
     cfg = BenchConfig(model="m")
-    work = bench.make_workloads(cfg, list(range(1000)))
+    work = workloads.make_workloads(cfg, list(range(1000)))
     lengths = [len(r.prompt_token_ids) for r in work.mixed]
     assert len(work.mixed) == 32 and min(lengths) >= 16 and max(lengths) <= 256
     assert all(16 <= r.max_new_tokens <= 128 for r in work.mixed)
@@ -66,13 +68,13 @@ def test_issue_workload_sizes():
 def test_single_stream_stats():
     # start 0; tokens at 100, 110, 130 ms and a second run at 200, 210, 210 (two in one chunk).
     runs = [(0.0, [0.100, 0.110, 0.130]), (1.0, [1.200, 1.210, 1.210])]
-    s = bench.single_stream_stats(runs, prompt_tokens=7)
+    s = measure.single_stream_stats(runs, prompt_tokens=7)
     assert s["ttft_ms"] == pytest.approx(150)
     assert s["ms_per_token_p50"] == pytest.approx(10)
     assert s["ms_per_token_mean"] == pytest.approx((15 + 5) / 2)
     assert s["new_tokens"] == 3 and s["prompt_tokens"] == 7
-    assert bench.percentile([], 50) is None
-    assert bench.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert loadgen.percentile([], 50) is None
+    assert loadgen.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
 
 
 def test_hf_static_batches_count_only_requested_tokens(tiny_model):
@@ -81,13 +83,13 @@ def test_hf_static_batches_count_only_requested_tokens(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     requests = [Request((5, 6, 7), 2), Request((8,) * 9, 5), Request((9, 10), 3)]
-    out = bench.hf_static_batches(model, requests, 2, pad_id=0)
+    out = baselines.hf_static_batches(model, requests, 2, pad_id=0)
     assert out["output_tokens"] == 10
     assert out["generated_tokens"] == 2 * 5 + 3  # batch of two runs to 5 tokens each, then the third alone
     assert out["padded_prompt_tokens"] == 2 * 9 + 2
     # Left padding must not change a row's greedy tokens.
-    alone = bench.hf_generate(model, [requests[0]], 0)[0, 3:5].tolist()
-    padded = bench.hf_generate(model, requests[:2], 0)[0, 9:11].tolist()
+    alone = baselines.hf_generate(model, [requests[0]], 0)[0, 3:5].tolist()
+    padded = baselines.hf_generate(model, requests[:2], 0)[0, 9:11].tolist()
     assert alone == padded
 
 
@@ -101,16 +103,16 @@ def test_hf_packed_generates_what_hf_does(tiny_model):
     requests = [Request((5, 6, 7), 6), Request((8,) * 9, 6)]
     stock = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     packed = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    bench.prepack_model(packed)
+    baselines.prepack_model(packed)
     assert isinstance(packed.lm_head, PackedHead)
     assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
-    assert torch.equal(bench.hf_generate(packed, requests, 0), bench.hf_generate(stock, requests, 0))
+    assert torch.equal(baselines.hf_generate(packed, requests, 0), baselines.hf_generate(stock, requests, 0))
 
 
 def test_hf_runner(tmp_path, tiny_model, pool):
     cfg = tiny_config(tiny_model, tmp_path)
-    work = bench.make_workloads(cfg, pool)
-    hf = bench.run_hf(cfg, work)
+    work = workloads.make_workloads(cfg, pool)
+    hf = baselines.run_hf(cfg, work)
     assert set(hf["single"]) == {"4", "12"}
     assert all(s["new_tokens"] == 4 and s["ttft_ms"] > 0 for s in hf["single"].values())
     assert hf["mixed"]["1"]["requests"] == 2 and hf["mixed"]["2"]["requests"] == 5
@@ -125,7 +127,7 @@ def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
     """hf and hf-packed in subprocesses, the overhead probe, a 2-slice relay on Ray actors over gRPC, then every
     output file. (relay-1 against relay-2, the pipelining figures, run in the dry run of bench/gpu.sh below.)"""
     cfg = tiny_config(tiny_model, tmp_path / "out", shards=(2,), threads_per_slice=True)
-    result = bench.run_benchmark(cfg, command="qwen-relay bench --test")
+    result = bench_run.run_benchmark(cfg, command="qwen-relay bench --test")
     assert set(result["systems"]) == {"hf", "hf-packed", "relay-2"}
     assert result["systems"]["hf-packed"]["uniform"]["output_tokens"] == 8
     relay = result["systems"]["relay-2"]
@@ -181,7 +183,7 @@ def test_report_from_a_result(tmp_path):
         "runtime_overhead_bytes": 2**29,
         "systems": {"hf": _fake_system("hf", 1.0), "relay-2": _fake_system("relay-2", 2.0, shards=2)},
     }
-    table = bench.write_report(result, tmp_path)
+    table = report.write_report(result, tmp_path)
     ratios = result["ratios"]["relay-2"]
     assert ratios["mixed"]["16"] == pytest.approx(2.0)
     assert ratios["single"]["16"]["ms_per_token_p50"] == pytest.approx(0.5)
@@ -204,7 +206,7 @@ def test_pipelining_figures():
               "systems": {"hf": _fake_system("hf", 1.0), "hf-packed": _fake_system("hf-packed", 1.5),
                           "relay-1": _fake_system("relay-1", 1.0, shards=1),
                           "relay-2": _fake_system("relay-2", 1.8, shards=2)}}
-    rows = {r["key"]: r for r in bench.pipeline_rows(result)}
+    rows = {r["key"]: r for r in report.pipeline_rows(result)}
     systems = result["systems"]
     assert rows["mixed_2_over_1"]["value"] == pytest.approx(1.8) and rows["mixed_2_over_1"]["met"]
     assert rows["uniform_2_over_1"]["value"] == pytest.approx(systems["relay-2"]["uniform"]["tokens_per_s"]
@@ -217,7 +219,7 @@ def test_pipelining_figures():
     assert rows["single_over_hf_packed"]["value"] == pytest.approx(1.5 / 1.8)
     assert rows["single_over_hf_packed"]["goal"] == "<= 1.05"
     del systems["hf-packed"]
-    assert "mixed_over_hf_packed" not in {r["key"] for r in bench.pipeline_rows(result)}
+    assert "mixed_over_hf_packed" not in {r["key"] for r in report.pipeline_rows(result)}
 
 
 def test_cli_flags(tmp_path):
@@ -225,22 +227,23 @@ def test_cli_flags(tmp_path):
 
     args = build_parser().parse_args(["bench", "--model", "m", "--quick", "--shards", "2", "--concurrency", "1,8",
                                       "--mixed-prompt", "10-20", "--out", str(tmp_path)])
-    cfg = bench.config_from_args(args)
+    cfg = cli.config_from_args(args)
     assert cfg.shards == (2,) and cfg.concurrency == (1, 8) and cfg.mixed_prompt == (10, 20)
-    assert cfg.single_new_tokens == bench.QUICK["single_new_tokens"]  # --quick, not overridden
-    full = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m"]))
+    assert cfg.single_new_tokens == workloads.QUICK["single_new_tokens"]  # --quick, not overridden
+    full = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m"]))
     assert full.mixed_requests == 32 and full.concurrency == (1, 4, 16) and full.shards == (1, 2)
-    assert args.func is bench.run_bench
+    assert args.func is cli.run_bench
     assert full.baselines == ("hf", "hf-packed") and not full.threads_per_slice
-    mode = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
+    mode = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
                                                              "--baselines", "hf"]))
     assert mode.threads_per_slice and mode.baselines == ("hf",)
-    assert bench.relay_options(mode, 2).threads == 1 and bench.relay_options(mode, 2).cpus_per_slice == 1
+    options = relay_under_test.relay_options(mode, 2)
+    assert options.threads == 1 and options.cpus_per_slice == 1
     # Without it, a relay's CPU slices split the threads as serve splits cores: pipelined slices work at once.
-    eight = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
-    assert [bench.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    eight = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
+    assert [relay_under_test.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
     with pytest.raises(SystemExit, match="baselines"):
-        bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
 
 
 def test_memory_rows_without_ray():
@@ -249,7 +252,7 @@ def test_memory_rows_without_ray():
               "systems": {"hf": _fake_system("hf", 1.0), "relay-1": _fake_system("relay-1", 1.0, shards=1),
                           "relay-2": _fake_system("relay-2", 1.0, shards=2)},
               "gateway_process": {"relays": ["relay-1", "relay-2"], "peak_rss_bytes": 2**33, "gpu_peak_bytes": 0}}
-    rows = bench.memory_rows(result)
+    rows = report.memory_rows(result)
     assert [r["process"] for r in rows] == ["hf", "gateway process (slices of relay-1, relay-2)"]
     assert rows[1]["weights"] == 3 * 2**30 and rows[1]["cache"] == 3 * 2**28
     assert rows[1]["budget"] == 3 * 2**30 + 3 * 2**28 + 100
@@ -290,7 +293,7 @@ def test_results_are_written_after_every_phase(tmp_path):
     import asyncio
 
     cfg = BenchConfig(model="m", out=str(tmp_path), single_prompts=(16, 512), concurrency=(1, 4))
-    phases = bench.plan(cfg, bench.make_workloads(cfg, list(range(1000))))
+    phases = workloads.plan(cfg, workloads.make_workloads(cfg, list(range(1000))))
     assert [p.describe() for p in phases][:3] == ["single stream, 16-token prompt", "single stream, 512-token prompt",
                                                   "mixed c=1 (2 requests)"]
     result = {"meta": {"model_name": "m", "parameters": 1_500_000_000, "dtype": "bfloat16", "device": "cuda:0"},
@@ -300,7 +303,7 @@ def test_results_are_written_after_every_phase(tmp_path):
               "runtime_overhead_bytes": 2**29}
     hf, relay = _FakeSystem("hf", tmp_path), _FakeSystem("relay-1", tmp_path, fail_on=phases[2].describe())
     with pytest.raises(RuntimeError, match="stand-in"):
-        asyncio.run(bench.run_phases(cfg, phases, [hf, relay], result,
+        asyncio.run(bench_run.run_phases(cfg, phases, [hf, relay], result,
                                      lambda: {"gateway_process": {"relays": ["relay-1"], "peak_rss_bytes": 2**32}}))
 
     assert relay.seen[0] == ""  # nothing before the first phase; then each phase sees the one before it
