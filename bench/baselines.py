@@ -18,8 +18,10 @@ import torch
 from qwen_relay.server.pipeline import SLICE_ENV
 from qwen_relay.shards.runner import peak_rss_bytes
 
+from .loadgen import percentile
 from .measure import resolve_device_dtype, single_stream_stats, sync_device
-from .workloads import BASELINES, BenchConfig, Phase, Request, Workloads, plan, store, summary
+from .streaming import chat_stats
+from .workloads import HF_BASELINES, BenchConfig, Conversation, Phase, Request, Workloads, plan, store, summary
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,38 @@ def hf_single(model: Any, request: Request, repeats: int, pad_id: int) -> dict[s
         hf_generate(model, [request], pad_id, streamer=clock)
         runs.append((start, clock.times))
     return single_stream_stats(runs, len(request.prompt_token_ids))
+
+
+def hf_chat(model: Any, conversation: Conversation, pad_id: int) -> dict[str, Any]:
+    """The conversation as a chat client sends it (streaming.stream_chat), each turn a fresh `generate()`:
+    nothing is kept between turns, so every turn prefills the whole history."""
+    ttfts, prompts = [], []
+    start = time.perf_counter()
+    prompt: tuple[int, ...] = ()
+    for user in conversation.turns():
+        prompt = prompt + user
+        clock = _TokenClock()
+        began = time.perf_counter()
+        out = hf_generate(model, [Request(prompt, conversation.reply)], pad_id, streamer=clock)
+        ttfts.append((clock.times[0] - began) * 1000)
+        prompts.append(len(prompt))
+        prompt = prompt + tuple(out[0, len(prompt):].tolist())
+    return chat_stats(ttfts, prompts, time.perf_counter() - start)
+
+
+def hf_first_tokens(model: Any, requests: Sequence[Request], batch_size: int, pad_id: int) -> dict[str, Any]:
+    """Time to first token of each request, in static batches of `batch_size` one after another (a request's
+    first token is its batch's)."""
+    ttfts = []
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        clock = _TokenClock()
+        began = time.perf_counter()
+        hf_generate(model, batch, pad_id, streamer=clock)
+        ttfts += [(clock.times[0] - began) * 1000] * len(batch)
+    return {"concurrency": batch_size, "requests": len(requests), "wall_s": time.perf_counter() - start,
+            "ttft_ms_p50": percentile(ttfts, 50), "ttft_ms_p95": percentile(ttfts, 95), "ttft_ms_all": ttfts}
 
 
 def hf_static_batches(model: Any, requests: Sequence[Request], batch_size: int, pad_id: int) -> dict[str, Any]:
@@ -144,6 +178,10 @@ class HfRunner:
     def run(self, phase: Phase) -> dict[str, Any]:
         if phase.section == "single":
             return hf_single(self.model, phase.requests[0], self.cfg.single_repeats, self.pad_id)
+        if phase.conversation is not None:
+            return hf_chat(self.model, phase.conversation, self.pad_id)
+        if phase.section == "shared-prefix":
+            return hf_first_tokens(self.model, phase.requests, phase.concurrency, self.pad_id)
         return hf_static_batches(self.model, phase.requests, phase.concurrency, self.pad_id)
 
     def memory(self) -> dict[str, Any]:
@@ -159,7 +197,7 @@ def run_hf(cfg: BenchConfig, work: Workloads, packed: bool = False) -> dict[str,
     result = runner.info()
     for phase in plan(cfg, work):
         store(result, phase, value := runner.run(phase))
-        log.info("%s %s: %s", runner.name, phase.describe(), summary(value))
+        log.info("%s %s: %s", runner.name, phase.describe(), summary(phase, value))
     result["memory"] = runner.memory()
     return result
 
@@ -200,8 +238,8 @@ class HfProcess:
     """
 
     def __init__(self, cfg: BenchConfig, name: str = "hf") -> None:
-        if name not in BASELINES:
-            raise ValueError(f"unknown baseline {name!r}: one of {', '.join(BASELINES)}")
+        if name not in HF_BASELINES:
+            raise ValueError(f"unknown baseline {name!r}: one of {', '.join(HF_BASELINES)}")
         self.name = name
         with _environ(SLICE_ENV):  # hf's process waits as the slices' do
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=_worker_init,

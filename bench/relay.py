@@ -22,6 +22,7 @@ Figures (see docs/benchmarks.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -33,7 +34,7 @@ import torch
 from .loadgen import parse_range
 from .measure import resolve_device_dtype
 from .run import run_benchmark
-from .workloads import BASELINES, QUICK, BenchConfig
+from .workloads import BASELINES, DEFAULT_WORKLOADS, HF_BASELINES, QUICK, WORKLOADS, BenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +50,39 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         values.update(QUICK)
     knobs = {"single_prompts": _ints, "single_new_tokens": int, "single_repeats": int, "mixed_requests": int,
              "mixed_prompt": parse_range, "mixed_new": parse_range, "concurrency": _ints, "min_requests": int,
-             "uniform_requests": int, "uniform_prompt": int, "uniform_new": int, "uniform_concurrency": int}
+             "uniform_requests": int, "uniform_prompt": int, "uniform_new": int, "uniform_concurrency": int,
+             "chat_system": int, "chat_turns": int, "chat_user": int, "chat_reply": int, "shared_system": int,
+             "shared_users": int, "shared_user": int, "shared_new": int, "shared_concurrency": int}
     for key, parse in knobs.items():
         if getattr(args, key) is not None:
             values[key] = parse(getattr(args, key))
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
     if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked fp32 CPU kernels: CPU fp32 only
         device, dtype = resolve_device_dtype(args.device, args.dtype)
-        args.baselines = ",".join(BASELINES) if (device.type, dtype) == ("cpu", torch.float32) else "hf"
-    baselines = tuple(dict.fromkeys(b.strip() for b in args.baselines.split(",") if b.strip()))
-    if not baselines or not set(baselines) <= set(BASELINES) or baselines[0] != "hf":
-        raise SystemExit(f"--baselines: hf first, then any of {', '.join(BASELINES)}; got {args.baselines!r}")
-    return BenchConfig(model=args.model, out=str(args.out), shards=shards, device=args.device,
-                       dtype=args.dtype, seed=args.seed, threads=args.threads, use_ray=not args.no_ray,
-                       threads_per_slice=args.threads_per_slice, baselines=baselines,
-                       prepack=not args.no_prepack,
-                       max_batch=args.max_batch, max_context=args.max_context, **values)
+        args.baselines = ",".join(HF_BASELINES) if (device.type, dtype) == ("cpu", torch.float32) else "hf"
+    baselines = _names(args.baselines)
+    if not set(baselines) <= set(BASELINES):
+        raise SystemExit(f"--baselines: any of {', '.join(BASELINES)}; got {args.baselines!r}")
+    workloads = _names(args.workloads)
+    if not workloads or not set(workloads) <= set(WORKLOADS):
+        raise SystemExit(f"--workloads: one or more of {', '.join(WORKLOADS)}; got {args.workloads!r}")
+    cfg = BenchConfig(model=args.model, out=str(args.out), shards=shards, device=args.device,
+                      dtype=args.dtype, seed=args.seed, threads=args.threads, use_ray=not args.no_ray,
+                      threads_per_slice=args.threads_per_slice, baselines=baselines, vllm_python=args.vllm_python,
+                      vllm_args=tuple(args.vllm_arg), workloads=workloads, prepack=not args.no_prepack,
+                      max_batch=args.max_batch, **values)
+    # The context every system is given: 1,024 tokens, or what the longest request of the workloads needs.
+    need = cfg.longest_sequence()
+    if args.max_context is None:
+        return dataclasses.replace(cfg, max_context=max(cfg.max_context, need))
+    if args.max_context < need:
+        raise SystemExit(f"--max-context {args.max_context}: the workloads chosen send up to {need} tokens")
+    return dataclasses.replace(cfg, max_context=args.max_context)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list, each name once, in order."""
+    return tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
 
 
 def default_model(shape: str, dtype: str, device: str, cache: Path) -> str:
@@ -90,8 +108,10 @@ def run_bench(args: argparse.Namespace) -> int:
     command = "qwen-relay " + shlex.join(sys.argv[1:])
     result = run_benchmark(cfg, command)
     print((Path(cfg.out) / "table.md").read_text())
-    print(f"wrote {cfg.out}/bench.json, table.md, throughput.png, latency.png, memory.png "
-          f"in {result['meta']['duration_s']:.0f} s")
+    ran = set(cfg.workloads)
+    plots = [name for name, show in (("throughput.png", ran & {"mixed", "uniform"}), ("latency.png", "single" in ran),
+                                     ("chat.png", "chat" in ran), ("memory.png", True)) if show]
+    print(f"wrote {cfg.out}/bench.json, table.md, {', '.join(plots)} in {result['meta']['duration_s']:.0f} s")
     return 0
 
 
@@ -136,13 +156,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-slice", action="store_true",
                    help="each relay slice one torch thread and one Ray CPU, emulating one device per slice; "
                    "reports relay-2 against relay-1 and hf-packed (the baselines keep --threads)")
-    p.add_argument("--baselines", help="generate() baselines: hf (stock kernels) and hf-packed (the slices' "
-                   "prepacked kernels; CPU fp32 only); default: both on CPU in fp32, else hf")
+    p.add_argument("--baselines", help="baselines: hf (generate() on stock kernels), hf-packed (generate() on the "
+                   "slices' prepacked kernels; CPU fp32 only), vllm (vLLM's server, from --vllm-python); "
+                   "default: hf,hf-packed on CPU in fp32, else hf")
+    p.add_argument("--vllm-python", default="",
+                   help="the Python of an environment with vLLM, for --baselines vllm (its CPU build on a CPU; "
+                   "docs/benchmarks.md says how to build one); without it the vllm baseline is skipped")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for vLLM's server, e.g. --vllm-arg=--no-enable-prefix-caching (repeat it)")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                   help=f"what to run, in this order: any of {', '.join(WORKLOADS)} (default "
+                   f"{','.join(DEFAULT_WORKLOADS)}); chat and shared-prefix measure what a prefix cache is worth")
     p.add_argument("--no-ray", action="store_true", help="relay slices in this process (LocalPipeline)")
     p.add_argument("--no-prepack", action="store_true",
                    help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")
     p.add_argument("--max-batch", type=int, default=16, help="relay cache slots")
-    p.add_argument("--max-context", type=int, default=1024, help="relay prompt + new tokens per sequence")
+    p.add_argument("--max-context", type=int,
+                   help="prompt + new tokens per sequence, of the relay and vLLM (default 1024, or what the "
+                   "workloads' longest request needs)")
     w = p.add_argument_group("workload (defaults: the issue's; --quick shrinks them)")
     w.add_argument("--single-prompts", help="single-stream prompt lengths (default 16,512)")
     w.add_argument("--single-new-tokens", help="single-stream new tokens (default 32)")
@@ -157,6 +188,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--uniform-prompt", help="uniform prompt length (default 64)")
     w.add_argument("--uniform-new", help="uniform new tokens (default 128)")
     w.add_argument("--uniform-concurrency", help="uniform concurrency / hf batch size (default 16)")
+    w.add_argument("--chat-system", help="chat: system prompt tokens (default 256)")
+    w.add_argument("--chat-turns", help="chat: turns (default 8)")
+    w.add_argument("--chat-user", help="chat: new user tokens per turn (default 64)")
+    w.add_argument("--chat-reply", help="chat: reply tokens per turn (default 48)")
+    w.add_argument("--shared-system", help="shared-prefix: the system prompt all users share (default 1024)")
+    w.add_argument("--shared-users", help="shared-prefix: users (default 16)")
+    w.add_argument("--shared-user", help="shared-prefix: each user's own tokens after it (default 64)")
+    w.add_argument("--shared-new", help="shared-prefix: new tokens per user (default 8)")
+    w.add_argument("--shared-concurrency", help="shared-prefix: users at a time (default 1: one after another, "
+                   "so each finds the prefix the first one left; hf: its static batch size)")
 
 
 if __name__ == "__main__":

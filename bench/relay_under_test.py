@@ -3,60 +3,16 @@ this process), driven over loopback gRPC through the real asyncio client, as a u
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from .loadgen import percentile
-from .measure import resolve_device_dtype, single_stream_stats
+from .measure import resolve_device_dtype
+from .streaming import run_phase, stream_load
 from .workloads import BenchConfig, Phase, Request
 
 log = logging.getLogger(__name__)
-
-
-async def relay_single(client: Any, request: Request, repeats: int) -> dict[str, Any]:
-    runs = []
-    for _ in range(repeats):
-        times: list[float] = []
-        start = time.perf_counter()
-        async for chunk in client.stream(prompt_token_ids=list(request.prompt_token_ids),
-                                         max_new_tokens=request.max_new_tokens, ignore_eos=True):
-            now = time.perf_counter()
-            times.extend([now] * len(chunk.token_ids))
-        if len(times) != request.max_new_tokens:
-            raise RuntimeError(f"relay returned {len(times)} tokens, expected {request.max_new_tokens}")
-        runs.append((start, times))
-    return single_stream_stats(runs, len(request.prompt_token_ids))
-
-
-async def relay_load(client: Any, requests: Sequence[Request], concurrency: int) -> dict[str, Any]:
-    """All requests through the client with at most `concurrency` in flight; tokens/s over the whole wall time."""
-    gate = asyncio.Semaphore(concurrency)
-    ttfts: list[float] = []
-
-    async def one(request: Request) -> int:
-        async with gate:
-            start = time.perf_counter()
-            count = 0
-            async for chunk in client.stream(prompt_token_ids=list(request.prompt_token_ids),
-                                             max_new_tokens=request.max_new_tokens, ignore_eos=True):
-                if count == 0 and chunk.token_ids:
-                    ttfts.append((time.perf_counter() - start) * 1000)
-                count += len(chunk.token_ids)
-            if count != request.max_new_tokens:
-                raise RuntimeError(f"relay returned {count} tokens, expected {request.max_new_tokens}")
-            return count
-
-    start = time.perf_counter()
-    counts = await asyncio.gather(*(one(r) for r in requests))
-    wall = time.perf_counter() - start
-    output = sum(counts)
-    return {"concurrency": concurrency, "requests": len(requests), "output_tokens": output,
-            "generated_tokens": output, "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests),
-            "wall_s": wall, "tokens_per_s": output / wall, "ttft_ms_p50": percentile(ttfts, 50),
-            "ttft_ms_p95": percentile(ttfts, 95)}
 
 
 def relay_options(cfg: BenchConfig, shards: int) -> Any:
@@ -94,7 +50,7 @@ class RelayUnderTest:
         relay = await Relay.start(relay_options(cfg, shards))
         try:
             client = AsyncRelayClient(f"127.0.0.1:{relay.port}", timeout=cfg.request_timeout)
-            await relay_load(client, [Request(tuple(range(1, 9)), 2)], 1)  # warm-up through the whole path
+            await stream_load(lambda r: _stream(client, r), [Request(tuple(range(1, 9)), 2)], 1)  # warm-up
         except BaseException:
             await relay.stop(grace=0)
             raise
@@ -105,10 +61,7 @@ class RelayUnderTest:
     async def run(self, phase: Phase) -> dict[str, Any]:
         """The phase's figures, plus each slice's time in forwards during it (for the busy fraction)."""
         before = [s.forward_seconds for s in await self.relay.pipeline.stats()]
-        if phase.section == "single":
-            value = await relay_single(self.client, phase.requests[0], self.cfg.single_repeats)
-        else:
-            value = await relay_load(self.client, phase.requests, phase.concurrency)
+        value = await run_phase(lambda r: _stream(self.client, r), phase, self.cfg.single_repeats)
         after = [s.forward_seconds for s in await self.relay.pipeline.stats()]
         value["slice_forward_s"] = [b - a for a, b in zip(before, after, strict=True)]
         return value
@@ -130,3 +83,10 @@ class RelayUnderTest:
     async def stop(self) -> None:
         await self.client.close()
         await self.relay.stop(grace=0)
+
+
+async def _stream(client: Any, request: Request) -> AsyncIterator[Sequence[int]]:
+    """The request over gRPC, greedy with `ignore_eos`: each chunk's new token ids (a `TokenStream`)."""
+    async for chunk in client.stream(prompt_token_ids=list(request.prompt_token_ids),
+                                     max_new_tokens=request.max_new_tokens, ignore_eos=True):
+        yield chunk.token_ids

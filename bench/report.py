@@ -233,6 +233,8 @@ def render_table(result: dict[str, Any]) -> str:
             out.append(f"| {name} | {_f(u.get('tokens_per_s'), 2)} | {_f(u.get('wall_s'))} | "
                        f"{_f(ratios.get(name, {}).get('uniform'), 2)} |")
 
+    out += chat_table(systems, cfg) + shared_prefix_table(systems, cfg)
+
     gpu = meta["device"].startswith("cuda")
     memory = memory_rows(result) if "runtime_overhead_bytes" in result else []
     if memory:
@@ -282,8 +284,42 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def chat_table(systems: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Time to first token per turn of the chat, cold and warm, one row per system and run."""
+    rows = [(name, run, sysres["chat"][run]) for name, sysres in systems.items()
+            for run in ("cold", "warm") if run in sysres.get("chat", {})]
+    if not rows:
+        return []
+    prompts = rows[0][2]["prompt_tokens"]
+    out = ["", f"**Chat** (one conversation by token ids: a {cfg['chat_system']}-token system prompt, then per turn "
+           f"{cfg['chat_user']} new user tokens and a {cfg['chat_reply']}-token reply; each turn's prompt = the last "
+           "prompt + the reply the system gave + the new tokens; time to first token per turn, s; cold, then the "
+           "same conversation again: warm)", "",
+           "| system | run | " + " | ".join(f"turn {i} ({n})" for i, n in enumerate(prompts, 1)) + " |",
+           "|---|---|" + "---:|" * len(prompts)]
+    for name, run, chat in rows:
+        out.append(f"| {name} | {run} | " + " | ".join(_f(t / 1000, 2) for t in chat["ttft_ms"]) + " |")
+    return out
+
+
+def shared_prefix_table(systems: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """Time to first token of users who share one system prompt: the first user's, then the p50 over all."""
+    rows = [(name, sysres["shared-prefix"]) for name, sysres in systems.items() if "shared-prefix" in sysres]
+    if not rows:
+        return []
+    out = ["", f"**Shared prefix** ({cfg['shared_users']} users, each a {cfg['shared_system']}-token system prompt "
+           f"they share + {cfg['shared_user']} tokens of their own, {cfg['shared_new']} new tokens, "
+           f"{cfg['shared_concurrency']} at a time; time to first token, ms)", "",
+           "| system | first user | p50 | p95 | wall s |", "|---|---:|---:|---:|---:|"]
+    for name, v in rows:
+        out.append(f"| {name} | {_f(v['ttft_ms_all'][0], 0)} | {_f(v['ttft_ms_p50'], 0)} | "
+                   f"{_f(v['ttft_ms_p95'], 0)} | {_f(v['wall_s'])} |")
+    return out
+
+
 def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
-    """throughput.png (tokens/s by concurrency), latency.png (ms/token and TTFT), memory.png."""
+    """throughput.png (tokens/s by concurrency), latency.png (ms/token and TTFT), chat.png (TTFT per turn),
+    memory.png: each one whose workloads ran."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,9 +329,24 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     cfg = result["config"]
     paths = []
 
+    if any("mixed" in s or "uniform" in s for s in systems.values()):
+        paths.append(_throughput_plot(plt, systems, cfg, out))
+    names = [n for n, s in systems.items() if "single" in s]
+    if names:
+        paths.append(_latency_plot(plt, systems, names, cfg, out))
+    names = [n for n, s in systems.items() if "chat" in s]
+    if names:
+        paths.append(_chat_plot(plt, systems, names, out))
+    rows = memory_rows(result)
+    if rows:
+        paths.append(_memory_plot(plt, rows, out))
+    return paths
+
+
+def _throughput_plot(plt: Any, systems: dict[str, Any], cfg: dict[str, Any], out: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name, sysres in systems.items():
-        cs = sorted(int(c) for c in sysres["mixed"])
+        cs = sorted(int(c) for c in sysres.get("mixed", {}))
         ax1.plot(cs, [sysres["mixed"][str(c)]["tokens_per_s"] for c in cs], marker="o", label=name)
     ax1.set_xscale("log", base=2)
     ax1.set_xticks(cfg["concurrency"], [str(c) for c in cfg["concurrency"]])
@@ -303,15 +354,17 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     ax1.set_ylabel("output tokens/s")
     ax1.set_title("mixed workload")
     ax1.legend()
-    names = list(systems)
+    names = [n for n, s in systems.items() if "uniform" in s]
     ax2.bar(names, [systems[n]["uniform"]["tokens_per_s"] for n in names], color=[f"C{i}" for i in range(len(names))])
     ax2.set_ylabel("output tokens/s")
     ax2.set_title(f"uniform workload, concurrency {cfg['uniform_concurrency']}")
     fig.tight_layout()
-    paths.append(out / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(out / "throughput.png", dpi=110)
     plt.close(fig)
+    return out / "throughput.png"
 
+
+def _latency_plot(plt: Any, systems: dict[str, Any], names: list[str], cfg: dict[str, Any], out: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     lengths = [str(n) for n in cfg["single_prompts"]]
     width = 0.8 / max(len(names), 1)
@@ -328,11 +381,30 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    paths.append(out / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(out / "latency.png", dpi=110)
     plt.close(fig)
+    return out / "latency.png"
 
-    rows = memory_rows(result)
+
+def _chat_plot(plt: Any, systems: dict[str, Any], names: list[str], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, name in enumerate(names):
+        for run, style in (("cold", "-"), ("warm", "--")):
+            if run in systems[name]["chat"]:
+                chat = systems[name]["chat"][run]
+                ax.plot(chat["prompt_tokens"], [t / 1000 for t in chat["ttft_ms"]], style, marker="o",
+                        color=f"C{i}", label=f"{name} {run}")
+    ax.set_xlabel("prompt tokens (the turn's whole history)")
+    ax.set_ylabel("time to first token, s")
+    ax.set_title("chat, turn by turn")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "chat.png", dpi=110)
+    plt.close(fig)
+    return out / "chat.png"
+
+
+def _memory_plot(plt: Any, rows: list[dict[str, Any]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
     xs = range(len(rows))
     ax.bar(xs, [r["peak"] / MIB for r in rows], 0.4, label="peak RSS")
@@ -341,10 +413,9 @@ def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
     ax.set_ylabel("MiB")
     ax.legend()
     fig.tight_layout()
-    paths.append(out / "memory.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(out / "memory.png", dpi=110)
     plt.close(fig)
-    return paths
+    return out / "memory.png"
 
 
 def write_tables(result: dict[str, Any], out: Path) -> str:

@@ -21,6 +21,7 @@ from .baselines import HfProcess
 from .measure import copy_bandwidth, machine, reset_peak_rss, resolve_device_dtype, runtime_overhead, weight_read_bytes
 from .relay_under_test import RelayUnderTest
 from .report import write_report, write_tables
+from .vllm_peer import VllmServer, vllm_version
 from .workloads import BenchConfig, Phase, Workloads, make_workloads, plan, store, summary, token_pool
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ async def run_phases(cfg: BenchConfig, phases: Sequence[Phase], systems: Sequenc
         try:
             for system in systems:
                 store(result["systems"][system.name], phase, value := await system.run(phase))
-                log.info("%s | %s: %s", phase.describe(), system.name, summary(value))
+                log.info("%s | %s: %s", phase.describe(), system.name, summary(phase, value))
             for system in systems:
                 result["systems"][system.name].update(await system.snapshot())
             result.update(extra() if extra else {})
@@ -66,8 +67,19 @@ async def run_phases(cfg: BenchConfig, phases: Sequence[Phase], systems: Sequenc
         log.info("phase %d/%d done in %.1f s: %s", i, len(phases), time.perf_counter() - started, phase.describe())
 
 
+async def start_vllm(cfg: BenchConfig) -> VllmServer | None:
+    """vLLM's server, or None (said in one line) where `--vllm-python` is missing or has no vLLM."""
+    try:
+        version = await asyncio.to_thread(vllm_version, cfg.vllm_python)
+    except RuntimeError as e:
+        log.warning("vllm: skipped: %s", e)
+        return None
+    log.info("vllm %s: starting its server from %s", version, cfg.vllm_python)
+    return await VllmServer.start(cfg, version)
+
+
 async def run_systems(cfg: BenchConfig, work: Workloads, result: dict[str, Any]) -> None:
-    """hf and every relay loaded at once, then `run_phases` over them; fills `result["systems"]`.
+    """The baselines and every relay loaded at once, then `run_phases` over them; fills `result["systems"]`.
 
     Without Ray, where every slice of every relay lives in this process and only their sum can be measured,
     also `result["gateway_process"]`.
@@ -77,7 +89,7 @@ async def run_systems(cfg: BenchConfig, work: Workloads, result: dict[str, Any])
         reset_peak_rss()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-    baselines: list[HfProcess] = []
+    baselines: list[HfProcess | VllmServer] = []
     relays: list[RelayUnderTest] = []
 
     def gateway() -> dict[str, Any]:
@@ -89,6 +101,10 @@ async def run_systems(cfg: BenchConfig, work: Workloads, result: dict[str, Any])
 
     try:
         for name in cfg.baselines:
+            if name == "vllm":
+                if (peer := await start_vllm(cfg)) is not None:
+                    baselines.append(peer)
+                continue
             started = time.perf_counter()
             log.info("%s: loading in a subprocess", name)
             baselines.append(await asyncio.to_thread(HfProcess, cfg, name))

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 # `generate()` on stock kernels (the user's baseline) and on the slices' prepacked ones (shards/packed.py): the
 # second shows what the relay's design is worth apart from kernel choice.
-BASELINES = ("hf", "hf-packed")
+HF_BASELINES = ("hf", "hf-packed")
+# vLLM's OpenAI server (its CPU build on a CPU), started from a Python the user names (--vllm-python): the peer.
+BASELINES = (*HF_BASELINES, "vllm")
+# What a run measures, in run order. chat and shared-prefix measure what a prefix cache is worth; they are long
+# on a CPU (every turn re-prefills up to 1,104 tokens without one), so they run only when asked for.
+WORKLOADS = ("single", "mixed", "uniform", "chat", "shared-prefix")
+DEFAULT_WORKLOADS = ("single", "mixed", "uniform")
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,10 @@ class BenchConfig:
     threads: int = 0  # torch threads of hf and of each relay (split between its CPU slices); 0: all cores
     # Each slice one thread and one Ray CPU, emulating one device per slice (the baselines keep `threads`).
     threads_per_slice: bool = False
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] = HF_BASELINES
+    vllm_python: str = ""  # the Python whose environment has vLLM; "" skips the vllm baseline
+    vllm_args: tuple[str, ...] = ()  # more arguments for vLLM's server (e.g. --no-enable-prefix-caching)
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     use_ray: bool = True
     prepack: bool = True  # the relay's CPU weights prepacked for oneDNN (hf always runs stock kernels)
     max_batch: int = 16
@@ -49,6 +58,18 @@ class BenchConfig:
     uniform_prompt: int = 64
     uniform_new: int = 128
     uniform_concurrency: int = 16
+    # chat: one conversation; turn 1 sends the system prompt + a user message, each later turn the last prompt +
+    # the reply the server gave + a new user message (320 -> 1,104 prompt tokens); run cold, then again warm.
+    chat_system: int = 256
+    chat_turns: int = 8
+    chat_user: int = 64
+    chat_reply: int = 48
+    # shared-prefix: users sending one system prompt + their own tokens, `shared_concurrency` at a time.
+    shared_system: int = 1024
+    shared_users: int = 16
+    shared_user: int = 64
+    shared_new: int = 8
+    shared_concurrency: int = 1
     request_timeout: float = 3600.0
 
     @property
@@ -60,10 +81,20 @@ class BenchConfig:
             return self.mixed_requests
         return min(self.mixed_requests, max(self.min_requests, concurrency))
 
+    def longest_sequence(self) -> int:
+        """Prompt + new tokens of the longest request the chosen workloads send (the context they need)."""
+        need = {"single": max(self.single_prompts, default=0) + self.single_new_tokens,
+                "mixed": self.mixed_prompt[1] + self.mixed_new[1],
+                "uniform": self.uniform_prompt + self.uniform_new,
+                "chat": self.chat_system + self.chat_turns * (self.chat_user + self.chat_reply),
+                "shared-prefix": self.shared_system + self.shared_user + self.shared_new}
+        return max(need[w] for w in self.workloads)
+
 
 QUICK = dict(single_prompts=(16, 128), single_new_tokens=8, single_repeats=1, mixed_requests=8,
              mixed_prompt=(16, 64), mixed_new=(8, 16), concurrency=(1, 4), min_requests=2, uniform_requests=4,
-             uniform_prompt=16, uniform_new=16, uniform_concurrency=4)
+             uniform_prompt=16, uniform_new=16, uniform_concurrency=4, chat_system=32, chat_turns=3, chat_user=16,
+             chat_reply=8, shared_system=128, shared_users=4, shared_user=16, shared_new=4)
 
 
 @dataclass(frozen=True)
@@ -75,10 +106,26 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """A chat by token ids: what the client adds each turn; the replies are the server's own."""
+
+    system: tuple[int, ...]
+    users: tuple[tuple[int, ...], ...]
+    reply: int  # new tokens per turn
+
+    def turns(self) -> Iterator[tuple[int, ...]]:
+        """What each turn appends to the history before the request: the first turn also the system prompt."""
+        yield self.system + self.users[0]
+        yield from self.users[1:]
+
+
+@dataclass(frozen=True)
 class Workloads:
     single: dict[int, Request]  # prompt length -> request
     mixed: list[Request]
     uniform: list[Request]
+    chat: Conversation
+    shared: list[Request]  # one system prompt, each user's own tokens after it
 
 
 def token_pool(tokenizer: Any, vocab_size: int) -> list[int]:
@@ -110,29 +157,52 @@ def make_workloads(cfg: BenchConfig, pool: Sequence[int]) -> Workloads:
     mixed = make_requests(cfg.mixed_requests, cfg.mixed_prompt, cfg.mixed_new, pool, _rng(cfg.seed, "mixed"))
     uniform = make_requests(cfg.uniform_requests, (cfg.uniform_prompt,) * 2, (cfg.uniform_new,) * 2, pool,
                             _rng(cfg.seed, "uniform"))
-    return Workloads(single=single, mixed=mixed, uniform=uniform)
+    rng = _rng(cfg.seed, "chat")
+    chat = Conversation(system=_tokens(cfg.chat_system, pool, rng),
+                        users=tuple(_tokens(cfg.chat_user, pool, rng) for _ in range(cfg.chat_turns)),
+                        reply=cfg.chat_reply)
+    rng = _rng(cfg.seed, "shared-prefix")
+    system = _tokens(cfg.shared_system, pool, rng)
+    shared = [Request(system + _tokens(cfg.shared_user, pool, rng), cfg.shared_new) for _ in range(cfg.shared_users)]
+    return Workloads(single=single, mixed=mixed, uniform=uniform, chat=chat, shared=shared)
+
+
+def _tokens(count: int, pool: Sequence[int], rng: random.Random) -> tuple[int, ...]:
+    return tuple(rng.choice(pool) for _ in range(count))
 
 
 @dataclass(frozen=True)
 class Phase:
     """One measurement every system runs in turn, so slow drift in machine load hits all of them alike."""
 
-    section: str  # "single", "mixed" or "uniform"
-    key: str | None  # prompt length (single) or concurrency (mixed); None for uniform
+    section: str  # one of WORKLOADS
+    key: str | None  # prompt length (single), concurrency (mixed), "cold" or "warm" (chat); else None
     requests: tuple[Request, ...]
     concurrency: int
+    conversation: Conversation | None = None  # chat only
 
     def describe(self) -> str:
         if self.section == "single":
             return f"single stream, {self.key}-token prompt"
+        if self.conversation is not None:
+            return f"chat, {self.key} ({len(self.conversation.users)} turns)"
         return f"{self.section} c={self.concurrency} ({len(self.requests)} requests)"
 
 
 def plan(cfg: BenchConfig, work: Workloads) -> list[Phase]:
-    """The phases in run order: single stream per prompt, the mixed sweep, the uniform workload."""
-    phases = [Phase("single", str(n), (r,), 1) for n, r in work.single.items()]
-    phases += [Phase("mixed", str(c), tuple(work.mixed[:cfg.requests_at(c)]), c) for c in cfg.concurrency]
-    phases.append(Phase("uniform", None, tuple(work.uniform), cfg.uniform_concurrency))
+    """The chosen workloads' phases in run order: single stream per prompt, the mixed sweep, the uniform
+    workload, the chat cold then warm (the same conversation again), the shared prefix."""
+    phases: list[Phase] = []
+    if "single" in cfg.workloads:
+        phases += [Phase("single", str(n), (r,), 1) for n, r in work.single.items()]
+    if "mixed" in cfg.workloads:
+        phases += [Phase("mixed", str(c), tuple(work.mixed[:cfg.requests_at(c)]), c) for c in cfg.concurrency]
+    if "uniform" in cfg.workloads:
+        phases.append(Phase("uniform", None, tuple(work.uniform), cfg.uniform_concurrency))
+    if "chat" in cfg.workloads:
+        phases += [Phase("chat", key, (), 1, work.chat) for key in ("cold", "warm")]
+    if "shared-prefix" in cfg.workloads:
+        phases.append(Phase("shared-prefix", None, tuple(work.shared), cfg.shared_concurrency))
     return phases
 
 
@@ -143,7 +213,12 @@ def store(result: dict[str, Any], phase: Phase, value: dict[str, Any]) -> None:
         result.setdefault(phase.section, {})[phase.key] = value
 
 
-def summary(value: dict[str, Any]) -> str:
+def summary(phase: Phase, value: dict[str, Any]) -> str:
+    """One log line for a phase's figures."""
+    if phase.section == "chat":
+        return "TTFT per turn " + ", ".join(f"{t / 1000:.2f}" for t in value["ttft_ms"]) + " s"
+    if phase.section == "shared-prefix":
+        return f"TTFT p50 {value['ttft_ms_p50']:.0f} ms, first user {value['ttft_ms_all'][0]:.0f} ms"
     if "tokens_per_s" in value:
         return f"{value['tokens_per_s']:.2f} tokens/s"
     return f"TTFT {value['ttft_ms']:.0f} ms, {value['ms_per_token_p50'] or 0:.1f} ms/token p50"

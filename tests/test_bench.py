@@ -243,7 +243,163 @@ def test_cli_flags(tmp_path):
     eight = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
     assert [relay_under_test.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
     with pytest.raises(SystemExit, match="baselines"):
-        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "hf,sglang"]))
+    peer = cli.config_from_args(build_parser().parse_args(
+        ["bench", "--model", "m", "--baselines", "vllm", "--vllm-python", "/v/bin/python", "--workloads",
+         "chat,shared-prefix", "--vllm-arg=--no-enable-prefix-caching"]))
+    assert peer.baselines == ("vllm",) and peer.vllm_python == "/v/bin/python"
+    assert peer.vllm_args == ("--no-enable-prefix-caching",) and peer.workloads == ("chat", "shared-prefix")
+    assert peer.max_context == 256 + 8 * (64 + 48)  # the chat's last prompt and reply; more than the default 1024
+    assert full.max_context == 1024 and full.workloads == ("single", "mixed", "uniform")
+    with pytest.raises(SystemExit, match="send up to 1152 tokens"):
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--workloads", "chat",
+                                                        "--max-context", "1024"]))
+    with pytest.raises(SystemExit, match="workloads"):
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--workloads", "chats"]))
+
+
+def test_chat_and_shared_prefix_workloads():
+    """The chat turns and the shared prefix, as the KV-cache issue measures them; phases only when chosen."""
+    cfg = BenchConfig(model="m", workloads=("chat", "shared-prefix"))
+    work = workloads.make_workloads(cfg, list(range(1000)))
+    assert work == workloads.make_workloads(cfg, list(range(1000)))
+    turns = list(work.chat.turns())
+    assert [len(t) for t in turns] == [256 + 64] + [64] * 7 and turns[0][:256] == work.chat.system
+    assert len(work.shared) == 16 and all(r.max_new_tokens == 8 and len(r.prompt_token_ids) == 1088
+                                          for r in work.shared)
+    assert {r.prompt_token_ids[:1024] for r in work.shared} == {work.shared[0].prompt_token_ids[:1024]}
+    assert len({r.prompt_token_ids[1024:] for r in work.shared}) == 16
+    phases = workloads.plan(cfg, work)
+    assert [p.describe() for p in phases] == ["chat, cold (8 turns)", "chat, warm (8 turns)",
+                                              "shared-prefix c=1 (16 requests)"]
+    assert phases[0].conversation == phases[1].conversation == work.chat
+    default = workloads.plan(BenchConfig(model="m"), work)
+    assert {p.section for p in default} == {"single", "mixed", "uniform"}
+
+
+def test_chat_sends_each_reply_back():
+    """Each turn's prompt is the last prompt + the reply the server gave + the new user tokens."""
+    import asyncio
+
+    from qwen_relay.bench.streaming import stream_chat
+    from qwen_relay.bench.workloads import Conversation
+
+    sent, extra = [], 1
+
+    async def server(request):
+        sent.append(request)
+        yield [7, 7]  # a chunk of two, then one token a chunk
+        for i in range(request.max_new_tokens - 2 + extra):
+            yield [len(request.prompt_token_ids) + i]
+
+    conversation = Conversation(system=(1, 2, 3), users=((4, 5), (6,), (8, 9)), reply=3)
+    with pytest.raises(RuntimeError, match="returned 4 tokens, expected 3"):
+        asyncio.run(stream_chat(server, conversation))  # a token too many is caught
+    sent.clear()
+    extra = 0
+    chat = asyncio.run(stream_chat(server, conversation))
+    assert [r.prompt_token_ids for r in sent] == [(1, 2, 3, 4, 5), (1, 2, 3, 4, 5, 7, 7, 5, 6),
+                                                  (1, 2, 3, 4, 5, 7, 7, 5, 6, 7, 7, 9, 8, 9)]
+    assert chat["prompt_tokens"] == [5, 9, 14] and len(chat["ttft_ms"]) == 3 and chat["turns"] == 3
+
+
+def test_hf_chat_replies_are_the_models(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from qwen_relay.bench.workloads import Conversation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    conversation = Conversation(system=(5, 6, 7), users=((8, 9), (10, 11)), reply=3)
+    chat = baselines.hf_chat(model, conversation, 0)
+    assert chat["prompt_tokens"] == [5, 10] and all(t > 0 for t in chat["ttft_ms"])
+    first = baselines.hf_generate(model, [Request((5, 6, 7, 8, 9), 3)], 0)[0].tolist()
+    second = baselines.hf_generate(model, [Request((*first, 10, 11), 3)], 0)[0].tolist()
+    assert second[:10] == [*first, 10, 11]  # what hf_chat sent as its second prompt
+    shared = baselines.hf_first_tokens(model, [Request((5, 6, 7), 2)] * 3, 2, 0)
+    assert shared["requests"] == 3 and len(shared["ttft_ms_all"]) == 3
+    assert shared["ttft_ms_all"][0] == shared["ttft_ms_all"][1]  # one static batch, one first token
+
+
+def test_vllm_is_skipped_in_one_line_without_it(tmp_path, caplog):
+    import asyncio
+    import sys
+
+    cfg = BenchConfig(model="m", out=str(tmp_path), baselines=("vllm",))
+    with caplog.at_level("WARNING"):
+        assert asyncio.run(bench_run.start_vllm(cfg)) is None
+        assert asyncio.run(bench_run.start_vllm(dataclasses.replace(cfg, vllm_python=sys.executable))) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "vllm: skipped: no --vllm-python given (a Python whose environment has vLLM; " \
+                       "docs/benchmarks.md)"
+    assert lines[1].startswith(f"vllm: skipped: {sys.executable} cannot import vllm") and len(lines) == 2
+
+
+def test_vllm_stream_reads_token_ids_from_chunked_events(tmp_path):
+    """The peer's client against a stand-in for vLLM's server: chunked SSE with events split across chunks
+    and chunks holding several events; it yields each event's token ids and sends the request by ids."""
+    import asyncio
+
+    from qwen_relay.bench.vllm_peer import VllmServer, server_command
+
+    bodies = []
+    events = [{"choices": [{"text": "", "token_ids": []}]}, {"choices": [{"text": "a", "token_ids": [11]}]},
+              {"choices": [{"text": "bc", "token_ids": [12, 13]}]}, {"choices": [], "usage": {"x": 1}}]
+    payload = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    cuts = [0, 7, 60, 61, len(payload)]  # an event split, then the rest in one chunk with several events
+
+    async def handle(reader, writer):
+        headers = b""
+        while (line := await reader.readline()) != b"\r\n":
+            headers += line
+        length = int(headers.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        bodies.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            writer.write(f"{b - a:x}\r\n".encode() + payload[a:b] + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        peer = VllmServer(BenchConfig(model="m"), None, server.sockets[0].getsockname()[1], {})
+        chunks = [ids async for ids in peer.stream(Request((1, 2, 3), 3))]
+        server.close()
+        return chunks
+
+    assert asyncio.run(main()) == [[11], [12, 13]]
+    assert bodies == [{"model": "bench", "prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "return_token_ids": True}]
+    cfg = BenchConfig(model="/ckpt", vllm_python="/v/bin/python", dtype="auto", max_context=1152,
+                      vllm_args=("--no-enable-prefix-caching",))
+    command = server_command(cfg, 8000)
+    assert command[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for flag, value in (("--model", "/ckpt"), ("--dtype", "float32"), ("--max-model-len", "1152"),
+                        ("--max-num-seqs", "16"), ("--port", "8000")):
+        assert command[command.index(flag) + 1] == value
+    assert command[-1] == "--no-enable-prefix-caching"
+
+
+def test_report_of_chat_and_shared_prefix(tmp_path):
+    """Only the workloads that ran are in the table and the plots; the chat per turn, cold and warm."""
+    cfg = BenchConfig(model="m", out=str(tmp_path), workloads=("chat", "shared-prefix"), chat_turns=2)
+    chat = {"cold": {"turns": 2, "prompt_tokens": [320, 432], "ttft_ms": [2270.0, 2500.0], "wall_s": 9.0},
+            "warm": {"turns": 2, "prompt_tokens": [320, 432], "ttft_ms": [300.0, 310.0], "wall_s": 6.0}}
+    shared = {"concurrency": 1, "requests": 3, "wall_s": 4.0, "ttft_ms_p50": 400.0, "ttft_ms_p95": 2900.0,
+              "ttft_ms_all": [3000.0, 400.0, 390.0]}
+    result = {"meta": {"model_name": "m", "parameters": 494_000_000, "dtype": "float32", "device": "cpu"},
+              "config": {**dataclasses.asdict(cfg), "num_threads": 2},
+              "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 2e9, "read_bytes_per_token": 2e9,
+                            "floor_ms_per_token": 100.0, "ceiling_tokens_per_s": 10.0},
+              "runtime_overhead_bytes": 2**29,
+              "systems": {"vllm": {"system": "vllm", "chat": chat, "shared-prefix": shared},
+                          "relay-1": {"system": "relay-1", "shards": 1, "chat": chat}}}
+    table = report.write_report(result, tmp_path)
+    assert "| system | run | turn 1 (320) | turn 2 (432) |" in table
+    assert "| vllm | cold | 2.27 | 2.50 |" in table and "| relay-1 | warm | 0.30 | 0.31 |" in table
+    assert "| vllm | 3000 | 400 | 2900 | 4.0 |" in table and "| relay-1 | 3000" not in table
+    assert "Mixed workload" not in table and "Single stream" not in table
+    assert [p.name for p in tmp_path.glob("*.png")] == ["chat.png"]  # no process reported its memory
 
 
 def test_memory_rows_without_ray():
