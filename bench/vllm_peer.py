@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -151,16 +152,17 @@ class VllmServer:
     def close(self) -> None:
         """SIGTERM to the server's process group (its engine and worker too), SIGKILL if it lingers."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
 
 
 def _tree_peak_rss(pid: int) -> int:
-    import psutil
+    """Sum of VmHWM over `pid` and its descendants (psutil finds them; /proc has the peak)."""
+    import psutil  # here, not at the top: bench/gpu.sh's image may lack it, and only this baseline needs it
 
     total = 0
     try:
