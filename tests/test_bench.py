@@ -399,6 +399,7 @@ def test_report_of_chat_and_shared_prefix(tmp_path):
     assert "| vllm | cold | 2.27 | 2.50 |" in table and "| relay-1 | warm | 0.30 | 0.31 |" in table
     assert "| vllm | 3000 | 400 | 2900 | 4.0 |" in table and "| relay-1 | 3000" not in table
     assert "Mixed workload" not in table and "Single stream" not in table
+    assert "tokens/s at concurrency" not in table and "single-stream tokens/s" not in table  # no empty rows
     assert [p.name for p in tmp_path.glob("*.png")] == ["chat.png"]  # no process reported its memory
 
 
