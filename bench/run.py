@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class System(Protocol):
-    """One system under test, as the phase loop drives it: an hf baseline or a relay."""
+    """One system under test, as the phase loop drives it: a baseline (hf, vLLM) or a relay."""
 
     name: str
     header: dict[str, Any]
@@ -120,7 +120,8 @@ async def run_systems(cfg: BenchConfig, work: Workloads, result: dict[str, Any])
 
 
 def run_benchmark(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
-    """Bandwidth, then hf (subprocess) and every relay phase by phase; writes the report into `cfg.out`."""
+    """Bandwidth, then the baselines (hf in a subprocess, vLLM as a server) and every relay phase by phase; writes
+    the report into `cfg.out`."""
     from transformers import AutoConfig, AutoTokenizer
 
     started = time.perf_counter()
