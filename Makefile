@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # not pull a multi-GB CUDA build. On a GPU machine: make setup TORCH_SPEC=torch (PyPI's CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint protos clean
+.PHONY: setup demo test test-fast lint protos gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,14 @@ lint: setup
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos protos/qwen_relay/v1/*.proto
+
+# The wheels bench/gpu.sh installs on the GPU machine's image (Python 3.12, no network), downloaded and checked
+# against bench/wheels/requirements.txt's hashes into bench/wheels/, which git ignores: copy it with the tree.
+GPU_WHEELS := bench/wheels
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--require-hashes -r $(GPU_WHEELS)/requirements.txt -d $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) demo-model demo-work .pytest_cache

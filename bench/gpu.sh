@@ -3,7 +3,8 @@
 # hf `generate()` against the relay with 1 and 2 slices sharing the card, on a random-weight checkpoint built
 # here, plus the memory-bandwidth floor. The lent GPU machine has no Ray and no network, so the relay runs
 # in-process (--no-ray: LocalPipeline, the same slice runners, engine and gRPC server the Ray actors wrap) and
-# what its image lacks travels with the working tree (bench/wheels).
+# what its image lacks travels with the working tree (bench/wheels: `make gpu-wheels` downloads them there first;
+# git ignores them, so copy that folder with the tree).
 #
 #   bench/gpu.sh                 # first run: Qwen2.5-1.5B shape, bf16, short workloads; ~3-5 min, budget 7.5 min
 #   bench/gpu.sh --big           # the Qwen2.5-7B shape (15 GB) and longer single-stream runs; budget 9.5 min

@@ -473,7 +473,7 @@ async def _expected(mode: str, endpoint: Endpoint, model: str | None, requests: 
 
 def endpoint_from_args(args: argparse.Namespace) -> Endpoint:
     """--target and its TLS and token flags (the client CLI's; the token falls back to the environment)."""
-    from qwen_relay.client.common import call_metadata, channel_credentials
+    from qwen_relay.client.base import call_metadata, channel_credentials
     from qwen_relay.server.security import AUTH_TOKEN_ENV
 
     def read(path: str | None) -> bytes | None:

@@ -31,7 +31,7 @@ class Requirement:
     minimum: tuple[int, ...] = ()
     below: tuple[int, ...] = ()  # exclusive upper bound; () for none
     why: str = ""
-    wheel: str = ""  # file name prefix of the wheel in bench/wheels that provides it; "" if none is carried
+    wheel: str = ""  # file name prefix of the wheel in bench/wheels (make gpu-wheels) that provides it; "" if none
 
 
 REQUIREMENTS = [
@@ -108,7 +108,8 @@ def check_packages(wheels: Path) -> list[str]:
                 continue
             except Exception as e:  # noqa: BLE001 - any failure to import is the finding
                 why = f"installed but does not import: {e!r}"
-        fix = (f"bench/gpu.sh installs it from {wheels} (is the {req.wheel}*.whl there, for this Python?)"
+        fix = (f"bench/gpu.sh installs it from {wheels}: is the {req.wheel}*.whl there, for this Python? (git "
+               "ignores the wheels: `make gpu-wheels` before copying the tree, and copy bench/wheels with it)"
                if req.wheel else
                f"use a Python that has it (PYTHON=...), or carry its wheel: pip install '{spec(req)}'")
         errors.append(f"{req.module} ({spec(req)}; {req.why}): {why}. Fix: {fix}")

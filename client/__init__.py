@@ -5,21 +5,18 @@ failed calls raise ``grpc.RpcError`` untouched so callers can branch on ``.code(
 """
 
 from .aio import AsyncRelayClient
+from .base import DEFAULT_TARGET, Deadlines, describe_rpc_error
 from .client import RelayClient
-from .common import (
-    DEFAULT_TARGET,
+from .requests import build_generate_request, build_tokenize_request
+from .results import (
     AdapterInfo,
     Chunk,
     Completion,
     CompletionBuilder,
-    Deadlines,
     ModelInfo,
     SliceInfo,
     TokenizeResult,
-    build_generate_request,
-    build_tokenize_request,
     completion_from_chunks,
-    describe_rpc_error,
 )
 
 __all__ = [

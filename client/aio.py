@@ -15,17 +15,15 @@ from grpc_health.v1 import health_pb2
 
 from qwen_relay.v1 import relay_pb2
 
-from .common import (
+from .base import BaseClient
+from .requests import MessageLike, build_generate_request, build_tokenize_request
+from .results import (
     AdapterInfo,
-    BaseClient,
     Chunk,
     Completion,
-    MessageLike,
     ModelInfo,
     TokenizeResult,
     adapter_info_from_response,
-    build_generate_request,
-    build_tokenize_request,
     chunk_from_response,
     completion_from_response,
     health_status_name,

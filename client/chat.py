@@ -13,7 +13,8 @@ from typing import Any, Protocol, TextIO
 
 import grpc
 
-from .common import Chunk, CompletionBuilder, describe_rpc_error
+from .base import describe_rpc_error
+from .results import Chunk, CompletionBuilder
 
 logger = logging.getLogger(__name__)
 

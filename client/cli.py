@@ -16,9 +16,9 @@ from typing import Any
 
 import grpc
 
+from .base import DEFAULT_TARGET, describe_rpc_error
 from .chat import HELP, run_chat
 from .client import RelayClient
-from .common import DEFAULT_TARGET, describe_rpc_error
 
 AUTH_TOKEN_ENV = "QWEN_RELAY_AUTH_TOKEN"
 

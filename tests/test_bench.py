@@ -13,8 +13,10 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_relay.bench import relay as bench
-from qwen_relay.bench.relay import BenchConfig, Request
+from qwen_relay.bench import baselines, loadgen, measure, relay_under_test, report, workloads
+from qwen_relay.bench import relay as cli
+from qwen_relay.bench import run as bench_run
+from qwen_relay.bench.workloads import BenchConfig, Request
 
 
 def tiny_config(model, out, **overrides) -> BenchConfig:
@@ -29,21 +31,21 @@ def tiny_config(model, out, **overrides) -> BenchConfig:
 @pytest.fixture(scope="module")
 def pool(tiny_model) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    return bench.token_pool(tokenizer, 10**6)
+    return workloads.token_pool(tokenizer, 10**6)
 
 
 def test_token_pool_has_no_special_tokens(tiny_model, pool):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     assert pool and not set(pool) & set(tokenizer.all_special_ids)
     assert max(pool) < len(tokenizer)
-    assert max(bench.token_pool(tokenizer, 100)) < 100  # never outside the model's vocabulary
+    assert max(workloads.token_pool(tokenizer, 100)) < 100  # never outside the model's vocabulary
 
 
 def test_workloads_are_seeded_and_exact(tmp_path, tiny_model, pool):
     cfg = tiny_config(tiny_model, tmp_path)
-    work = bench.make_workloads(cfg, pool)
-    assert work == bench.make_workloads(cfg, pool)
-    assert work != bench.make_workloads(dataclasses.replace(cfg, seed=1), pool)
+    work = workloads.make_workloads(cfg, pool)
+    assert work == workloads.make_workloads(cfg, pool)
+    assert work != workloads.make_workloads(dataclasses.replace(cfg, seed=1), pool)
     assert sorted(work.single) == [4, 12]
     assert all(len(r.prompt_token_ids) == n and r.max_new_tokens == 4 for n, r in work.single.items())
     assert len(work.mixed) == 5 and len(work.uniform) == 2
@@ -55,7 +57,7 @@ def test_workloads_are_seeded_and_exact(tmp_path, tiny_model, pool):
 
 def test_issue_workload_sizes():
     cfg = BenchConfig(model="m")
-    work = bench.make_workloads(cfg, list(range(1000)))
+    work = workloads.make_workloads(cfg, list(range(1000)))
     lengths = [len(r.prompt_token_ids) for r in work.mixed]
     assert len(work.mixed) == 32 and min(lengths) >= 16 and max(lengths) <= 256
     assert all(16 <= r.max_new_tokens <= 128 for r in work.mixed)
@@ -66,13 +68,13 @@ def test_issue_workload_sizes():
 def test_single_stream_stats():
     # start 0; tokens at 100, 110, 130 ms and a second run at 200, 210, 210 (two in one chunk).
     runs = [(0.0, [0.100, 0.110, 0.130]), (1.0, [1.200, 1.210, 1.210])]
-    s = bench.single_stream_stats(runs, prompt_tokens=7)
+    s = measure.single_stream_stats(runs, prompt_tokens=7)
     assert s["ttft_ms"] == pytest.approx(150)
     assert s["ms_per_token_p50"] == pytest.approx(10)
     assert s["ms_per_token_mean"] == pytest.approx((15 + 5) / 2)
     assert s["new_tokens"] == 3 and s["prompt_tokens"] == 7
-    assert bench.percentile([], 50) is None
-    assert bench.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert loadgen.percentile([], 50) is None
+    assert loadgen.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
 
 
 def test_hf_static_batches_count_only_requested_tokens(tiny_model):
@@ -81,13 +83,13 @@ def test_hf_static_batches_count_only_requested_tokens(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     requests = [Request((5, 6, 7), 2), Request((8,) * 9, 5), Request((9, 10), 3)]
-    out = bench.hf_static_batches(model, requests, 2, pad_id=0)
+    out = baselines.hf_static_batches(model, requests, 2, pad_id=0)
     assert out["output_tokens"] == 10
     assert out["generated_tokens"] == 2 * 5 + 3  # batch of two runs to 5 tokens each, then the third alone
     assert out["padded_prompt_tokens"] == 2 * 9 + 2
     # Left padding must not change a row's greedy tokens.
-    alone = bench.hf_generate(model, [requests[0]], 0)[0, 3:5].tolist()
-    padded = bench.hf_generate(model, requests[:2], 0)[0, 9:11].tolist()
+    alone = baselines.hf_generate(model, [requests[0]], 0)[0, 3:5].tolist()
+    padded = baselines.hf_generate(model, requests[:2], 0)[0, 9:11].tolist()
     assert alone == padded
 
 
@@ -101,16 +103,16 @@ def test_hf_packed_generates_what_hf_does(tiny_model):
     requests = [Request((5, 6, 7), 6), Request((8,) * 9, 6)]
     stock = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     packed = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    bench.prepack_model(packed)
+    baselines.prepack_model(packed)
     assert isinstance(packed.lm_head, PackedHead)
     assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
-    assert torch.equal(bench.hf_generate(packed, requests, 0), bench.hf_generate(stock, requests, 0))
+    assert torch.equal(baselines.hf_generate(packed, requests, 0), baselines.hf_generate(stock, requests, 0))
 
 
 def test_hf_runner(tmp_path, tiny_model, pool):
     cfg = tiny_config(tiny_model, tmp_path)
-    work = bench.make_workloads(cfg, pool)
-    hf = bench.run_hf(cfg, work)
+    work = workloads.make_workloads(cfg, pool)
+    hf = baselines.run_hf(cfg, work)
     assert set(hf["single"]) == {"4", "12"}
     assert all(s["new_tokens"] == 4 and s["ttft_ms"] > 0 for s in hf["single"].values())
     assert hf["mixed"]["1"]["requests"] == 2 and hf["mixed"]["2"]["requests"] == 5
@@ -125,7 +127,7 @@ def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
     """hf and hf-packed in subprocesses, the overhead probe, a 2-slice relay on Ray actors over gRPC, then every
     output file. (relay-1 against relay-2, the pipelining figures, run in the dry run of bench/gpu.sh below.)"""
     cfg = tiny_config(tiny_model, tmp_path / "out", shards=(2,), threads_per_slice=True)
-    result = bench.run_benchmark(cfg, command="qwen-relay bench --test")
+    result = bench_run.run_benchmark(cfg, command="qwen-relay bench --test")
     assert set(result["systems"]) == {"hf", "hf-packed", "relay-2"}
     assert result["systems"]["hf-packed"]["uniform"]["output_tokens"] == 8
     relay = result["systems"]["relay-2"]
@@ -181,7 +183,7 @@ def test_report_from_a_result(tmp_path):
         "runtime_overhead_bytes": 2**29,
         "systems": {"hf": _fake_system("hf", 1.0), "relay-2": _fake_system("relay-2", 2.0, shards=2)},
     }
-    table = bench.write_report(result, tmp_path)
+    table = report.write_report(result, tmp_path)
     ratios = result["ratios"]["relay-2"]
     assert ratios["mixed"]["16"] == pytest.approx(2.0)
     assert ratios["single"]["16"]["ms_per_token_p50"] == pytest.approx(0.5)
@@ -204,7 +206,7 @@ def test_pipelining_figures():
               "systems": {"hf": _fake_system("hf", 1.0), "hf-packed": _fake_system("hf-packed", 1.5),
                           "relay-1": _fake_system("relay-1", 1.0, shards=1),
                           "relay-2": _fake_system("relay-2", 1.8, shards=2)}}
-    rows = {r["key"]: r for r in bench.pipeline_rows(result)}
+    rows = {r["key"]: r for r in report.pipeline_rows(result)}
     systems = result["systems"]
     assert rows["mixed_2_over_1"]["value"] == pytest.approx(1.8) and rows["mixed_2_over_1"]["met"]
     assert rows["uniform_2_over_1"]["value"] == pytest.approx(systems["relay-2"]["uniform"]["tokens_per_s"]
@@ -217,7 +219,7 @@ def test_pipelining_figures():
     assert rows["single_over_hf_packed"]["value"] == pytest.approx(1.5 / 1.8)
     assert rows["single_over_hf_packed"]["goal"] == "<= 1.05"
     del systems["hf-packed"]
-    assert "mixed_over_hf_packed" not in {r["key"] for r in bench.pipeline_rows(result)}
+    assert "mixed_over_hf_packed" not in {r["key"] for r in report.pipeline_rows(result)}
 
 
 def test_cli_flags(tmp_path):
@@ -225,22 +227,180 @@ def test_cli_flags(tmp_path):
 
     args = build_parser().parse_args(["bench", "--model", "m", "--quick", "--shards", "2", "--concurrency", "1,8",
                                       "--mixed-prompt", "10-20", "--out", str(tmp_path)])
-    cfg = bench.config_from_args(args)
+    cfg = cli.config_from_args(args)
     assert cfg.shards == (2,) and cfg.concurrency == (1, 8) and cfg.mixed_prompt == (10, 20)
-    assert cfg.single_new_tokens == bench.QUICK["single_new_tokens"]  # --quick, not overridden
-    full = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m"]))
+    assert cfg.single_new_tokens == workloads.QUICK["single_new_tokens"]  # --quick, not overridden
+    full = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m"]))
     assert full.mixed_requests == 32 and full.concurrency == (1, 4, 16) and full.shards == (1, 2)
-    assert args.func is bench.run_bench
+    assert args.func is cli.run_bench
     assert full.baselines == ("hf", "hf-packed") and not full.threads_per_slice
-    mode = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
+    mode = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
                                                              "--baselines", "hf"]))
     assert mode.threads_per_slice and mode.baselines == ("hf",)
-    assert bench.relay_options(mode, 2).threads == 1 and bench.relay_options(mode, 2).cpus_per_slice == 1
+    options = relay_under_test.relay_options(mode, 2)
+    assert options.threads == 1 and options.cpus_per_slice == 1
     # Without it, a relay's CPU slices split the threads as serve splits cores: pipelined slices work at once.
-    eight = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
-    assert [bench.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    eight = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
+    assert [relay_under_test.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
     with pytest.raises(SystemExit, match="baselines"):
-        bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "hf,sglang"]))
+    peer = cli.config_from_args(build_parser().parse_args(
+        ["bench", "--model", "m", "--baselines", "vllm", "--vllm-python", "/v/bin/python", "--workloads",
+         "chat,shared-prefix", "--vllm-arg=--no-enable-prefix-caching"]))
+    assert peer.baselines == ("vllm",) and peer.vllm_python == "/v/bin/python"
+    assert peer.vllm_args == ("--no-enable-prefix-caching",) and peer.workloads == ("chat", "shared-prefix")
+    assert peer.max_context == 256 + 8 * (64 + 48)  # the chat's last prompt and reply; more than the default 1024
+    assert full.max_context == 1024 and full.workloads == ("single", "mixed", "uniform")
+    with pytest.raises(SystemExit, match="send up to 1152 tokens"):
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--workloads", "chat",
+                                                        "--max-context", "1024"]))
+    with pytest.raises(SystemExit, match="workloads"):
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--workloads", "chats"]))
+
+
+def test_chat_and_shared_prefix_workloads():
+    """The chat turns and the shared prefix, as the KV-cache issue measures them; phases only when chosen."""
+    cfg = BenchConfig(model="m", workloads=("chat", "shared-prefix"))
+    work = workloads.make_workloads(cfg, list(range(1000)))
+    assert work == workloads.make_workloads(cfg, list(range(1000)))
+    turns = list(work.chat.turns())
+    assert [len(t) for t in turns] == [256 + 64] + [64] * 7 and turns[0][:256] == work.chat.system
+    assert len(work.shared) == 16 and all(r.max_new_tokens == 8 and len(r.prompt_token_ids) == 1088
+                                          for r in work.shared)
+    assert {r.prompt_token_ids[:1024] for r in work.shared} == {work.shared[0].prompt_token_ids[:1024]}
+    assert len({r.prompt_token_ids[1024:] for r in work.shared}) == 16
+    phases = workloads.plan(cfg, work)
+    assert [p.describe() for p in phases] == ["chat, cold (8 turns)", "chat, warm (8 turns)",
+                                              "shared-prefix c=1 (16 requests)"]
+    assert phases[0].conversation == phases[1].conversation == work.chat
+    default = workloads.plan(BenchConfig(model="m"), work)
+    assert {p.section for p in default} == {"single", "mixed", "uniform"}
+
+
+def test_chat_sends_each_reply_back():
+    """Each turn's prompt is the last prompt + the reply the server gave + the new user tokens."""
+    import asyncio
+
+    from qwen_relay.bench.streaming import stream_chat
+    from qwen_relay.bench.workloads import Conversation
+
+    sent, extra = [], 1
+
+    async def server(request):
+        sent.append(request)
+        yield [7, 7]  # a chunk of two, then one token a chunk
+        for i in range(request.max_new_tokens - 2 + extra):
+            yield [len(request.prompt_token_ids) + i]
+
+    conversation = Conversation(system=(1, 2, 3), users=((4, 5), (6,), (8, 9)), reply=3)
+    with pytest.raises(RuntimeError, match="returned 4 tokens, expected 3"):
+        asyncio.run(stream_chat(server, conversation))  # a token too many is caught
+    sent.clear()
+    extra = 0
+    chat = asyncio.run(stream_chat(server, conversation))
+    assert [r.prompt_token_ids for r in sent] == [(1, 2, 3, 4, 5), (1, 2, 3, 4, 5, 7, 7, 5, 6),
+                                                  (1, 2, 3, 4, 5, 7, 7, 5, 6, 7, 7, 9, 8, 9)]
+    assert chat["prompt_tokens"] == [5, 9, 14] and len(chat["ttft_ms"]) == 3 and chat["turns"] == 3
+
+
+def test_hf_chat_replies_are_the_models(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from qwen_relay.bench.workloads import Conversation
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    conversation = Conversation(system=(5, 6, 7), users=((8, 9), (10, 11)), reply=3)
+    chat = baselines.hf_chat(model, conversation, 0)
+    assert chat["prompt_tokens"] == [5, 10] and all(t > 0 for t in chat["ttft_ms"])
+    first = baselines.hf_generate(model, [Request((5, 6, 7, 8, 9), 3)], 0)[0].tolist()
+    second = baselines.hf_generate(model, [Request((*first, 10, 11), 3)], 0)[0].tolist()
+    assert second[:10] == [*first, 10, 11]  # what hf_chat sent as its second prompt
+    shared = baselines.hf_first_tokens(model, [Request((5, 6, 7), 2)] * 3, 2, 0)
+    assert shared["requests"] == 3 and len(shared["ttft_ms_all"]) == 3
+    assert shared["ttft_ms_all"][0] == shared["ttft_ms_all"][1]  # one static batch, one first token
+
+
+def test_vllm_is_skipped_in_one_line_without_it(tmp_path, caplog):
+    import asyncio
+    import sys
+
+    cfg = BenchConfig(model="m", out=str(tmp_path), baselines=("vllm",))
+    with caplog.at_level("WARNING"):
+        assert asyncio.run(bench_run.start_vllm(cfg)) is None
+        assert asyncio.run(bench_run.start_vllm(dataclasses.replace(cfg, vllm_python=sys.executable))) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "vllm: skipped: no --vllm-python given (a Python whose environment has vLLM; " \
+                       "docs/benchmarks.md)"
+    assert lines[1].startswith(f"vllm: skipped: {sys.executable} cannot import vllm") and len(lines) == 2
+
+
+def test_vllm_stream_reads_token_ids_from_chunked_events(tmp_path):
+    """The peer's client against a stand-in for vLLM's server: chunked SSE with events split across chunks
+    and chunks holding several events; it yields each event's token ids and sends the request by ids."""
+    import asyncio
+
+    from qwen_relay.bench.vllm_peer import VllmServer, server_command
+
+    bodies = []
+    events = [{"choices": [{"text": "", "token_ids": []}]}, {"choices": [{"text": "a", "token_ids": [11]}]},
+              {"choices": [{"text": "bc", "token_ids": [12, 13]}]}, {"choices": [], "usage": {"x": 1}}]
+    payload = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    cuts = [0, 7, 60, 61, len(payload)]  # an event split, then the rest in one chunk with several events
+
+    async def handle(reader, writer):
+        headers = b""
+        while (line := await reader.readline()) != b"\r\n":
+            headers += line
+        length = int(headers.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        bodies.append(json.loads(await reader.readexactly(length)))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            writer.write(f"{b - a:x}\r\n".encode() + payload[a:b] + b"\r\n")
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        peer = VllmServer(BenchConfig(model="m"), None, server.sockets[0].getsockname()[1], {})
+        chunks = [ids async for ids in peer.stream(Request((1, 2, 3), 3))]
+        server.close()
+        return chunks
+
+    assert asyncio.run(main()) == [[11], [12, 13]]
+    assert bodies == [{"model": "bench", "prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+                       "stream": True, "return_token_ids": True}]
+    cfg = BenchConfig(model="/ckpt", vllm_python="/v/bin/python", dtype="auto", max_context=1152,
+                      vllm_args=("--no-enable-prefix-caching",))
+    command = server_command(cfg, 8000)
+    assert command[:3] == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    for flag, value in (("--model", "/ckpt"), ("--dtype", "float32"), ("--max-model-len", "1152"),
+                        ("--max-num-seqs", "16"), ("--port", "8000")):
+        assert command[command.index(flag) + 1] == value
+    assert command[-1] == "--no-enable-prefix-caching"
+
+
+def test_report_of_chat_and_shared_prefix(tmp_path):
+    """Only the workloads that ran are in the table and the plots; the chat per turn, cold and warm."""
+    cfg = BenchConfig(model="m", out=str(tmp_path), workloads=("chat", "shared-prefix"), chat_turns=2)
+    chat = {"cold": {"turns": 2, "prompt_tokens": [320, 432], "ttft_ms": [2270.0, 2500.0], "wall_s": 9.0},
+            "warm": {"turns": 2, "prompt_tokens": [320, 432], "ttft_ms": [300.0, 310.0], "wall_s": 6.0}}
+    shared = {"concurrency": 1, "requests": 3, "wall_s": 4.0, "ttft_ms_p50": 400.0, "ttft_ms_p95": 2900.0,
+              "ttft_ms_all": [3000.0, 400.0, 390.0]}
+    result = {"meta": {"model_name": "m", "parameters": 494_000_000, "dtype": "float32", "device": "cpu"},
+              "config": {**dataclasses.asdict(cfg), "num_threads": 2},
+              "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 2e9, "read_bytes_per_token": 2e9,
+                            "floor_ms_per_token": 100.0, "ceiling_tokens_per_s": 10.0},
+              "runtime_overhead_bytes": 2**29,
+              "systems": {"vllm": {"system": "vllm", "chat": chat, "shared-prefix": shared},
+                          "relay-1": {"system": "relay-1", "shards": 1, "chat": chat}}}
+    table = report.write_report(result, tmp_path)
+    assert "| system | run | turn 1 (320) | turn 2 (432) |" in table
+    assert "| vllm | cold | 2.27 | 2.50 |" in table and "| relay-1 | warm | 0.30 | 0.31 |" in table
+    assert "| vllm | 3000 | 400 | 2900 | 4.0 |" in table and "| relay-1 | 3000" not in table
+    assert "Mixed workload" not in table and "Single stream" not in table
+    assert "tokens/s at concurrency" not in table and "single-stream tokens/s" not in table  # no empty rows
+    assert [p.name for p in tmp_path.glob("*.png")] == ["chat.png"]  # no process reported its memory
 
 
 def test_memory_rows_without_ray():
@@ -249,7 +409,7 @@ def test_memory_rows_without_ray():
               "systems": {"hf": _fake_system("hf", 1.0), "relay-1": _fake_system("relay-1", 1.0, shards=1),
                           "relay-2": _fake_system("relay-2", 1.0, shards=2)},
               "gateway_process": {"relays": ["relay-1", "relay-2"], "peak_rss_bytes": 2**33, "gpu_peak_bytes": 0}}
-    rows = bench.memory_rows(result)
+    rows = report.memory_rows(result)
     assert [r["process"] for r in rows] == ["hf", "gateway process (slices of relay-1, relay-2)"]
     assert rows[1]["weights"] == 3 * 2**30 and rows[1]["cache"] == 3 * 2**28
     assert rows[1]["budget"] == 3 * 2**30 + 3 * 2**28 + 100
@@ -290,7 +450,7 @@ def test_results_are_written_after_every_phase(tmp_path):
     import asyncio
 
     cfg = BenchConfig(model="m", out=str(tmp_path), single_prompts=(16, 512), concurrency=(1, 4))
-    phases = bench.plan(cfg, bench.make_workloads(cfg, list(range(1000))))
+    phases = workloads.plan(cfg, workloads.make_workloads(cfg, list(range(1000))))
     assert [p.describe() for p in phases][:3] == ["single stream, 16-token prompt", "single stream, 512-token prompt",
                                                   "mixed c=1 (2 requests)"]
     result = {"meta": {"model_name": "m", "parameters": 1_500_000_000, "dtype": "bfloat16", "device": "cuda:0"},
@@ -300,7 +460,7 @@ def test_results_are_written_after_every_phase(tmp_path):
               "runtime_overhead_bytes": 2**29}
     hf, relay = _FakeSystem("hf", tmp_path), _FakeSystem("relay-1", tmp_path, fail_on=phases[2].describe())
     with pytest.raises(RuntimeError, match="stand-in"):
-        asyncio.run(bench.run_phases(cfg, phases, [hf, relay], result,
+        asyncio.run(bench_run.run_phases(cfg, phases, [hf, relay], result,
                                      lambda: {"gateway_process": {"relays": ["relay-1"], "peak_rss_bytes": 2**32}}))
 
     assert relay.seen[0] == ""  # nothing before the first phase; then each phase sees the one before it
@@ -338,6 +498,7 @@ def test_precheck_names_each_missing_package(monkeypatch, tmp_path):
     errors = precheck.check_packages(tmp_path)
     assert len(errors) == 3
     assert errors[0].startswith("json (no-such-dist-a; a): not installed. Fix: bench/gpu.sh installs it from")
+    assert "make gpu-wheels" in errors[0]  # git ignores the wheels: the fix says how to get them
     assert "torch (torch>=999; b): " in errors[1] and "is older than 999" in errors[1]
     assert "torch (torch<1; c): " in errors[2] and "is not below 1" in errors[2]
     assert "pip install 'torch<1'" in errors[2]

@@ -18,9 +18,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from qwen_relay.checkpoints.synthetic import CHAT_TEMPLATE
-from qwen_relay.client import RelayClient
+from qwen_relay.client import RelayClient, build_generate_request
 from qwen_relay.client.cli import template_option
-from qwen_relay.client.common import build_generate_request
 from qwen_relay.server.app import Relay, ServeOptions
 from qwen_relay.server.reasoning import ReasoningSplitter, opens_reasoning
 

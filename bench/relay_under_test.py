@@ -1,0 +1,92 @@
+"""The relay under test: a relay with N slices in this process (slices as Ray actors or, with `--no-ray`, in
+this process), driven over loopback gRPC through the real asyncio client, as a user's program would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from .measure import resolve_device_dtype
+from .streaming import run_phase, stream_load
+from .workloads import BenchConfig, Phase, Request
+
+log = logging.getLogger(__name__)
+
+
+def relay_options(cfg: BenchConfig, shards: int) -> Any:
+    from qwen_relay.server.app import ServeOptions
+
+    device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    # CPU slices split the threads as `serve` splits a machine's cores between slices that work at once
+    # (server/app.py); given all of them each, two pipelined slices would oversubscribe the cores.
+    threads = (1 if cfg.threads_per_slice else max(1, cfg.num_threads // shards)) if device.type == "cpu" else 0
+    # A relay idles while the other systems run their phase; a compiled graph torn down meanwhile would be
+    # rebuilt inside its next measured phase, so the bench keeps it.
+    return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
+                        max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
+                        dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
+                        prepack=cfg.prepack, grace_seconds=0, graph_idle_teardown=0)
+
+
+class RelayUnderTest:
+    """A relay with `shards` slices in this process, driven over loopback gRPC through `AsyncRelayClient`."""
+
+    def __init__(self, cfg: BenchConfig, shards: int, relay: Any, client: Any, startup_s: float) -> None:
+        self.cfg = cfg
+        self.name = f"relay-{shards}"
+        self.relay = relay
+        self.client = client
+        self.header = {"system": self.name, "shards": shards, "layout": relay.describe_layout(),
+                       "startup_s": startup_s}
+
+    @classmethod
+    async def start(cls, cfg: BenchConfig, shards: int) -> RelayUnderTest:
+        from qwen_relay.client.aio import AsyncRelayClient
+        from qwen_relay.server.app import Relay
+
+        start = time.perf_counter()
+        relay = await Relay.start(relay_options(cfg, shards))
+        try:
+            client = AsyncRelayClient(f"127.0.0.1:{relay.port}", timeout=cfg.request_timeout)
+            await stream_load(lambda r: _stream(client, r), [Request(tuple(range(1, 9)), 2)], 1)  # warm-up
+        except BaseException:
+            await relay.stop(grace=0)
+            raise
+        startup = time.perf_counter() - start
+        log.info("relay-%d: up in %.1f s: %s", shards, startup, relay.describe_layout())
+        return cls(cfg, shards, relay, client, startup)
+
+    async def run(self, phase: Phase) -> dict[str, Any]:
+        """The phase's figures, plus each slice's time in forwards during it (for the busy fraction)."""
+        before = [s.forward_seconds for s in await self.relay.pipeline.stats()]
+        value = await run_phase(lambda r: _stream(self.client, r), phase, self.cfg.single_repeats)
+        after = [s.forward_seconds for s in await self.relay.pipeline.stats()]
+        value["slice_forward_s"] = [b - a for a, b in zip(before, after, strict=True)]
+        return value
+
+    async def snapshot(self) -> dict[str, Any]:
+        return await self.slices()
+
+    async def slices(self) -> dict[str, Any]:
+        """Where the slices ran and their memory: peak RSS per slice process, weights, preallocated KV cache."""
+        info = await self.client.model_info()
+        stats = await self.relay.pipeline.stats()
+        return {"dtype": info.dtype, "slices": [
+            {"index": i, "layers": f"{s.first}-{s.end - 1}", "device": s.device,
+             "has_embeddings": s.has_embeddings, "has_lm_head": s.has_lm_head,
+             "weight_bytes": s.weight_bytes, "cache_bytes": s.cache_bytes,
+             "peak_rss_bytes": s.peak_rss_bytes, "forward_seconds": s.forward_seconds, "steps": s.steps}
+            for i, s in enumerate(stats)]}
+
+    async def stop(self) -> None:
+        await self.client.close()
+        await self.relay.stop(grace=0)
+
+
+async def _stream(client: Any, request: Request) -> AsyncIterator[Sequence[int]]:
+    """The request over gRPC, greedy with `ignore_eos`: each chunk's new token ids (a `TokenStream`)."""
+    async for chunk in client.stream(prompt_token_ids=list(request.prompt_token_ids),
+                                     max_new_tokens=request.max_new_tokens, ignore_eos=True):
+        yield chunk.token_ids
