@@ -52,7 +52,7 @@ class HopResult:
 
 def decode_batch(rows: int) -> StepBatch:
     return StepBatch(slots=list(range(rows)), starts=[0] * rows, token_ids=[[1]] * rows,
-                     sampling=[SamplingParams()] * rows)
+                     blocks=[[row] for row in range(rows)], sampling=[SamplingParams()] * rows)
 
 
 async def time_chain(actors: list, mode: str, rows: int, steps: int) -> list[HopResult]:

@@ -70,6 +70,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                       dtype=args.dtype, seed=args.seed, threads=args.threads, use_ray=not args.no_ray,
                       threads_per_slice=args.threads_per_slice, baselines=baselines, vllm_python=args.vllm_python,
                       vllm_args=tuple(args.vllm_arg), workloads=workloads, prepack=not args.no_prepack,
+                      prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
                       max_batch=args.max_batch, **values)
     # The context every system is given: 1,024 tokens, or what the longest request of the workloads needs.
     need = cfg.longest_sequence()
@@ -170,7 +171,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ray", action="store_true", help="relay slices in this process (LocalPipeline)")
     p.add_argument("--no-prepack", action="store_true",
                    help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")
-    p.add_argument("--max-batch", type=int, default=16, help="relay cache slots")
+    p.add_argument("--max-batch", type=int, default=16, help="relay sequences running at once")
+    p.add_argument("--no-prefix-cache", action="store_true", help="the relay without its prefix cache (serve's flag)")
+    p.add_argument("--max-step-tokens", type=int, default=512, help="the relay's step token budget (serve's flag)")
     p.add_argument("--max-context", type=int,
                    help="prompt + new tokens per sequence, of the relay and vLLM (default 1024, or what the "
                    "workloads' longest request needs)")

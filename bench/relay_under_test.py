@@ -27,7 +27,8 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
                         dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
-                        prepack=cfg.prepack, grace_seconds=0, graph_idle_teardown=0)
+                        prepack=cfg.prepack, prefix_cache=cfg.prefix_cache, max_step_tokens=cfg.max_step_tokens,
+                        grace_seconds=0, graph_idle_teardown=0)
 
 
 class RelayUnderTest:

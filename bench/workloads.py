@@ -42,6 +42,8 @@ class BenchConfig:
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     use_ray: bool = True
     prepack: bool = True  # the relay's CPU weights prepacked for oneDNN (hf always runs stock kernels)
+    prefix_cache: bool = True  # the relay reuses cached prompt prefixes (serve's default)
+    max_step_tokens: int = 512  # the relay's step token budget (serve's --max-step-tokens)
     max_batch: int = 16
     max_context: int = 1024
     single_prompts: tuple[int, ...] = (16, 512)

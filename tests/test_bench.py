@@ -546,9 +546,6 @@ def test_gpu_script_dry_run_without_ray(tmp_path):
     assert "Pipelining" in (out / "table.md").read_text()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bench/steps.py's time_decode (and bench/hops.py's decode_batch) still build StepBatch "
-                          "without block tables, and never open the runner's cache (reset) before stepping")
 def test_decode_timing_runs_first_and_later_slices_on_a_warmed_up_runner(tiny_model):
     """bench/steps.py's timer (also decode_step's): a first slice fed tokens, a later one fed hidden states, on a
     runner as bench/steps.py's main leaves it (built and warmed up: its cache closed to steps until a reset)."""
