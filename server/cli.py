@@ -52,7 +52,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of contiguous layer slices, sized to even out their cost (LM head included)")
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on GPU, float32 on CPU")
+                        help="auto: bfloat16 on GPU; on CPU the checkpoint's bfloat16 or float32 (float16: float32)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: one GPU per slice when the cluster has enough GPUs, else CPU")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
