@@ -381,7 +381,8 @@ def prepack_model(model: Any) -> None:
     from qwen_relay.shards.packed import HEAD_BLOCK_ROWS, can_prepack, prepack_head, prepack_linear
 
     if not can_prepack(model.device, model.dtype):
-        raise ValueError(f"hf-packed needs fp32 on an x86-64 CPU with oneDNN, not {model.dtype} on {model.device}")
+        raise ValueError(f"hf-packed needs fp32 or bf16 on an x86-64 CPU with oneDNN, not {model.dtype} on "
+                         f"{model.device}")
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name != "lm_head":
             prepack_linear(model, name, module.weight.detach())
@@ -551,14 +552,17 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     from qwen_relay.server.app import ServeOptions
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    # CPU slices split the threads as `serve` splits a machine's cores between slices that work at once
-    # (server/app.py); given all of them each, two pipelined slices would oversubscribe the cores.
-    threads = (1 if cfg.threads_per_slice else max(1, cfg.num_threads // shards)) if device.type == "cpu" else 0
+    # CPU slices share the machine's cores as `serve` shares them by default (server/app.py): every slice all
+    # the threads, one step in flight. --threads-per-slice: one thread each, a step per slice in flight.
+    cpu = device.type == "cpu"
+    threads = (1 if cfg.threads_per_slice else cfg.num_threads) if cpu else 0
+    in_flight = 1 if cpu and not cfg.threads_per_slice else 0
     # A relay idles while the other systems run their phase; a compiled graph torn down meanwhile would be
     # rebuilt inside its next measured phase, so the bench keeps it.
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
-                        dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
+                        dtype=str(dtype).removeprefix("torch."), threads=threads, max_in_flight=in_flight,
+                        cpus_per_slice=1.0,
                         prepack=cfg.prepack, grace_seconds=0, graph_idle_teardown=0)
 
 
@@ -1178,9 +1182,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if getattr(args, key) is not None:
             values[key] = parse(getattr(args, key))
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
-    if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked fp32 CPU kernels: CPU fp32 only
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-        args.baselines = ",".join(BASELINES) if (device.type, dtype) == ("cpu", torch.float32) else "hf"
+    if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked CPU kernels: where they exist
+        from qwen_relay.shards.packed import can_prepack
+
+        args.baselines = ",".join(BASELINES) if can_prepack(*resolve_device_dtype(args.device, args.dtype)) else "hf"
     baselines = tuple(dict.fromkeys(b.strip() for b in args.baselines.split(",") if b.strip()))
     if not baselines or not set(baselines) <= set(BASELINES) or baselines[0] != "hf":
         raise SystemExit(f"--baselines: hf first, then any of {', '.join(BASELINES)}; got {args.baselines!r}")

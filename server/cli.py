@@ -65,7 +65,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences decoded together (cache slots)")
     parser.add_argument("--max-in-flight", type=bounded(int, 0), default=0,
                         help="step batches in the pipe at once (default 0: one per slice, so every slice works; "
-                             "1: one step at a time)")
+                             "but 1 where slices share this machine's cores and --threads is not set)")
     parser.add_argument("--slice-transport", default="auto", choices=["auto", "compiled", "calls"],
                         help="how hidden states move between Ray slices: a compiled graph (auto on GPU slices) or "
                              "chained actor calls (auto on CPU slices, where the graph's channel polling costs CPU)")

@@ -80,12 +80,15 @@ class LocalPipeline:
     with several steps in flight, slice 0 runs the next batch while slice 1 runs this one. A single-thread
     executor per slice runs its forwards in submission order, which is the order `Pipeline` promises."""
 
-    def __init__(self, specs: list[SliceSpec]) -> None:
+    def __init__(self, specs: list[SliceSpec], depth: int = 0) -> None:
+        """`depth`: steps in flight at once (0: one per slice). At 1, a step runs through every slice in one
+        call on one thread, as one model would: no hand-off between threads, one OpenMP thread team."""
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
-        self.depth = len(self.runners)
-        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
+        self.depth = min(depth or len(self.runners), len(self.runners))
+        stages = len(specs) if self.depth > 1 else 1
+        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(stages)]
         self.adapters: dict[str, AdapterSource] = {}  # re-sent to every runner on recovery
         self._lost: dict[str, str] = {}  # adapters dropped by a recovery attempt, reported by the next success
 
@@ -93,10 +96,18 @@ class LocalPipeline:
         loop = asyncio.get_running_loop()
         out = None
         try:
+            if len(self._stages) == 1:
+                return await loop.run_in_executor(self._stages[0], self._through, batch)
             for runner, stage in zip(self.runners, self._stages, strict=True):
                 out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
         except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
             raise SliceLost(f"a slice lost its cache: {e}") from e
+        return out
+
+    def _through(self, batch: StepBatch) -> list[int]:
+        out = None
+        for runner in self.runners:
+            out = runner.step(batch, out if len(batch) else None)
         return out
 
     def _recover(self) -> Recovery:

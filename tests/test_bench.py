@@ -235,10 +235,12 @@ def test_cli_flags(tmp_path):
     mode = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
                                                              "--baselines", "hf"]))
     assert mode.threads_per_slice and mode.baselines == ("hf",)
-    assert bench.relay_options(mode, 2).threads == 1 and bench.relay_options(mode, 2).cpus_per_slice == 1
-    # Without it, a relay's CPU slices split the threads as serve splits cores: pipelined slices work at once.
+    one_each = bench.relay_options(mode, 2)
+    assert one_each.threads == 1 and one_each.cpus_per_slice == 1 and one_each.max_in_flight == 0  # pipelined
+    # Without it, a relay's CPU slices share the threads as serve shares cores: all of them each, one step at once.
     eight = bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
-    assert [bench.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert [bench.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 8, 8, 8]
+    assert {bench.relay_options(eight, n).max_in_flight for n in (1, 2, 3, 16)} == {1}
     with pytest.raises(SystemExit, match="baselines"):
         bench.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "vllm"]))
 

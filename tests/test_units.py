@@ -751,3 +751,23 @@ def test_scheduler_splits_a_burst_of_prompts_across_the_steps_in_flight():
             steps.append(batch)
         assert [len(b) for b in steps] == sizes
         assert not sched.waiting
+
+
+# ------------------------------------------------------------------------------------- threads and depth
+
+
+@pytest.mark.parametrize(("options", "gpu", "threads", "in_flight"), [
+    ({}, False, "cores", 1),  # slices share this machine's cores: each gets them all, one step at a time
+    ({"threads": 1}, False, 1, 0),  # threads set: one step per slice, as on devices of their own
+    ({"max_in_flight": 2}, False, "half", 2),  # pipelined on shared cores: the cores split, never oversubscribed
+    ({}, True, 0, 0),  # a GPU each: pipelined
+], ids=["shared-cores", "threads-set", "in-flight-set", "gpus"])
+def test_serve_policy_for_threads_and_steps_in_flight(tiny_model, options, gpu, threads, in_flight):
+    import os
+
+    from qwen_relay.server.app import Relay, ServeOptions
+
+    relay = Relay(ServeOptions(model=str(tiny_model), shards=2, use_ray=False, **options))
+    cores = os.cpu_count() or 1
+    assert relay._in_flight(gpu) == in_flight
+    assert relay._threads(gpu) == {"cores": cores, "half": max(1, cores // 2)}.get(threads, threads)
