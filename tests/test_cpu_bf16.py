@@ -49,3 +49,30 @@ def test_bf16_checkpoint_runs_packed_bf16_with_generates_greedy_tokens(bf16_mode
     assert len({t for tokens in got for t in tokens}) > len(PROMPTS)  # not one token repeated: a real check
     for tokens, want in zip(got, bf16_reference, strict=True):
         assert tokens[: len(want)] == want
+
+
+def test_bf16_adapter_on_packed_base_layers_gives_pefts_tokens(bf16_model, bf16_reference, tmp_path):
+    """PEFT wraps the packed bf16 base layers; its low-rank update runs on top: `PeftModel.generate()`'s tokens."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(bf16_model, dtype=torch.bfloat16)
+    config = LoraConfig(init_lora_weights=False, r=4, lora_alpha=8,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(base, config).save_pretrained(tmp_path / "lora")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bf16_model, dtype=torch.bfloat16),
+                                     tmp_path / "lora").eval()
+    with torch.inference_mode():
+        expected = [peft.generate(input_ids=torch.tensor([p]), max_new_tokens=MAX_NEW, do_sample=False)[0, len(p):]
+                    .tolist() for p in PROMPTS]
+    assert expected != bf16_reference  # the adapter changes the tokens: the check below can fail
+    runners = [SliceRunner(SliceSpec(model=str(bf16_model), first=a, end=b, device="cpu", max_slots=4, max_len=64))
+               for a, b in [(0, 3), (3, 5)]]
+    for runner in runners:
+        runner.load_adapter("lora", str(tmp_path / "lora"))
+    got = greedy(runners, PROMPTS, MAX_NEW, adapters=["lora"] * len(PROMPTS))
+    assert any(isinstance(m.base_layer, PackedLinear) for r in runners for m in r.slice.modules()
+               if hasattr(m, "base_layer"))
+    for tokens, want in zip(got, expected, strict=True):
+        assert tokens[: len(want)] == want
