@@ -137,7 +137,8 @@ def prepack_model(model: Any) -> None:
     from qwen_relay.shards.packed import HEAD_BLOCK_ROWS, can_prepack, prepack_head, prepack_linear
 
     if not can_prepack(model.device, model.dtype):
-        raise ValueError(f"hf-packed needs fp32 on an x86-64 CPU with oneDNN, not {model.dtype} on {model.device}")
+        raise ValueError(f"hf-packed needs fp32 or bf16 on an x86-64 CPU with oneDNN, not {model.dtype} on "
+                         f"{model.device}")
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name != "lm_head":
             prepack_linear(model, name, module.weight.detach())

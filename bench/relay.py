@@ -57,9 +57,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if getattr(args, key) is not None:
             values[key] = parse(getattr(args, key))
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
-    if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked fp32 CPU kernels: CPU fp32 only
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-        args.baselines = ",".join(HF_BASELINES) if (device.type, dtype) == ("cpu", torch.float32) else "hf"
+    if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked CPU kernels: where they exist
+        from qwen_relay.shards.packed import can_prepack
+
+        args.baselines = ",".join(HF_BASELINES) if can_prepack(*resolve_device_dtype(args.device, args.dtype)) \
+            else "hf"
     baselines = _names(args.baselines)
     if not set(baselines) <= set(BASELINES):
         raise SystemExit(f"--baselines: any of {', '.join(BASELINES)}; got {args.baselines!r}")

@@ -19,14 +19,17 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
     from qwen_relay.server.app import ServeOptions
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
-    # CPU slices split the threads as `serve` splits a machine's cores between slices that work at once
-    # (server/app.py); given all of them each, two pipelined slices would oversubscribe the cores.
-    threads = (1 if cfg.threads_per_slice else max(1, cfg.num_threads // shards)) if device.type == "cpu" else 0
+    # CPU slices share the machine's cores as `serve` shares them by default (server/app.py): every slice all
+    # the threads, one step in flight. --threads-per-slice: one thread each, a step per slice in flight.
+    cpu = device.type == "cpu"
+    threads = (1 if cfg.threads_per_slice else cfg.num_threads) if cpu else 0
+    in_flight = 1 if cpu and not cfg.threads_per_slice else 0
     # A relay idles while the other systems run their phase; a compiled graph torn down meanwhile would be
     # rebuilt inside its next measured phase, so the bench keeps it.
     return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
-                        dtype=str(dtype).removeprefix("torch."), threads=threads, cpus_per_slice=1.0,
+                        dtype=str(dtype).removeprefix("torch."), threads=threads, max_in_flight=in_flight,
+                        cpus_per_slice=1.0,
                         prepack=cfg.prepack, prefix_cache=cfg.prefix_cache, max_step_tokens=cfg.max_step_tokens,
                         grace_seconds=0, graph_idle_teardown=0)
 

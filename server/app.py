@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import grpc
@@ -84,14 +84,14 @@ class ServeOptions:
     max_new_tokens_cap: int = 1024
     cpus_per_slice: float | None = None  # Ray CPUs per CPU slice; None: 1, or a share of a local node
     threads: int = 0
-    prepack: bool = True  # CPU fp32: linear weights prepacked for oneDNN (shards/packed.py)
+    prepack: bool = True  # CPU fp32 or bf16: linear weights prepacked for oneDNN (shards/packed.py)
     decode_step: str = "auto"  # auto, dynamic, static or compiled (shards/runner.py)
     placement_strategy: str = "PACK"
     placement_timeout: float = 600.0  # seconds to wait for Ray to place the slices (an autoscaler may add nodes)
     max_restarts: int = -1  # Ray restarts of a dead slice actor (-1: unlimited)
     recovery_timeout: float = 60.0
     max_queue: int = 256
-    max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice
+    max_in_flight: int = 0  # step batches in the pipe at once; 0: one per slice, 1 where slices share cores
     slice_transport: str = "auto"  # between Ray slices: auto (GPU: compiled graph, CPU: actor calls), compiled, calls
     graph_idle_teardown: float = 10.0  # seconds without a step before a compiled graph is torn down; 0: keep it
     grace_seconds: float = 10.0
@@ -227,6 +227,9 @@ class Relay:
             use_gpu = opts.device == "cuda" or (
                 opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
+        if self._shares_cores(use_gpu):
+            log.info("slices share this machine's cores: %d torch thread(s) each, %d step(s) in flight",
+                     self._threads(use_gpu), min(self._in_flight(use_gpu) or len(self.ranges), len(self.ranges)))
         specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
                            max_slots=opts.max_batch, max_len=self.max_context, num_blocks=self.kv.num_blocks,
                            block_size=self.kv.block_size, threads=self._threads(use_gpu),
@@ -245,9 +248,10 @@ class Relay:
         else:
             log.info("loading %d slice%s (layers %s) of %s in this process", len(specs), "s" * (len(specs) != 1),
                      describe(self.ranges), opts.model)
-            self.pipeline = await asyncio.to_thread(LocalPipeline, specs)
+            self.pipeline = await asyncio.to_thread(LocalPipeline, specs, self._in_flight(use_gpu))
         stats = await self.pipeline.stats()
         self.metrics.update_slices(stats)  # the baseline: warm-up forwards are not step time
+        self.engine.config = replace(self.engine.config, max_in_flight=self._in_flight(use_gpu))
         self.engine.start(self.pipeline)
         for name, path in opts.adapters.items():  # before SERVING, so no request races them
             await self.adapters.load(name, path, trusted=True)
@@ -257,17 +261,32 @@ class Relay:
         self.layout = stats
         log.info("SERVING %s", self.describe_layout())
 
+    def _shares_cores(self, use_gpu: bool) -> bool:
+        """Whether every slice runs on this machine's CPU cores: the local Ray serve starts, or --no-ray."""
+        return not use_gpu and (not self.options.use_ray or self.local_ray is not None)
+
     def _threads(self, use_gpu: bool) -> int:
-        """Torch threads per CPU slice: --threads, else, where every slice shares this machine's cores (the
-        local Ray serve starts, or --no-ray), the cores split between the slices that work at once (one step
-        batch per slice is in flight, docs/design.md), so concurrent slices do not oversubscribe the cores.
-        0 elsewhere: a slice on a cluster node uses that node's cores."""
+        """Torch threads per CPU slice: --threads, else, where the slices share this machine's cores, every core
+        for each slice if one step is in flight (`_in_flight`: the working slice uses the cores the idle ones
+        leave), or the cores split between the slices that work at once when --max-in-flight keeps several
+        in flight, so they do not oversubscribe the cores. 0 elsewhere: a slice on a cluster node uses that
+        node's cores."""
         opts = self.options
-        if opts.threads or use_gpu or (opts.use_ray and self.local_ray is None):
+        if opts.threads or not self._shares_cores(use_gpu):
             return opts.threads
         cores = self.local_ray.num_cpus if self.local_ray is not None else (os.cpu_count() or 1)
-        working = min(len(self.ranges), opts.max_in_flight or len(self.ranges))
-        return max(1, cores // working)
+        return max(1, cores // min(len(self.ranges), self._in_flight(use_gpu) or len(self.ranges)))
+
+    def _in_flight(self, use_gpu: bool) -> int:
+        """Steps in the pipe at once (0: one per slice): --max-in-flight, else 1 where the slices share this
+        machine's cores with no --threads given. Slices on the same cores add no compute by pipelining: it
+        only splits the batch into smaller micro-batches, each slice on a share of the cores, so a lone
+        stream ran at one core's speed (docs/benchmarks.md, "One machine's cores"). Slices on devices of
+        their own, or with --threads set, keep one step per slice in flight."""
+        opts = self.options
+        if opts.max_in_flight or opts.threads or not self._shares_cores(use_gpu):
+            return opts.max_in_flight
+        return 1
 
     def _cpus_per_slice(self, cluster: dict[str, float], use_gpu: bool) -> float:
         """--cpus-per-slice, else 1 CPU per slice, or on a local node a share that lets every slice fit."""

@@ -52,7 +52,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of contiguous layer slices, sized to even out their cost (LM head included)")
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bfloat16 on GPU, float32 on CPU")
+                        help="auto: bfloat16 on GPU; on CPU the checkpoint's bfloat16 or float32 (float16: float32)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: one GPU per slice when the cluster has enough GPUs, else CPU")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
@@ -65,7 +65,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences running at once (decoding, or prefilling in chunks)")
     parser.add_argument("--max-in-flight", type=bounded(int, 0), default=0,
                         help="step batches in the pipe at once (default 0: one per slice, so every slice works; "
-                             "1: one step at a time)")
+                             "but 1 where slices share this machine's cores and --threads is not set)")
     parser.add_argument("--slice-transport", default="auto", choices=["auto", "compiled", "calls"],
                         help="how hidden states move between Ray slices: a compiled graph (auto on GPU slices) or "
                              "chained actor calls (auto on CPU slices, where the graph's channel polling costs CPU)")

@@ -181,13 +181,16 @@ class LocalPipeline:
     with several steps in flight, slice 0 runs the next batch while slice 1 runs this one. A single-thread
     executor per slice runs its forwards in submission order, which is the order `Pipeline` promises."""
 
-    def __init__(self, specs: list[SliceSpec]) -> None:
+    def __init__(self, specs: list[SliceSpec], depth: int = 0) -> None:
+        """`depth`: steps in flight at once (0: one per slice). At 1, a step runs through every slice in one
+        call on one thread, as one model would: no hand-off between threads, one OpenMP thread team."""
         self.runners = [SliceRunner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
             runner.reset()  # open the cache; a runner rebuilt later (a restarted slice) stays shut until recovery
-        self.depth = len(self.runners)
-        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(len(specs))]
+        self.depth = min(depth or len(self.runners), len(self.runners))
+        stages = len(specs) if self.depth > 1 else 1
+        self._stages = [ThreadPoolExecutor(1, thread_name_prefix=f"slice-{i}") for i in range(stages)]
         self.adapters = PipelineAdapters()
 
     async def step(self, batch: StepBatch) -> list[int]:
@@ -195,19 +198,32 @@ class LocalPipeline:
         out = None
         try:
             with self.adapters.stepping(batch):
+                if len(self._stages) == 1:
+                    return await loop.run_in_executor(self._stages[0], self._through, batch)
                 for runner, stage in zip(self.runners, self._stages, strict=True):
-                    out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
+                    out = await loop.run_in_executor(stage, runner.step, batch, out)
         except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
             raise SliceLost(f"a slice lost its cache: {e}") from e
         return out
+
+    def _through(self, batch: StepBatch) -> list[int]:
+        """The whole step on one thread (one step in flight: no hand-off between slice threads)."""
+        out = None
+        for runner in self.runners:
+            out = runner.step(batch, out)
+        return out
+
+    def _stage_of(self, index: int) -> ThreadPoolExecutor:
+        """The thread slice `index` runs on: its own, or the one thread every slice shares at depth 1."""
+        return self._stages[index if len(self._stages) > 1 else 0]
 
     async def recover(self) -> Recovery:
         await self.adapters.restore(self._load_all, self._unload_all)
         # Each reset on its slice's own thread, so after any step still running there: a dead loop cancels its
         # steps, but a forward already in a thread goes on, and its commit must not land after the reset.
         loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(stage, runner.reset)
-                               for runner, stage in zip(self.runners, self._stages, strict=True)))
+        await asyncio.gather(*(loop.run_in_executor(self._stage_of(i), runner.reset)
+                               for i, runner in enumerate(self.runners)))
         return self.adapters.recovered()
 
     async def stats(self) -> list[SliceStats]:

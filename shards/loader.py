@@ -84,7 +84,7 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
                prepack: bool = False) -> ModelSlice:
     """Build layers [first, end) of `model` on `device`, reading only the tensors they own.
 
-    `prepack`: on a CPU in fp32, store linear weights in oneDNN's layout (shards/packed.py).
+    `prepack`: on a CPU in fp32 or bf16, store linear weights in oneDNN's layout (shards/packed.py).
     """
     folder = model_dir(model)
     config = load_config(folder)

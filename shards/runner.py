@@ -26,9 +26,10 @@ import torch
 from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .decode import DecodeInputs, is_decode
-from .dtypes import resolve_dtype
+from .dtypes import resolve_dtype, stored_dtype
+from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
-from .loader import load_slice
+from .loader import load_config, load_slice
 from .model import StepMetadata
 from .sampler import sample
 from .stats import SliceStats
@@ -46,14 +47,14 @@ class SliceSpec:
     model: str
     first: int  # first layer, inclusive
     end: int  # last layer + 1
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: bf16 on a GPU, the checkpoint's own dtype on a CPU (shards/dtypes.py)
     device: str = "auto"  # "auto": the first visible GPU if any, else CPU
     max_slots: int = 16  # sequences running at once (recurrent state, static decode rows)
     max_len: int = 2048  # the longest context a request may have (the static step's largest context bucket)
     num_blocks: int = 2048  # KV blocks (server/block_manager.py sizes the pool; every slice holds as many)
     block_size: int = 16  # positions per block
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    prepack: bool = True  # CPU fp32: linear weights in oneDNN's layout (shards/packed.py)
+    prepack: bool = True  # CPU fp32 or bf16: linear weights in oneDNN's layout (shards/packed.py)
     decode: str = "auto"  # the decode step: auto, dynamic, static or compiled (module docstring)
 
 
@@ -78,7 +79,7 @@ class SliceRunner:
             device = torch.device(spec.device)
         self.spec = spec
         self.device = device
-        self.dtype = resolve_dtype(spec.dtype, device)
+        self.dtype = resolve_dtype(spec.dtype, device, stored_dtype(load_config(model_dir(spec.model))))
         # Inductor lowers prepacked oneDNN weights only as graph constants, and packs dense ones itself
         # (freezing): a compiled CPU step loads dense weights (docs/benchmarks.md, "The decode step").
         prepack = spec.prepack and not (spec.decode == "compiled" and device.type == "cpu")

@@ -237,11 +237,12 @@ def test_cli_flags(tmp_path):
     mode = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads-per-slice",
                                                              "--baselines", "hf"]))
     assert mode.threads_per_slice and mode.baselines == ("hf",)
-    options = relay_under_test.relay_options(mode, 2)
-    assert options.threads == 1 and options.cpus_per_slice == 1
-    # Without it, a relay's CPU slices split the threads as serve splits cores: pipelined slices work at once.
+    one_each = relay_under_test.relay_options(mode, 2)
+    assert one_each.threads == 1 and one_each.cpus_per_slice == 1 and one_each.max_in_flight == 0  # pipelined
+    # Without it, a relay's CPU slices share the threads as serve shares cores: all of them each, one step at once.
     eight = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
-    assert [relay_under_test.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    assert [relay_under_test.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 8, 8, 8]
+    assert {relay_under_test.relay_options(eight, n).max_in_flight for n in (1, 2, 3, 16)} == {1}
     with pytest.raises(SystemExit, match="baselines"):
         cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "hf,sglang"]))
     peer = cli.config_from_args(build_parser().parse_args(

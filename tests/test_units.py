@@ -28,6 +28,7 @@ from qwen_relay.server.validation import (
     validate,
 )
 from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.dtypes import cpu_bf16_fast, resolve_dtype
 from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
 from qwen_relay.shards.sampler import NO_TOKEN, sample
@@ -662,19 +663,25 @@ needs_onednn = pytest.mark.skipif(not can_prepack(torch.device("cpu"), torch.flo
 
 
 @needs_onednn
-def test_packed_linear_matches_dense_and_is_batch_invariant():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_linear_matches_dense_and_is_batch_invariant(dtype):
+    if not can_prepack(torch.device("cpu"), dtype):
+        pytest.skip(f"no oneDNN {dtype} kernels on this CPU")
     torch.manual_seed(0)
-    dense = torch.nn.Linear(96, 200)
+    dense = torch.nn.Linear(96, 200, dtype=dtype)
     packed = PackedLinear(dense, dense.weight)
-    head = torch.nn.Linear(96, 40_000, bias=False)  # more rows than one block: packed in 3 blocks
+    head = torch.nn.Linear(96, 40_000, bias=False, dtype=dtype)  # more rows than one block: packed in 3 blocks
     packed_head = PackedHead(head, head.weight.split(16384))
     assert len(packed_head.blocks) == 3
-    x = torch.randn(2, 40, 96)  # [B, T, H], as slices call it
+    assert packed.weight.dtype == dtype
+    x = torch.randn(2, 40, 96, dtype=dtype)  # [B, T, H], as slices call it
+    # bf16: the same products summed in fp32 by either kernel, rounded once to bf16 (8 mantissa bits).
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
     with torch.inference_mode():
         for fast, slow in ((packed, dense), (packed_head, head)):
             out = fast(x)
-            assert out.shape == slow(x).shape
-            torch.testing.assert_close(out, slow(x), rtol=1e-5, atol=1e-5)
+            assert out.shape == slow(x).shape and out.dtype == dtype
+            torch.testing.assert_close(out, slow(x), **tol)
             # A row's result does not depend on what else is in the batch, bit for bit: batched greedy
             # decoding stays identical to unbatched.
             rows = x.reshape(-1, 96)
@@ -682,7 +689,18 @@ def test_packed_linear_matches_dense_and_is_batch_invariant():
             # Fewer rows than MIN_ROWS run padded: the same shapes and values as the dense layer, 2-D or 3-D.
             for small in (x[:1, :1], x[:1, :2], x[:1, :3], rows[:2]):
                 assert fast(small).shape == slow(small).shape
-                torch.testing.assert_close(fast(small), slow(small), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(fast(small), slow(small), **tol)
+
+
+def test_auto_dtype_on_cpu_keeps_the_checkpoints_own():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, torch.float32) == torch.float32  # the fp32 test checkpoints stay fp32
+    assert resolve_dtype("auto", cpu, torch.bfloat16) == (torch.bfloat16 if cpu_bf16_fast() else torch.float32)
+    assert resolve_dtype("auto", cpu, torch.float16) == torch.float32  # no fast fp16 CPU kernels
+    assert resolve_dtype("auto", cpu) == torch.float32  # nothing stored named (training)
+    assert resolve_dtype("bfloat16", cpu, torch.float32) == torch.bfloat16  # asked for: converted
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("fp8", cpu)
 
 
 def test_step_batch_padded():
@@ -816,3 +834,23 @@ def test_scheduler_splits_a_burst_of_prompts_across_the_steps_in_flight():
             steps.append(rows)
         assert [len(b) for b in steps] == sizes
         assert not sched.waiting
+
+
+# ------------------------------------------------------------------------------------- threads and depth
+
+
+@pytest.mark.parametrize(("options", "gpu", "threads", "in_flight"), [
+    ({}, False, "cores", 1),  # slices share this machine's cores: each gets them all, one step at a time
+    ({"threads": 1}, False, 1, 0),  # threads set: one step per slice, as on devices of their own
+    ({"max_in_flight": 2}, False, "half", 2),  # pipelined on shared cores: the cores split, never oversubscribed
+    ({}, True, 0, 0),  # a GPU each: pipelined
+], ids=["shared-cores", "threads-set", "in-flight-set", "gpus"])
+def test_serve_policy_for_threads_and_steps_in_flight(tiny_model, options, gpu, threads, in_flight):
+    import os
+
+    from qwen_relay.server.app import Relay, ServeOptions
+
+    relay = Relay(ServeOptions(model=str(tiny_model), shards=2, use_ray=False, **options))
+    cores = os.cpu_count() or 1
+    assert relay._in_flight(gpu) == in_flight
+    assert relay._threads(gpu) == {"cores": cores, "half": max(1, cores // 2)}.get(threads, threads)
