@@ -249,9 +249,10 @@ class Engine:
                     await self._wake.wait()
                     continue
                 oldest = next(iter(in_flight))  # the pipeline returns steps in the order they went in
-                waiters: set[asyncio.Future] = {oldest}
-                if len(in_flight) < self.depth:  # room in the pipe: new work may start before the oldest is back
-                    waiters.add(asyncio.ensure_future(self._wake.wait()))
+                # A wake-up (a new request, or a cancellation to reap) is looked at before the oldest step is
+                # back: with room in the pipe new work may start, and a request given up while queued leaves
+                # the queue at once even when the pipe is full (one step in flight).
+                waiters: set[asyncio.Future] = {oldest, asyncio.ensure_future(self._wake.wait())}
                 try:
                     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 finally:

@@ -40,6 +40,8 @@ def bf16_reference(bf16_model) -> list[list[int]]:
 def test_bf16_checkpoint_runs_packed_bf16_with_generates_greedy_tokens(bf16_model, bf16_reference, ranges):
     runners = [SliceRunner(SliceSpec(model=str(bf16_model), first=a, end=b, device="cpu", max_slots=4, max_len=64))
                for a, b in ranges]
+    for runner in runners:
+        runner.reset()  # open the caches, as a pipeline does
     assert all(r.dtype == torch.bfloat16 for r in runners)
     linears = [m for r in runners for m in r.slice.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, PackedLinear) and m.weight.dtype == torch.bfloat16 for m in linears)
@@ -69,6 +71,8 @@ def test_bf16_adapter_on_packed_base_layers_gives_pefts_tokens(bf16_model, bf16_
     assert expected != bf16_reference  # the adapter changes the tokens: the check below can fail
     runners = [SliceRunner(SliceSpec(model=str(bf16_model), first=a, end=b, device="cpu", max_slots=4, max_len=64))
                for a, b in [(0, 3), (3, 5)]]
+    for runner in runners:
+        runner.reset()  # open the caches, as a pipeline does
     for runner in runners:
         runner.load_adapter("lora", str(tmp_path / "lora"))
     got = greedy(runners, PROMPTS, MAX_NEW, adapters=["lora"] * len(PROMPTS))

@@ -161,7 +161,7 @@ def test_engine_finish_reason_is_stop_sequence_when_flush_stops(tiny_model):
     engine.scheduler.add(seq)
     engine.scheduler.schedule()
     for token in (0, 1, 2):
-        engine._append(seq, token)
+        engine._take(seq, token)
     deltas = [seq.outbox.get_nowait() for _ in range(seq.outbox.qsize())]
     assert "".join(d.text for d in deltas) == "a"
     assert deltas[-1].finish_reason is FinishReason.STOP_SEQUENCE
