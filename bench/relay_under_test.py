@@ -74,7 +74,7 @@ class RelayUnderTest:
         return await self.slices()
 
     async def slices(self) -> dict[str, Any]:
-        """Where the slices ran and their memory: peak RSS per slice process, weights, preallocated KV cache."""
+        """Where the slices ran and their memory: peak RSS per slice process, weights, the KV block pool."""
         info = await self.client.model_info()
         stats = await self.relay.pipeline.stats()
         return {"dtype": info.dtype, "slices": [

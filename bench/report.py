@@ -245,8 +245,8 @@ def render_table(result: dict[str, Any]) -> str:
                 f"{_mib(result['runtime_overhead_bytes'])} MiB, measured as the peak of a "
                 f"{'Ray actor' if cfg['use_ray'] else 'process'} that imports what a slice imports and loads no "
                 "weights; hf's is its own process's peak before loading; "
-                f"target: peak <= {MEMORY_FACTOR} x (weights + KV cache + overhead); KV cache is preallocated: "
-                f"{cfg['max_batch']} slots x {cfg['max_context']} tokens)", "",
+                f"target: peak <= {MEMORY_FACTOR} x (weights + KV cache + overhead); KV cache: the block pool "
+                "every slice holds, serve's default of 32,768 tokens)", "",
                 "| process | peak MiB | weights MiB | KV cache MiB | overhead MiB | sum MiB | peak / sum |"
                 + (" GPU peak MiB |" if gpu else ""), "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for row in memory:
