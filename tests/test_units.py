@@ -570,6 +570,18 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert anything == set(range(6))
 
 
+def test_seeded_draws_follow_the_tempered_distribution():
+    """Across positions, the draws' frequencies are softmax(logits / temperature) over the kept candidates:
+    the hashed Gumbel noise is unbiased. Rows of one batch, each its own position."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    for params, want in ((SamplingParams(temperature=1.0, seed=42), torch.softmax(logits[0], -1)),
+                         (SamplingParams(temperature=2.0, top_k=3, seed=7),
+                          torch.cat([torch.softmax(logits[0, :3] / 2, -1), torch.zeros(1)]))):
+        tokens = sample(logits, [params] * 4000, list(range(4000)))
+        freq = torch.bincount(tokens, minlength=4) / 4000
+        assert torch.allclose(freq, want, atol=0.03), (freq, want)
+
+
 # ---------------------------------------------------------------------------------------------- KV cache
 
 
