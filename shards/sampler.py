@@ -60,21 +60,31 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     """One token per row of `logits` [B, V] on their device: `greedy` for greedy rows and rows with no answer,
     a seeded draw for the others (row i seeded by (params[i].seed, positions[i]))."""
     tokens = greedy(logits)
-    if all(p.greedy for p in params):
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
         return tokens
     device, vocab = logits.device, logits.shape[-1]
-    drawn = torch.tensor([not p.greedy for p in params], device=device)
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    drawn = [params[i] for i in rows]
+    index = torch.tensor(rows, device=device)
+    temperature = torch.tensor([p.temperature for p in drawn], device=device)
+    scores = logits[index].float() / temperature[:, None]
+    if any(0 < p.top_k < vocab or p.top_p < 1.0 for p in drawn):
+        scores = scores.masked_fill(~_candidates(scores, drawn), float("-inf"))
+    seeds = torch.tensor([_signed(p.seed) for p in drawn], device=device)
+    noise = gumbel_noise(seeds, torch.tensor([positions[i] for i in rows], device=device), vocab)
+    picks = (scores + noise).argmax(dim=-1)
+    tokens[index] = torch.where(tokens[index] == NO_TOKEN, NO_TOKEN, picks)
+    return tokens
+
+
+def _candidates(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Each row's top-k, then within those the smallest prefix whose probability mass reaches top_p (always the
+    top token): a mask [B, V] in vocab order. top_k 0 (or >= V) and top_p 1 keep everything."""
+    device, vocab = scores.device, scores.shape[-1]
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
     top_p = torch.tensor([p.top_p for p in params], device=device)
-    scores = logits.float() / temperature[:, None]
     ordered, order = scores.sort(dim=-1, descending=True)
     keep = torch.arange(vocab, device=device)[None, :] < top_k[:, None]
     probs = torch.softmax(ordered.masked_fill(~keep, float("-inf")), dim=-1)
-    # Top-p: the smallest prefix whose mass reaches top_p (always the top token); top_p 1 keeps all of top-k.
     keep &= (probs.cumsum(-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    keep = torch.zeros_like(keep).scatter_(1, order, keep)  # back to vocab order
-    seeds = torch.tensor([_signed(p.seed) for p in params], device=device)
-    noise = gumbel_noise(seeds, torch.tensor(positions, device=device), vocab)
-    picks = (scores.masked_fill(~keep, float("-inf")) + noise).argmax(dim=-1)
-    return torch.where(drawn & (tokens != NO_TOKEN), picks, tokens)
+    return torch.zeros_like(keep).scatter_(1, order, keep)
