@@ -44,8 +44,13 @@ def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> to
     """Gumbel(0, 1) noise [B, V], float32, a pure function of each row's (seed, position) and the vocab index."""
     row = _mix(_mix(seeds + GAMMA) ^ positions)
     index = torch.arange(1, vocab + 1, device=seeds.device)
-    bits = _mix(row[:, None] + index[None, :] * GAMMA)
-    uniform = (_shr(bits, 40).float() + 0.5) * 2.0**-24  # 24 bits: in (0, 1), never 0 or 1
+    return gumbel(_mix(row[:, None] + index[None, :] * GAMMA))
+
+
+def gumbel(bits: torch.Tensor) -> torch.Tensor:
+    """Random int64 bits to Gumbel(0, 1), finite for every input: the top 23 bits make a uniform in (0, 1)
+    that float32 holds exactly (with 24, the largest rounds to 1.0 and its noise is infinite)."""
+    uniform = (_shr(bits, 41).float() + 0.5) * 2.0**-23
     return -torch.log(-torch.log(uniform))
 
 

@@ -30,7 +30,7 @@ from qwen_relay.server.validation import (
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
-from qwen_relay.shards.sampler import NO_TOKEN, sample
+from qwen_relay.shards.sampler import NO_TOKEN, gumbel, sample
 from qwen_relay.v1 import relay_pb2
 
 TURKISH = "Merhaba! Nasıl yardımcı olabilirim? DOĞAL ĞÜŞİÖÇ ’"
@@ -537,9 +537,12 @@ def test_seeded_draws_are_reproducible_per_seed_and_position():
     other = [int(sample(logits.clone(), [SamplingParams(temperature=1.5, seed=1235)], [pos])[0])
              for pos in range(40)]
     assert other != draws
-    # A row's draw depends on its own (seed, position) only, not on the rest of the batch.
+    # A row's draw depends on its own (seed, position) only, not on the rest of the batch: greedy neighbours,
+    # sampled ones, and ones whose top-k/top-p filter sends the whole batch through the sort.
     batch = torch.cat([_logits(rows=3, vocab=1000, seed=9), logits])
     params = [SamplingParams(), SamplingParams(temperature=0.8, seed=5), SamplingParams(), p]
+    assert int(sample(batch, params, [3, 17, 2, 21])[3]) == draws[21]
+    params[0] = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=6)
     assert int(sample(batch, params, [3, 17, 2, 21])[3]) == draws[21]
     # A huge seed (uint64 on the wire) is fine.
     big = SamplingParams(temperature=1.0, seed=2**64 - 1)
@@ -568,6 +571,13 @@ def test_top_k_and_top_p_restrict_the_candidates():
     anything = {int(sample(logits.clone(), [SamplingParams(temperature=50.0, seed=s)], [0])[0])
                 for s in range(200)}
     assert anything == set(range(6))
+
+
+def test_gumbel_noise_is_finite_at_the_extremes():
+    """All-ones and all-zero bits (and everything between) give finite noise: an infinite one would pick its
+    token whatever the logits, or make a filtered-out token NaN."""
+    bits = torch.tensor([-1, 0, 1, 2**63 - 1, -(2**63), 2**62])
+    assert torch.isfinite(gumbel(bits)).all()
 
 
 def test_seeded_draws_follow_the_tempered_distribution():
