@@ -27,8 +27,8 @@ MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_NEW_TOKENS = 128
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one request (gRPC message, HTTP body) and one gRPC reply
 MAX_ADAPTER_CHARS = 64  # adapter names are 1-64 characters (shards/adapters.py NAME_PATTERN)
-# Below this, logits / temperature overflows float32 to inf, softmax gives NaN and the sampler raises inside
-# the last slice, failing every sequence in that step (vLLM's sampling epsilon is the same).
+# Below this, logits / temperature can overflow float32 to inf, and the last slice's draw no longer follows the
+# logits (vLLM's sampling epsilon is the same).
 MIN_TEMPERATURE = 1e-5
 ECHO_CHARS = 40  # error messages quote at most this much of a value: gRPC trailers are limited to 8-16 KiB
 # Chat-template options a request may set, with the JSON type each takes. An allow-list: templates are code,

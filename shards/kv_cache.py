@@ -6,7 +6,7 @@ that hold that sequence's positions 0, 1, ... in order, so position p of a row i
 its table's block p // block_size. A slice only reads and writes the blocks a step names; it keeps no
 per-sequence bookkeeping for attention, and two sequences that share a prefix read the same blocks.
 
-One extra block, `scratch`, belongs to no sequence: padded rows of a static decode step (shards/decode.py) and
+One extra block, `scratch`, belongs to no sequence: padded rows of a static decode step (shards/step_inputs.py) and
 padded table entries point at it, so gathers and writes index with tensors alone. The buffers are
 zero-filled so never-written positions (masked out in attention) are finite: a NaN there would poison the
 softmax even under a -inf mask.

@@ -11,64 +11,27 @@ token (so softmax never sees an all-masked row) and are never written to the cac
 The forward returns hidden states, or on the last slice the logits of each row's last token; the runner
 samples (shards/runner.py), as in gpt-fast and nano-vllm.
 
-`decode` is the same computation for a decode step with static shapes (shards/decode.py), which
-`torch.compile(fullgraph=True)` traces whole and CUDA graphs capture; on the last slice it also picks greedy
-tokens on the device. It serves dense full-attention slices (Qwen2/2.5, Qwen3): Qwen3-MoE groups tokens by
-expert (data-dependent shapes) and Qwen3.5's linear-attention layers update a recurrent state through the
-dynamic path's metadata, so those slices keep the dynamic path for every step (`static_decode` is False).
+`decode` is the same computation for a decode step with static shapes (`DecodeInputs`, shards/step_inputs.py),
+which `torch.compile(fullgraph=True)` traces whole and CUDA graphs capture; like `forward` it returns hidden
+states, or logits on the last slice. It serves dense full-attention slices (Qwen2/2.5, Qwen3): Qwen3-MoE
+groups tokens by expert (data-dependent shapes) and Qwen3.5's linear-attention layers update a recurrent state
+through the dynamic path's metadata, so those slices keep the dynamic path for every step (`static_decode` is
+False).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from .attention import Attend, choose_attention, expanded
-from .batch import StepBatch
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .kv_cache import KVCache, RecurrentShape
-from .sampler import greedy
+from .step_inputs import StepMetadata
 
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
-
-
-@dataclass(frozen=True)
-class StepMetadata:
-    """What every layer of a slice needs to know about one step's batch, built once per step."""
-
-    ids: torch.Tensor  # [B, T] right-padded token ids (read by the first slice only)
-    positions: torch.Tensor  # [B, T] absolute positions; pads continue past the row's end
-    valid: torch.Tensor  # [B, T] True for real tokens
-    mask: torch.Tensor  # [B, 1, T, L] key p visible to query q iff p <= q (pads see their row's first key)
-    tables: torch.Tensor  # [B, W] each row's KV blocks, padded with the scratch block; L = W * block_size
-    slot_index: torch.Tensor  # [B] each row's sequence slot (recurrent state)
-    write_rows: torch.Tensor  # [N] row of each real token, to write its key/value
-    write_cols: torch.Tensor  # [N] its column in the padded batch
-    write_blocks: torch.Tensor  # [N] the block its key/value goes to
-    write_offsets: torch.Tensor  # [N] its offset in that block
-    last: torch.Tensor  # [B] column of each row's last real token
-    fresh: torch.Tensor  # [B] rows starting at position 0: their recurrent state starts from zeros
-
-    @classmethod
-    def build(cls, batch: StepBatch, device: torch.device, block_size: int, scratch: int) -> StepMetadata:
-        ids, positions, valid = batch.padded(device)
-        width = -(-max(batch.ends()) // block_size)
-        tables = batch.tables(width, scratch, device)
-        key_pos = torch.arange(width * block_size, device=device)
-        query_pos = torch.where(valid, positions, 0)
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
-        rows, cols = valid.nonzero(as_tuple=True)
-        at = positions[rows, cols]
-        last = torch.tensor([len(t) - 1 for t in batch.token_ids], device=device)
-        fresh = torch.tensor([s == 0 for s in batch.starts], device=device)
-        return cls(ids=ids, positions=positions, valid=valid, mask=mask, tables=tables,
-                   slot_index=torch.tensor(batch.slots, device=device), write_rows=rows, write_cols=cols,
-                   write_blocks=tables[rows, at // block_size], write_offsets=at % block_size, last=last,
-                   fresh=fresh)
 
 
 class SliceBody(nn.Module):
@@ -146,11 +109,10 @@ class ModelSlice(nn.Module):
         return self.lm_head(h_last).float()
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, hidden: torch.Tensor | None,
-               cache: KVCache) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """One decode step with static shapes (shards/decode.py): ids [R, 1] (first slice) or hidden [R, 1, H]
+               cache: KVCache) -> torch.Tensor:
+        """One decode step with static shapes (`DecodeInputs`): ids [R, 1] (first slice) or hidden [R, 1, H]
         in, positions [R, 1], block tables [R, W] (keys read: W * block_size per row). Hidden states [R, 1, H]
-        out, or on the last slice (greedy tokens [R], logits [R, V]): the sampler's `greedy`, on the device. No
-        host synchronisation from first kernel to output."""
+        out, or on the last slice the logits [R, V]. No host synchronisation from first kernel to output."""
         h = self.model.embed_tokens(ids) if self.is_first else hidden
         cos, sin = self.rotary_emb(h, positions)
         keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
@@ -167,8 +129,7 @@ class ModelSlice(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if not self.is_last:
             return h
-        logits = self.lm_head(self.model.norm(h[:, 0])).float()
-        return greedy(logits), logits
+        return self.lm_head(self.model.norm(h[:, 0])).float()
 
     def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -5,10 +5,12 @@ its cache holds, so a step meant for a cache that was lost (the actor restarted)
 `CacheMismatch` instead of silently attending to zeros.
 
 Decode steps (every row one token) of a dense slice with no LoRA adapter injected take the static path
-(shards/decode.py, `ModelSlice.decode`); prefills, mixed batches, adapters, MoE and Qwen3.5 slices take the
-dynamic one. `SliceSpec.decode` picks how the static step runs: "compiled" wraps it in `torch.compile`
-(on CUDA `mode="reduce-overhead"`: CUDA graphs, captured per bucket after warm-up), "static" runs it eagerly,
-"dynamic" never uses it, "auto" compiles on CUDA and uses `CPU_DECODE` on a CPU (docs/benchmarks.md).
+(`DecodeInputs` in shards/step_inputs.py, `ModelSlice.decode`); prefills, mixed batches, adapters, MoE and
+Qwen3.5 slices take the dynamic one (`StepMetadata`). Both return logits on the last slice, which the runner
+samples with the one sampler (shards/sampler.py). `SliceSpec.decode` picks how the static step runs:
+"compiled" wraps it in `torch.compile` (on CUDA `mode="reduce-overhead"`: CUDA graphs, captured per bucket
+after warm-up), "static" runs it eagerly, "dynamic" never uses it, "auto" compiles on CUDA and uses
+`CPU_DECODE` on a CPU (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ import torch
 
 from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
-from .decode import DecodeInputs, is_decode
 from .dtypes import resolve_dtype, stored_dtype
 from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
 from .loader import load_config, load_slice
-from .model import StepMetadata
 from .sampler import sample
 from .stats import SliceStats
+from .step_inputs import DecodeInputs, StepMetadata, is_decode
 
 log = logging.getLogger(__name__)
 
@@ -103,32 +104,24 @@ class SliceRunner:
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
-        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice.
+        """One forward of this slice: hidden states out, or token ids (a plain list) from the last slice: what
+        the transports pass on (server/transport.py, server/pipeline.py).
 
-        The last slice samples here, next to its logits, so only token ids (never vocab-sized logits) leave it.
+        The last slice samples here, next to its logits (both paths, one sampler: shards/sampler.py), so only
+        token ids (never vocab-sized logits) leave it.
         """
         self.cache.check(batch.slots, batch.blocks, batch.ends())
         return self._forward(batch, hidden)
 
     def _forward(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor | list[int]:
         start = time.perf_counter()
-        ends = batch.ends()
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
         with self._lock:
-            if self._static(batch):
-                out = self._run_static(batch, hidden)
-            else:
-                meta = StepMetadata.build(batch, self.device, self.cache.block_size, self.cache.scratch)
-                with self.adapters.routed(batch.adapters):
-                    out = self.slice(meta, hidden, self.cache)
-        if isinstance(out, tuple):  # the static step's greedy tokens and logits
-            tokens, logits = out
-            greedy = all(p.greedy for p in batch.sampling)
-            out = (tokens if greedy else sample(logits, batch.sampling, ends)).tolist()
-        elif self.slice.is_last:
-            out = sample(out, batch.sampling, ends).tolist()
-        elif self.device.type != "cpu":
+            out = self._run_static(batch, hidden) if self._static(batch) else self._run_dynamic(batch, hidden)
+            if self.slice.is_last:  # before the next step may replay the graph that wrote these logits
+                out = sample(out, batch.sampling, batch.ends()).tolist()
+        if not self.slice.is_last and self.device.type != "cpu":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - start
         self.steps += 1
@@ -165,8 +158,13 @@ class SliceRunner:
         return (self.decode_mode != "dynamic" and is_decode(batch) and not self.adapters.injected
                 and not (batch.adapters and any(batch.adapters)))
 
-    def _run_static(self, batch: StepBatch,
-                    hidden: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def _run_dynamic(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        meta = StepMetadata.build(batch, self.device, self.cache.block_size, self.cache.scratch)
+        with self.adapters.routed(batch.adapters):
+            return self.slice(meta, hidden, self.cache)
+
+    def _run_static(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
+        """The static step on the batch padded to its bucket: the real rows' hidden states or logits."""
         inputs = DecodeInputs.build(batch, self.device, self.spec.max_slots, self.spec.max_len,
                                     self.cache.block_size, self.cache.scratch)
         if hidden is not None:
@@ -185,11 +183,10 @@ class SliceRunner:
                           self.spec.first, self.spec.end - 1)
             self.decode_mode, self._decode = "static", self.slice.decode
             return self._run_static(batch, hidden[: inputs.rows] if hidden is not None else None)
-        n = inputs.rows
-        if isinstance(out, tuple):
-            return out[0][:n], out[1][:n]
-        # A CUDA graph's output buffer is overwritten by its next replay, maybe before the next slice reads it.
-        return out[:n].clone() if graphs else out[:n]
+        out = out[: inputs.rows]
+        # A CUDA graph's output buffer is overwritten by its next replay, maybe before the next slice reads it;
+        # the last slice's logits are sampled under the lock, before any replay.
+        return out.clone() if graphs and not self.slice.is_last else out
 
     def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
         """This slice's share of a PEFT LoRA adapter (none if it holds none of its layers); idempotent."""

@@ -1,4 +1,5 @@
-"""The static decode step (shards/decode.py, `ModelSlice.decode`) and the attention paths (shards/attention.py).
+"""The static decode step (`DecodeInputs` in shards/step_inputs.py, `ModelSlice.decode`) and the attention paths
+(shards/attention.py).
 
 The contract is the same as everywhere: greedy tokens are `generate()`'s on the whole fp32 model, here with
 every decode step through the static path, eager and compiled with `torch.compile(fullgraph=True)` (a graph
@@ -17,8 +18,8 @@ from test_slices_parity import PROMPTS, greedy
 
 from qwen_relay.shards.attention import choose_attention, expanded, folded
 from qwen_relay.shards.batch import SamplingParams, StepBatch
-from qwen_relay.shards.decode import CONTEXT_FLOOR, DecodeInputs, bucket, is_decode
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
+from qwen_relay.shards.step_inputs import CONTEXT_FLOOR, DecodeInputs, bucket, is_decode
 
 MAX_NEW = 10
 
@@ -74,7 +75,7 @@ def test_static_decode_parity_qwen3(reference, qwen3_model):
 @pytest.mark.slow  # inductor's C++ compile: ~13 s on the 2-core machine with a cold cache
 def test_compiled_decode_parity(reference, tmp_path):
     """`torch.compile(fullgraph=True)` of the CPU decode step: no graph break, same greedy tokens. Two slices
-    compile both kinds of step graph (hidden states out; the head and greedy pick); a whole-model slice is the
+    compile both kinds of step graph (hidden states out; the head and its logits out); a whole-model slice is the
     two in one. One layer each: the compile's cost grows with the layers, what it proves does not."""
     from qwen_relay.checkpoints.synthetic import build_checkpoint
 

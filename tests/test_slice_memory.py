@@ -33,7 +33,7 @@ import transformers  # noqa: F401
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.kv_cache import CacheShape, KVCache
 from qwen_relay.shards.loader import load_slice
-from qwen_relay.shards.model import StepMetadata
+from qwen_relay.shards.step_inputs import StepMetadata
 from qwen_relay.shards.runner import peak_rss_bytes as peak  # VmHWM: this address space's, fresh at exec
 
 model, first, end, prepack = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"

@@ -31,7 +31,7 @@ from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.dtypes import cpu_bf16_fast, resolve_dtype
 from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
-from qwen_relay.shards.sampler import NO_TOKEN, sample
+from qwen_relay.shards.sampler import NO_TOKEN, gumbel, sample
 from qwen_relay.v1 import relay_pb2
 
 TURKISH = "Merhaba! Nasıl yardımcı olabilirim? DOĞAL ĞÜŞİÖÇ ’"
@@ -538,9 +538,12 @@ def test_seeded_draws_are_reproducible_per_seed_and_position():
     other = [int(sample(logits.clone(), [SamplingParams(temperature=1.5, seed=1235)], [pos])[0])
              for pos in range(40)]
     assert other != draws
-    # A row's draw depends on its own (seed, position) only, not on the rest of the batch.
+    # A row's draw depends on its own (seed, position) only, not on the rest of the batch: greedy neighbours,
+    # sampled ones, and ones whose top-k/top-p filter sends the whole batch through the sort.
     batch = torch.cat([_logits(rows=3, vocab=1000, seed=9), logits])
     params = [SamplingParams(), SamplingParams(temperature=0.8, seed=5), SamplingParams(), p]
+    assert int(sample(batch, params, [3, 17, 2, 21])[3]) == draws[21]
+    params[0] = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=6)
     assert int(sample(batch, params, [3, 17, 2, 21])[3]) == draws[21]
     # A huge seed (uint64 on the wire) is fine.
     big = SamplingParams(temperature=1.0, seed=2**64 - 1)
@@ -569,6 +572,25 @@ def test_top_k_and_top_p_restrict_the_candidates():
     anything = {int(sample(logits.clone(), [SamplingParams(temperature=50.0, seed=s)], [0])[0])
                 for s in range(200)}
     assert anything == set(range(6))
+
+
+def test_gumbel_noise_is_finite_at_the_extremes():
+    """All-ones and all-zero bits (and everything between) give finite noise: an infinite one would pick its
+    token whatever the logits, or make a filtered-out token NaN."""
+    bits = torch.tensor([-1, 0, 1, 2**63 - 1, -(2**63), 2**62])
+    assert torch.isfinite(gumbel(bits)).all()
+
+
+def test_seeded_draws_follow_the_tempered_distribution():
+    """Across positions, the draws' frequencies are softmax(logits / temperature) over the kept candidates:
+    the hashed Gumbel noise is unbiased. Rows of one batch, each its own position."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    for params, want in ((SamplingParams(temperature=1.0, seed=42), torch.softmax(logits[0], -1)),
+                         (SamplingParams(temperature=2.0, top_k=3, seed=7),
+                          torch.cat([torch.softmax(logits[0, :3] / 2, -1), torch.zeros(1)]))):
+        tokens = sample(logits, [params] * 4000, list(range(4000)))
+        freq = torch.bincount(tokens, minlength=4) / 4000
+        assert torch.allclose(freq, want, atol=0.03), (freq, want)
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
