@@ -1,0 +1,169 @@
+"""Tensor-parallel slices against whole ones, in one process: N ranks run as threads over the real shared-memory
+collectives (shards/allreduce.py), so the split of every layer, the all-reduces and the vocabulary gather are
+checked without starting a process.
+
+The contract (docs/design.md, "Tensor parallelism"): the same greedy tokens as the whole slice (itself
+`generate()`, tests/test_parity.py) on the test checkpoints at TP 2 and TP 4 (KV heads replicated), and
+logits within `ATOL` of the whole slice's: splitting a sum over heads or MLP width changes fp32 rounding only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_relay.shards.allreduce import GroupBroken, ShmCollectives, channel_path
+from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.family import UnsupportedModel
+from qwen_relay.shards.model import StepMetadata
+from qwen_relay.shards.runner import SliceRunner, SliceSpec
+from qwen_relay.shards.tensor_parallel import Shard
+
+ATOL = 1e-4  # |logit difference| bound at TP 2 and 4 on the tiny checkpoints (fp32; measured ~1e-6)
+PROMPTS = [[5, 17, 300, 42, 7, 999, 3], [11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410]]
+MAX_NEW = 10
+BLOCK = 4
+
+
+def _spec(model: Path, first: int, end: int, world: int, decode: str = "static") -> SliceSpec:
+    return SliceSpec(model=str(model), first=first, end=end, device="cpu", max_slots=4, max_len=64, num_blocks=32,
+                     block_size=BLOCK, decode=decode, tensor_parallel=world)
+
+
+class ThreadGroup:
+    """N ranks of one slice as threads of this process: `run(fn)` calls fn(runner) on every rank at once."""
+
+    def __init__(self, spec: SliceSpec) -> None:
+        world = spec.tensor_parallel
+        path = channel_path()
+        self.comms = [ShmCollectives(path, 0, world, create=True, timeout=20)]
+        self.comms += [ShmCollectives(path, r, world, timeout=20) for r in range(1, world)]
+        self.comms[0].unlink()
+        self.pool = ThreadPoolExecutor(world)
+        # One after another: loading patches torch's parameter registration process-wide (init_empty_weights).
+        self.runners = [SliceRunner(spec, Shard(r, world), self.comms[r]) for r in range(world)]
+        self.run(lambda runner: runner.reset())
+
+    def _all(self, fn: Callable, items) -> list:
+        return [f.result(timeout=120) for f in [self.pool.submit(fn, item) for item in items]]
+
+    def run(self, fn: Callable[[SliceRunner], object]) -> list:
+        return self._all(fn, self.runners)
+
+    def step(self, batch: StepBatch, hidden: torch.Tensor | None) -> object:
+        outs = self.run(lambda runner: runner.step(batch, hidden))
+        for out in outs[1:]:  # every rank holds the same hidden state, and samples the same tokens
+            assert torch.equal(out, outs[0]) if isinstance(out, torch.Tensor) else out == outs[0]
+        return outs[0]
+
+
+def _tables(lengths: list[int]) -> list[list[int]]:
+    """Disjoint blocks per row, enough for `lengths` positions."""
+    tables, next_block = [], 0
+    for n in lengths:
+        need = -(-n // BLOCK)
+        tables.append(list(range(next_block, next_block + need)))
+        next_block += need
+    return tables
+
+
+def greedy(stages: list, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy generation through `stages` (SliceRunners or ThreadGroups, in layer order): a batched prefill,
+    then decode steps (the static step)."""
+    tables = _tables([len(p) + max_new for p in prompts])
+    params = [SamplingParams()] * len(prompts)
+    slots = list(range(len(prompts)))
+
+    def step(starts: list[int], ids: list[list[int]]) -> list[int]:
+        out = None
+        for stage in stages:
+            out = stage.step(StepBatch(slots, starts, ids, tables, params), out)
+        return out
+
+    generated = [[t] for t in step([0] * len(prompts), [list(p) for p in prompts])]
+    for _ in range(1, max_new):
+        starts = [len(p) + len(g) - 1 for p, g in zip(prompts, generated, strict=True)]
+        for g, t in zip(generated, step(starts, [[g[-1]] for g in generated]), strict=True):
+            g.append(t)
+    return generated
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_model) -> SliceRunner:
+    runner = SliceRunner(_spec(tiny_model, 0, 5, 1))
+    runner.reset()
+    return runner
+
+
+@pytest.mark.parametrize("world", [2, 4])  # the tiny model's 2 KV heads: split at 2, replicated at 4
+def test_logits_within_tolerance(tiny_model, whole, world):
+    group = ThreadGroup(_spec(tiny_model, 0, 5, world))
+    batch = StepBatch([0, 1], [0, 0], PROMPTS[:2], _tables([7, 2]), [SamplingParams()] * 2)
+
+    def logits(runner: SliceRunner) -> torch.Tensor:
+        meta = StepMetadata.build(batch, runner.device, runner.cache.block_size, runner.cache.scratch)
+        with torch.inference_mode():
+            return runner.slice(meta, None, runner.cache)
+
+    want = logits(whole)
+    got = group.run(logits)
+    for out in got:
+        assert out.shape == want.shape
+        assert torch.equal(out, got[0])
+    diff = (got[0] - want).abs().max().item()
+    assert 0 < diff < ATOL  # rounding differs (the split is real) but stays within the bound
+    assert torch.equal(got[0].argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_same_greedy_tokens(tiny_model, whole, reference, world):
+    expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+    assert greedy([whole], PROMPTS, MAX_NEW) == expected
+    group = ThreadGroup(_spec(tiny_model, 0, 5, world))
+    assert greedy([group], PROMPTS, MAX_NEW) == expected
+    assert group.runners[0].collectives.count > 0
+
+
+def test_pipeline_of_groups(tiny_model, reference):
+    """TP 2 x PP 2, the dynamic decode path: hidden states pass from one group to the next."""
+    stages = [ThreadGroup(_spec(tiny_model, 0, 2, 2, decode="dynamic")),
+              ThreadGroup(_spec(tiny_model, 2, 5, 2, decode="dynamic"))]
+    assert greedy(stages, PROMPTS, MAX_NEW) == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+
+
+def test_qwen3(qwen3_model):
+    """Qwen3's per-head q/k norms and explicit head_dim (heads x head_dim != hidden), untied and sharded files."""
+    whole = SliceRunner(_spec(qwen3_model, 0, 5, 1))
+    whole.reset()
+    group = ThreadGroup(_spec(qwen3_model, 0, 5, 2))
+    assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
+
+
+def test_rank_holds_its_share(tiny_model, whole):
+    group = ThreadGroup(_spec(tiny_model, 0, 5, 2))
+    rank = group.runners[0]
+    assert rank.cache.k.shape[-2] == whole.cache.k.shape[-2] // 2  # its KV heads only
+    full = sum(p.numel() for n, p in whole.slice.named_parameters() if "layers" in n)
+    mine = sum(p.numel() for n, p in rank.slice.named_parameters() if "layers" in n)
+    assert mine < full * 0.6  # norms and q/k/v biases aside, half of every layer
+    assert rank.slice.lm_head.out_features == -(-whole.slice.config.vocab_size // 2)
+
+
+def test_unsupported_family_refused(tmp_path):
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    moe = build_checkpoint(tmp_path / "moe", "tiny-qwen3-moe", num_hidden_layers=2)
+    with pytest.raises(UnsupportedModel, match="tensor-parallel"):
+        SliceRunner(_spec(moe, 0, 2, 2), Shard(0, 2))
+
+
+def test_dead_rank_breaks_the_collective():
+    path = channel_path()
+    comm = ShmCollectives(path, 0, 2, create=True, timeout=0.5)
+    comm.unlink()
+    with pytest.raises(GroupBroken, match="did not reach"):
+        comm.all_reduce(torch.ones(4))
