@@ -31,7 +31,8 @@ class SliceActor:
         if spec.threads == 0 and not torch.cuda.is_available():
             # Ray pins OMP threads to the bundle's CPU count; the slices of one request run one after
             # another, so each may use every core of its node (one thread each measured 1.7x slower).
-            spec = dataclasses.replace(spec, threads=os.cpu_count() or 1)
+            # A tensor-parallel group's ranks run at once: they share the cores out (shards/group.py).
+            spec = dataclasses.replace(spec, threads=max(1, (os.cpu_count() or 1) // spec.tensor_parallel))
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts this actor
         self.runner = SliceRunner(spec)
         self.runner.warmup()

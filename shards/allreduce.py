@@ -52,6 +52,15 @@ def channel_path() -> str:
     return f"/dev/shm/qwen-relay-tp-{uuid.uuid4().hex}"
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: a dead child its parent has not reaped yet (a zombie) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class ShmCollectives:
     """Rank `rank` of `world` over the shared file `path` (created by rank 0 with `create=True` before the
     others attach)."""
@@ -105,12 +114,8 @@ class ShmCollectives:
         late = [r for r in range(self.world) if self._counters[r] < target]
         for r in late:
             pid = int(self._pids[r])
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                raise GroupBroken(f"tensor-parallel rank {r} (pid {pid}) died") from None
-            except PermissionError:
-                pass
+            if pid and not alive(pid):
+                raise GroupBroken(f"tensor-parallel rank {r} (pid {pid}) died")
         if time.monotonic() > deadline:
             raise GroupBroken(f"tensor-parallel rank(s) {late} did not reach collective #{target} "
                               f"within {self.timeout:g} s")

@@ -19,6 +19,7 @@ import torch
 from qwen_relay.shards.allreduce import GroupBroken, ShmCollectives, channel_path
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.family import UnsupportedModel
+from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.model import StepMetadata
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.tensor_parallel import Shard
@@ -31,7 +32,7 @@ BLOCK = 4
 
 def _spec(model: Path, first: int, end: int, world: int, decode: str = "static") -> SliceSpec:
     return SliceSpec(model=str(model), first=first, end=end, device="cpu", max_slots=4, max_len=64, num_blocks=32,
-                     block_size=BLOCK, decode=decode, tensor_parallel=world)
+                     block_size=BLOCK, decode=decode, tensor_parallel=world, threads=1)
 
 
 class ThreadGroup:
@@ -167,3 +168,31 @@ def test_dead_rank_breaks_the_collective():
     comm.unlink()
     with pytest.raises(GroupBroken, match="did not reach"):
         comm.all_reduce(torch.ones(4))
+
+
+def test_process_group(tiny_model, reference):
+    """Ranks in processes of their own (shards/group.py): the same tokens; a rank that dies breaks the group,
+    and a new group serves again once reset (the gateway's replay)."""
+    from qwen_relay.shards.group import GroupRunner
+
+    group = GroupRunner(_spec(tiny_model, 0, 5, 2))
+    try:
+        group.warmup()  # leaves every rank's cache shut: a step is refused on every rank, the group stays whole
+        with pytest.raises(CacheMismatch):
+            greedy([group], PROMPTS[:1], 1)
+        group.reset()
+        expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+        assert greedy([group], PROMPTS, MAX_NEW) == expected
+        group._children[0].kill()
+        with pytest.raises(GroupBroken):
+            greedy([group], PROMPTS[:1], 2)
+        with pytest.raises(GroupBroken, match="rebuilt"):
+            group.reset()
+    finally:
+        group.close()
+    group = GroupRunner(_spec(tiny_model, 0, 5, 2))
+    try:
+        group.reset()
+        assert greedy([group], PROMPTS, MAX_NEW) == expected
+    finally:
+        group.close()
