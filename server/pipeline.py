@@ -13,7 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qwen_relay.shards.allreduce import GroupBroken
 from qwen_relay.shards.batch import StepBatch
+from qwen_relay.shards.group import GroupRunner
 from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.stats import SliceStats
@@ -81,7 +83,8 @@ class LocalPipeline:
     executor per slice runs its forwards in submission order, which is the order `Pipeline` promises."""
 
     def __init__(self, specs: list[SliceSpec]) -> None:
-        self.runners = [SliceRunner(spec) for spec in specs]
+        self.specs = specs
+        self.runners = [_runner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
             runner.reset()  # open the cache; a runner rebuilt later (a restarted slice) stays shut until recovery
@@ -98,9 +101,16 @@ class LocalPipeline:
                 out = await loop.run_in_executor(stage, runner.step, batch, out if len(batch) else None)
         except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
             raise SliceLost(f"a slice lost its cache: {e}") from e
+        except GroupBroken as e:  # a tensor-parallel rank died: the recovery forms the group again
+            raise SliceLost(f"a tensor-parallel group broke: {e}") from e
         return out
 
     def _recover(self) -> Recovery:
+        for i, runner in enumerate(self.runners):
+            if isinstance(runner, GroupRunner) and runner.broken:
+                log.warning("slice %d: forming its tensor-parallel group again", i)
+                runner = self.runners[i] = GroupRunner(self.specs[i])
+                runner.warmup()
         for name, source in list(self.adapters.items()):
             try:
                 for runner in self.runners:
@@ -148,4 +158,12 @@ class LocalPipeline:
     async def close(self) -> None:
         for stage in self._stages:
             stage.shutdown(wait=True, cancel_futures=True)
+        for runner in self.runners:
+            if isinstance(runner, GroupRunner):
+                runner.close()
         self.runners = []
+
+
+def _runner(spec: SliceSpec) -> SliceRunner | GroupRunner:
+    """A slice's runner: one rank, or a tensor-parallel group of them (shards/group.py)."""
+    return GroupRunner(spec) if spec.tensor_parallel > 1 else SliceRunner(spec)

@@ -21,6 +21,7 @@ import os
 import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 
 import torch
@@ -35,6 +36,24 @@ log = logging.getLogger(__name__)
 
 KEY_ENV = "QWEN_RELAY_TP_KEY"  # the socket's authentication key, handed to children outside argv
 START_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class TensorBytes:
+    """A tensor as plain bytes for a child rank: pickling the tensor itself would share its storage through
+    multiprocessing's resource sharer, which only processes multiprocessing started may use."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorBytes:
+        flat = tensor.detach().cpu().contiguous().view(-1)
+        return cls(tensor.dtype, tuple(tensor.shape), flat.view(torch.uint8).numpy().tobytes())
+
+    def tensor(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(self.data), dtype=torch.uint8).view(self.dtype).view(self.shape)
 
 
 class GroupRunner:
@@ -100,9 +119,10 @@ class GroupRunner:
         if self.broken:
             raise GroupBroken("this tensor-parallel group is broken: it must be rebuilt")
         try:
+            message = (method, tuple(TensorBytes.of(a) if isinstance(a, torch.Tensor) else a for a in args))
             for rank, conn in enumerate(self._conns, start=1):
                 try:
-                    conn.send((method, args))
+                    conn.send(message)
                 except OSError as e:
                     raise GroupBroken(f"tensor-parallel rank {rank} is gone") from e
             try:
@@ -185,8 +205,9 @@ def serve_rank(address: str, rank: int, path: str) -> None:
         except (EOFError, OSError):
             return  # rank 0 closed the group, or died
         try:
-            getattr(runner, method)(*args)
+            getattr(runner, method)(*(a.tensor() if isinstance(a, TensorBytes) else a for a in args))
         except Exception as e:  # noqa: BLE001 - rank 0 compares it with its own outcome
+            log.warning("tensor-parallel rank %d: %s raised %s: %s", rank, method, type(e).__name__, e)
             conn.send(f"{type(e).__name__}: {e}")
             if isinstance(e, GroupBroken):
                 return
@@ -195,5 +216,7 @@ def serve_rank(address: str, rank: int, path: str) -> None:
 
 
 if __name__ == "__main__":
+    from qwen_relay.shards import group  # the module's own classes (TensorBytes), not this script's copies
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    serve_rank(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    group.serve_rank(sys.argv[1], int(sys.argv[2]), sys.argv[3])

@@ -196,3 +196,34 @@ def test_process_group(tiny_model, reference):
         assert greedy([group], PROMPTS, MAX_NEW) == expected
     finally:
         group.close()
+
+
+def test_relay_tp2_by_pp2(relay_factory, tiny_model, reference):
+    """`serve --no-ray --shards 2 --tensor-parallel 2`: the gateway's tokens are generate()'s; a rank killed
+    between requests breaks its group, the engine's recovery forms it again and the next request is exact."""
+    from qwen_relay.client import RelayClient
+    from qwen_relay.server.app import ServeOptions
+
+    relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, tensor_parallel=2, max_context=512,
+                                       use_ray=False))
+    prompts = [p[:6] for p in PROMPTS]
+    with RelayClient(f"127.0.0.1:{relay.port}", timeout=120) as client:
+        for prompt in prompts:
+            assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
+                reference(tiny_model, prompt, MAX_NEW)
+        broken = relay.pipeline.runners[1]
+        broken._children[0].kill()
+        got = client.generate(prompt_token_ids=prompts[0], max_new_tokens=MAX_NEW).token_ids
+    assert got == reference(tiny_model, prompts[0], MAX_NEW)
+    assert relay.pipeline.runners[1] is not broken and not relay.pipeline.runners[1].broken
+
+
+def test_serve_refuses_what_it_cannot_split(tmp_path, tiny_model):
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+    from qwen_relay.server.app import Relay, ServeOptions
+
+    moe = build_checkpoint(tmp_path / "moe", "tiny-qwen3-moe", num_hidden_layers=2)
+    with pytest.raises(UnsupportedModel, match="tensor-parallel"):
+        Relay(ServeOptions(model=str(moe), shards=1, tensor_parallel=2, use_ray=False))
+    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
+        Relay(ServeOptions(model=str(tiny_model), shards=1, tensor_parallel=3, use_ray=False))
