@@ -9,6 +9,8 @@ logits within `ATOL` of the whole slice's: splitting a sum over heads or MLP wid
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -227,3 +229,35 @@ def test_serve_refuses_what_it_cannot_split(tmp_path, tiny_model):
         Relay(ServeOptions(model=str(moe), shards=1, tensor_parallel=2, use_ray=False))
     with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
         Relay(ServeOptions(model=str(tiny_model), shards=1, tensor_parallel=3, use_ray=False))
+
+
+def test_cli_flag_reaches_serve_options():
+    from qwen_relay.server.cli import build_parser, serve_options
+
+    args = build_parser("serve").parse_args(["serve", "--model", "m", "--shards", "2", "--tensor-parallel", "4"])
+    assert serve_options(args).tensor_parallel == 4
+    with pytest.raises(SystemExit):
+        build_parser("serve").parse_args(["serve", "--model", "m", "--tensor-parallel", "0"])
+
+
+@pytest.mark.slow
+def test_ray_relay_tp2(relay_factory, tiny_model, reference):
+    """On Ray actors: each slice's group behind one actor; a killed rank takes its actor down, Ray restarts it
+    with a new group, and the replay is exact."""
+    import ray
+
+    from qwen_relay.client import RelayClient
+    from qwen_relay.server.app import ServeOptions
+
+    relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, tensor_parallel=2, max_context=512,
+                                       recovery_timeout=120))
+    prompt = PROMPTS[0]
+    with RelayClient(f"127.0.0.1:{relay.port}", timeout=240) as client:
+        assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
+            reference(tiny_model, prompt, MAX_NEW)
+        first = ray.get(relay.pipeline.actors[1].stats.remote())
+        children = [int(p) for p in open(f"/proc/{first.pid}/task/{first.pid}/children").read().split()]
+        os.kill(children[0], signal.SIGKILL)
+        assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
+            reference(tiny_model, prompt, MAX_NEW)
+    assert ray.get(relay.pipeline.actors[1].stats.remote()).incarnation != first.incarnation
