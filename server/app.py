@@ -121,7 +121,7 @@ class Relay:
         self.eos_ids = eos_token_ids(folder, self.tokenizer)
         self.max_context = min(options.max_context, self.config.max_position_embeddings)
         self.ranges = slice_ranges(options, self.config)
-        check_tensor_parallel(options, self.config)
+        check_shardable(self.config, options.tensor_parallel)
         self.limits = Limits(vocab_size=self.config.vocab_size, max_context=self.max_context,
                              default_max_new_tokens=options.default_max_new_tokens,
                              max_new_tokens_cap=options.max_new_tokens_cap)
@@ -342,14 +342,6 @@ def kv_dtype(options: ServeOptions) -> torch.dtype:
     bytes unless `--device cuda` says the slices get GPUs (bf16 there): never more blocks than fit."""
     return resolve_dtype(options.dtype, "cpu") if options.dtype != "auto" or options.device != "cuda" \
         else torch.bfloat16
-
-
-def check_tensor_parallel(options: ServeOptions, config) -> None:
-    """Refuse at start-up what a tensor-parallel slice cannot serve: a model it cannot split (an unsupported
-    family, heads or width N does not divide), or LoRA adapters (not split across ranks yet)."""
-    check_shardable(config, options.tensor_parallel)
-    if options.tensor_parallel > 1 and options.adapters:
-        raise ValueError("--adapter with --tensor-parallel: LoRA adapters are not split across ranks yet")
 
 
 def refuse_what_local_ray_cannot_hold(options: ServeOptions) -> None:

@@ -156,10 +156,11 @@ class GroupRunner:
         self._all("warmup")
 
     def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
-        return self.runner.load_adapter(name, path, fingerprint)  # refused on every rank alike
+        """Every rank takes its share (shards/tensor_parallel.py, `shard_lora`); rank 0's description."""
+        return self._all("load_adapter", name, path, fingerprint)
 
     def unload_adapter(self, name: str) -> None:
-        self.runner.unload_adapter(name)
+        self._all("unload_adapter", name)
 
     @property
     def forward_seconds(self) -> float:

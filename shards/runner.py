@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -28,12 +29,13 @@ from .allreduce import ShmCollectives
 from .batch import SamplingParams, StepBatch
 from .decode import DecodeInputs, is_decode
 from .dtypes import resolve_dtype
+from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
-from .loader import load_slice
+from .loader import load_config, load_slice
 from .model import StepMetadata
 from .sampler import sample
 from .stats import SliceStats
-from .tensor_parallel import WHOLE, Shard, gather_vocab
+from .tensor_parallel import WHOLE, Shard, gather_vocab, shard_lora
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,8 @@ class SliceRunner:
         )
         self.forward_seconds = 0.0
         self.steps = 0
-        self.adapters = SliceAdapters(self.slice)
+        self.adapters = SliceAdapters(self.slice, None if shard.world == 1 else partial(
+            shard_lora, config=load_config(model_dir(spec.model)), shard=shard))
         self._lock = threading.Lock()  # adapters change between steps, never during one (LocalPipeline threads)
         self.decode_mode = self._decode_mode(spec.decode)
         self._decode = self._decode_step()
@@ -202,9 +205,6 @@ class SliceRunner:
 
     def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
         """This slice's share of a PEFT LoRA adapter (none if it holds none of its layers); idempotent."""
-        if self.shard.world > 1:
-            raise ValueError("LoRA adapters are not split across tensor-parallel ranks yet: serve adapters "
-                             "without --tensor-parallel")
         with self._lock:
             return self.adapters.load(name, path, fingerprint)
 

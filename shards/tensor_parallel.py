@@ -129,6 +129,27 @@ def read_shard(tensor_slice, name: str, config: PretrainedConfig, shard: Shard) 
     return part
 
 
+def shard_lora(key: str, tensor: torch.Tensor, config: PretrainedConfig, shard: Shard) -> torch.Tensor:
+    """This rank's part of a PEFT LoRA tensor (`...q_proj.lora_B.weight`): B split like the output rows of a
+    column-parallel weight (rank r computes x A^T B_r^T, its own output rows), A like the input columns of a
+    row-parallel one (x_r A_r^T B^T is a partial sum, all-reduced with the base layer's); the other factor, and
+    adapters on replicated modules, whole."""
+    module, _, factor = key.partition(".lora_")
+    where = shard_range(module + ".weight", config, shard)
+    if where is None:
+        return tensor
+    if factor not in ("A.weight", "B.weight"):
+        raise ValueError(f"{key}: no tensor-parallel split for this adapter tensor")
+    dim, start, stop = where
+    if factor == "B.weight" and dim == 0:
+        part = tensor[start:stop].contiguous()
+        missing = vocab_rows(config.vocab_size, shard.world) - part.shape[0] if module == "lm_head" else 0
+        return torch.cat([part, part.new_zeros(missing, part.shape[1])]) if missing else part  # as read_shard pads
+    if factor == "A.weight" and dim == 1:
+        return tensor[:, start:stop].contiguous()
+    return tensor
+
+
 def split_head(part: nn.Module, config: PretrainedConfig, world: int) -> None:
     """Replace a last slice's LM head (built on the meta device) with this rank's vocabulary share."""
     part.lm_head = nn.Linear(config.hidden_size, vocab_rows(config.vocab_size, world), bias=False)

@@ -172,7 +172,7 @@ def test_dead_rank_breaks_the_collective():
         comm.all_reduce(torch.ones(4))
 
 
-def test_process_group(tiny_model, reference):
+def test_process_group(tiny_model, reference, tmp_path):
     """Ranks in processes of their own (shards/group.py): the same tokens; a rank that dies breaks the group,
     and a new group serves again once reset (the gateway's replay)."""
     from qwen_relay.shards.group import GroupRunner
@@ -185,6 +185,8 @@ def test_process_group(tiny_model, reference):
         group.reset()
         expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
         assert greedy([group], PROMPTS, MAX_NEW) == expected
+        assert group.load_adapter("a", str(save_lora(tiny_model, tmp_path / "a")))["name"] == "a"  # every rank
+        group.unload_adapter("a")
         group._children[0].kill()
         with pytest.raises(GroupBroken):
             greedy([group], PROMPTS[:1], 2)
@@ -261,3 +263,46 @@ def test_ray_relay_tp2(relay_factory, tiny_model, reference):
         assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
             reference(tiny_model, prompt, MAX_NEW)
     assert ray.get(relay.pipeline.actors[1].stats.remote()).incarnation != first.incarnation
+
+
+def save_lora(model: Path, folder: Path) -> Path:
+    """A PEFT adapter with random non-zero A and B on every linear layer of `model`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lora = LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(base, lora).save_pretrained(folder)
+    return folder
+
+
+def test_lora_adapters_split_like_their_layers(tiny_model, tmp_path):
+    """A LoRA adapter on every linear layer (B split with column-parallel layers, A with row-parallel ones),
+    in a batch mixing rows with and without it: the same greedy tokens as the whole slice with it."""
+    save_lora(tiny_model, tmp_path / "all")
+
+    def with_adapter(stages: list) -> list[list[int]]:
+        tables = _tables([len(p) + MAX_NEW for p in PROMPTS])
+        slots, params, rows = [0, 1, 2], [SamplingParams()] * 3, ["a", "", "a"]
+        generated: list[list[int]] = [[], [], []]
+        starts, ids = [0, 0, 0], [list(p) for p in PROMPTS]
+        for _ in range(MAX_NEW):
+            out = None
+            for stage in stages:
+                out = stage.step(StepBatch(slots, starts, ids, tables, params, rows), out)
+            for g, t in zip(generated, out, strict=True):
+                g.append(t)
+            starts = [len(p) + len(g) - 1 for p, g in zip(PROMPTS, generated, strict=True)]
+            ids = [[g[-1]] for g in generated]
+        return generated
+
+    whole = SliceRunner(_spec(tiny_model, 0, 5, 1))
+    whole.reset()
+    whole.load_adapter("a", str(tmp_path / "all"))
+    group = ThreadGroup(_spec(tiny_model, 0, 5, 2))
+    group.run(lambda runner: runner.load_adapter("a", str(tmp_path / "all")))
+    want = with_adapter([whole])
+    assert with_adapter([group]) == want
+    assert want[0] != greedy([whole], PROMPTS[:1], MAX_NEW)[0]  # the adapter changes the tokens
