@@ -13,9 +13,13 @@ step). The LM head, read whole for every token (136M of Qwen2.5-0.5B's 494M para
 vocabulary: each rank computes ceil(V / N) logits (the last rank's padded with zero rows) and an all-gather
 puts them side by side, so every rank holds every logit and samples the same token (docs/benchmarks.md).
 
+Qwen3-MoE splits every expert's width the same way (each rank holds 1/N of every expert, not 1/N of the
+experts: no token's expert is ever on another rank, and the router, replicated, picks the same experts on
+every rank); its MoE output is a partial sum, all-reduced like a dense MLP's.
+
 A rank's `ModelSlice` is the family's own, built from `rank_config` (its share of heads and width, the same
 head size), so HF's modules, parameter names and the cache layout all stay as they are; only the LM head is
-swapped for its vocabulary share. Served families: dense Qwen2/2.5 and Qwen3; the others are refused at
+swapped for its vocabulary share. Served families: Qwen2/2.5, Qwen3 and Qwen3-MoE; Qwen3.5 is refused at
 start-up (`check_shardable`).
 """
 
@@ -31,7 +35,7 @@ from transformers import PretrainedConfig
 
 from .family import UnsupportedModel
 
-TP_FAMILIES = ("qwen2", "qwen3")
+TP_FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
 ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split; outputs all-reduced
 
@@ -56,7 +60,7 @@ def check_shardable(config: PretrainedConfig, world: int) -> None:
         return
     if config.model_type not in TP_FAMILIES:
         raise UnsupportedModel(f"--tensor-parallel serves {', '.join(TP_FAMILIES)}, not {config.model_type!r} "
-                               f"(MoE experts and Qwen3.5's DeltaNet heads are not split yet)")
+                               f"(Qwen3.5's DeltaNet heads are not split yet)")
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % world:
         raise ValueError(f"--tensor-parallel {world} does not divide the {heads} attention heads")
@@ -64,6 +68,9 @@ def check_shardable(config: PretrainedConfig, world: int) -> None:
         raise ValueError(f"--tensor-parallel {world} neither divides nor is a multiple of the {kv} KV heads")
     if config.intermediate_size % world:
         raise ValueError(f"--tensor-parallel {world} does not divide the MLP width {config.intermediate_size}")
+    if getattr(config, "moe_intermediate_size", 0) % world:
+        raise ValueError(f"--tensor-parallel {world} does not divide the experts' width "
+                         f"{config.moe_intermediate_size}")
 
 
 def rank_config(config: PretrainedConfig, world: int) -> PretrainedConfig:
@@ -73,6 +80,8 @@ def rank_config(config: PretrainedConfig, world: int) -> PretrainedConfig:
     rank.num_attention_heads = config.num_attention_heads // world
     rank.num_key_value_heads = max(config.num_key_value_heads // world, 1)
     rank.intermediate_size = config.intermediate_size // world
+    if hasattr(config, "moe_intermediate_size"):
+        rank.moe_intermediate_size = config.moe_intermediate_size // world
     return rank
 
 
@@ -107,9 +116,11 @@ def shard_range(name: str, config: PretrainedConfig, shard: Shard) -> tuple[int,
         heads = kv_heads(config, shard)
         return 0, heads.start * d, heads.stop * d
     if module in ("gate_proj", "up_proj", "down_proj"):
-        per = config.intermediate_size // n
+        width = config.moe_intermediate_size if ".experts." in name else config.intermediate_size
+        per = width // n
         return (1 if module == "down_proj" else 0), r * per, (r + 1) * per
-    if module in ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm", "embed_tokens"):
+    if module in ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm", "embed_tokens",
+                  "gate"):  # "gate": a MoE layer's router, replicated so every rank picks the same experts
         return None
     raise ValueError(f"no tensor-parallel split known for {name} ({kind})")
 

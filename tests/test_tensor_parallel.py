@@ -146,6 +146,17 @@ def test_qwen3(qwen3_model):
     assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_qwen3_moe(qwen3_moe_model, world):
+    """Every expert's width split, the router replicated; a dense layer (mlp_only_layers) among the MoE ones."""
+    whole = SliceRunner(_spec(qwen3_moe_model, 0, 5, 1))
+    whole.reset()
+    group = ThreadGroup(_spec(qwen3_moe_model, 0, 5, world))
+    expert = group.runners[0].slice.model.layers["0"].mlp.experts[0]
+    assert expert.down_proj.in_features == whole.slice.model.layers["0"].mlp.experts[0].down_proj.in_features // world
+    assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
+
+
 def test_rank_holds_its_share(tiny_model, whole):
     group = ThreadGroup(_spec(tiny_model, 0, 5, 2))
     rank = group.runners[0]
@@ -159,9 +170,9 @@ def test_rank_holds_its_share(tiny_model, whole):
 def test_unsupported_family_refused(tmp_path):
     from qwen_relay.checkpoints.synthetic import build_checkpoint
 
-    moe = build_checkpoint(tmp_path / "moe", "tiny-qwen3-moe", num_hidden_layers=2)
-    with pytest.raises(UnsupportedModel, match="tensor-parallel"):
-        SliceRunner(_spec(moe, 0, 2, 2), Shard(0, 2))
+    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5", num_hidden_layers=4)
+    with pytest.raises(UnsupportedModel, match="DeltaNet"):
+        SliceRunner(_spec(hybrid, 0, 4, 2), Shard(0, 2))
 
 
 def test_dead_rank_breaks_the_collective():
@@ -226,9 +237,9 @@ def test_serve_refuses_what_it_cannot_split(tmp_path, tiny_model):
     from qwen_relay.checkpoints.synthetic import build_checkpoint
     from qwen_relay.server.app import Relay, ServeOptions
 
-    moe = build_checkpoint(tmp_path / "moe", "tiny-qwen3-moe", num_hidden_layers=2)
+    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5", num_hidden_layers=4)
     with pytest.raises(UnsupportedModel, match="tensor-parallel"):
-        Relay(ServeOptions(model=str(moe), shards=1, tensor_parallel=2, use_ray=False))
+        Relay(ServeOptions(model=str(hybrid), shards=1, tensor_parallel=2, use_ray=False))
     with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
         Relay(ServeOptions(model=str(tiny_model), shards=1, tensor_parallel=3, use_ray=False))
 
