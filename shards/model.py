@@ -145,8 +145,8 @@ class ModelSlice(nn.Module):
         for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = layer.input_layernorm(h)
             if kind == LINEAR_ATTENTION:
-                h = h + gated_deltanet(layer.linear_attn, x, meta.valid, lengths, meta.fresh, meta.slot_index,
-                                       cache, index)
+                h = h + self.all_reduce(gated_deltanet(layer.linear_attn, x, meta.valid, lengths, meta.fresh,
+                                                       meta.slot_index, cache, index))
             else:
                 h = h + self.all_reduce(self._attention(layer.self_attn, x, cos, sin, meta, cache, index))
             h = h + self.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))

@@ -17,10 +17,16 @@ Qwen3-MoE splits every expert's width the same way (each rank holds 1/N of every
 experts: no token's expert is ever on another rank, and the router, replicated, picks the same experts on
 every rank); its MoE output is a partial sum, all-reduced like a dense MLP's.
 
+Qwen3.5's Gated DeltaNet layers split by heads: each rank holds 1/N of the key heads and of the value heads
+they serve (value head j reads key head j // (Hv / Hk), so contiguous shares line up): its rows of the fused
+[q | k | v] projection and of the short convolution's channels, of z, a, b, dt_bias and A_log, and its
+columns of out_proj, whose output is all-reduced; its recurrent state holds its heads only. Its full-attention
+layers' q_proj yields each head's query and gate side by side, so a head there is 2 x head_dim rows.
+
 A rank's `ModelSlice` is the family's own, built from `rank_config` (its share of heads and width, the same
 head size), so HF's modules, parameter names and the cache layout all stay as they are; only the LM head is
-swapped for its vocabulary share. Served families: Qwen2/2.5, Qwen3 and Qwen3-MoE; Qwen3.5 is refused at
-start-up (`check_shardable`).
+swapped for its vocabulary share. Every family the relay serves splits; `check_shardable` refuses, at
+start-up, a group size that does not divide what it must.
 """
 
 from __future__ import annotations
@@ -32,12 +38,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PretrainedConfig
-
-from .family import UnsupportedModel
-
-TP_FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split
-ROW_PARALLEL = ("o_proj", "down_proj")  # input columns split; outputs all-reduced
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,6 @@ def check_shardable(config: PretrainedConfig, world: int) -> None:
     """Refuse, before anything loads, a model this group size cannot split."""
     if world == 1:
         return
-    if config.model_type not in TP_FAMILIES:
-        raise UnsupportedModel(f"--tensor-parallel serves {', '.join(TP_FAMILIES)}, not {config.model_type!r} "
-                               f"(Qwen3.5's DeltaNet heads are not split yet)")
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % world:
         raise ValueError(f"--tensor-parallel {world} does not divide the {heads} attention heads")
@@ -68,6 +65,9 @@ def check_shardable(config: PretrainedConfig, world: int) -> None:
         raise ValueError(f"--tensor-parallel {world} neither divides nor is a multiple of the {kv} KV heads")
     if config.intermediate_size % world:
         raise ValueError(f"--tensor-parallel {world} does not divide the MLP width {config.intermediate_size}")
+    if getattr(config, "linear_num_key_heads", 0) % world:
+        raise ValueError(f"--tensor-parallel {world} does not divide the {config.linear_num_key_heads} DeltaNet key "
+                         f"heads")
     if getattr(config, "moe_intermediate_size", 0) % world:
         raise ValueError(f"--tensor-parallel {world} does not divide the experts' width "
                          f"{config.moe_intermediate_size}")
@@ -82,6 +82,9 @@ def rank_config(config: PretrainedConfig, world: int) -> PretrainedConfig:
     rank.intermediate_size = config.intermediate_size // world
     if hasattr(config, "moe_intermediate_size"):
         rank.moe_intermediate_size = config.moe_intermediate_size // world
+    if hasattr(config, "linear_num_key_heads"):  # Qwen3.5's DeltaNet: key heads, and the value heads they serve
+        rank.linear_num_key_heads = config.linear_num_key_heads // world
+        rank.linear_num_value_heads = config.linear_num_value_heads // world
     return rank
 
 
@@ -100,44 +103,72 @@ def kv_heads(config: PretrainedConfig, shard: Shard) -> range:
     return range(first, first + 1)
 
 
-def shard_range(name: str, config: PretrainedConfig, shard: Shard) -> tuple[int, int, int] | None:
-    """(dim, start, stop) of the checkpoint tensor behind slice parameter `name` that this rank holds, or None
-    for a tensor every rank holds whole. `config` is the whole model's."""
+Split = tuple[int, list[tuple[int, int]]]  # (dim, [(start, stop), ...]): the pieces a rank holds, in order
+
+
+def shard_range(name: str, config: PretrainedConfig, shard: Shard) -> Split | None:
+    """The dim and the ranges along it of the checkpoint tensor behind slice parameter `name` that this rank
+    holds (several for Qwen3.5's fused q/k/v projection), or None for a tensor every rank holds whole. `config`
+    is the whole model's."""
     parts = name.split(".")
     module, kind = parts[-2], parts[-1]
     d, r, n = head_dim(config), shard.rank, shard.world
+
+    def share(width: int, dim: int = 0, offset: int = 0) -> Split:
+        return dim, [(offset + r * width // n, offset + (r + 1) * width // n)]
+
     if name == "lm_head.weight":
         per = vocab_rows(config.vocab_size, n)
-        return 0, r * per, min((r + 1) * per, config.vocab_size)
-    if module in ("q_proj", "o_proj"):
-        per = config.num_attention_heads // n * d
-        return (0 if module == "q_proj" else 1), r * per, (r + 1) * per
+        return 0, [(r * per, min((r + 1) * per, config.vocab_size))]
+    if module == "q_proj":  # Qwen3.5's yields each head's query and output gate side by side: 2 x head_dim rows
+        return share(config.num_attention_heads * d * (2 if config.model_type == "qwen3_5_text" else 1))
+    if module == "o_proj":
+        return share(config.num_attention_heads * d, dim=1)
     if module in ("k_proj", "v_proj"):
         heads = kv_heads(config, shard)
-        return 0, heads.start * d, heads.stop * d
+        return 0, [(heads.start * d, heads.stop * d)]
     if module in ("gate_proj", "up_proj", "down_proj"):
         width = config.moe_intermediate_size if ".experts." in name else config.intermediate_size
-        per = width // n
-        return (1 if module == "down_proj" else 0), r * per, (r + 1) * per
+        return share(width, dim=1 if module == "down_proj" else 0)
+    if module == "linear_attn" or parts[-3] == "linear_attn":  # Qwen3.5's Gated DeltaNet: split by heads
+        keys = config.linear_num_key_heads * config.linear_key_head_dim
+        values = config.linear_num_value_heads * config.linear_value_head_dim
+        if module in ("in_proj_qkv", "conv1d"):  # [q | k | v] channels: this rank's heads of each
+            return 0, [share(keys)[1][0], share(keys, offset=keys)[1][0], share(values, offset=2 * keys)[1][0]]
+        if module == "in_proj_z":
+            return share(values)
+        if module in ("in_proj_a", "in_proj_b") or kind in ("dt_bias", "A_log"):
+            return share(config.linear_num_value_heads)
+        if module == "out_proj":
+            return share(values, dim=1)
+        if module == "norm":  # per value head, over its head_dim: the same on every rank
+            return None
     if module in ("q_norm", "k_norm", "input_layernorm", "post_attention_layernorm", "norm", "embed_tokens",
                   "gate"):  # "gate": a MoE layer's router, replicated so every rank picks the same experts
         return None
     raise ValueError(f"no tensor-parallel split known for {name} ({kind})")
 
 
+def _take(tensor, split: Split) -> torch.Tensor:
+    """The pieces `split` names of a tensor or safetensors slice (only those are read), concatenated."""
+    dim, ranges = split
+    pieces = [tensor[a:b] if dim == 0 else tensor[:, a:b] for a, b in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+def _pad_head(part: torch.Tensor, config: PretrainedConfig, world: int) -> torch.Tensor:
+    """The LM head's last vocabulary share padded with zero rows to the others' size."""
+    missing = vocab_rows(config.vocab_size, world) - part.shape[0]
+    return torch.cat([part, part.new_zeros(missing, part.shape[1])]) if missing else part
+
+
 def read_shard(tensor_slice, name: str, config: PretrainedConfig, shard: Shard) -> torch.Tensor:
-    """This rank's part of a checkpoint tensor from a safetensors slice (only that part is read); the LM head's
-    last share padded with zero rows to the others' size."""
-    where = shard_range(name, config, shard)
-    if where is None:
+    """This rank's part of a checkpoint tensor from a safetensors slice (only that part is read)."""
+    split = shard_range(name, config, shard)
+    if split is None:
         return tensor_slice[:]
-    dim, start, stop = where
-    part = tensor_slice[start:stop] if dim == 0 else tensor_slice[:, start:stop]
-    if name == "lm_head.weight":
-        missing = vocab_rows(config.vocab_size, shard.world) - part.shape[0]
-        if missing:
-            part = torch.cat([part, part.new_zeros(missing, part.shape[1])])
-    return part
+    part = _take(tensor_slice, split)
+    return _pad_head(part, config, shard.world) if name == "lm_head.weight" else part
 
 
 def shard_lora(key: str, tensor: torch.Tensor, config: PretrainedConfig, shard: Shard) -> torch.Tensor:
@@ -146,18 +177,17 @@ def shard_lora(key: str, tensor: torch.Tensor, config: PretrainedConfig, shard: 
     row-parallel one (x_r A_r^T B^T is a partial sum, all-reduced with the base layer's); the other factor, and
     adapters on replicated modules, whole."""
     module, _, factor = key.partition(".lora_")
-    where = shard_range(module + ".weight", config, shard)
-    if where is None:
+    split = shard_range(module + ".weight", config, shard)
+    if split is None:
         return tensor
     if factor not in ("A.weight", "B.weight"):
         raise ValueError(f"{key}: no tensor-parallel split for this adapter tensor")
-    dim, start, stop = where
+    dim = split[0]
     if factor == "B.weight" and dim == 0:
-        part = tensor[start:stop].contiguous()
-        missing = vocab_rows(config.vocab_size, shard.world) - part.shape[0] if module == "lm_head" else 0
-        return torch.cat([part, part.new_zeros(missing, part.shape[1])]) if missing else part  # as read_shard pads
+        part = _take(tensor, split).contiguous()
+        return _pad_head(part, config, shard.world) if module == "lm_head" else part
     if factor == "A.weight" and dim == 1:
-        return tensor[:, start:stop].contiguous()
+        return _take(tensor, split).contiguous()
     return tensor
 
 

@@ -20,7 +20,6 @@ import torch
 
 from qwen_relay.shards.allreduce import GroupBroken, ShmCollectives, channel_path
 from qwen_relay.shards.batch import SamplingParams, StepBatch
-from qwen_relay.shards.family import UnsupportedModel
 from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.model import StepMetadata
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
@@ -167,12 +166,20 @@ def test_rank_holds_its_share(tiny_model, whole):
     assert rank.slice.lm_head.out_features == -(-whole.slice.config.vocab_size // 2)
 
 
-def test_unsupported_family_refused(tmp_path):
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+def test_qwen3_5(tmp_path, multimodal):
+    """Gated DeltaNet layers split by heads (fused q/k/v rows, conv channels, recurrent state), gated-query
+    attention layers; the published multimodal layout (the text model under model.language_model.) too."""
     from qwen_relay.checkpoints.synthetic import build_checkpoint
 
-    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5", num_hidden_layers=4)
-    with pytest.raises(UnsupportedModel, match="DeltaNet"):
-        SliceRunner(_spec(hybrid, 0, 4, 2), Shard(0, 2))
+    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5", multimodal=multimodal)
+    whole = SliceRunner(_spec(hybrid, 0, 8, 1))
+    whole.reset()
+    group = ThreadGroup(_spec(hybrid, 0, 8, 2))
+    assert group.runners[0].cache.state.shape[2] == whole.cache.state.shape[2] // 2  # its value heads' state
+    assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
+    with pytest.raises(ValueError, match="DeltaNet key heads"):  # 2 key heads cannot go to 4 ranks
+        SliceRunner(_spec(hybrid, 0, 8, 4), Shard(0, 4))
 
 
 def test_dead_rank_breaks_the_collective():
@@ -237,9 +244,9 @@ def test_serve_refuses_what_it_cannot_split(tmp_path, tiny_model):
     from qwen_relay.checkpoints.synthetic import build_checkpoint
     from qwen_relay.server.app import Relay, ServeOptions
 
-    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5", num_hidden_layers=4)
-    with pytest.raises(UnsupportedModel, match="tensor-parallel"):
-        Relay(ServeOptions(model=str(hybrid), shards=1, tensor_parallel=2, use_ray=False))
+    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5")
+    with pytest.raises(ValueError, match="does not divide the 2 DeltaNet key heads"):
+        Relay(ServeOptions(model=str(hybrid), shards=1, tensor_parallel=4, use_ray=False))
     with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
         Relay(ServeOptions(model=str(tiny_model), shards=1, tensor_parallel=3, use_ray=False))
 
