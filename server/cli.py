@@ -53,7 +53,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
     parser.add_argument("--tensor-parallel", type=bounded(int, 1), default=1, metavar="N",
                         help="ranks per slice, each holding 1/N of every layer's heads and MLP width (CPU ranks on "
-                             "one node, CPU ranks; default 1)")
+                             "one node; default 1)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
