@@ -41,23 +41,26 @@ class SliceActor:
         self.runner = GroupRunner(spec) if spec.tensor_parallel > 1 else SliceRunner(spec)
         self.runner.warmup()
 
-    def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
+    def _call(self, method: str, *args) -> object:
         try:
-            return self.runner.step(batch, hidden)
+            return getattr(self.runner, method)(*args)
         except GroupBroken:
             # A tensor-parallel rank died: the whole group goes, and Ray restarts this actor with a new one.
             log.exception("tensor-parallel group of layers %d-%d broken: exiting so Ray restarts it",
                           self.runner.spec.first, self.runner.spec.end - 1)
             os._exit(1)
 
+    def step(self, batch: StepBatch, hidden: torch.Tensor | None = None) -> torch.Tensor | list[int]:
+        return self._call("step", batch, hidden)
+
     def reset(self) -> None:
-        self.runner.reset()
+        self._call("reset")
 
     def load_adapter(self, name: str, path: str, fingerprint: str = "") -> dict:
-        return self.runner.load_adapter(name, path, fingerprint)
+        return self._call("load_adapter", name, path, fingerprint)
 
     def unload_adapter(self, name: str) -> None:
-        self.runner.unload_adapter(name)
+        self._call("unload_adapter", name)
 
     def stats(self) -> SliceStats:
         context = ray.get_runtime_context()
