@@ -113,8 +113,8 @@ class ModelSlice(nn.Module):
         self.recurrent_shape = self._recurrent_shape(kinds.count(LINEAR_ATTENTION))
         self.static_decode = self.family.name in STATIC_FAMILIES and kinds.count(FULL_ATTENTION) == len(kinds)
         self.attend: Attend = expanded  # chosen for the device by `attach_device`
-        # A tensor-parallel rank sums the row-parallel outputs (o_proj, down_proj) of its group and gathers the
-        # vocabulary shares of the logits (shards/tensor_parallel.py).
+        # A tensor-parallel rank sums the row-parallel outputs (o_proj, DeltaNet's out_proj, down_proj) of its
+        # group and gathers the vocabulary shares of the logits (shards/tensor_parallel.py).
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] = whole
         self.gather_vocab: Callable[[torch.Tensor], torch.Tensor] = whole
 
