@@ -130,7 +130,7 @@ class Relay:
         self.pipeline: Pipeline | None = None
         self.metrics = Metrics()
         self.kv = kv_capacity(self.config, self.ranges, kv_dtype(options), options.block_size,
-                              options.kv_cache_tokens, options.kv_cache_memory)
+                              options.kv_cache_tokens, options.kv_cache_memory, options.tensor_parallel)
         prefix_cache = options.prefix_cache and not has_recurrent_layers(self.config)
         if options.prefix_cache and not prefix_cache:
             log.warning("prefix cache off: %s has linear-attention layers, whose recurrent state the cached blocks "

@@ -80,7 +80,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache size in tokens, the same on every slice (default 32768); sequences take "
                              "blocks as their tokens fill them, so --max-context reserves nothing")
     parser.add_argument("--kv-cache-memory", type=bounded(float, 0.001), default=None, metavar="GIB",
-                        help="KV cache size in GiB per slice instead of --kv-cache-tokens")
+                        help="KV cache size in GiB per slice (per rank with --tensor-parallel) instead of "
+                             "--kv-cache-tokens")
     parser.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV block")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="do not reuse cached prompt prefixes across requests (on by default)")

@@ -324,3 +324,14 @@ def test_lora_adapters_split_like_their_layers(tiny_model, tmp_path):
     want = with_adapter([whole])
     assert with_adapter([group]) == want
     assert want[0] != greedy([whole], PROMPTS[:1], MAX_NEW)[0]  # the adapter changes the tokens
+
+
+def test_kv_pool_sized_per_rank(tiny_model):
+    """A rank's blocks hold half the KV heads at TP 2, so the same memory holds twice the blocks; at TP 4 the
+    tiny model's 2 KV heads are replicated, one per rank, so no more than at TP 2."""
+    from qwen_relay.server.kv_capacity import kv_capacity
+    from qwen_relay.shards.loader import load_config
+
+    config = load_config(tiny_model)
+    blocks = {n: kv_capacity(config, [(0, 5)], torch.float32, 16, None, 2**20, n).num_blocks for n in (1, 2, 4)}
+    assert blocks[2] == 2 * blocks[1] and blocks[4] == blocks[2]
