@@ -4,7 +4,7 @@ as one stage, with `SliceRunner`'s interface (a Ray `SliceActor` or `LocalPipeli
 Rank 0 runs in the caller's process; ranks 1 .. N-1 are child processes (`python -m qwen_relay.shards.group`,
 not multiprocessing's spawn, which would re-run a Ray worker's main module), each with its own `SliceRunner`
 holding its share of the layers (shards/tensor_parallel.py). They meet in a shared-memory buffer for the
-all-reduces (shards/allreduce.py) and hear each call from rank 0 over a Unix socket. Every rank runs every
+all-reduces (shards/allreduce.py) and hear each call from rank 0 over a Unix socket pair. Every rank runs every
 call; only rank 0's result leaves the group (all ranks hold the same hidden states and sample the same tokens).
 
 A group lives and dies whole: a rank that dies (or a call that fails on one rank and not the others) raises
@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection
 
 import torch
 
@@ -34,7 +34,6 @@ from .tensor_parallel import Shard
 
 log = logging.getLogger(__name__)
 
-KEY_ENV = "QWEN_RELAY_TP_KEY"  # the socket's authentication key, handed to children outside argv
 START_TIMEOUT_S = 600.0
 
 
@@ -69,19 +68,20 @@ class GroupRunner:
         self.broken = False
         path = channel_path()
         comm = ShmCollectives(path, 0, world, create=True)
-        key = secrets.token_bytes(16)
         self._children: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
         try:
-            with Listener(family="AF_UNIX", authkey=key) as listener:
-                env = {**os.environ, KEY_ENV: key.hex()}
-                for rank in range(1, world):
+            for rank in range(1, world):
+                # A socket pair per child, its end inherited as a file descriptor: private to the two processes,
+                # and a child that dies at any point (even before it runs a line) closes it, so rank 0 sees EOF.
+                mine, theirs = socket.socketpair()
+                with theirs:
                     self._children.append(subprocess.Popen(
-                        [sys.executable, "-m", "qwen_relay.shards.group", listener.address, str(rank), path],
-                        env=env))
-                    conn = listener.accept()
-                    conn.send(spec)
-                    self._conns.append(conn)
+                        [sys.executable, "-m", "qwen_relay.shards.group", str(theirs.fileno()), str(rank), path],
+                        pass_fds=(theirs.fileno(),)))
+                conn = Connection(mine.detach())
+                conn.send(spec)
+                self._conns.append(conn)
             self.runner = SliceRunner(spec, Shard(0, world), comm)  # loads while the children load
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(START_TIMEOUT_S):
@@ -189,9 +189,9 @@ class GroupRunner:
         self._conns, self._children = [], []
 
 
-def serve_rank(address: str, rank: int, path: str) -> None:
+def serve_rank(fd: int, rank: int, path: str) -> None:
     """A child rank: load its share, answer "ready", then run each call rank 0 sends until its socket closes."""
-    conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop(KEY_ENV)))
+    conn = Connection(fd)
     spec: SliceSpec = conn.recv()
     try:
         runner = SliceRunner(spec, Shard(rank, spec.tensor_parallel),
@@ -220,4 +220,4 @@ if __name__ == "__main__":
     from qwen_relay.shards import group  # the module's own classes (TensorBytes), not this script's copies
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    group.serve_rank(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    group.serve_rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
