@@ -26,6 +26,7 @@ from qwen_relay.shards.dtypes import resolve_dtype
 from qwen_relay.shards.hub import model_dir
 from qwen_relay.shards.loader import load_config
 from qwen_relay.shards.runner import SliceSpec
+from qwen_relay.shards.tensor_parallel import check_shardable
 from qwen_relay.v1 import relay_pb2, relay_pb2_grpc
 
 from .adapters import AdapterPolicy, AdapterRegistry
@@ -66,6 +67,7 @@ class ServeOptions:
     model: str
     shards: int = 2
     layers: str | None = None  # "0-15,16-31"; overrides shards
+    tensor_parallel: int = 1  # ranks per slice, each holding 1/N of every layer (shards/tensor_parallel.py)
     dtype: str = "auto"
     device: str = "auto"  # auto: one GPU per slice when the cluster has enough, else CPU
     host: str = "127.0.0.1"
@@ -121,6 +123,7 @@ class Relay:
         self.eos_ids = eos_token_ids(folder, self.tokenizer)
         self.max_context = min(options.max_context, self.config.max_position_embeddings)
         self.ranges = slice_ranges(options, self.config)
+        check_shardable(self.config, options.tensor_parallel)
         self.limits = Limits(vocab_size=self.config.vocab_size, max_context=self.max_context,
                              default_max_new_tokens=options.default_max_new_tokens,
                              max_new_tokens_cap=options.max_new_tokens_cap)
@@ -129,7 +132,7 @@ class Relay:
         self.pipeline: Pipeline | None = None
         self.metrics = Metrics()
         self.kv = kv_capacity(self.config, self.ranges, kv_dtype(options), options.block_size,
-                              options.kv_cache_tokens, options.kv_cache_memory)
+                              options.kv_cache_tokens, options.kv_cache_memory, options.tensor_parallel)
         prefix_cache = options.prefix_cache and not has_recurrent_layers(self.config)
         if options.prefix_cache and not prefix_cache:
             log.warning("prefix cache off: %s has linear-attention layers, whose recurrent state the cached blocks "
@@ -227,13 +230,16 @@ class Relay:
             use_gpu = opts.device == "cuda" or (
                 opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
+        if use_gpu and opts.tensor_parallel > 1:
+            raise ValueError("--tensor-parallel runs CPU ranks only: GPU ranks need NCCL collectives, not written "
+                             "yet (docs/design.md, \"Tensor parallelism\")")
         if self._shares_cores(use_gpu):
             log.info("slices share this machine's cores: %d torch thread(s) each, %d step(s) in flight",
                      self._threads(use_gpu), min(self._in_flight(use_gpu) or len(self.ranges), len(self.ranges)))
         specs = [SliceSpec(model=opts.model, first=a, end=b, dtype=opts.dtype, device=device,
                            max_slots=opts.max_batch, max_len=self.max_context, num_blocks=self.kv.num_blocks,
                            block_size=self.kv.block_size, threads=self._threads(use_gpu),
-                           prepack=opts.prepack, decode=opts.decode_step)
+                           prepack=opts.prepack, decode=opts.decode_step, tensor_parallel=opts.tensor_parallel)
                  for a, b in self.ranges]
         if opts.use_ray:
             from .ray_pipeline import RayPipeline
@@ -275,7 +281,8 @@ class Relay:
         if opts.threads or not self._shares_cores(use_gpu):
             return opts.threads
         cores = self.local_ray.num_cpus if self.local_ray is not None else (os.cpu_count() or 1)
-        return max(1, cores // min(len(self.ranges), self._in_flight(use_gpu) or len(self.ranges)))
+        working = min(len(self.ranges), self._in_flight(use_gpu) or len(self.ranges)) * opts.tensor_parallel
+        return max(1, cores // working)
 
     def _in_flight(self, use_gpu: bool) -> int:
         """Steps in the pipe at once (0: one per slice): --max-in-flight, else 1 where the slices share this
@@ -289,10 +296,11 @@ class Relay:
         return 1
 
     def _cpus_per_slice(self, cluster: dict[str, float], use_gpu: bool) -> float:
-        """--cpus-per-slice, else 1 CPU per slice, or on a local node a share that lets every slice fit."""
+        """--cpus-per-slice, else 1 CPU per slice (per rank of a tensor-parallel slice), or on a local node a share
+        that lets every slice fit."""
         opts, count = self.options, len(self.ranges)
         if self.local_ray is None:
-            return 1.0 if opts.cpus_per_slice is None else opts.cpus_per_slice
+            return float(opts.tensor_parallel) if opts.cpus_per_slice is None else opts.cpus_per_slice
         cpus = local_slice_cpus(opts, cluster.get("CPU", 0), count)
         bundle = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
         check_fits_node([bundle] * count, opts.placement_strategy, cluster)

@@ -51,6 +51,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=bounded(int, 1), default=2,
                         help="number of contiguous layer slices, sized to even out their cost (LM head included)")
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
+    parser.add_argument("--tensor-parallel", type=bounded(int, 1), default=1, metavar="N",
+                        help="ranks per slice, each holding 1/N of every layer's heads and MLP width (CPU ranks on "
+                             "one node; default 1)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU; on CPU the checkpoint's bfloat16 or float32 (float16: float32)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -77,7 +80,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache size in tokens, the same on every slice (default 32768); sequences take "
                              "blocks as their tokens fill them, so --max-context reserves nothing")
     parser.add_argument("--kv-cache-memory", type=bounded(float, 0.001), default=None, metavar="GIB",
-                        help="KV cache size in GiB per slice instead of --kv-cache-tokens")
+                        help="KV cache size in GiB per slice (per rank with --tensor-parallel) instead of "
+                             "--kv-cache-tokens")
     parser.add_argument("--block-size", type=bounded(int, 1), default=16, help="tokens per KV block")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="do not reuse cached prompt prefixes across requests (on by default)")
@@ -155,7 +159,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
 
     return ServeOptions(
         adapters=parse_adapters(args.adapter or []),
-        model=args.model, shards=args.shards, layers=args.layers, dtype=args.dtype, device=args.device,
+        model=args.model, shards=args.shards, layers=args.layers, tensor_parallel=args.tensor_parallel,
+        dtype=args.dtype, device=args.device,
         host=args.host, port=args.port, ray_address=args.ray_address, use_ray=not args.no_ray,
         local_ray_cpus=args.local_ray_cpus,
         max_batch=args.max_batch, max_in_flight=args.max_in_flight, slice_transport=args.slice_transport,

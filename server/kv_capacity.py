@@ -26,7 +26,7 @@ DEFAULT_TOKENS = 16 * 2048  # what the slot cache reserved by default (16 sequen
 class KvCapacity:
     num_blocks: int
     block_size: int
-    bytes_per_block: int  # of the slice whose layers hold the most KV
+    bytes_per_block: int  # of the slice whose layers hold the most KV (of each of its ranks)
 
     @property
     def tokens(self) -> int:
@@ -34,7 +34,7 @@ class KvCapacity:
 
     def describe(self) -> str:
         return (f"{self.num_blocks} blocks of {self.block_size} tokens = {self.tokens} tokens "
-                f"({self.num_blocks * self.bytes_per_block / 2**20:.0f} MiB on the largest slice)")
+                f"({self.num_blocks * self.bytes_per_block / 2**20:.0f} MiB on the largest slice or rank)")
 
 
 def attention_heads(config: PretrainedConfig) -> tuple[int, int]:
@@ -49,9 +49,11 @@ def has_recurrent_layers(config: PretrainedConfig) -> bool:
 
 
 def kv_capacity(config: PretrainedConfig, ranges: list[tuple[int, int]], dtype: torch.dtype, block_size: int,
-                tokens: int | None, memory: int | None) -> KvCapacity:
-    """Blocks for `tokens` (default `DEFAULT_TOKENS`), or for `memory` bytes per slice when given."""
+                tokens: int | None, memory: int | None, tensor_parallel: int = 1) -> KvCapacity:
+    """Blocks for `tokens` (default `DEFAULT_TOKENS`), or for `memory` bytes per slice when given; with tensor
+    parallelism, per rank, whose blocks hold only its share of the KV heads (shards/tensor_parallel.py)."""
     kv_heads, head_dim = attention_heads(config)
+    kv_heads = max(kv_heads // tensor_parallel, 1)
     layers = max(sum(layer_kind(config, i) == FULL_ATTENTION for i in range(a, b)) for a, b in ranges)
     per_block = max(kv_bytes_per_token(layers, kv_heads, head_dim, dtype) * block_size, 1)
     if memory is not None:

@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from qwen_relay.shards.allreduce import GroupBroken
 from qwen_relay.shards.batch import StepBatch
+from qwen_relay.shards.group import GroupRunner
 from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.stats import SliceStats
@@ -184,7 +186,8 @@ class LocalPipeline:
     def __init__(self, specs: list[SliceSpec], depth: int = 0) -> None:
         """`depth`: steps in flight at once (0: one per slice). At 1, a step runs through every slice in one
         call on one thread, as one model would: no hand-off between threads, one OpenMP thread team."""
-        self.runners = [SliceRunner(spec) for spec in specs]
+        self.specs = specs
+        self.runners = [_runner(spec) for spec in specs]
         for runner in self.runners:
             runner.warmup()
             runner.reset()  # open the cache; a runner rebuilt later (a restarted slice) stays shut until recovery
@@ -204,6 +207,8 @@ class LocalPipeline:
                     out = await loop.run_in_executor(stage, runner.step, batch, out)
         except CacheMismatch as e:  # a runner was rebuilt (tests do that to stand in for a restarted actor)
             raise SliceLost(f"a slice lost its cache: {e}") from e
+        except GroupBroken as e:  # a tensor-parallel rank died: the recovery forms the group again
+            raise SliceLost(f"a tensor-parallel group broke: {e}") from e
         return out
 
     def _through(self, batch: StepBatch) -> list[int]:
@@ -218,10 +223,14 @@ class LocalPipeline:
         return self._stages[index if len(self._stages) > 1 else 0]
 
     async def recover(self) -> Recovery:
+        loop = asyncio.get_running_loop()
+        for i, runner in enumerate(self.runners):
+            if isinstance(runner, GroupRunner) and runner.broken:  # a tensor-parallel rank died
+                log.warning("slice %d: forming its tensor-parallel group again", i)
+                self.runners[i] = await loop.run_in_executor(self._stage_of(i), _formed, self.specs[i])
         await self.adapters.restore(self._load_all, self._unload_all)
         # Each reset on its slice's own thread, so after any step still running there: a dead loop cancels its
         # steps, but a forward already in a thread goes on, and its commit must not land after the reset.
-        loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(self._stage_of(i), runner.reset)
                                for i, runner in enumerate(self.runners)))
         return self.adapters.recovered()
@@ -256,4 +265,19 @@ class LocalPipeline:
     async def close(self) -> None:
         for stage in self._stages:
             stage.shutdown(wait=True, cancel_futures=True)
+        for runner in self.runners:
+            if isinstance(runner, GroupRunner):
+                runner.close()
         self.runners = []
+
+
+def _formed(spec: SliceSpec) -> GroupRunner:
+    """A tensor-parallel group formed again and warmed up (its cache opens at the recovery's reset)."""
+    runner = GroupRunner(spec)
+    runner.warmup()
+    return runner
+
+
+def _runner(spec: SliceSpec) -> SliceRunner | GroupRunner:
+    """A slice's runner: one rank, or a tensor-parallel group of them (shards/group.py)."""
+    return GroupRunner(spec) if spec.tensor_parallel > 1 else SliceRunner(spec)

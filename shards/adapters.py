@@ -35,7 +35,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -259,8 +259,9 @@ def _inject_names(module: nn.Module, args: tuple, kwargs: dict[str, Any], *, nam
 class SliceAdapters:
     """The adapters one slice holds. Not thread-safe: the runner serialises loads, unloads and steps."""
 
-    def __init__(self, module: ModelSlice) -> None:
+    def __init__(self, module: ModelSlice, split: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.module = module
+        self.split = split  # a tensor-parallel rank's share of each adapter tensor (shards/tensor_parallel.py)
         self.held: dict[str, HeldAdapter] = {}
         self.configs: dict[str, LoraConfig] = {}
         self._lora_layers: list[LoraLayer] = []
@@ -289,6 +290,8 @@ class SliceAdapters:
         with safe_open(folder / WEIGHTS_FILE, framework="pt") as f:
             keys = [k for k in f.keys() if module_of(saved_key(k)) in own]
             tensors = {saved_key(k): f.get_tensor(k) for k in keys}
+        if self.split is not None:
+            tensors = {k: self.split(k, t) for k, t in tensors.items()}
         if not tensors:
             self.held[name] = HeldAdapter(path=path, fingerprint=actual, modules=(), layers=())
             log.info("adapter %r targets none of layers %d-%d: nothing to load here", name, self.module.first,

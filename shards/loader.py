@@ -29,6 +29,7 @@ from .family import text_config
 from .hub import model_dir, weight_file
 from .model import ModelSlice
 from .packed import HEAD_BLOCK_ROWS, can_prepack, is_linear_weight, prepack_head, prepack_linear
+from .tensor_parallel import WHOLE, Shard, check_shardable, rank_config, read_shard, split_head
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +82,26 @@ def row_blocks(path: Path, key: str, dtype: torch.dtype, device: torch.device) -
 
 
 def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: torch.device,
-               prepack: bool = False) -> ModelSlice:
+               prepack: bool = False, shard: Shard = WHOLE) -> ModelSlice:
     """Build layers [first, end) of `model` on `device`, reading only the tensors they own.
 
-    `prepack`: on a CPU in fp32 or bf16, store linear weights in oneDNN's layout (shards/packed.py).
+    `prepack`: on a CPU in fp32 or bf16, store linear weights in oneDNN's layout (shards/packed.py). `shard`: a
+    tensor-parallel rank's share of every layer (shards/tensor_parallel.py), read as slices of the tensors.
     """
     folder = model_dir(model)
     config = load_config(folder)
+    check_shardable(config, shard.world)
     with init_empty_weights():
-        part = ModelSlice(config, first, end)
+        if shard.world == 1:
+            part = ModelSlice(config, first, end)
+        else:
+            part = ModelSlice(rank_config(config, shard.world), first, end)
+            if part.is_last:
+                split_head(part, config, shard.world)
     wmap = weight_map(folder)
     names = [n for n, _ in part.named_parameters(remove_duplicate=False)]
-    if part.is_first and part.is_last and config.tie_word_embeddings:
+    tied = part.is_first and part.is_last and config.tie_word_embeddings and shard.world == 1
+    if tied:
         names.remove("lm_head.weight")  # one tensor serves both, tied below
     by_file: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for name in names:
@@ -107,25 +116,32 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
         path = weight_file(model, folder, filename)
         to_pack = {name: key for name, key in pairs if pack and is_linear_weight(part, name)}
         for name, key in to_pack.items():
-            if name == "lm_head.weight":
+            if name == "lm_head.weight" and shard.world == 1:
                 prepack_head(part, row_blocks(path, key, dtype, device))
                 continue
             # A file handle of its own: safetensors memory-maps the file and a mapping stays resident while
             # its handle is open, so the dense pages go as soon as the packed copy exists.
             with safe_open(path, framework="pt", device=str(device)) as f:
-                prepack_linear(part, name.removesuffix(".weight"), f.get_tensor(key).to(dtype))
+                weight = read_shard(f.get_slice(key), name, config, shard).to(dtype)
+                if name == "lm_head.weight":
+                    prepack_head(part, weight.split(HEAD_BLOCK_ROWS))
+                else:
+                    prepack_linear(part, name.removesuffix(".weight"), weight)
         packed += len(to_pack)
         with safe_open(path, framework="pt", device=str(device)) as f:
             for name, key in pairs:
                 if name not in to_pack:
-                    set_module_tensor_to_device(part, name, device, value=f.get_tensor(key), dtype=dtype)
-    if part.is_first and part.is_last and config.tie_word_embeddings:
+                    value = f.get_tensor(key) if shard.world == 1 else read_shard(f.get_slice(key), name, config,
+                                                                                  shard)
+                    set_module_tensor_to_device(part, name, device, value=value, dtype=dtype)
+    if tied:
         part.lm_head.weight = part.model.embed_tokens.weight
         if pack:  # a packed copy for the head; the embedding's lookups need the dense rows
             prepack_head(part, part.lm_head.weight.split(HEAD_BLOCK_ROWS))
             packed += 1
     part.attach_device(device, dtype)
     part.eval().requires_grad_(False)
-    log.info("loaded layers %d-%d of %s from %d file(s) onto %s%s", first, end - 1, model, len(by_file), device,
-             f" ({packed} linear weights prepacked for oneDNN)" if packed else "")
+    log.info("loaded layers %d-%d of %s%s from %d file(s) onto %s%s", first, end - 1, model,
+             f" (tensor-parallel rank {shard.rank} of {shard.world})" if shard.world > 1 else "", len(by_file),
+             device, f" ({packed} linear weights prepacked for oneDNN)" if packed else "")
     return part

@@ -21,6 +21,8 @@ False).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -32,6 +34,11 @@ from .kv_cache import KVCache, RecurrentShape
 from .step_inputs import StepMetadata
 
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
+
+
+def whole(x: torch.Tensor) -> torch.Tensor:
+    """One rank holds the whole layer: its outputs need no sum, its logits no gather."""
+    return x
 
 
 class SliceBody(nn.Module):
@@ -70,6 +77,10 @@ class ModelSlice(nn.Module):
         self.recurrent_shape = self._recurrent_shape(kinds.count(LINEAR_ATTENTION))
         self.static_decode = self.family.name in STATIC_FAMILIES and kinds.count(FULL_ATTENTION) == len(kinds)
         self.attend: Attend = expanded  # chosen for the device by `attach_device`
+        # A tensor-parallel rank sums the row-parallel outputs (o_proj, DeltaNet's out_proj, down_proj) of its
+        # group and gathers the vocabulary shares of the logits (shards/tensor_parallel.py).
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] = whole
+        self.gather_vocab: Callable[[torch.Tensor], torch.Tensor] = whole
 
     def _recurrent_shape(self, layers: int) -> RecurrentShape | None:
         if layers == 0:
@@ -98,15 +109,15 @@ class ModelSlice(nn.Module):
         for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = layer.input_layernorm(h)
             if kind == LINEAR_ATTENTION:
-                h = h + gated_deltanet(layer.linear_attn, x, meta.valid, lengths, meta.fresh, meta.slot_index,
-                                       cache, index)
+                h = h + self.all_reduce(gated_deltanet(layer.linear_attn, x, meta.valid, lengths, meta.fresh,
+                                                       meta.slot_index, cache, index))
             else:
-                h = h + self._attention(layer.self_attn, x, cos, sin, meta, cache, index)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = h + self.all_reduce(self._attention(layer.self_attn, x, cos, sin, meta, cache, index))
+            h = h + self.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
         if not self.is_last:
             return h
         h_last = self.model.norm(h[torch.arange(h.shape[0], device=h.device), meta.last])
-        return self.lm_head(h_last).float()
+        return self.gather_vocab(self.lm_head(h_last)).float()
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, hidden: torch.Tensor | None,
                cache: KVCache) -> torch.Tensor:
@@ -125,11 +136,11 @@ class ModelSlice(nn.Module):
             q, k, v, gate = self._project(layer.self_attn, x, cos, sin)
             cache.write(index, blocks, offsets, k[:, :, 0], v[:, :, 0])
             past_k, past_v = cache.gather(index, tables)
-            h = h + self._output(layer.self_attn, self.attend(q, past_k, past_v, mask), gate)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self.all_reduce(self._output(layer.self_attn, self.attend(q, past_k, past_v, mask), gate))
+            h = h + self.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
         if not self.is_last:
             return h
-        return self.lm_head(self.model.norm(h[:, 0])).float()
+        return self.gather_vocab(self.lm_head(self.model.norm(h[:, 0]))).float()
 
     def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

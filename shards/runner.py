@@ -22,10 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .adapters import SliceAdapters
+from .allreduce import ShmCollectives
 from .batch import SamplingParams, StepBatch
 from .dtypes import resolve_dtype, stored_dtype
 from .hub import model_dir
@@ -34,6 +36,7 @@ from .loader import load_config, load_slice
 from .sampler import sample
 from .stats import SliceStats
 from .step_inputs import DecodeInputs, StepMetadata, is_decode
+from .tensor_parallel import WHOLE, Shard, gather_vocab, shard_lora
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class SliceSpec:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     prepack: bool = True  # CPU fp32 or bf16: linear weights in oneDNN's layout (shards/packed.py)
     decode: str = "auto"  # the decode step: auto, dynamic, static or compiled (module docstring)
+    tensor_parallel: int = 1  # ranks sharing each layer (shards/tensor_parallel.py, shards/group.py)
 
 
 def peak_rss_bytes() -> int:
@@ -71,7 +75,9 @@ def peak_rss_bytes() -> int:
 
 
 class SliceRunner:
-    def __init__(self, spec: SliceSpec) -> None:
+    """`shard` and `collectives`: this runner is one rank of a tensor-parallel group (shards/group.py)."""
+
+    def __init__(self, spec: SliceSpec, shard: Shard = WHOLE, collectives: ShmCollectives | None = None) -> None:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         if spec.device == "auto":
@@ -84,7 +90,11 @@ class SliceRunner:
         # Inductor lowers prepacked oneDNN weights only as graph constants, and packs dense ones itself
         # (freezing): a compiled CPU step loads dense weights (docs/benchmarks.md, "The decode step").
         prepack = spec.prepack and not (spec.decode == "compiled" and device.type == "cpu")
-        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, prepack)
+        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, prepack, shard)
+        self.shard, self.collectives = shard, collectives
+        if collectives is not None:
+            self.slice.all_reduce = collectives.all_reduce
+            self.slice.gather_vocab = gather_vocab(collectives.all_gather, self.slice.config.vocab_size)
         config = self.slice.config
         self.cache = KVCache(
             num_layers=self.slice.num_attention_layers,
@@ -97,7 +107,8 @@ class SliceRunner:
         )
         self.forward_seconds = 0.0
         self.steps = 0
-        self.adapters = SliceAdapters(self.slice)
+        self.adapters = SliceAdapters(self.slice, None if shard.world == 1 else partial(
+            shard_lora, config=load_config(model_dir(spec.model)), shard=shard))
         self._lock = threading.Lock()  # adapters change between steps, never during one (LocalPipeline threads)
         self.decode_mode = self._decode_mode(spec.decode)
         self._decode = self._decode_step()
@@ -131,6 +142,10 @@ class SliceRunner:
         if asked not in DECODE_MODES:
             raise ValueError(f"decode {asked!r}: choose one of {', '.join(DECODE_MODES)}")
         mode = ("compiled" if self.device.type == "cuda" else CPU_DECODE) if asked == "auto" else asked
+        if mode == "compiled" and self.collectives is not None:
+            log.info("layers %d-%d: tensor-parallel rank %d: the shared-memory all-reduce cannot be traced, so "
+                     "decode steps run the eager static step", self.spec.first, self.spec.end - 1, self.shard.rank)
+            mode = "static"
         if mode != "dynamic" and not self.slice.static_decode:
             log.info("layers %d-%d (%s): decode steps take the dynamic path (no static step for this family "
                      "or layer kind)", self.spec.first, self.spec.end - 1, self.slice.family.name)

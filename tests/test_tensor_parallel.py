@@ -1,0 +1,337 @@
+"""Tensor-parallel slices against whole ones, in one process: N ranks run as threads over the real shared-memory
+collectives (shards/allreduce.py), so the split of every layer, the all-reduces and the vocabulary gather are
+checked without starting a process.
+
+The contract (docs/design.md, "Tensor parallelism"): the same greedy tokens as the whole slice (itself
+`generate()`, tests/test_parity.py) on the test checkpoints at TP 2 and TP 4 (KV heads replicated), and
+logits within `ATOL` of the whole slice's: splitting a sum over heads or MLP width changes fp32 rounding only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_relay.shards.allreduce import GroupBroken, ShmCollectives, channel_path
+from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.kv_cache import CacheMismatch
+from qwen_relay.shards.model import StepMetadata
+from qwen_relay.shards.runner import SliceRunner, SliceSpec
+from qwen_relay.shards.tensor_parallel import Shard
+
+ATOL = 1e-4  # |logit difference| bound at TP 2 and 4 on the tiny checkpoints (fp32; measured 1.9-2.4e-7)
+PROMPTS = [[5, 17, 300, 42, 7, 999, 3], [11, 12], [400, 401, 402, 403, 404, 405, 406, 407, 408, 409, 410]]
+MAX_NEW = 10
+BLOCK = 4
+
+
+def _spec(model: Path, first: int, end: int, world: int, decode: str = "static") -> SliceSpec:
+    return SliceSpec(model=str(model), first=first, end=end, device="cpu", max_slots=4, max_len=64, num_blocks=32,
+                     block_size=BLOCK, decode=decode, tensor_parallel=world, threads=1)
+
+
+class ThreadGroup:
+    """N ranks of one slice as threads of this process: `run(fn)` calls fn(runner) on every rank at once."""
+
+    def __init__(self, spec: SliceSpec) -> None:
+        world = spec.tensor_parallel
+        path = channel_path()
+        self.comms = [ShmCollectives(path, 0, world, create=True, timeout=20)]
+        self.comms += [ShmCollectives(path, r, world, timeout=20) for r in range(1, world)]
+        self.comms[0].unlink()
+        self.pool = ThreadPoolExecutor(world)
+        # One after another: loading patches torch's parameter registration process-wide (init_empty_weights).
+        self.runners = [SliceRunner(spec, Shard(r, world), self.comms[r]) for r in range(world)]
+        self.run(lambda runner: runner.reset())
+
+    def _all(self, fn: Callable, items) -> list:
+        return [f.result(timeout=120) for f in [self.pool.submit(fn, item) for item in items]]
+
+    def run(self, fn: Callable[[SliceRunner], object]) -> list:
+        return self._all(fn, self.runners)
+
+    def step(self, batch: StepBatch, hidden: torch.Tensor | None) -> object:
+        outs = self.run(lambda runner: runner.step(batch, hidden))
+        for out in outs[1:]:  # every rank holds the same hidden state, and samples the same tokens
+            assert torch.equal(out, outs[0]) if isinstance(out, torch.Tensor) else out == outs[0]
+        return outs[0]
+
+
+def _tables(lengths: list[int]) -> list[list[int]]:
+    """Disjoint blocks per row, enough for `lengths` positions."""
+    tables, next_block = [], 0
+    for n in lengths:
+        need = -(-n // BLOCK)
+        tables.append(list(range(next_block, next_block + need)))
+        next_block += need
+    return tables
+
+
+def greedy(stages: list, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """Greedy generation through `stages` (SliceRunners or ThreadGroups, in layer order): a batched prefill,
+    then decode steps (the static step)."""
+    tables = _tables([len(p) + max_new for p in prompts])
+    params = [SamplingParams()] * len(prompts)
+    slots = list(range(len(prompts)))
+
+    def step(starts: list[int], ids: list[list[int]]) -> list[int]:
+        out = None
+        for stage in stages:
+            out = stage.step(StepBatch(slots, starts, ids, tables, params), out)
+        return out
+
+    generated = [[t] for t in step([0] * len(prompts), [list(p) for p in prompts])]
+    for _ in range(1, max_new):
+        starts = [len(p) + len(g) - 1 for p, g in zip(prompts, generated, strict=True)]
+        for g, t in zip(generated, step(starts, [[g[-1]] for g in generated]), strict=True):
+            g.append(t)
+    return generated
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_model) -> SliceRunner:
+    runner = SliceRunner(_spec(tiny_model, 0, 5, 1))
+    runner.reset()
+    return runner
+
+
+@pytest.mark.parametrize("world", [2, 4])  # the tiny model's 2 KV heads: split at 2, replicated at 4
+def test_logits_within_tolerance(tiny_model, whole, world):
+    group = ThreadGroup(_spec(tiny_model, 0, 5, world))
+    batch = StepBatch([0, 1], [0, 0], PROMPTS[:2], _tables([7, 2]), [SamplingParams()] * 2)
+
+    def logits(runner: SliceRunner) -> torch.Tensor:
+        meta = StepMetadata.build(batch, runner.device, runner.cache.block_size, runner.cache.scratch)
+        with torch.inference_mode():
+            return runner.slice(meta, None, runner.cache)
+
+    want = logits(whole)
+    got = group.run(logits)
+    for out in got:
+        assert out.shape == want.shape
+        assert torch.equal(out, got[0])
+    diff = (got[0] - want).abs().max().item()
+    assert 0 < diff < ATOL  # rounding differs (the split is real) but stays within the bound
+    assert torch.equal(got[0].argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_same_greedy_tokens(tiny_model, whole, reference, world):
+    expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+    assert greedy([whole], PROMPTS, MAX_NEW) == expected
+    group = ThreadGroup(_spec(tiny_model, 0, 5, world))
+    assert greedy([group], PROMPTS, MAX_NEW) == expected
+    assert group.runners[0].collectives.count > 0
+
+
+def test_pipeline_of_groups(tiny_model, reference):
+    """TP 2 x PP 2, the dynamic decode path: hidden states pass from one group to the next."""
+    stages = [ThreadGroup(_spec(tiny_model, 0, 2, 2, decode="dynamic")),
+              ThreadGroup(_spec(tiny_model, 2, 5, 2, decode="dynamic"))]
+    assert greedy(stages, PROMPTS, MAX_NEW) == [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+
+
+def test_qwen3(qwen3_model):
+    """Qwen3's per-head q/k norms and explicit head_dim (heads x head_dim != hidden), untied and sharded files."""
+    whole = SliceRunner(_spec(qwen3_model, 0, 5, 1))
+    whole.reset()
+    group = ThreadGroup(_spec(qwen3_model, 0, 5, 2))
+    assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_qwen3_moe(qwen3_moe_model, world):
+    """Every expert's width split, the router replicated; a dense layer (mlp_only_layers) among the MoE ones."""
+    whole = SliceRunner(_spec(qwen3_moe_model, 0, 5, 1))
+    whole.reset()
+    group = ThreadGroup(_spec(qwen3_moe_model, 0, 5, world))
+    expert = group.runners[0].slice.model.layers["0"].mlp.experts[0]
+    assert expert.down_proj.in_features == whole.slice.model.layers["0"].mlp.experts[0].down_proj.in_features // world
+    assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
+
+
+def test_rank_holds_its_share(tiny_model, whole):
+    group = ThreadGroup(_spec(tiny_model, 0, 5, 2))
+    rank = group.runners[0]
+    assert rank.cache.k.shape[-2] == whole.cache.k.shape[-2] // 2  # its KV heads only
+    full = sum(p.numel() for n, p in whole.slice.named_parameters() if "layers" in n)
+    mine = sum(p.numel() for n, p in rank.slice.named_parameters() if "layers" in n)
+    assert mine < full * 0.6  # norms and q/k/v biases aside, half of every layer
+    assert rank.slice.lm_head.out_features == -(-whole.slice.config.vocab_size // 2)
+
+
+@pytest.mark.parametrize("multimodal", [False, True], ids=["text", "multimodal"])
+def test_qwen3_5(tmp_path, multimodal):
+    """Gated DeltaNet layers split by heads (fused q/k/v rows, conv channels, recurrent state), gated-query
+    attention layers; the published multimodal layout (the text model under model.language_model.) too."""
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5", multimodal=multimodal)
+    whole = SliceRunner(_spec(hybrid, 0, 8, 1))
+    whole.reset()
+    group = ThreadGroup(_spec(hybrid, 0, 8, 2))
+    assert group.runners[0].cache.state.shape[2] == whole.cache.state.shape[2] // 2  # its value heads' state
+    assert greedy([group], PROMPTS, MAX_NEW) == greedy([whole], PROMPTS, MAX_NEW)
+    with pytest.raises(ValueError, match="DeltaNet key heads"):  # 2 key heads cannot go to 4 ranks
+        SliceRunner(_spec(hybrid, 0, 8, 4), Shard(0, 4))
+
+
+def test_dead_rank_breaks_the_collective():
+    path = channel_path()
+    comm = ShmCollectives(path, 0, 2, create=True, timeout=0.5)
+    comm.unlink()
+    with pytest.raises(GroupBroken, match="did not meet"):
+        comm.all_reduce(torch.ones(4))
+
+
+def test_process_group(tiny_model, reference, tmp_path):
+    """Ranks in processes of their own (shards/group.py): the same tokens; a rank that dies breaks the group,
+    and a new group serves again once reset (the gateway's replay)."""
+    from qwen_relay.shards.group import GroupRunner
+
+    group = GroupRunner(_spec(tiny_model, 0, 5, 2))
+    try:
+        group.warmup()  # leaves every rank's cache shut: a step is refused on every rank, the group stays whole
+        with pytest.raises(CacheMismatch):
+            greedy([group], PROMPTS[:1], 1)
+        group.reset()
+        expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+        assert greedy([group], PROMPTS, MAX_NEW) == expected
+        assert group.load_adapter("a", str(save_lora(tiny_model, tmp_path / "a")))["name"] == "a"  # every rank
+        group.unload_adapter("a")
+        group._children[0].kill()
+        with pytest.raises(GroupBroken):
+            greedy([group], PROMPTS[:1], 2)
+        with pytest.raises(GroupBroken, match="rebuilt"):
+            group.reset()
+    finally:
+        group.close()
+    group = GroupRunner(_spec(tiny_model, 0, 5, 2))
+    try:
+        group.reset()
+        assert greedy([group], PROMPTS, MAX_NEW) == expected
+    finally:
+        group.close()
+
+
+def test_relay_tp2_by_pp2(relay_factory, tiny_model, reference):
+    """`serve --no-ray --shards 2 --tensor-parallel 2`: the gateway's tokens are generate()'s; a rank killed
+    between requests breaks its group, the engine's recovery forms it again and the next request is exact."""
+    from qwen_relay.client import RelayClient
+    from qwen_relay.server.app import ServeOptions
+
+    relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, tensor_parallel=2, max_context=512,
+                                       use_ray=False))
+    prompts = [p[:6] for p in PROMPTS]
+    with RelayClient(f"127.0.0.1:{relay.port}", timeout=120) as client:
+        for prompt in prompts:
+            assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
+                reference(tiny_model, prompt, MAX_NEW)
+        broken = relay.pipeline.runners[1]
+        broken._children[0].kill()
+        got = client.generate(prompt_token_ids=prompts[0], max_new_tokens=MAX_NEW).token_ids
+    assert got == reference(tiny_model, prompts[0], MAX_NEW)
+    assert relay.pipeline.runners[1] is not broken and not relay.pipeline.runners[1].broken
+
+
+def test_serve_refuses_what_it_cannot_split(tmp_path, tiny_model):
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+    from qwen_relay.server.app import Relay, ServeOptions
+
+    hybrid = build_checkpoint(tmp_path / "qwen3.5", "tiny-qwen3.5")
+    with pytest.raises(ValueError, match="does not divide the 2 DeltaNet key heads"):
+        Relay(ServeOptions(model=str(hybrid), shards=1, tensor_parallel=4, use_ray=False))
+    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
+        Relay(ServeOptions(model=str(tiny_model), shards=1, tensor_parallel=3, use_ray=False))
+
+
+def test_cli_flag_reaches_serve_options():
+    from qwen_relay.server.cli import build_parser, serve_options
+
+    args = build_parser("serve").parse_args(["serve", "--model", "m", "--shards", "2", "--tensor-parallel", "4"])
+    assert serve_options(args).tensor_parallel == 4
+    with pytest.raises(SystemExit):
+        build_parser("serve").parse_args(["serve", "--model", "m", "--tensor-parallel", "0"])
+
+
+@pytest.mark.slow
+def test_ray_relay_tp2(relay_factory, tiny_model, reference):
+    """On Ray actors: each slice's group behind one actor; a killed rank takes its actor down, Ray restarts it
+    with a new group, and the replay is exact."""
+    import ray
+
+    from qwen_relay.client import RelayClient
+    from qwen_relay.server.app import ServeOptions
+
+    relay = relay_factory(ServeOptions(model=str(tiny_model), shards=2, tensor_parallel=2, max_context=512,
+                                       recovery_timeout=120))
+    prompt = PROMPTS[0]
+    with RelayClient(f"127.0.0.1:{relay.port}", timeout=240) as client:
+        assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
+            reference(tiny_model, prompt, MAX_NEW)
+        first = ray.get(relay.pipeline.actors[1].stats.remote())
+        children = [int(p) for p in open(f"/proc/{first.pid}/task/{first.pid}/children").read().split()]
+        os.kill(children[0], signal.SIGKILL)
+        assert client.generate(prompt_token_ids=prompt, max_new_tokens=MAX_NEW).token_ids == \
+            reference(tiny_model, prompt, MAX_NEW)
+    assert ray.get(relay.pipeline.actors[1].stats.remote()).incarnation != first.incarnation
+
+
+def save_lora(model: Path, folder: Path) -> Path:
+    """A PEFT adapter with random non-zero A and B on every linear layer of `model`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lora = LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    get_peft_model(base, lora).save_pretrained(folder)
+    return folder
+
+
+def test_lora_adapters_split_like_their_layers(tiny_model, tmp_path):
+    """A LoRA adapter on every linear layer (B split with column-parallel layers, A with row-parallel ones),
+    in a batch mixing rows with and without it: the same greedy tokens as the whole slice with it."""
+    save_lora(tiny_model, tmp_path / "all")
+
+    def with_adapter(stages: list) -> list[list[int]]:
+        tables = _tables([len(p) + MAX_NEW for p in PROMPTS])
+        slots, params, rows = [0, 1, 2], [SamplingParams()] * 3, ["a", "", "a"]
+        generated: list[list[int]] = [[], [], []]
+        starts, ids = [0, 0, 0], [list(p) for p in PROMPTS]
+        for _ in range(MAX_NEW):
+            out = None
+            for stage in stages:
+                out = stage.step(StepBatch(slots, starts, ids, tables, params, rows), out)
+            for g, t in zip(generated, out, strict=True):
+                g.append(t)
+            starts = [len(p) + len(g) - 1 for p, g in zip(PROMPTS, generated, strict=True)]
+            ids = [[g[-1]] for g in generated]
+        return generated
+
+    whole = SliceRunner(_spec(tiny_model, 0, 5, 1))
+    whole.reset()
+    whole.load_adapter("a", str(tmp_path / "all"))
+    group = ThreadGroup(_spec(tiny_model, 0, 5, 2))
+    group.run(lambda runner: runner.load_adapter("a", str(tmp_path / "all")))
+    want = with_adapter([whole])
+    assert with_adapter([group]) == want
+    assert want[0] != greedy([whole], PROMPTS[:1], MAX_NEW)[0]  # the adapter changes the tokens
+
+
+def test_kv_pool_sized_per_rank(tiny_model):
+    """A rank's blocks hold half the KV heads at TP 2, so the same memory holds twice the blocks; at TP 4 the
+    tiny model's 2 KV heads are replicated, one per rank, so no more than at TP 2."""
+    from qwen_relay.server.kv_capacity import kv_capacity
+    from qwen_relay.shards.loader import load_config
+
+    config = load_config(tiny_model)
+    blocks = {n: kv_capacity(config, [(0, 5)], torch.float32, 16, None, 2**20, n).num_blocks for n in (1, 2, 4)}
+    assert blocks[2] == 2 * blocks[1] and blocks[4] == blocks[2]
