@@ -74,7 +74,13 @@ def test_metrics_follow_requests(ray_relay):
         stream.close()  # cancels the call: the server frees its blocks
 
         info = client.model_info()
-    after = _settled(port)
+    # The slices' own counters reach the metrics on the stats poller's clock (every second here), the KV blocks
+    # at once: wait for a snapshot taken after this test's steps.
+    after = _scrape_when(port, lambda s: s["qwen_relay_kv_blocks", {"state": "used"}] == 0
+                         and s["qwen_relay_active_sequences"] == 0
+                         and all(s["qwen_relay_slice_forward_seconds_total", {"slice": i}]
+                                 > before["qwen_relay_slice_forward_seconds_total", {"slice": i}] for i in SLICES),
+                         "no KV block held, and a slice-stats snapshot after the steps")
 
     def delta(name: str, **labels: str) -> float:
         return after[name, labels] - before[name, labels]
