@@ -36,7 +36,7 @@ def time_decode(runner: SliceRunner, rows: int, steps: int, prompt: int = 32, wa
     hidden_size = runner.slice.config.hidden_size
 
     def hidden(width: int) -> torch.Tensor | None:
-        return None if runner.slice.is_first else torch.randn(rows, width, hidden_size)
+        return None if runner.slice.is_first else torch.randn(rows * width, 1, hidden_size)  # packed tokens
 
     slots, greedy = list(range(rows)), [SamplingParams()] * rows
     width = -(-(prompt + warmup + steps) // runner.cache.block_size)  # blocks per row: a run of its own

@@ -359,7 +359,7 @@ class SliceAdapters:
 
     @contextmanager
     def routed(self, adapters: list[str] | None) -> Iterator[None]:
-        """For one forward: row i of the batch goes through adapter `adapters[i]` ("" or None: the base model).
+        """For one forward: row i of the input goes through adapter `adapters[i]` ("" or None: the base model).
 
         Checks every named adapter is held here, even one this slice carries no weights of, so a restarted
         slice (which lost its adapters) fails loudly instead of silently serving the base model.

@@ -31,15 +31,24 @@ from transformers.models.qwen3_5.modeling_qwen3_5 import (
 from .kv_cache import KVCache
 
 
-def gated_deltanet(mod: nn.Module, x: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor,
-                   fresh: torch.Tensor, slots: torch.Tensor, cache: KVCache, index: int) -> torch.Tensor:
+def gated_deltanet(mod: nn.Module, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor,
+                   lengths: torch.Tensor, fresh: torch.Tensor, slots: torch.Tensor, cache: KVCache,
+                   index: int) -> torch.Tensor:
     """`mod` is HF's `Qwen3_5GatedDeltaNet` (its parameters only); `index` its place among the slice's linear
-    layers; `valid` [B, T] marks real tokens, `lengths` [B] counts them, `fresh` [B] marks rows from position 0."""
-    bsz, width, _ = x.shape
-    x = x * valid[..., None].to(x.dtype)
-    qkv = mod.in_proj_qkv(x).transpose(1, 2)  # [B, conv_dim, T]
-    z = mod.in_proj_z(x).reshape(bsz, width, -1, mod.head_v_dim)
-    b, a = mod.in_proj_b(x), mod.in_proj_a(x)
+    layers. `x` [N, 1, H]: the step's real tokens, packed (token i is row `rows[i]`, column `cols[i]` of the
+    padded batch); `valid` [B, T] marks real tokens, `lengths` [B] counts them, `fresh` [B] marks rows from
+    position 0. The projections (LoRA-wrapped ones too) run on the packed tokens, the convolution and the
+    recurrence on the padded batch; the output is packed again."""
+    bsz, width = valid.shape
+
+    def padded(y: torch.Tensor) -> torch.Tensor:
+        out = y.new_zeros(bsz, width, y.shape[-1])
+        out[rows, cols] = y[:, 0]
+        return out
+
+    qkv = padded(mod.in_proj_qkv(x)).transpose(1, 2)  # [B, conv_dim, T]
+    z = mod.in_proj_z(x).reshape(-1, mod.head_v_dim)  # packed
+    b, a = padded(mod.in_proj_b(x)), padded(mod.in_proj_a(x))
     conv_state, state = cache.read_state(index, slots, fresh)
     decode = width == 1 and not bool(fresh.any())
 
@@ -66,5 +75,5 @@ def gated_deltanet(mod: nn.Module, x: torch.Tensor, valid: torch.Tensor, lengths
                       use_qk_l2norm_in_kernel=True)
     cache.write_state(index, slots, conv_state, state)
 
-    out = mod.norm(out.reshape(-1, mod.head_v_dim), z.reshape(-1, mod.head_v_dim))
-    return mod.out_proj(out.reshape(bsz, width, -1))
+    out = mod.norm(out[rows, cols].reshape(-1, mod.head_v_dim), z)
+    return mod.out_proj(out.reshape(len(rows), 1, -1))

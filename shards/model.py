@@ -101,23 +101,30 @@ class ModelSlice(nn.Module):
                                            self.head_dim).attend
 
     def forward(self, meta: StepMetadata, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Run one step through this slice: token ids (first slice) or hidden states [B, T, H] in; hidden
-        states out, or, on the last slice, the logits [B, V] of each row's last token."""
-        h = self.model.embed_tokens(meta.ids) if self.is_first else hidden
-        cos, sin = self.rotary_emb(h, meta.positions) if self.num_attention_layers else (None, None)
+        """Run one step through this slice: token ids (first slice) or hidden states [N, 1, H] of the step's N
+        real tokens in; hidden states out, or, on the last slice, the logits [B, V] of each row's last token.
+
+        The residual stream is packed, one real token per row ([N, 1, H]: rows in order, each row's tokens in
+        order), so the projections and MLPs cost the tokens the step brings, not rows x the longest row: a
+        chunk of a long prompt mixed with decodes does not make every decode row as wide as the chunk. Only
+        attention (and Qwen3.5's linear attention) sees the padded [B, T] layout its masks are built for."""
+        rows, cols = meta.write_rows, meta.write_cols
+        h = self.model.embed_tokens(meta.ids[rows, cols])[:, None] if self.is_first else hidden
+        cos, sin = (self.rotary_emb(h, meta.positions[rows, cols][:, None]) if self.num_attention_layers
+                    else (None, None))
         lengths = meta.last + 1
         for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = layer.input_layernorm(h)
             if kind == LINEAR_ATTENTION:
-                h = h + self.all_reduce(gated_deltanet(layer.linear_attn, x, meta.valid, lengths, meta.fresh,
-                                                       meta.slot_index, cache, index))
+                mixed = gated_deltanet(layer.linear_attn, x, rows, cols, meta.valid, lengths, meta.fresh,
+                                       meta.slot_index, cache, index)
             else:
-                h = h + self.all_reduce(self._attention(layer.self_attn, x, cos, sin, meta, cache, index))
+                mixed = self._attention(layer.self_attn, x, cos, sin, meta, cache, index)
+            h = h + self.all_reduce(mixed)
             h = h + self.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
         if not self.is_last:
             return h
-        h_last = self.model.norm(h[torch.arange(h.shape[0], device=h.device), meta.last])
-        return self.gather_vocab(self.lm_head(h_last)).float()
+        return self.gather_vocab(self.lm_head(self.model.norm(h[meta.last_token, 0]))).float()
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, hidden: torch.Tensor | None,
                cache: KVCache) -> torch.Tensor:
@@ -170,8 +177,13 @@ class ModelSlice(nn.Module):
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
-        q, k, v, gate = self._project(attn, x, cos, sin)
-        rows, cols = meta.write_rows, meta.write_cols
-        cache.write(index, meta.write_blocks, meta.write_offsets, k[rows, :, cols], v[rows, :, cols])
+        """Packed tokens [N, 1, H] in and out; the queries meet their rows' keys in the padded layout."""
+        q, k, v, gate = self._project(attn, x, cos, sin)  # q [N, heads, 1, D], k / v [N, kv_heads, 1, D]
+        cache.write(index, meta.write_blocks, meta.write_offsets, k[:, :, 0], v[:, :, 0])
         keys, values = cache.gather(index, meta.tables)
-        return self._output(attn, self.attend(q, keys, values, meta.mask), gate)
+        rows, cols = meta.write_rows, meta.write_cols
+        queries = q.new_zeros(*meta.valid.shape, *q.shape[1:2], q.shape[-1])  # [B, T, heads, D]
+        queries[rows, cols] = q[:, :, 0]
+        out = self.attend(queries.transpose(1, 2), keys, values, meta.mask)  # [B, heads, T, D]
+        return self._output(attn, out.transpose(1, 2)[rows, cols][:, :, None], gate)
+

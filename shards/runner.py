@@ -175,7 +175,10 @@ class SliceRunner:
 
     def _run_dynamic(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         meta = StepMetadata.build(batch, self.device, self.cache.block_size, self.cache.scratch)
-        with self.adapters.routed(batch.adapters):
+        # The forward is packed (one real token per row): each token goes through its row's adapter.
+        per_token = batch.adapters and [a for a, tokens in zip(batch.adapters, batch.token_ids, strict=True)
+                                        for _ in tokens]
+        with self.adapters.routed(per_token):
             return self.slice(meta, hidden, self.cache)
 
     def _run_static(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
@@ -228,11 +231,11 @@ class SliceRunner:
         batch = StepBatch(slots=[0], starts=[0], token_ids=[[0, 0]], blocks=table, sampling=[SamplingParams()])
         hidden = None
         if not self.slice.is_first:
-            hidden = torch.zeros(1, 2, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
-        self._forward(batch, hidden)
+            hidden = torch.zeros(2, 1, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
+        self._forward(batch, hidden)  # hidden states travel packed: one real token per row
         if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here
             decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], blocks=table, sampling=[SamplingParams()])
-            self._forward(decode, None if hidden is None else hidden[:, :1])
+            self._forward(decode, None if hidden is None else hidden[:1])
 
     def stats(self) -> SliceStats:
         return SliceStats(

@@ -43,6 +43,7 @@ class StepMetadata:
     write_blocks: torch.Tensor  # [N] the block its key/value goes to
     write_offsets: torch.Tensor  # [N] its offset in that block
     last: torch.Tensor  # [B] column of each row's last real token
+    last_token: torch.Tensor  # [B] the same token's index among the step's N real tokens (packed order)
     fresh: torch.Tensor  # [B] rows starting at position 0: their recurrent state starts from zeros
 
     @classmethod
@@ -55,12 +56,14 @@ class StepMetadata:
         mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
         rows, cols = valid.nonzero(as_tuple=True)
         at = positions[rows, cols]
-        last = torch.tensor([len(t) - 1 for t in batch.token_ids], device=device)
+        lengths = [len(t) for t in batch.token_ids]
+        last = torch.tensor([n - 1 for n in lengths], device=device)
+        last_token = torch.tensor(lengths, device=device).cumsum(0) - 1
         fresh = torch.tensor([s == 0 for s in batch.starts], device=device)
         return cls(ids=ids, positions=positions, valid=valid, mask=mask, tables=tables,
                    slot_index=torch.tensor(batch.slots, device=device), write_rows=rows, write_cols=cols,
                    write_blocks=tables[rows, at // block_size], write_offsets=at % block_size, last=last,
-                   fresh=fresh)
+                   last_token=last_token, fresh=fresh)
 
 
 CONTEXT_FLOOR = 128  # the smallest context bucket: short sequences share one graph

@@ -56,7 +56,7 @@ with torch.inference_mode():
     cache = KVCache(end - first, CacheShape(num_blocks=1, block_size=16, num_slots=1), config.num_key_value_heads,
                     head_dim, torch.float32, torch.device("cpu"))
     batch = StepBatch(slots=[0], starts=[0], token_ids=[[1] * 8], blocks=[[0]], sampling=[SamplingParams()])
-    hidden = None if part.is_first else torch.randn(1, 8, config.hidden_size)
+    hidden = None if part.is_first else torch.randn(8, 1, config.hidden_size)  # 8 packed tokens
     out = part(StepMetadata.build(batch, torch.device("cpu"), cache.block_size, cache.scratch), hidden, cache)
 after = peak()
 names = [n for n, _ in part.named_parameters()]
