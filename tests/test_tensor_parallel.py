@@ -190,6 +190,7 @@ def test_dead_rank_breaks_the_collective():
         comm.all_reduce(torch.ones(4))
 
 
+@pytest.mark.slow  # rank processes of their own
 def test_process_group(tiny_model, reference, tmp_path):
     """Ranks in processes of their own (shards/group.py): the same tokens; a rank that dies breaks the group,
     and a new group serves again once reset (the gateway's replay)."""
@@ -220,6 +221,7 @@ def test_process_group(tiny_model, reference, tmp_path):
         group.close()
 
 
+@pytest.mark.slow  # rank processes of their own
 def test_relay_tp2_by_pp2(relay_factory, tiny_model, reference):
     """`serve --no-ray --shards 2 --tensor-parallel 2`: the gateway's tokens are generate()'s; a rank killed
     between requests breaks its group, the engine's recovery forms it again and the next request is exact."""
