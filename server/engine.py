@@ -150,7 +150,7 @@ class Engine:
         self._task = asyncio.create_task(self._supervise(), name="engine-loop")
 
     def adapter_users(self, name: str) -> int:
-        """Requests waiting for or holding a cache slot with adapter `name`."""
+        """Requests waiting or running with adapter `name`."""
         return len(self.scheduler.users_of(name))
 
     async def load_adapter(self, name: str, path: str, fingerprint: str) -> None:

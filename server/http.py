@@ -88,7 +88,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], what: str) 
     """Await `work` unless the client goes away first; then cancel it, as gRPC cancels a cancelled call: a
     request waiting for the tokenizer or in the admission queue gives its place up at once (it used to keep it
     until its first token, costing a prefill and turning live clients away with 429), a running unary one
-    stops generating and frees its cache slots."""
+    stops generating and frees its KV blocks."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -112,7 +112,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T], what: str) 
 class _ClosingStream(StreamingResponse):
     """Closes the body generator however the response ends. Starlette cancels the sending task when the
     client disconnects, which may leave the generator suspended at a `yield`; closing it runs the engine's
-    cleanup at once, so the sequence is cancelled and its cache slot freed on every slice."""
+    cleanup at once, so the sequence is cancelled and its KV blocks freed."""
 
     async def stream_response(self, send) -> None:
         try:

@@ -127,7 +127,7 @@ class Metrics:
             self._step_total += seconds
 
     def observe_load(self, waiting: int, active: int) -> None:
-        """Requests waiting for a cache slot, and sequences holding one."""
+        """Requests waiting to run, and sequences running."""
         self.queue_depth.set(waiting)
         self.active_sequences.set(active)
 
