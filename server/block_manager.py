@@ -98,8 +98,7 @@ class BlockManager:
         if self.prefix_cache:
             key = None
             for i in range((len(seq.tokens) - 1) // self.block_size):
-                tokens = tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
-                key = hash((key, tokens, seq.params.adapter_fingerprint))
+                key, tokens = self._key(seq, i, key)
                 block = self.blocks[self.index[key]] if key in self.index else None
                 if block is None or block.tokens != tokens:
                     break
@@ -144,13 +143,18 @@ class BlockManager:
             return
         key = seq.block_keys[-1] if seq.block_keys else None
         for i in range(len(seq.block_keys), seq.num_cached // self.block_size):
-            tokens = tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
-            key = hash((key, tokens, seq.params.adapter_fingerprint))
+            key, tokens = self._key(seq, i, key)
             seq.block_keys.append(key)
             block = self.blocks[seq.block_table[i]]
             if key not in self.index:  # else another sequence computed the same prefix first: keep that one
                 self.index[key] = block.id
                 block.key, block.tokens = key, tokens
+
+    def _key(self, seq: Sequence, i: int, parent: int | None) -> tuple[int, tuple[int, ...]]:
+        """The prefix-index key of the sequence's block `i` (its parent's key, its tokens, the adapter's
+        fingerprint), and the block's tokens."""
+        tokens = tuple(seq.tokens[i * self.block_size:(i + 1) * self.block_size])
+        return hash((parent, tokens, seq.params.adapter_fingerprint)), tokens
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished, was preempted or its caches were lost: its blocks go back, tail first."""
