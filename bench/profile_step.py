@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from qwen_relay.shards import model as model_module
+from qwen_relay.shards import runner as runner_module
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.hub import model_dir
 from qwen_relay.shards.loader import load_config
@@ -63,7 +63,7 @@ def label_function(owner: object, attr: str, label: str) -> None:
     object.__setattr__(owner, attr, labelled)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--layers", type=int, default=0, help="layers 0..N-1 and the head (0: all)")
@@ -73,27 +73,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--decode", default="auto", help="the runner's decode step (auto, dynamic, static)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     layers = args.layers or load_config(model_dir(args.model)).num_hidden_layers
-    runner = SliceRunner(SliceSpec(model=args.model, first=0, end=layers, dtype=args.dtype, device="cpu",
-                                   max_slots=max(4, args.rows), max_len=args.prompt + 2 * args.steps + 8,
-                                   threads=args.threads, decode=args.decode))
+    max_len = args.prompt + 2 * args.steps + 8
+    spec = SliceSpec(model=args.model, first=0, end=layers, dtype=args.dtype, device="cpu",
+                     max_slots=max(4, args.rows), max_len=max_len, num_blocks=max(4, args.rows) * (max_len // 16 + 2),
+                     threads=args.threads, decode=args.decode)
+    runner = SliceRunner(spec)
+    runner.reset()  # as the gateway does at start-up: the cache accepts steps
     label_modules(runner.slice)
     label_function(runner.slice, "attend", "attention")
     label_function(runner.slice, "rotary_emb", "rotary")
     label_function(runner.slice.family, "apply_rotary", "rotary")
     label_function(runner.cache, "write", "kv cache")
     label_function(runner.cache, "gather", "kv cache")
-    label_function(runner.cache, "read", "kv cache")
-    label_function(model_module, "greedy", "sampler")
+    label_function(runner_module, "sample", "sampler")
     slots, sampling = list(range(args.rows)), [SamplingParams()] * args.rows
-    tokens = runner.step(StepBatch(slots, [0] * args.rows, [[5] * args.prompt for _ in slots], sampling))
+    per_row = -(-spec.max_len // spec.block_size)  # each row its own run of blocks
+    blocks = [list(range(row * per_row, (row + 1) * per_row)) for row in slots]
+
+    def batch(position: int, token_ids: list[list[int]]) -> StepBatch:
+        used = -(-(position + len(token_ids[0])) // spec.block_size)
+        return StepBatch(slots, [position] * args.rows, token_ids, [b[:used] for b in blocks], sampling)
+
+    tokens = runner.step(batch(0, [[5] * args.prompt for _ in slots]))
     position = args.prompt
 
     def step() -> None:
         nonlocal tokens, position
         with record_function(STEP):
-            tokens = runner.step(StepBatch(slots, [position] * args.rows, [[t] for t in tokens], sampling))
+            tokens = runner.step(batch(position, [[t] for t in tokens]))
         position += 1
 
     step()  # warm: oneDNN builds its kernels for the shapes

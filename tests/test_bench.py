@@ -561,3 +561,15 @@ def test_decode_timing_runs_first_and_later_slices_on_a_warmed_up_runner(tiny_mo
         assert timed.ms > 0 and timed.first_s > 0
         # The timer can be called again (decode_step times several batch sizes on one runner).
         assert time_decode(runner, rows=4, steps=2, prompt=8).ms > 0
+
+
+def test_profile_step_prints_each_share(tiny_model, capsys):
+    """bench/profile_step.py drives a real runner through its block tables; every label it prints is a share."""
+    from qwen_relay.bench import profile_step
+
+    profile_step.main(["--model", str(tiny_model), "--rows", "3", "--prompt", "20", "--steps", "2", "--threads", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "3 row(s)" in lines[0]
+    shares = {line[:13].strip(): float(line[13:].strip().rstrip("%")) for line in lines[1:]}
+    assert {"linear", "attention", "kv cache", "sampler", "other"} <= set(shares)
+    assert shares["linear"] > 0 and shares["attention"] > 0 and shares["sampler"] > 0
