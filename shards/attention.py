@@ -3,7 +3,8 @@
 Qwen shares each KV head among G query heads (GQA). Two ways to hand that to `scaled_dot_product_attention`:
 
 - `expanded`: queries [B, H, T, D] against keys [B, Hkv, L, D] with `enable_gqa=True`. The CPU kernel takes
-  the mask as is (the folded layout measured no faster at the 0.5B shape, docs/benchmarks.md); on CUDA the fused kernels
+  the mask as is; in fp32 it is as fast as the folded layout at the 0.5B shape (docs/benchmarks.md), but in bf16
+  it is 5-17x slower at decode (B x H one-row tasks that each convert their K/V block). On CUDA the fused kernels
   that accept a mask do not all accept `enable_gqa`, and the math fallback repeats K/V per head in fp32.
 - `folded`: the G query heads of a KV head become G x T query rows of that head, [B, Hkv, G*T, D], and the mask
   is repeated over them (a stride-0 view at decode, T = 1). It is plain multi-head attention with Hkv heads, so
@@ -65,13 +66,17 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
 
 def choose_attention(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
                      head_dim: int) -> AttentionChoice:
-    """CPU: `expanded` (the fastest measured there). CUDA: `folded` when a fused kernel takes it, else
-    `expanded`. Logged once, with the backend PyTorch will dispatch a decode step to."""
+    """CPU: `expanded` in fp32 (the layout `generate()` computes, as fast there), `folded` in bf16/fp16 (5-17x
+    faster at decode). CUDA: `folded` when a fused kernel takes it, else `expanded`. Logged once, with the backend
+    PyTorch will dispatch a decode step to."""
     q = torch.zeros(2, heads, 1, head_dim, dtype=dtype, device=device)
     k = torch.zeros(2, kv_heads, 64, head_dim, dtype=dtype, device=device)
     mask = torch.ones(2, 1, 1, 64, dtype=torch.bool, device=device)
     name, attend, backend = "expanded", expanded, sdpa_backend(q, k, k, mask, gqa=True)
-    if device.type == "cuda":
+    if device.type == "cpu" and dtype != torch.float32:
+        fq, fmask = fold(q, k, mask)
+        name, attend, backend = "folded", folded, sdpa_backend(fq, k, k, fmask, gqa=False)
+    elif device.type == "cuda":
         fq, fmask = fold(q, k, mask)
         folded_backend = sdpa_backend(fq, k, k, fmask, gqa=False)
         if folded_backend != SDPBackend.MATH.name or backend == SDPBackend.MATH.name:
