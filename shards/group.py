@@ -3,14 +3,19 @@ as one stage, with `SliceRunner`'s interface (a Ray `SliceActor` or `LocalPipeli
 
 Rank 0 runs in the caller's process; ranks 1 .. N-1 are child processes (`python -m qwen_relay.shards.group`,
 not multiprocessing's spawn, which would re-run a Ray worker's main module), each with its own `SliceRunner`
-holding its share of the layers (shards/tensor_parallel.py). They meet in a shared-memory buffer for the
-all-reduces (shards/allreduce.py) and hear each call from rank 0 over a Unix socket pair. Every rank runs every
-call; only rank 0's result leaves the group (all ranks hold the same hidden states and sample the same tokens).
+holding its share of the layers (shards/tensor_parallel.py). They meet for the all-reduces in a shared-memory
+buffer on a CPU (shards/allreduce.py) or a torch.distributed process group, NCCL between GPUs
+(shards/collectives.py; rank r on the r-th GPU the host process sees), and hear each call from rank 0 over a
+Unix socket pair. Every rank runs every call; only rank 0's result leaves the group (all ranks hold the same
+hidden states and sample the same tokens).
 
 A group lives and dies whole: a rank that dies (or a call that fails on one rank and not the others) raises
 `GroupBroken` in rank 0, which stops the other ranks; the group's host then builds a new group (the Ray actor
 exits and Ray restarts it; `LocalPipeline` rebuilds it in its recovery), whose caches stay shut until the
-gateway replays every sequence into them. A child whose rank 0 is gone sees its socket close and exits.
+gateway replays every sequence into them. A child whose rank 0 is gone sees its socket close and exits, or, if
+it is waiting in a collective that will never complete (NCCL), notices that its parent changed and exits. Over
+NCCL, which cannot see a dead peer, rank 0's host watches its children while the group lives and aborts the
+process group when one dies, which ends the collective rank 0 waits in.
 """
 
 from __future__ import annotations
@@ -18,16 +23,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
 
-from .allreduce import GroupBroken, ShmCollectives, channel_path
+from .allreduce import WAKE_S, GroupBroken, ShmCollectives, channel_path
 from .batch import StepBatch
+from .collectives import Collectives, TorchCollectives, choose_collective, rank_devices
 from .runner import SliceRunner, SliceSpec
 from .stats import SliceStats
 from .tensor_parallel import Shard
@@ -35,6 +45,7 @@ from .tensor_parallel import Shard
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0
+PARENT_WAKE_S = 0.5  # a child rank's checks that its rank 0 still lives
 
 
 @dataclass(frozen=True)
@@ -60,16 +71,24 @@ class GroupRunner:
 
     def __init__(self, spec: SliceSpec) -> None:
         world = spec.tensor_parallel
-        if spec.device.startswith("cuda") or (spec.device == "auto" and torch.cuda.is_available()):
-            raise ValueError("--tensor-parallel runs CPU ranks only: GPU ranks need NCCL collectives, not written yet")
+        devices = rank_devices(spec.device, world, torch.cuda.device_count())  # refuses too few GPUs
+        kind = choose_collective(spec.collective, devices[0])
         if spec.threads == 0:  # the ranks run at once: the host's cores shared out, no OpenMP pool oversubscribed
             spec = dataclasses.replace(spec, threads=max(1, (os.cpu_count() or 1) // world))
         self.spec = spec
         self.broken = False
-        path = channel_path()
-        comm = ShmCollectives(path, 0, world, create=True)
         self._children: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
+        self._rendezvous: str | None = None  # the torch collectives' private store folder
+        self._closed = threading.Event()
+        self._comm: Collectives | None = None
+        shm = None
+        if kind == "shm":
+            path = channel_path()
+            shm = ShmCollectives(path, 0, world, create=True)
+        else:
+            self._rendezvous = tempfile.mkdtemp(prefix="qwen-relay-tp-")  # mode 0700: this user's alone
+            path = os.path.join(self._rendezvous, "store")
         try:
             for rank in range(1, world):
                 # A socket pair per child, its end inherited as a file descriptor: private to the two processes,
@@ -82,7 +101,12 @@ class GroupRunner:
                 conn = Connection(mine.detach())
                 conn.send(spec)
                 self._conns.append(conn)
-            self.runner = SliceRunner(spec, Shard(0, world), comm)  # loads while the children load
+            comm = self._comm = shm or TorchCollectives(path, 0, world, torch.device(devices[0]),
+                                                        peers_alive=self._check_children)
+            if kind == "torch":  # NCCL cannot see a dead peer: this thread aborts the group for it
+                threading.Thread(target=self._watch, args=(comm,), daemon=True, name="tp-group-watch").start()
+            # Rank 0 loads while the children load.
+            self.runner = SliceRunner(dataclasses.replace(spec, device=devices[0]), Shard(0, world), comm)
             for rank, conn in enumerate(self._conns, start=1):
                 if not conn.poll(START_TIMEOUT_S):
                     raise GroupBroken(f"tensor-parallel rank {rank} did not load within {START_TIMEOUT_S:g} s")
@@ -93,16 +117,42 @@ class GroupRunner:
             self.close()
             raise
         finally:
-            comm.unlink()  # every rank has mapped it (or never will): nothing is left in /dev/shm
-        log.info("layers %d-%d: tensor-parallel group of %d ranks (pids %s)", spec.first, spec.end - 1, world,
+            if shm is not None:
+                shm.unlink()  # every rank has mapped it (or never will): nothing is left in /dev/shm
+        log.info("layers %d-%d: tensor-parallel group of %d ranks on %s over %s (pids %s)", spec.first,
+                 spec.end - 1, world, ", ".join(dict.fromkeys(devices)),
+                 "shared memory" if kind == "shm" else comm.backend,
                  ", ".join(str(p) for p in [os.getpid(), *(c.pid for c in self._children)]))
+
+    def _check_children(self) -> None:
+        """Raise `GroupBroken` for a child rank that has exited (with what it said, if it said why)."""
+        for rank, (child, conn) in enumerate(zip(self._children, self._conns, strict=True), start=1):
+            if child.poll() is not None:
+                said = ""
+                try:
+                    if conn.poll(0):
+                        said = f": {conn.recv()}"
+                except (EOFError, OSError):
+                    pass
+                raise GroupBroken(f"tensor-parallel rank {rank} exited with status {child.returncode}{said}")
+
+    def _watch(self, comm: TorchCollectives) -> None:
+        """While the group lives: abort its collectives as soon as a child rank dies, so rank 0, which may be
+        waiting in one (NCCL waits on the GPU forever), gets out; the step then fails on the dead child's
+        closed socket and the group is broken."""
+        while not self._closed.wait(WAKE_S):
+            dead = [rank for rank, child in enumerate(self._children, start=1) if child.poll() is not None]
+            if dead:
+                log.warning("tensor-parallel rank(s) %s died: aborting the group's collectives", dead)
+                comm.abort()
+                return
 
     @property
     def slice(self):
         return self.runner.slice
 
     @property
-    def collectives(self) -> ShmCollectives:
+    def collectives(self) -> Collectives:
         return self.runner.collectives
 
     def _answer(self, rank: int, conn: Connection) -> str | None:
@@ -177,7 +227,8 @@ class GroupRunner:
         return dataclasses.replace(mine, weight_bytes=mine.weight_bytes * world, cache_bytes=mine.cache_bytes * world)
 
     def close(self) -> None:
-        """Stop the other ranks (closing their sockets ends them) and wait for them."""
+        """Stop the other ranks (closing their sockets ends them), wait for them, release the process group."""
+        self._closed.set()
         for conn in self._conns:
             conn.close()
         for child in self._children:
@@ -187,15 +238,42 @@ class GroupRunner:
                 child.kill()
                 child.wait()
         self._conns, self._children = [], []
+        if isinstance(self._comm, TorchCollectives):
+            self._comm.close()
+        if self._rendezvous is not None:
+            shutil.rmtree(self._rendezvous, ignore_errors=True)
+            self._rendezvous = None
+
+
+def _exit_with(parent: int) -> None:
+    """End this child rank once its rank 0's process is gone, even while the main thread waits in a collective
+    that will never complete (NCCL's wait on the GPU)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_WAKE_S)
+    log.warning("tensor-parallel rank 0 (pid %d) is gone: exiting", parent)
+    os._exit(1)
 
 
 def serve_rank(fd: int, rank: int, path: str) -> None:
     """A child rank: load its share, answer "ready", then run each call rank 0 sends until its socket closes."""
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="tp-parent-watch").start()
     conn = Connection(fd)
     spec: SliceSpec = conn.recv()
+    world = spec.tensor_parallel
+
+    def parent_alive() -> None:
+        if os.getppid() != parent:
+            raise GroupBroken(f"tensor-parallel rank {rank}: rank 0 (pid {parent}) is gone")
+
     try:
-        runner = SliceRunner(spec, Shard(rank, spec.tensor_parallel),
-                             ShmCollectives(path, rank, spec.tensor_parallel))
+        device = rank_devices(spec.device, world, torch.cuda.device_count())[rank]
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # NCCL and the caching allocator: this rank's GPU, never GPU 0
+        comm: Collectives = (
+            ShmCollectives(path, rank, world) if choose_collective(spec.collective, device) == "shm"
+            else TorchCollectives(path, rank, world, torch.device(device), peers_alive=parent_alive))
+        runner = SliceRunner(dataclasses.replace(spec, device=device), Shard(rank, world), comm)
     except Exception as e:  # noqa: BLE001 - reported to rank 0, which fails the group's start
         conn.send(f"{type(e).__name__}: {e}")
         return

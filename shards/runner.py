@@ -27,8 +27,8 @@ from functools import partial
 import torch
 
 from .adapters import SliceAdapters
-from .allreduce import ShmCollectives
 from .batch import SamplingParams, StepBatch
+from .collectives import Collectives
 from .dtypes import resolve_dtype, stored_dtype
 from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
@@ -61,6 +61,9 @@ class SliceSpec:
     prepack: bool = True  # CPU fp32 or bf16: linear weights in oneDNN's layout (shards/packed.py)
     decode: str = "auto"  # the decode step: auto, dynamic, static or compiled (module docstring)
     tensor_parallel: int = 1  # ranks sharing each layer (shards/tensor_parallel.py, shards/group.py)
+    # How those ranks meet: auto (shared memory on a CPU, torch.distributed NCCL on GPUs), shm, or torch (gloo on
+    # a CPU: how the tests run the GPU ranks' code path). Not a serve flag (shards/collectives.py).
+    collective: str = "auto"
 
 
 def peak_rss_bytes() -> int:
@@ -77,7 +80,7 @@ def peak_rss_bytes() -> int:
 class SliceRunner:
     """`shard` and `collectives`: this runner is one rank of a tensor-parallel group (shards/group.py)."""
 
-    def __init__(self, spec: SliceSpec, shard: Shard = WHOLE, collectives: ShmCollectives | None = None) -> None:
+    def __init__(self, spec: SliceSpec, shard: Shard = WHOLE, collectives: Collectives | None = None) -> None:
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         if spec.device == "auto":

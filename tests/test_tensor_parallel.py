@@ -1,6 +1,7 @@
-"""Tensor-parallel slices against whole ones, in one process: N ranks run as threads over the real shared-memory
-collectives (shards/allreduce.py), so the split of every layer, the all-reduces and the vocabulary gather are
-checked without starting a process.
+"""Tensor-parallel slices against whole ones, in one process: N ranks run as threads over the real collectives
+(the shared-memory buffer, shards/allreduce.py, and torch.distributed's gloo, shards/collectives.py: the code
+GPU ranks run over NCCL), so the split of every layer, the all-reduces and the vocabulary gather are checked
+without starting a process.
 
 The contract (docs/design.md, "Tensor parallelism"): the same greedy tokens as the whole slice (itself
 `generate()`, tests/test_parity.py) on the test checkpoints at TP 2 and TP 4 (KV heads replicated), and
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +24,7 @@ import torch
 
 from qwen_relay.shards.allreduce import GroupBroken, ShmCollectives, channel_path
 from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.collectives import TorchCollectives, choose_collective, rank_devices
 from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.model import StepMetadata
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
@@ -31,9 +36,18 @@ MAX_NEW = 10
 BLOCK = 4
 
 
-def _spec(model: Path, first: int, end: int, world: int, decode: str = "static") -> SliceSpec:
+def _spec(model: Path, first: int, end: int, world: int, decode: str = "static", collective: str = "auto") -> SliceSpec:
     return SliceSpec(model=str(model), first=first, end=end, device="cpu", max_slots=4, max_len=64, num_blocks=32,
-                     block_size=BLOCK, decode=decode, tensor_parallel=world, threads=1)
+                     block_size=BLOCK, decode=decode, tensor_parallel=world, threads=1, collective=collective)
+
+
+def torch_collectives(world: int, timeout: float = 20) -> list[TorchCollectives]:
+    """Every rank's gloo collectives, formed at once from threads of this process (forming one waits for all)."""
+    store = os.path.join(tempfile.mkdtemp(prefix="qwen-relay-tp-test-"), "store")
+    with ThreadPoolExecutor(world) as pool:
+        futures = [pool.submit(TorchCollectives, store, r, world, torch.device("cpu"), timeout=timeout)
+                   for r in range(world)]
+        return [f.result(timeout=120) for f in futures]
 
 
 class ThreadGroup:
@@ -41,10 +55,13 @@ class ThreadGroup:
 
     def __init__(self, spec: SliceSpec) -> None:
         world = spec.tensor_parallel
-        path = channel_path()
-        self.comms = [ShmCollectives(path, 0, world, create=True, timeout=20)]
-        self.comms += [ShmCollectives(path, r, world, timeout=20) for r in range(1, world)]
-        self.comms[0].unlink()
+        if choose_collective(spec.collective, spec.device) == "torch":
+            self.comms = torch_collectives(world)
+        else:
+            path = channel_path()
+            self.comms = [ShmCollectives(path, 0, world, create=True, timeout=20)]
+            self.comms += [ShmCollectives(path, r, world, timeout=20) for r in range(1, world)]
+            self.comms[0].unlink()
         self.pool = ThreadPoolExecutor(world)
         # One after another: loading patches torch's parameter registration process-wide (init_empty_weights).
         self.runners = [SliceRunner(spec, Shard(r, world), self.comms[r]) for r in range(world)]
@@ -101,9 +118,10 @@ def whole(tiny_model) -> SliceRunner:
     return runner
 
 
+@pytest.mark.parametrize("collective", ["shm", "torch"])  # torch: gloo here, the code GPU ranks run over NCCL
 @pytest.mark.parametrize("world", [2, 4])  # the tiny model's 2 KV heads: split at 2, replicated at 4
-def test_logits_within_tolerance(tiny_model, whole, world):
-    group = ThreadGroup(_spec(tiny_model, 0, 5, world))
+def test_logits_within_tolerance(tiny_model, whole, world, collective):
+    group = ThreadGroup(_spec(tiny_model, 0, 5, world, collective=collective))
     batch = StepBatch([0, 1], [0, 0], PROMPTS[:2], _tables([7, 2]), [SamplingParams()] * 2)
 
     def logits(runner: SliceRunner) -> torch.Tensor:
@@ -121,11 +139,13 @@ def test_logits_within_tolerance(tiny_model, whole, world):
     assert torch.equal(got[0].argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("collective", ["shm", "torch"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_same_greedy_tokens(tiny_model, whole, reference, world):
+def test_same_greedy_tokens(tiny_model, whole, reference, world, collective):
     expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
     assert greedy([whole], PROMPTS, MAX_NEW) == expected
-    group = ThreadGroup(_spec(tiny_model, 0, 5, world))
+    group = ThreadGroup(_spec(tiny_model, 0, 5, world, collective=collective))
+    assert type(group.comms[0]) is (TorchCollectives if collective == "torch" else ShmCollectives)
     assert greedy([group], PROMPTS, MAX_NEW) == expected
     assert group.runners[0].collectives.count > 0
 
@@ -190,6 +210,45 @@ def test_dead_rank_breaks_the_collective():
         comm.all_reduce(torch.ones(4))
 
 
+def test_torch_collectives_results_and_a_silent_rank():
+    """gloo's sums and gathers are the shared-memory buffer's; a rank that never joins a collective breaks it
+    within the timeout; an aborted group refuses every later collective."""
+    comms = torch_collectives(2, timeout=1)
+    with ThreadPoolExecutor(2) as pool:
+        sums = list(pool.map(lambda c: c.all_reduce(torch.full((2, 3), c.rank + 1.0)), comms))
+        gathered = list(pool.map(lambda c: c.all_gather(torch.full((2, 3), float(c.rank))), comms))
+    assert all(torch.equal(s, torch.full((2, 3), 3.0)) for s in sums)
+    want = torch.cat([torch.zeros(2, 3), torch.ones(2, 3)], dim=-1)
+    assert all(torch.equal(g, want) for g in gathered)
+    start = time.monotonic()
+    with pytest.raises(GroupBroken, match="all-reduce failed"):
+        comms[0].all_reduce(torch.ones(4))  # rank 1 never comes
+    assert time.monotonic() - start < 15
+    comms[0].abort()
+    with pytest.raises(GroupBroken, match="aborted"):
+        comms[0].all_reduce(torch.ones(4))
+    for comm in comms:
+        comm.close()
+
+
+def test_rank_devices_and_collective_choice():
+    assert rank_devices("cpu", 2, 0) == ["cpu", "cpu"]
+    assert rank_devices("auto", 2, 0) == ["cpu", "cpu"]
+    assert rank_devices("auto", 4, 8) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]  # rank r: the r-th GPU
+    assert rank_devices("cuda:4", 2, 8) == ["cuda:4", "cuda:5"]
+    with pytest.raises(ValueError, match="--tensor-parallel 4 needs 4 GPUs .* sees 2"):
+        rank_devices("cuda", 4, 2)
+    with pytest.raises(ValueError, match="sees 8"):
+        rank_devices("cuda:6", 4, 8)
+    assert choose_collective("auto", "cpu") == "shm"  # the faster one on a CPU
+    assert choose_collective("auto", "cuda:1") == "torch"
+    assert choose_collective("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        choose_collective("shm", "cuda:0")
+    with pytest.raises(ValueError, match="choose one of"):
+        choose_collective("nccl", "cpu")
+
+
 @pytest.mark.slow  # rank processes of their own
 def test_process_group(tiny_model, reference, tmp_path):
     """Ranks in processes of their own (shards/group.py): the same tokens; a rank that dies breaks the group,
@@ -217,6 +276,51 @@ def test_process_group(tiny_model, reference, tmp_path):
     try:
         group.reset()
         assert greedy([group], PROMPTS, MAX_NEW) == expected
+    finally:
+        group.close()
+
+
+@pytest.mark.slow  # rank processes of their own
+def test_process_group_over_torch_distributed(tiny_model, reference):
+    """`collective="torch"` (gloo: the code path GPU ranks take over NCCL) in rank processes: the same tokens as
+    TP 1; a killed rank breaks the group in bounded time (well inside the collectives' 60 s timeout), the
+    group's watch aborts its collectives, and the private rendezvous folder goes with the group."""
+    from qwen_relay.shards.group import GroupRunner
+
+    group = GroupRunner(_spec(tiny_model, 0, 5, 2, collective="torch"))
+    rendezvous = group._rendezvous
+    try:
+        assert isinstance(group.collectives, TorchCollectives) and group.collectives.backend == "gloo"
+        assert os.path.isdir(rendezvous) and (os.stat(rendezvous).st_mode & 0o077) == 0
+        group.reset()
+        expected = [reference(tiny_model, p, MAX_NEW) for p in PROMPTS]
+        assert greedy([group], PROMPTS, MAX_NEW) == expected
+        group._children[0].kill()
+        start = time.monotonic()
+        with pytest.raises(GroupBroken):
+            greedy([group], PROMPTS[:1], 2)
+        assert time.monotonic() - start < 15
+        assert group.broken
+        assert group.collectives.aborted  # the watch saw the child die
+    finally:
+        group.close()
+    assert not os.path.exists(rendezvous)
+
+
+@pytest.mark.slow  # rank processes of their own
+def test_rank_dying_inside_a_collective(tiny_model):
+    """A child rank killed while rank 0 waits for it inside an all-reduce: rank 0 gets out with GroupBroken in
+    bounded time (gloo sees the connection close; over NCCL the group's watch aborts the collective)."""
+    from qwen_relay.shards.group import GroupRunner
+
+    group = GroupRunner(_spec(tiny_model, 0, 5, 2, collective="torch"))
+    try:
+        child = group._children[0]
+        threading.Timer(1.0, child.kill).start()
+        start = time.monotonic()
+        with pytest.raises(GroupBroken):
+            group.collectives.all_reduce(torch.ones(4))  # rank 0 alone: rank 1 waits for calls, never comes
+        assert 0.5 < time.monotonic() - start < 15
     finally:
         group.close()
 
