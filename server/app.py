@@ -38,7 +38,7 @@ from .kv_capacity import has_recurrent_layers, kv_capacity
 from .layout import balanced_split, describe, model_costs, parse_layers
 from .metrics import Metrics, RequestMetricsInterceptor
 from .pipeline import LocalPipeline, Pipeline
-from .placement import check_fits_node, local_cpu_share
+from .placement import check_fits_node, local_cpu_share, slice_bundle
 from .security import BearerTokenInterceptor, server_credentials, warn_if_exposed
 from .servicer import ModelMeta, TextGenerationServicer
 from .validation import MAX_MESSAGE_BYTES, Limits
@@ -69,7 +69,7 @@ class ServeOptions:
     layers: str | None = None  # "0-15,16-31"; overrides shards
     tensor_parallel: int = 1  # ranks per slice, each holding 1/N of every layer (shards/tensor_parallel.py)
     dtype: str = "auto"
-    device: str = "auto"  # auto: one GPU per slice when the cluster has enough, else CPU
+    device: str = "auto"  # auto: a GPU per slice (per rank under tensor_parallel) when the cluster has enough, else CPU
     host: str = "127.0.0.1"
     port: int = 50051
     ray_address: str | None = None
@@ -227,12 +227,10 @@ class Relay:
             if not ray.is_initialized():
                 ray.init(address=self.local_ray.address if self.local_ray else opts.ray_address,
                          log_to_driver=True)
-            use_gpu = opts.device == "cuda" or (
-                opts.device == "auto" and ray.cluster_resources().get("GPU", 0) >= len(self.ranges))
+            # A slice reserves a GPU per tensor-parallel rank (server/placement.py, `slice_bundle`).
+            use_gpu = opts.device == "cuda" or (opts.device == "auto" and ray.cluster_resources().get("GPU", 0)
+                                                >= len(self.ranges) * opts.tensor_parallel)
         device = "cuda" if use_gpu else ("cpu" if opts.use_ray else opts.device)
-        if use_gpu and opts.tensor_parallel > 1:
-            raise ValueError("--tensor-parallel runs CPU ranks only: GPU ranks need NCCL collectives, not written "
-                             "yet (docs/design.md, \"Tensor parallelism\")")
         if self._shares_cores(use_gpu):
             log.info("slices share this machine's cores: %d torch thread(s) each, %d step(s) in flight",
                      self._threads(use_gpu), min(self._in_flight(use_gpu) or len(self.ranges), len(self.ranges)))
@@ -302,7 +300,7 @@ class Relay:
         if self.local_ray is None:
             return float(opts.tensor_parallel) if opts.cpus_per_slice is None else opts.cpus_per_slice
         cpus = local_slice_cpus(opts, cluster.get("CPU", 0), count)
-        bundle = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
+        bundle = slice_bundle(cpus, use_gpu, opts.tensor_parallel)
         check_fits_node([bundle] * count, opts.placement_strategy, cluster)
         return cpus
 

@@ -52,12 +52,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of contiguous layer slices, sized to even out their cost (LM head included)")
     parser.add_argument("--layers", help="explicit inclusive ranges in order, e.g. 0-15,16-31")
     parser.add_argument("--tensor-parallel", type=bounded(int, 1), default=1, metavar="N",
-                        help="ranks per slice, each holding 1/N of every layer's heads and MLP width (CPU ranks on "
-                             "one node; default 1)")
+                        help="ranks per slice, each holding 1/N of every layer's heads and MLP width, all on one "
+                             "node: N GPUs per slice (NCCL), or CPU processes (shared memory); default 1")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="auto: bfloat16 on GPU; on CPU the checkpoint's bfloat16 or float32 (float16: float32)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="auto: one GPU per slice when the cluster has enough GPUs, else CPU")
+                        help="auto: one GPU per slice (per rank with --tensor-parallel) when the cluster has enough "
+                             "GPUs, else CPU")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     parser.add_argument("--port", type=bounded(int, 0, 65535), default=50051)
     parser.add_argument("--ray-address", help="an existing Ray cluster (e.g. auto); default: start local Ray")

@@ -21,6 +21,13 @@ def local_cpu_share(node_cpus: float, slices: int) -> float:
     return min(1.0, math.floor(node_cpus / slices * 1000) / 1000)
 
 
+def slice_bundle(cpus: float, use_gpu: bool, tensor_parallel: int = 1) -> dict[str, float]:
+    """What one slice reserves: CPUs, and on GPUs one per tensor-parallel rank. One bundle, one actor: a group's
+    ranks (the actor and its child processes) are on one node by construction, a STRICT_PACK per group, while the
+    placement group's strategy spreads the slices over nodes."""
+    return {"CPU": cpus, "GPU": tensor_parallel} if use_gpu else {"CPU": cpus}
+
+
 def check_fits_node(bundles: list[dict[str, float]], strategy: str, node: dict[str, float]) -> None:
     """Refuse at once what one local node can never hold (the node cannot grow)."""
     if strategy == "STRICT_SPREAD" and len(bundles) > 1:
@@ -31,7 +38,8 @@ def check_fits_node(bundles: list[dict[str, float]], strategy: str, node: dict[s
         need = sum(b.get(resource, 0) for b in bundles)
         have = node.get(resource, 0)
         if need > have + 1e-9:
-            flag = "--cpus-per-slice" if resource == "CPU" else "--device cpu, --shards" if resource == "GPU" \
+            flag = "--cpus-per-slice" if resource == "CPU" else "--device cpu, --shards, --tensor-parallel" \
+                if resource == "GPU" \
                 else "the slice resources"
             raise PlacementError(
                 f"{len(bundles)} slices need {need:g} {resource} in all ({bundles[0].get(resource, 0):g} each) "

@@ -23,6 +23,7 @@ from qwen_relay.shards.runner import SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
 from .pipeline import SLICE_ENV, AdapterSource, PipelineAdapters, Recovery, SliceLost
+from .placement import slice_bundle
 from .transport import SLICE_DIED, Transport, build_transport
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ def _cause(error: BaseException) -> BaseException:
 
 
 class RayPipeline:
-    """One `SliceActor` per slice, each in its own placement-group bundle (one GPU each where GPUs exist).
+    """One `SliceActor` per slice, each in its own placement-group bundle (where GPUs exist, one GPU per
+    tensor-parallel rank: the group's ranks share the actor's node).
 
     Ray restarts a dead actor, re-placing it on a surviving node if its node is gone; calls are never retried
     by Ray. A failed step surfaces as `SliceLost` and the engine decides what to do. `transport`: "auto" (a
@@ -85,7 +87,7 @@ class RayPipeline:
         Both waits are bounded and logged (ray_common/placement.py); cancelling them (a signal during the load)
         releases the actors and the placement group before the cancellation goes on.
         """
-        bundle = {"CPU": cpus_per_slice, "GPU": 1} if use_gpu else {"CPU": cpus_per_slice}
+        bundle = slice_bundle(cpus_per_slice, use_gpu, specs[0].tensor_parallel)  # a GPU per rank
         what = f"{len(specs)} slices of {describe_resources(bundle)} ({strategy})"
         group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         actors: list = []
@@ -95,7 +97,7 @@ class RayPipeline:
             actors = [
                 SliceActor.options(
                     num_cpus=cpus_per_slice,
-                    num_gpus=1 if use_gpu else 0,
+                    num_gpus=bundle.get("GPU", 0),  # rank r of its group on the r-th of them
                     max_restarts=max_restarts,
                     max_task_retries=0,
                     runtime_env={"env_vars": SLICE_ENV},

@@ -4,8 +4,9 @@ Hidden states arrive as Ray object refs from the previous slice's actor (Ray res
 argument by fetching it straight from the producer), so activations never travel through the gateway.
 Ray restarts a dead actor (the pipeline sets `max_restarts`); the new one rebuilds its slice from the
 checkpoint with an empty cache, and the gateway replays what was lost. A tensor-parallel slice is a group of
-rank processes behind this one actor (shards/group.py): one Ray bundle, so its ranks share a node; a rank that
-dies makes the actor exit, and the restarted actor forms a new group. Steps are never retried by Ray
+rank processes behind this one actor (shards/group.py): one Ray bundle (on GPUs, N GPUs, rank r on the r-th the
+actor sees), so its ranks share a node; a rank that dies makes the actor exit, and the restarted actor forms a
+new group. Steps are never retried by Ray
 (`max_task_retries=0`): a step applied twice would corrupt a cache.
 """
 

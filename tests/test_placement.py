@@ -13,7 +13,7 @@ import pytest
 from qwen_relay.ray_common import local_ray, placement
 from qwen_relay.ray_common.local_ray import free_port, local_ray_auth_env
 from qwen_relay.ray_common.placement import PlacementError, wait_placed
-from qwen_relay.server.placement import check_fits_node, local_cpu_share
+from qwen_relay.server.placement import check_fits_node, local_cpu_share, slice_bundle
 
 NODE = {"CPU": 2.0, "memory": 1e10, "object_store_memory": 1e9, "node:127.0.0.1": 1.0}
 
@@ -40,6 +40,16 @@ def test_too_much_cpu_is_refused_naming_need_have_and_flag():
 def test_missing_gpus_are_refused_naming_the_flags():
     with pytest.raises(PlacementError, match=r"need 2 GPU.*has 0 GPU.*--device cpu"):
         check_fits_node([{"CPU": 0.5, "GPU": 1}] * 2, "PACK", NODE)
+
+
+def test_a_tensor_parallel_gpu_slice_reserves_a_gpu_per_rank():
+    """TP 4 x PP 2 fits one 8-GPU node; a third slice, or TP 8 x PP 2, does not, and the flag is named."""
+    assert slice_bundle(1.0, True, 4) == {"CPU": 1.0, "GPU": 4}
+    assert slice_bundle(1.0, False, 4) == {"CPU": 1.0}  # CPU ranks: the CPUs are the slice's to share out
+    node = {**NODE, "CPU": 16.0, "GPU": 8.0}
+    check_fits_node([slice_bundle(1.0, True, 4)] * 2, "PACK", node)  # does not raise
+    with pytest.raises(PlacementError, match=r"need 16 GPU in all \(8 each\).*has 8 GPU.*--tensor-parallel"):
+        check_fits_node([slice_bundle(1.0, True, 8)] * 2, "PACK", node)
 
 
 def test_strict_spread_cannot_fit_one_node():
