@@ -22,10 +22,15 @@ peer that hangs alive); NCCL sees nothing and would wait in the GPU kernel, so t
 rank processes and calls `abort()` (ncclCommAbort), which ends the pending collectives (shards/group.py).
 Either way the error surfaces as `GroupBroken`. NCCL's own watchdog enforces the timeout for a peer that hangs
 alive (by default it ends the process: on Ray the actor restarts).
+
+`traceable` wraps either implementation as custom operators (`qwen_relay::all_reduce`, `qwen_relay::all_gather`)
+that `torch.compile` keeps opaque, so a tensor-parallel rank's compiled decode step traces whole with the
+collectives inside it (shards/runner.py); on CUDA the NCCL collective is captured into the step's CUDA graph.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -166,5 +171,53 @@ class TorchCollectives:
 
     def close(self) -> None:
         """Release the process group (its connections, NCCL's communicator)."""
+        untrace(self)
         if not self.aborted:
             self.abort()
+
+
+# Custom operators over the collectives, so `torch.compile` traces a tensor-parallel decode step whole: the
+# graph calls the operator (opaque to inductor), which finds the rank's collectives by number.
+_TRACED: dict[int, Collectives] = {}
+_NUMBERS = itertools.count()
+
+
+@torch.library.custom_op("qwen_relay::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, group: int) -> torch.Tensor:
+    return _TRACED[group].all_reduce(x)
+
+
+@_all_reduce_op.register_fake
+def _(x: torch.Tensor, group: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qwen_relay::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, group: int) -> torch.Tensor:
+    return _TRACED[group].all_gather(x)
+
+
+@_all_gather_op.register_fake
+def _(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] * _TRACED[group].world)
+
+
+def traceable(collectives: Collectives) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+                                                 Callable[[torch.Tensor], torch.Tensor]]:
+    """`all_reduce` and `all_gather` of `collectives` as the custom operators `torch.compile` keeps whole."""
+    number = next(_NUMBERS)
+    _TRACED[number] = collectives
+
+    def all_reduce(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qwen_relay.all_reduce(x, number)
+
+    def all_gather(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qwen_relay.all_gather(x, number)
+
+    return all_reduce, all_gather
+
+
+def untrace(collectives: Collectives) -> None:
+    """Forget `collectives` in the operators' table (its group is closing)."""
+    for number in [n for n, c in _TRACED.items() if c is collectives]:
+        del _TRACED[number]

@@ -37,7 +37,7 @@ import torch
 
 from .allreduce import WAKE_S, GroupBroken, ShmCollectives, channel_path
 from .batch import StepBatch
-from .collectives import Collectives, TorchCollectives, choose_collective, rank_devices
+from .collectives import Collectives, TorchCollectives, choose_collective, rank_devices, untrace
 from .runner import SliceRunner, SliceSpec
 from .stats import SliceStats
 from .tensor_parallel import Shard
@@ -240,6 +240,8 @@ class GroupRunner:
         self._conns, self._children = [], []
         if isinstance(self._comm, TorchCollectives):
             self._comm.close()
+        elif self._comm is not None:
+            untrace(self._comm)
         if self._rendezvous is not None:
             shutil.rmtree(self._rendezvous, ignore_errors=True)
             self._rendezvous = None

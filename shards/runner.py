@@ -28,7 +28,7 @@ import torch
 
 from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
-from .collectives import Collectives
+from .collectives import Collectives, traceable
 from .dtypes import resolve_dtype, stored_dtype
 from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
@@ -95,9 +95,13 @@ class SliceRunner:
         prepack = spec.prepack and not (spec.decode == "compiled" and device.type == "cpu")
         self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, prepack, shard)
         self.shard, self.collectives = shard, collectives
+        self.decode_mode = self._decode_mode(spec.decode)
         if collectives is not None:
-            self.slice.all_reduce = collectives.all_reduce
-            self.slice.gather_vocab = gather_vocab(collectives.all_gather, self.slice.config.vocab_size)
+            # A compiled step calls them as custom operators, which it traces whole (shards/collectives.py).
+            reduce, gather = (traceable(collectives) if self.decode_mode == "compiled"
+                              else (collectives.all_reduce, collectives.all_gather))
+            self.slice.all_reduce = reduce
+            self.slice.gather_vocab = gather_vocab(gather, self.slice.config.vocab_size)
         config = self.slice.config
         self.cache = KVCache(
             num_layers=self.slice.num_attention_layers,
@@ -113,7 +117,6 @@ class SliceRunner:
         self.adapters = SliceAdapters(self.slice, None if shard.world == 1 else partial(
             shard_lora, config=load_config(model_dir(spec.model)), shard=shard))
         self._lock = threading.Lock()  # adapters change between steps, never during one (LocalPipeline threads)
-        self.decode_mode = self._decode_mode(spec.decode)
         self._decode = self._decode_step()
 
     @torch.inference_mode()
@@ -145,10 +148,6 @@ class SliceRunner:
         if asked not in DECODE_MODES:
             raise ValueError(f"decode {asked!r}: choose one of {', '.join(DECODE_MODES)}")
         mode = ("compiled" if self.device.type == "cuda" else CPU_DECODE) if asked == "auto" else asked
-        if mode == "compiled" and self.collectives is not None:
-            log.info("layers %d-%d: tensor-parallel rank %d: the shared-memory all-reduce cannot be traced, so "
-                     "decode steps run the eager static step", self.spec.first, self.spec.end - 1, self.shard.rank)
-            mode = "static"
         if mode != "dynamic" and not self.slice.static_decode:
             log.info("layers %d-%d (%s): decode steps take the dynamic path (no static step for this family "
                      "or layer kind)", self.spec.first, self.spec.end - 1, self.slice.family.name)

@@ -325,6 +325,30 @@ def test_rank_dying_inside_a_collective(tiny_model):
         group.close()
 
 
+@pytest.mark.slow  # rank processes of their own, and inductor's C++ compile in each (~35 s on 2 cores)
+def test_compiled_decode_on_tensor_parallel_ranks(reference, tmp_path):
+    """`decode="compiled"` on TP 2 ranks over torch.distributed (gloo: the GPU ranks' code, NCCL there): the
+    all-reduces and the vocabulary gather are custom operators that `torch.compile(fullgraph=True)` keeps inside
+    the graph (a graph break would fail the compile and fall back to the eager step, which the mode would show);
+    the greedy tokens are generate()'s. The shared-memory collective goes through the same operators. Two
+    layers: the compile's cost grows with the layers, what it proves does not."""
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+    from qwen_relay.shards.group import GroupRunner
+
+    model = build_checkpoint(tmp_path, "tiny", num_hidden_layers=2)
+    group = GroupRunner(_spec(model, 0, 2, 2, decode="compiled", collective="torch"))
+    try:
+        assert group.runner.decode_mode == "compiled"
+        group.warmup()  # compiles the first decode bucket on every rank
+        group.reset()
+        expected = [reference(model, p, MAX_NEW) for p in PROMPTS[:3]]
+        got = greedy([group], PROMPTS[:3], MAX_NEW)
+        assert group.runner.decode_mode == "compiled"  # no rank 0 fallback to the eager step
+        assert [g[: len(e)] for g, e in zip(got, expected, strict=True)] == expected
+    finally:
+        group.close()
+
+
 @pytest.mark.slow  # rank processes of their own
 def test_relay_tp2_by_pp2(relay_factory, tiny_model, reference):
     """`serve --no-ray --shards 2 --tensor-parallel 2`: the gateway's tokens are generate()'s; a rank killed
