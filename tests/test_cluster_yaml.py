@@ -8,8 +8,10 @@ checks). Everything after that in `ray up` talks to AWS, so it is out of scope h
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
 PYPROJECT = ROOT / "pyproject.toml"
 GRPC_PORT = 50051
+DEPLOY_MD = ROOT / "docs" / "deploy.md"
+# GPUs and their Ray accelerator type per EC2 instance type the config may use.
+INSTANCE_GPUS = {"g5.xlarge": (1, "A10G"), "g6.xlarge": (1, "L4"), "g5.12xlarge": (4, "A10G"),
+                 "g6.12xlarge": (4, "L4"), "g5.48xlarge": (8, "A10G"), "p4d.24xlarge": (8, "A100"),
+                 "p5.48xlarge": (8, "H100")}
 
 # `ray==X`, `ray[default]==X`, `"ray[default]==X"` inside a pip command.
 RAY_PIN = re.compile(r"(?<![\w.-])ray(?:\[[^\]]*\])?==([0-9][0-9A-Za-z.+-]*)")
@@ -86,12 +93,16 @@ def test_head_and_gpu_workers(prepared: dict[str, Any]) -> None:
     gpu_workers = _gpu_worker_types(prepared)
     assert gpu_workers, "no worker node type declares a GPU in `resources`"
     for name, node in gpu_workers.items():
-        # Declared explicitly: `ray up` cannot autodetect resources without AWS access, and the
-        # one-slice-per-GPU placement depends on exactly one GPU per worker.
-        assert node["resources"]["GPU"] == 1, f"{name}: one GPU per worker expected"
-        assert re.match(r"^(g[4-9]|p[3-9])", node["node_config"]["InstanceType"]), (
-            f"{name}: {node['node_config']['InstanceType']} is not a GPU instance type"
-        )
+        # Declared explicitly: `ray up` cannot autodetect resources without AWS access, and a slice reserves
+        # one GPU per tensor-parallel rank, so the count must be the instance's own.
+        instance = node["node_config"]["InstanceType"]
+        assert re.match(r"^(g[4-9]|p[3-9])", instance), f"{name}: {instance} is not a GPU instance type"
+        assert instance in INSTANCE_GPUS, f"{name}: add {instance}'s GPUs and accelerator to INSTANCE_GPUS"
+        assert node["resources"]["GPU"] == INSTANCE_GPUS[instance][0], f"{name}: {instance} has other GPUs"
+        assert node["resources"].get(f"accelerator_type:{INSTANCE_GPUS[instance][1]}") == 1, (
+            f"{name}: its accelerator_type resource is what a layout's request_resources names")
+    assert any(n["resources"]["GPU"] == 1 and n["min_workers"] >= 2 for n in gpu_workers.values()), (
+        "the default layout: one slice per 1-GPU worker")
     min_gpus = sum(n["min_workers"] * n["resources"]["GPU"] for n in gpu_workers.values())
     assert min_gpus >= 2, "a 2-slice model needs 2 GPUs up from the start"
     assert all(n["max_workers"] >= n["min_workers"] for n in gpu_workers.values())
@@ -148,6 +159,55 @@ def test_grpc_port_is_documented_and_not_public(raw_config: dict[str, Any]) -> N
         assert cidrs and not {"0.0.0.0/0", "::/0"} & set(cidrs), f"port {GRPC_PORT} open to the world"
     assert not [r for r in rules if r["FromPort"] <= 8265 <= r["ToPort"]], "the Ray job API (8265) runs code"
     assert "no authentication of its own" not in text  # the gateway has a bearer token and TLS
+
+
+def _serve_commands(text: str) -> list[list[str]]:
+    """Every `qwen-relay serve ...` command in `text` (comment markers and line continuations removed)."""
+    lines = [line.strip().removeprefix("#").strip() for line in text.splitlines()]
+    joined = " ".join(line.removesuffix("\\").strip() if line.endswith("\\") else line + "\n" for line in lines)
+    return [shlex.split(m.group(0)) for m in re.finditer(r"qwen-relay serve [^\n]*", joined)]
+
+
+def _requested(text: str) -> list[list[dict[str, float]]]:
+    """The bundles of every `request_resources(bundles=...)` in `text` that asks for nodes (not the release,
+    `bundles=[]`), evaluated as the head's Python would."""
+    pattern = r"request_resources\(bundles=(\[.+?\])(?: \* (\d+))?\)"
+    return [ast.literal_eval(m.group(1)) * int(m.group(2) or 1)  # a literal list, maybe repeated
+            for m in re.finditer(pattern, text.replace('\\"', '"'))]
+
+
+def test_tensor_parallel_layouts_fit_their_node_types(prepared: dict[str, Any]) -> None:
+    """The yaml's and docs/deploy.md's layouts (TP 4 x PP 2 on one 8-GPU node; 2 nodes x TP 4) are the same
+    commands; serve's own parser takes them; each node type a layout asks for exists, holds its slices (STRICT_PACK:
+    every slice's GPUs on one node; STRICT_SPREAD: one slice a node) and may start as many nodes as it needs."""
+    from qwen_relay.server.cli import build_parser, serve_options
+
+    yaml_text, docs = CLUSTER_YAML.read_text(), DEPLOY_MD.read_text()
+    layouts = [c for c in _serve_commands(yaml_text) if "--tensor-parallel" in c]
+    assert len(layouts) == 2
+    assert layouts == [c for c in _serve_commands(docs) if "--tensor-parallel" in c], "docs and yaml disagree"
+    requests = _requested(yaml_text)
+    assert requests == _requested(docs) and len(requests) == len(layouts)
+    nodes = _gpu_worker_types(prepared)
+    strategies = set()
+    for command, bundles in zip(layouts, requests, strict=True):
+        options = serve_options(build_parser("serve").parse_args(command[1:]))
+        assert options.device == "cuda" and options.tensor_parallel == 4 and options.shards == 2
+        fits = [n for n in nodes.values() if all(n["resources"].get(k, 0) >= v for k, v in bundles[0].items())]
+        assert len(fits) == 1, f"{bundles[0]} must pick exactly one node type, not {len(fits)}"
+        node = fits[0]
+        assert node["max_workers"] >= len(bundles)
+        gpus = node["resources"]["GPU"]
+        strategies.add(options.placement_strategy)
+        if options.placement_strategy == "STRICT_PACK":  # every slice on one node
+            assert len(bundles) == 1 and gpus >= options.shards * options.tensor_parallel
+        else:  # one slice a node
+            assert options.placement_strategy == "STRICT_SPREAD"
+            assert len(bundles) == options.shards and gpus >= options.tensor_parallel
+        assert node["resources"]["CPU"] >= options.tensor_parallel * (options.shards if len(bundles) == 1 else 1)
+    assert strategies == {"STRICT_PACK", "STRICT_SPREAD"}
+    total = sum(n["min_workers"] for n in nodes.values()) + max(len(b) for b in requests)
+    assert prepared["max_workers"] >= total, "the global cap leaves no room for a layout's nodes"
 
 
 @pytest.mark.parametrize(
