@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -133,6 +134,7 @@ class TorchCollectives:
         self.group = _process_group(self.backend, store, rank, world, timeout)
         self._store = store  # NCCL forms its communicator at the first collective, through the store
         self.aborted = False
+        self._abort_lock = threading.Lock()
         self.seconds = 0.0
         self.count = 0
 
@@ -166,14 +168,15 @@ class TorchCollectives:
     def abort(self) -> None:
         """End every pending and future collective of this rank (another thread may be waiting in one): NCCL's
         only way out of a collective whose peer died. Gloo's pending collectives end on their own."""
-        self.aborted = True
-        self.group.abort()
+        with self._abort_lock:  # the group's watch and its close may both get here
+            if not self.aborted:
+                self.aborted = True
+                self.group.abort()
 
     def close(self) -> None:
         """Release the process group (its connections, NCCL's communicator)."""
         untrace(self)
-        if not self.aborted:
-            self.abort()
+        self.abort()
 
 
 # Custom operators over the collectives, so `torch.compile` traces a tensor-parallel decode step whole: the

@@ -96,7 +96,8 @@ class GroupRunner:
                 mine, theirs = socket.socketpair()
                 with theirs:
                     self._children.append(subprocess.Popen(
-                        [sys.executable, "-m", "qwen_relay.shards.group", str(theirs.fileno()), str(rank), path],
+                        [sys.executable, "-m", "qwen_relay.shards.group", str(theirs.fileno()), str(rank), path,
+                         str(os.getpid())],
                         pass_fds=(theirs.fileno(),)))
                 conn = Connection(mine.detach())
                 conn.send(spec)
@@ -256,9 +257,10 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def serve_rank(fd: int, rank: int, path: str) -> None:
-    """A child rank: load its share, answer "ready", then run each call rank 0 sends until its socket closes."""
-    parent = os.getppid()
+def serve_rank(fd: int, rank: int, path: str, parent: int) -> None:
+    """A child rank: load its share, answer "ready", then run each call rank 0 sends until its socket closes.
+    `parent`: rank 0's pid, as rank 0 said (a parent that died while this child imported torch is already
+    someone else by now)."""
     threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="tp-parent-watch").start()
     conn = Connection(fd)
     spec: SliceSpec = conn.recv()
@@ -300,4 +302,4 @@ if __name__ == "__main__":
     from qwen_relay.shards import group  # the module's own classes (TensorBytes), not this script's copies
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    group.serve_rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    group.serve_rank(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))

@@ -297,11 +297,13 @@ def test_process_group_over_torch_distributed(tiny_model, reference):
         assert greedy([group], PROMPTS, MAX_NEW) == expected
         group._children[0].kill()
         start = time.monotonic()
+        while not group.collectives.aborted:  # the group's watch sees the child die and aborts the collectives
+            assert time.monotonic() - start < 5
+            time.sleep(0.05)
         with pytest.raises(GroupBroken):
             greedy([group], PROMPTS[:1], 2)
         assert time.monotonic() - start < 15
         assert group.broken
-        assert group.collectives.aborted  # the watch saw the child die
     finally:
         group.close()
     assert not os.path.exists(rendezvous)
@@ -347,6 +349,38 @@ def test_compiled_decode_on_tensor_parallel_ranks(reference, tmp_path):
         assert [g[: len(e)] for g, e in zip(got, expected, strict=True)] == expected
     finally:
         group.close()
+
+
+@pytest.mark.slow  # processes of their own
+def test_child_rank_exits_when_rank_0_is_killed_mid_collective():
+    """A child rank whose main thread waits where neither its socket nor its collective will wake it (over NCCL, a
+    collective on the GPU that will never complete; here a sleep) exits once its rank 0's process is killed,
+    rather than holding its share, and on GPUs its GPU's memory, for ever (shards/group.py, `_exit_with`)."""
+    import subprocess
+    import sys
+
+    from qwen_relay.shards.allreduce import alive
+
+    child = ("import sys, threading, time\n"
+             "from qwen_relay.shards.group import _exit_with\n"
+             "threading.Thread(target=_exit_with, args=(int(sys.argv[1]),), daemon=True).start()\n"
+             "time.sleep(600)\n")
+    host = ("import os, subprocess, sys, time\n"
+            f"child = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())])\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    rank0 = subprocess.Popen([sys.executable, "-c", host], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(rank0.stdout.readline())
+        time.sleep(1)  # killed maybe while the child still imports torch: it knows its rank 0's pid from its argv
+        assert alive(pid)
+    finally:
+        rank0.kill()
+        rank0.wait()
+    start = time.monotonic()
+    while alive(pid):
+        assert time.monotonic() - start < 30, "a child rank outlived its rank 0"
+        time.sleep(0.1)
 
 
 @pytest.mark.slow  # rank processes of their own
