@@ -11,11 +11,15 @@
 #   OUT=/tmp/b SHARDS=2 bench/gpu.sh --single-new-tokens 32   # knobs are environment variables; other
 #                                # arguments go to the bench (python -m qwen_relay.bench.relay --help)
 #   SHAPE=tiny DEVICE=cpu DTYPE=float32 bench/gpu.sh   # a dry run of this whole script on a CPU machine
+#   TENSOR_PARALLEL=2 SHAPE=tiny DEVICE=cpu DTYPE=float32 bench/gpu.sh   # the same with the TP phase (CPU ranks)
 #
 # Steps, each timed and each under `timeout` within BUDGET seconds in all: (1) make qwen_relay importable,
 # install the carried wheels the image needs, check every import the run needs (fails in seconds, naming each
 # missing piece); (2) build the checkpoint (cached in MODEL_CACHE); (3) the bench, which rewrites
-# $OUT/bench.json and $OUT/table.md after every phase, so a run cut short still leaves the phases that finished.
+# $OUT/bench.json and $OUT/table.md after every phase, so a run cut short still leaves the phases that finished;
+# (4) on a machine with 2 GPUs or more (TENSOR_PARALLEL=auto; a size N forces it, off skips it), the relay with
+# one slice at --tensor-parallel 2 (ranks on GPUs 0 and 1, NCCL) beside TP 1, single stream, into $OUT/tp; it
+# gets TP_BUDGET seconds of its own, added to BUDGET and kept out of step 3's share.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +42,8 @@ WHEELS="${WHEELS:-$ROOT/bench/wheels}"
 DEVICE="${DEVICE:-cuda}"
 DTYPE="${DTYPE:-bfloat16}"
 SHARDS="${SHARDS:-1,2}"
+TENSOR_PARALLEL="${TENSOR_PARALLEL:-auto}"
+TP_BUDGET="${TP_BUDGET:-240}"
 cd "$ROOT"  # relative paths (OUT, MODEL_CACHE, WHEELS) are the repository root's
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
@@ -84,6 +90,23 @@ if ((${#wheels[@]})); then
     export PYTHONPATH="$TMP/site:$PYTHONPATH"
 fi
 relays=$(tr ',' '\n' <<<"$SHARDS" | grep -c .)
+#    The tensor-parallel phase (step 4): how many GPUs this process sees decides it.
+GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null \
+       || echo 0)
+TP=0
+if [[ "$TENSOR_PARALLEL" == auto ]]; then
+    if [[ "$DEVICE" == cuda* ]] && ((GPUS >= 2)); then TP=2; fi
+elif [[ "$TENSOR_PARALLEL" != off ]]; then
+    TP="$TENSOR_PARALLEL"
+fi
+RESERVE=0
+if ((TP > 1)); then
+    BUDGET=$((BUDGET + TP_BUDGET))
+    RESERVE=$TP_BUDGET
+    echo "== $GPUS GPU(s) visible: a tensor-parallel phase (1,$TP) follows the bench, ${TP_BUDGET} s of its own"
+else
+    echo "== $GPUS GPU(s) visible: no tensor-parallel phase (TENSOR_PARALLEL=$TENSOR_PARALLEL; auto needs 2 GPUs)"
+fi
 step "pre-check of every import the run needs" 90 "$PY" -m qwen_relay.bench.precheck --wheels "$WHEELS" \
     --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAPE" --relays "$relays" --model-cache "$MODEL_CACHE"
 
@@ -96,18 +119,38 @@ print(default_model(sys.argv[1], sys.argv[2], sys.argv[3], pathlib.Path(sys.argv
 ' "$SHAPE" "$DTYPE" "$DEVICE" "$MODEL_CACHE" | tail -n 1)
 [[ -f "$MODEL/config.json" ]] || { echo "== no checkpoint in '$MODEL'" >&2; exit 1; }
 
-# 3. The bench, phase by phase; what finished is in $OUT/table.md even if this step is cut short.
+# what_finished RC DIR: after a bench step that failed, the phases it finished (its table), or that none did.
+what_finished() {
+    if (($1 == 0)); then
+        return
+    elif [[ -f "$2/table.md" ]]; then
+        echo "== the phases that finished ($2/table.md):"
+        cat "$2/table.md"
+    else
+        echo "== no phase finished: no table in $2" >&2
+    fi
+}
+
+# 3. The bench, phase by phase; what finished is in $OUT/table.md even if this step is cut short. Step 4's
+#    reserve is not its to spend.
 rc=0
-step "bench: $SHAPE, $DTYPE on $DEVICE, relay slices $SHARDS in-process, results in $OUT" 600 \
+limit=$((BUDGET - (SECONDS - START) - RESERVE))
+if ((limit > 600)); then limit=600; fi
+step "bench: $SHAPE, $DTYPE on $DEVICE, relay slices $SHARDS in-process, results in $OUT" "$limit" \
     "$PY" -m qwen_relay.bench.relay --model "$MODEL" --out "$OUT" --device "$DEVICE" --dtype "$DTYPE" --no-ray \
     --shards "$SHARDS" --baselines hf "${WORKLOAD[@]}" "$@" || rc=$?
-if ((rc != 0)); then
-    if [[ -f "$OUT/table.md" ]]; then
-        echo "== the phases that finished ($OUT/table.md):"
-        cat "$OUT/table.md"
-    else
-        echo "== no phase finished: no table in $OUT" >&2
-    fi
+what_finished "$rc" "$OUT"
+
+# 4. Tensor parallelism: one slice at TP 1 and TP $TP in the same run, single stream only (hf's figures are in
+#    step 3's table); the bench puts rank r of the group on GPU r. Its own table: $OUT/tp/table.md.
+tp_rc=0
+if ((TP > 1)); then
+    step "bench: tensor parallel 1,$TP, one slice, single stream, results in $OUT/tp" "$TP_BUDGET" \
+        "$PY" -m qwen_relay.bench.relay --model "$MODEL" --out "$OUT/tp" --device "$DEVICE" --dtype "$DTYPE" \
+        --no-ray "${WORKLOAD[@]}" "$@" --shards 1 --tensor-parallel "1,$TP" --baselines "" --workloads single \
+        || tp_rc=$?
+    what_finished "$tp_rc" "$OUT/tp"
 fi
 echo "== total $((SECONDS - START)) s of a ${BUDGET} s budget"
+if ((rc == 0)); then rc=$tp_rc; fi
 exit "$rc"

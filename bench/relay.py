@@ -57,6 +57,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if getattr(args, key) is not None:
             values[key] = parse(getattr(args, key))
     shards = tuple(dict.fromkeys(_ints(args.shards)))  # each relay once
+    tensor_parallel = tuple(dict.fromkeys(_ints(args.tensor_parallel)))
+    if not tensor_parallel or min(tensor_parallel) < 1:
+        raise SystemExit(f"--tensor-parallel: sizes of 1 or more, e.g. 1,2; got {args.tensor_parallel!r}")
     if args.baselines is None:  # hf-packed is generate() on oneDNN-prepacked CPU kernels: where they exist
         from qwen_relay.shards.packed import can_prepack
 
@@ -68,7 +71,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     workloads = _names(args.workloads)
     if not workloads or not set(workloads) <= set(WORKLOADS):
         raise SystemExit(f"--workloads: one or more of {', '.join(WORKLOADS)}; got {args.workloads!r}")
-    cfg = BenchConfig(model=args.model, out=str(args.out), shards=shards, device=args.device,
+    cfg = BenchConfig(model=args.model, out=str(args.out), shards=shards, tensor_parallel=tensor_parallel,
+                      device=args.device,
                       dtype=args.dtype, seed=args.seed, threads=args.threads, use_ray=not args.no_ray,
                       threads_per_slice=args.threads_per_slice, baselines=baselines, vllm_python=args.vllm_python,
                       vllm_args=tuple(args.vllm_arg), workloads=workloads, prepack=not args.no_prepack,
@@ -148,6 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the default checkpoint is built, once (reused by later runs)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json, table.md and the plots")
     p.add_argument("--shards", default="1,2", help="relay slice counts to run, e.g. 1,2")
+    p.add_argument("--tensor-parallel", default="1", metavar="N[,N...]",
+                   help="ranks per slice (serve's --tensor-parallel) of the relays to run, e.g. 1,2: a relay for "
+                   "every slice count and size, named relay-S (size 1) and relay-S-tpN; on GPUs rank r takes GPU r")
     p.add_argument("--quick", action="store_true", help="a short smoke run (small workloads)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

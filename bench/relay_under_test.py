@@ -1,5 +1,6 @@
-"""The relay under test: a relay with N slices in this process (slices as Ray actors or, with `--no-ray`, in
-this process), driven over loopback gRPC through the real asyncio client, as a user's program would."""
+"""The relay under test: a relay with N slices, each maybe a tensor-parallel group (slices as Ray actors or,
+with `--no-ray`, in this process), driven over loopback gRPC through the real asyncio client, as a user's
+program would."""
 
 from __future__ import annotations
 
@@ -15,18 +16,25 @@ from .workloads import BenchConfig, Phase, Request
 log = logging.getLogger(__name__)
 
 
-def relay_options(cfg: BenchConfig, shards: int) -> Any:
+def relay_name(shards: int, tensor_parallel: int = 1) -> str:
+    """relay-S for S slices, relay-S-tpN when each slice is a group of N ranks."""
+    return f"relay-{shards}" + (f"-tp{tensor_parallel}" if tensor_parallel > 1 else "")
+
+
+def relay_options(cfg: BenchConfig, shards: int, tensor_parallel: int = 1) -> Any:
     from qwen_relay.server.app import ServeOptions
 
     device, dtype = resolve_device_dtype(cfg.device, cfg.dtype)
     # CPU slices share the machine's cores as `serve` shares them by default (server/app.py): every slice all
-    # the threads, one step in flight. --threads-per-slice: one thread each, a step per slice in flight.
+    # the threads, one step in flight; a tensor-parallel slice's ranks run at once, so they split them.
+    # --threads-per-slice: one thread each (each rank), a step per slice in flight.
     cpu = device.type == "cpu"
-    threads = (1 if cfg.threads_per_slice else cfg.num_threads) if cpu else 0
+    threads = (1 if cfg.threads_per_slice else max(1, cfg.num_threads // tensor_parallel)) if cpu else 0
     in_flight = 1 if cpu and not cfg.threads_per_slice else 0
     # A relay idles while the other systems run their phase; a compiled graph torn down meanwhile would be
     # rebuilt inside its next measured phase, so the bench keeps it.
-    return ServeOptions(model=cfg.model, shards=shards, port=0, max_batch=cfg.max_batch,
+    return ServeOptions(model=cfg.model, shards=shards, tensor_parallel=tensor_parallel, port=0,
+                        max_batch=cfg.max_batch,
                         max_context=cfg.max_context, use_ray=cfg.use_ray, device=device.type,
                         dtype=str(dtype).removeprefix("torch."), threads=threads, max_in_flight=in_flight,
                         cpus_per_slice=1.0,
@@ -35,23 +43,25 @@ def relay_options(cfg: BenchConfig, shards: int) -> Any:
 
 
 class RelayUnderTest:
-    """A relay with `shards` slices in this process, driven over loopback gRPC through `AsyncRelayClient`."""
+    """A relay with `shards` slices (each a group of `tensor_parallel` ranks) in this process, driven over
+    loopback gRPC through `AsyncRelayClient`."""
 
-    def __init__(self, cfg: BenchConfig, shards: int, relay: Any, client: Any, startup_s: float) -> None:
+    def __init__(self, cfg: BenchConfig, shards: int, relay: Any, client: Any, startup_s: float,
+                 tensor_parallel: int = 1) -> None:
         self.cfg = cfg
-        self.name = f"relay-{shards}"
+        self.name = relay_name(shards, tensor_parallel)
         self.relay = relay
         self.client = client
-        self.header = {"system": self.name, "shards": shards, "layout": relay.describe_layout(),
-                       "startup_s": startup_s}
+        self.header = {"system": self.name, "shards": shards, "tensor_parallel": tensor_parallel,
+                       "layout": relay.describe_layout(), "startup_s": startup_s}
 
     @classmethod
-    async def start(cls, cfg: BenchConfig, shards: int) -> RelayUnderTest:
+    async def start(cls, cfg: BenchConfig, shards: int, tensor_parallel: int = 1) -> RelayUnderTest:
         from qwen_relay.client.aio import AsyncRelayClient
         from qwen_relay.server.app import Relay
 
         start = time.perf_counter()
-        relay = await Relay.start(relay_options(cfg, shards))
+        relay = await Relay.start(relay_options(cfg, shards, tensor_parallel))
         try:
             client = AsyncRelayClient(f"127.0.0.1:{relay.port}", timeout=cfg.request_timeout)
             await stream_load(lambda r: _stream(client, r), [Request(tuple(range(1, 9)), 2)], 1)  # warm-up
@@ -59,8 +69,8 @@ class RelayUnderTest:
             await relay.stop(grace=0)
             raise
         startup = time.perf_counter() - start
-        log.info("relay-%d: up in %.1f s: %s", shards, startup, relay.describe_layout())
-        return cls(cfg, shards, relay, client, startup)
+        log.info("%s: up in %.1f s: %s", relay_name(shards, tensor_parallel), startup, relay.describe_layout())
+        return cls(cfg, shards, relay, client, startup, tensor_parallel)
 
     async def run(self, phase: Phase) -> dict[str, Any]:
         """The phase's figures, plus each slice's time in forwards during it (for the busy fraction)."""

@@ -15,6 +15,7 @@ from .workloads import BASELINES
 MEMORY_FACTOR = 1.3
 TARGETS = {"single_ms_per_token": 1.10, "mixed_tokens_per_s": 1.5, "uniform_tokens_per_s": 0.95}
 # Pipelining (--threads-per-slice): relay-2 against relay-1 and against hf-packed, each slice one thread.
+# Tensor parallelism (--tensor-parallel 1,N) has no target: relay-S-tpN against relay-S is reported as measured.
 PIPELINE_TARGETS = {"uniform_2_over_1": (">=", 1.7), "mixed_2_over_1": (">=", 1.6), "busy_fraction": (">=", 0.85),
                     "single_2_over_1": ("<=", 1.05), "slowest_over_mean": ("<=", 1.10),
                     "mixed_over_hf_packed": (">=", 1.5), "uniform_over_hf_packed": (">=", 1.0),
@@ -126,7 +127,7 @@ def pipeline_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     on the uniform workload (forward time summed over slices / (slices x wall)) and its slowest slice's
     forward time against the mean. Meant for `--threads-per-slice`, where each slice stands for one device."""
     systems, cfg = result["systems"], result["config"]
-    relays = relay_names(result)
+    relays = [n for n in relay_names(result) if systems[n].get("tensor_parallel", 1) == 1]
     if "relay-1" not in systems or len(relays) < 2:
         return []
     name = max(relays, key=lambda n: systems[n]["shards"])
@@ -166,6 +167,25 @@ def pipeline_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         op, goal = PIPELINE_TARGETS[key]
         met = value is not None and (value >= goal if op == ">=" else value <= goal)
         rows.append({"key": key, "target": label, "value": value, "goal": f"{op} {goal:.2f}", "met": met})
+    return rows
+
+
+def tensor_parallel_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """What N ranks per slice buy a single stream: each relay-S-tpN against relay-S (the same slices, TP 1, same
+    run), per prompt length: ms/token p50 and TTFT, and their ratios (below 1: faster)."""
+    systems, rows = result["systems"], []
+    for name in relay_names(result):
+        n = systems[name].get("tensor_parallel", 1)
+        base = f"relay-{systems[name]['shards']}"
+        if n == 1 or base not in systems:
+            continue
+        for length, s in systems[name].get("single", {}).items():
+            if (b := systems[base].get("single", {}).get(length)) is not None:
+                rows.append({"system": name, "baseline": base, "tensor_parallel": n, "prompt": length,
+                             "ms_per_token_p50": s["ms_per_token_p50"],
+                             "baseline_ms_per_token_p50": b["ms_per_token_p50"],
+                             "ms_per_token_ratio": _ratio(s["ms_per_token_p50"], b["ms_per_token_p50"]),
+                             "ttft_ratio": _ratio(s["ttft_ms"], b["ttft_ms"])})
     return rows
 
 
@@ -284,6 +304,15 @@ def render_table(result: dict[str, Any]) -> str:
                 f"every slice {cfg['num_threads']} threads")
         out += ["", f"**Pipelining** ({mode})", "", "| figure | value | goal | met |", "|---|---:|---|---|"]
         out += [f"| {r['target']} | {_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |"
+                for r in rows]
+    rows = result.get("tensor_parallel") or []
+    if rows:
+        out += ["", "**Tensor parallelism** (single stream; each slice a group of N ranks against the same slices "
+                "at TP 1, this run; ratio below 1: faster)", "",
+                "| system | against | prompt tokens | ms/token p50 | TP 1 ms/token p50 | ms/token ratio | TTFT ratio |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['system']} | {r['baseline']} | {r['prompt']} | {_f(r['ms_per_token_p50'])} | "
+                f"{_f(r['baseline_ms_per_token_p50'])} | {_f(r['ms_per_token_ratio'], 2)} | {_f(r['ttft_ratio'], 2)} |"
                 for r in rows]
     return "\n".join(out) + "\n"
 
@@ -428,6 +457,7 @@ def write_tables(result: dict[str, Any], out: Path) -> str:
     result["ratios"] = compute_ratios(result)
     result["targets"] = target_rows(result)
     result["pipeline"] = pipeline_rows(result)
+    result["tensor_parallel"] = tensor_parallel_rows(result)
     table = render_table(result)
     _write_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
     _write_atomic(out / "table.md", table)

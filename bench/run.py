@@ -110,7 +110,8 @@ async def run_systems(cfg: BenchConfig, work: Workloads, result: dict[str, Any])
             baselines.append(await asyncio.to_thread(HfProcess, cfg, name))
             log.info("%s: loaded in %.1f s", name, time.perf_counter() - started)
         for shards in cfg.shards:
-            relays.append(await RelayUnderTest.start(cfg, shards))
+            for tensor_parallel in cfg.tensor_parallel:
+                relays.append(await RelayUnderTest.start(cfg, shards, tensor_parallel))
         await run_phases(cfg, plan(cfg, work), [*baselines, *relays], result, gateway)
     finally:
         for r in relays:
@@ -149,7 +150,8 @@ def run_benchmark(cfg: BenchConfig, command: str = "") -> dict[str, Any]:
 
         if not ray.is_initialized():
             # Every relay is up at once: one logical CPU per slice (each slice still uses all cores).
-            ray.init(num_cpus=max(os.cpu_count() or 1, sum(cfg.shards)), include_dashboard=False,
+            ray.init(num_cpus=max(os.cpu_count() or 1, sum(cfg.shards) * len(cfg.tensor_parallel)),
+                     include_dashboard=False,
                      log_to_driver=False)
             started_ray = True
     try:

@@ -30,6 +30,7 @@ class BenchConfig:
     model: str
     out: str = "bench-out"
     shards: tuple[int, ...] = (1, 2)
+    tensor_parallel: tuple[int, ...] = (1,)  # a relay for every (shards, tensor_parallel) pair
     device: str = "cpu"
     dtype: str = "auto"
     seed: int = 0

@@ -222,6 +222,28 @@ def test_pipelining_figures():
     assert "mixed_over_hf_packed" not in {r["key"] for r in report.pipeline_rows(result)}
 
 
+def test_tensor_parallel_figures(tmp_path):
+    """relay-1-tp2 against relay-1 (the same slices at TP 1), single stream; the pipelining figures ignore it."""
+    cfg = BenchConfig(model="m", out=str(tmp_path), shards=(1,), tensor_parallel=(1, 2))
+    tp2 = {**_fake_system("relay-1-tp2", 1.6, shards=1), "tensor_parallel": 2}
+    result = {"meta": {"model_name": "m", "parameters": 1_500_000_000, "dtype": "bfloat16", "device": "cuda:0",
+                       "command": "x"},
+              "config": {**dataclasses.asdict(cfg), "num_threads": 16},
+              "bandwidth": {"copy_gb_per_s": 4000.0, "weight_bytes": 3e9, "read_bytes_per_token": 3e9,
+                            "floor_ms_per_token": 0.75, "ceiling_tokens_per_s": 1333.0},
+              "runtime_overhead_bytes": 2**29,
+              "systems": {"hf": _fake_system("hf", 1.0), "relay-1": {**_fake_system("relay-1", 1.0, shards=1),
+                                                                     "tensor_parallel": 1},
+                          "relay-1-tp2": tp2}}
+    table = report.write_tables(result, tmp_path)
+    rows = {r["prompt"]: r for r in result["tensor_parallel"]}
+    assert set(rows) == {"16", "512"} and rows["16"]["baseline"] == "relay-1" and rows["16"]["tensor_parallel"] == 2
+    assert rows["16"]["ms_per_token_ratio"] == pytest.approx(1 / 1.6)
+    assert rows["512"]["ttft_ratio"] == pytest.approx(1 / 1.6)
+    assert "**Tensor parallelism**" in table and "| relay-1-tp2 | relay-1 | 16 | 31.2 | 50.0 | 0.62 | 0.62 |" in table
+    assert result["pipeline"] == []  # one slice count: nothing pipelined to compare, TP relays aside
+
+
 def test_cli_flags(tmp_path):
     from qwen_relay.server.cli import build_parser
 
@@ -243,6 +265,15 @@ def test_cli_flags(tmp_path):
     eight = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8"]))
     assert [relay_under_test.relay_options(eight, n).threads for n in (1, 2, 3, 16)] == [8, 8, 8, 8]
     assert {relay_under_test.relay_options(eight, n).max_in_flight for n in (1, 2, 3, 16)} == {1}
+    assert full.tensor_parallel == (1,)
+    tp = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--threads", "8", "--shards", "1",
+                                                         "--tensor-parallel", "1,2"]))
+    assert tp.tensor_parallel == (1, 2)
+    options = relay_under_test.relay_options(tp, 1, 2)
+    assert options.tensor_parallel == 2 and options.threads == 4  # the ranks run at once: they split the threads
+    assert relay_under_test.relay_name(1, 2) == "relay-1-tp2" and relay_under_test.relay_name(2) == "relay-2"
+    with pytest.raises(SystemExit, match="--tensor-parallel"):
+        cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--tensor-parallel", "0"]))
     with pytest.raises(SystemExit, match="baselines"):
         cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--baselines", "hf,sglang"]))
     peer = cli.config_from_args(build_parser().parse_args(
@@ -508,7 +539,8 @@ def test_precheck_names_each_missing_package(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_gpu_script_dry_run_without_ray(tmp_path):
     """bench/gpu.sh's whole path on this CPU, as on the GPU machine: Ray unimportable, qwen_relay through the
-    script's symlinks; pre-check, checkpoint build, bench phase by phase, a table."""
+    script's symlinks; pre-check, checkpoint build, bench phase by phase, a table; and the tensor-parallel phase a
+    machine with 2 GPUs runs (forced here with TENSOR_PARALLEL=2: CPU ranks, the rank process included)."""
     import os
     import subprocess
     import sys
@@ -521,6 +553,7 @@ def test_gpu_script_dry_run_without_ray(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "SHAPE": "tiny", "DEVICE": "cpu", "DTYPE": "float32", "OUT": str(out),
            "MODEL_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable, "FORCE_SYMLINKS": "1", "BUDGET": "900",
+           "TENSOR_PARALLEL": "2",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(noray), os.environ.get("PYTHONPATH")]))}
     tiny = ["--single-prompts", "4,12", "--single-new-tokens", "4", "--mixed-requests", "4", "--mixed-prompt", "3-12",
             "--mixed-new", "2-6", "--concurrency", "1,2", "--uniform-requests", "2", "--uniform-prompt", "8",
@@ -545,6 +578,14 @@ def test_gpu_script_dry_run_without_ray(tmp_path):
     ratio = two["uniform"]["tokens_per_s"] / one["uniform"]["tokens_per_s"]
     assert pipeline["uniform_2_over_1"] == pytest.approx(ratio)
     assert "Pipelining" in (out / "table.md").read_text()
+    # The tensor-parallel phase: one slice at TP 1 and TP 2, single stream, its own table.
+    assert "a tensor-parallel phase (1,2) follows the bench" in run.stdout
+    assert "bench: tensor parallel 1,2, one slice, single stream, results in" in run.stderr
+    tp = json.loads((out / "tp" / "bench.json").read_text())
+    assert tp["meta"]["status"] == "complete" and set(tp["systems"]) == {"relay-1", "relay-1-tp2"}
+    assert tp["systems"]["relay-1-tp2"]["tensor_parallel"] == 2 and set(tp["systems"]["relay-1-tp2"]) >= {"single"}
+    assert {r["prompt"] for r in tp["tensor_parallel"]} == {"4", "12"}
+    assert "| relay-1-tp2 | relay-1 | 12 |" in (out / "tp" / "table.md").read_text()
 
 
 def test_decode_timing_runs_first_and_later_slices_on_a_warmed_up_runner(tiny_model):
