@@ -41,9 +41,12 @@ def _spec(model: Path, first: int, end: int, world: int, decode: str = "static",
                      block_size=BLOCK, decode=decode, tensor_parallel=world, threads=1, collective=collective)
 
 
+_STORES = tempfile.TemporaryDirectory(prefix="qwen-relay-tp-test-")  # removed when the test process ends
+
+
 def torch_collectives(world: int, timeout: float = 20) -> list[TorchCollectives]:
     """Every rank's gloo collectives, formed at once from threads of this process (forming one waits for all)."""
-    store = os.path.join(tempfile.mkdtemp(prefix="qwen-relay-tp-test-"), "store")
+    store = os.path.join(tempfile.mkdtemp(dir=_STORES.name), "store")
     with ThreadPoolExecutor(world) as pool:
         futures = [pool.submit(TorchCollectives, store, r, world, torch.device("cpu"), timeout=timeout)
                    for r in range(world)]
