@@ -31,7 +31,7 @@ from .attention import Attend, choose_attention, expanded
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .kv_cache import KVCache, RecurrentShape
-from .step_inputs import StepMetadata
+from .step_inputs import AttentionGroup, StepMetadata
 
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
 
@@ -177,13 +177,22 @@ class ModelSlice(nn.Module):
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
-        """Packed tokens [N, 1, H] in and out; the queries meet their rows' keys in the padded layout."""
+        """Packed tokens [N, 1, H] in and out; the queries meet their rows' keys group by group (the one-token
+        rows in one call, each longer row in its own: `AttentionGroup`)."""
         q, k, v, gate = self._project(attn, x, cos, sin)  # q [N, heads, 1, D], k / v [N, kv_heads, 1, D]
         cache.write(index, meta.write_blocks, meta.write_offsets, k[:, :, 0], v[:, :, 0])
-        keys, values = cache.gather(index, meta.tables)
-        rows, cols = meta.write_rows, meta.write_cols
-        queries = q.new_zeros(*meta.valid.shape, *q.shape[1:2], q.shape[-1])  # [B, T, heads, D]
-        queries[rows, cols] = q[:, :, 0]
-        out = self.attend(queries.transpose(1, 2), keys, values, meta.mask)  # [B, heads, T, D]
-        return self._output(attn, out.transpose(1, 2)[rows, cols][:, :, None], gate)
+        if len(meta.groups) == 1:  # every row one token, or one row: the packed order is the group's
+            return self._output(attn, self._attend_group(q, meta.groups[0], cache, index), gate)
+        out = q.new_empty(q.shape)
+        for group in meta.groups:
+            out[group.tokens] = self._attend_group(q[group.tokens], group, cache, index)
+        return self._output(attn, out, gate)
+
+    def _attend_group(self, q: torch.Tensor, group: AttentionGroup, cache: KVCache, index: int) -> torch.Tensor:
+        """Queries [n, heads, 1, D] of one group's tokens in, their attention outputs in the same layout out."""
+        keys, values = cache.gather(index, group.tables)
+        if group.width == 1:  # one query per row
+            return self.attend(q, keys, values, group.mask)
+        queries = q[:, :, 0].transpose(0, 1)[None]  # one row: [1, heads, n, D]
+        return self.attend(queries, keys, values, group.mask)[0].transpose(0, 1)[:, :, None]
 

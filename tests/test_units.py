@@ -32,6 +32,7 @@ from qwen_relay.shards.dtypes import cpu_bf16_fast, resolve_dtype
 from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
 from qwen_relay.shards.sampler import NO_TOKEN, gumbel, sample
+from qwen_relay.shards.step_inputs import StepMetadata
 from qwen_relay.v1 import relay_pb2
 
 TURKISH = "Merhaba! Nasıl yardımcı olabilirim? DOĞAL ĞÜŞİÖÇ ’"
@@ -745,6 +746,22 @@ def test_step_batch_padded():
                        sampling=[SamplingParams()] * 2)
     ids, positions, valid = decode.padded(torch.device("cpu"))
     assert ids.tolist() == [[1], [2]] and positions.tolist() == [[5], [9]] and valid.all()
+
+
+def test_step_metadata_groups_one_token_rows_and_each_longer_row():
+    """Attention runs per group, so a prompt chunk beside decodes does not pad them to its width; every token
+    is in exactly one group, and each group reads keys only up to its own longest row."""
+    batch = StepBatch(slots=[0, 1, 2, 3], starts=[40, 0, 3, 0], token_ids=[[7], [1, 2, 3], [8], [4, 5]],
+                      blocks=[[0, 1, 2], [3], [4], [5]], sampling=[SamplingParams()] * 4)
+    meta = StepMetadata.build(batch, torch.device("cpu"), block_size=16, scratch=99)
+    decode, first, second = meta.groups
+    assert (decode.width, decode.tokens.tolist(), decode.tables.tolist()) == (1, [0, 4], [[0, 1, 2], [4, 99, 99]])
+    assert decode.mask.shape == (2, 1, 1, 48)
+    assert decode.mask[0, 0, 0].sum() == 41 and decode.mask[1, 0, 0].sum() == 4  # positions 0..40 and 0..3
+    assert (first.width, first.tokens.tolist(), first.tables.tolist()) == (3, [1, 2, 3], [[3]])
+    assert first.mask[0, 0].tolist() == [[j <= i for j in range(16)] for i in range(3)]  # causal
+    assert (second.width, second.tokens.tolist(), second.tables.tolist()) == (2, [5, 6], [[5]])
+    assert sorted(t for g in meta.groups for t in g.tokens.tolist()) == list(range(batch.num_tokens))
 
 
 # ---------------------------------------------------------------------------------------- detokenization
