@@ -1,5 +1,5 @@
-"""The report: ratios against hf, memory against its budget, the issue's targets and what pipelining is worth,
-as bench.json, table.md and plots, from a whole result or from the phases that finished."""
+"""The report: ratios against hf and against vLLM, memory against its budget, the issue's targets and what
+pipelining is worth, as bench.json, table.md and plots, from a whole result or from the phases that finished."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ PIPELINE_TARGETS = {"uniform_2_over_1": (">=", 1.7), "mixed_2_over_1": (">=", 1.
                     "single_2_over_1": ("<=", 1.05), "slowest_over_mean": ("<=", 1.10),
                     "mixed_over_hf_packed": (">=", 1.5), "uniform_over_hf_packed": (">=", 1.0),
                     "single_over_hf_packed": ("<=", 1.05)}
+# CPU slices that share the machine's cores (the default serve, one step in flight): not pipelining, so the
+# goal is that the slices cost nothing, relay-2 doing relay-1's work in relay-1's time.
+SHARED_CORE_TARGETS = {"uniform_2_over_1": (">=", 0.95), "mixed_2_over_1": (">=", 0.95),
+                       "single_2_over_1": ("<=", 1.10)}
+# The peer (--baselines vllm): each relay at least as fast on every workload, at the same dtype.
+PEER_TARGETS = {"single": ("<=", 1.0), "mixed": (">=", 1.0), "uniform": (">=", 1.0)}
 
 
 def relay_names(result: dict[str, Any]) -> list[str]:
@@ -96,7 +102,10 @@ def target_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     name = max(relays, key=lambda n: result["systems"][n]["shards"])
     ratios = result["ratios"][name]
     cfg = result["config"]
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if "hf" not in result["systems"]:  # no generate() in this run: only the memory targets can be judged
+        ratios = {"single": {}, "mixed": {}, "uniform": None}
+        cfg = {**cfg, "workloads": ()}
     for length, r in ratios["single"].items():
         value = r["ms_per_token_p50"]
         rows.append({"target": f"{name} single-stream ms/token p50, {length}-token prompt", "value": value,
@@ -125,8 +134,11 @@ def target_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def pipeline_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """What pipelining is worth: the largest relay against relay-1 and hf-packed, its slices' busy fraction
     on the uniform workload (forward time summed over slices / (slices x wall)) and its slowest slice's
-    forward time against the mean. Meant for `--threads-per-slice`, where each slice stands for one device."""
+    forward time against the mean, judged against `PIPELINE_TARGETS` where each slice stands for one device
+    (`--threads-per-slice`, GPUs), against `SHARED_CORE_TARGETS` where CPU slices share the cores."""
     systems, cfg = result["systems"], result["config"]
+    shared = not cfg.get("threads_per_slice") and not result.get("meta", {}).get("device", "cpu").startswith("cuda")
+    goals = SHARED_CORE_TARGETS if shared else PIPELINE_TARGETS
     relays = [n for n in relay_names(result) if systems[n].get("tensor_parallel", 1) == 1]
     if "relay-1" not in systems or len(relays) < 2:
         return []
@@ -164,9 +176,46 @@ def pipeline_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                                            _ratio(single(many), single(packed)))
     rows = []
     for key, (label, value) in values.items():
-        op, goal = PIPELINE_TARGETS[key]
-        met = value is not None and (value >= goal if op == ">=" else value <= goal)
-        rows.append({"key": key, "target": label, "value": value, "goal": f"{op} {goal:.2f}", "met": met})
+        if key not in goals:  # a figure without a goal here (a busy fraction with one step in flight)
+            rows.append({"key": key, "target": label, "value": value, "goal": "-", "met": None})
+            continue
+        op, goal = goals[key]
+        rows.append({"key": key, "target": label, "value": value, "goal": f"{op} {goal:.2f}",
+                     "met": _judge(op, goal, value)})
+    return rows
+
+
+def _met(met: bool | None) -> str:
+    return "-" if met is None else "yes" if met else "NO"
+
+
+def _judge(op: str, goal: float, value: float | None) -> bool:
+    return value is not None and (value >= goal if op == ">=" else value <= goal)
+
+
+def peer_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each relay against vLLM in this run: single-stream ms/token (mean, shortest prompt), mixed tokens/s at
+    the top concurrency and uniform tokens/s, as relay / vllm, judged against `PEER_TARGETS`."""
+    systems, cfg = result["systems"], result["config"]
+    peer = systems.get("vllm")
+    if not peer:
+        return []
+    top, short = str(max(cfg["concurrency"])), str(min(cfg["single_prompts"]))
+
+    def figures(sysres: dict[str, Any]) -> dict[str, float | None]:
+        return {"single": sysres.get("single", {}).get(short, {}).get("ms_per_token_mean"),
+                "mixed": sysres.get("mixed", {}).get(top, {}).get("tokens_per_s"),
+                "uniform": sysres.get("uniform", {}).get("tokens_per_s")}
+
+    theirs, rows = figures(peer), []
+    for name in relay_names(result):
+        ours = figures(systems[name])
+        for key, (op, goal) in PEER_TARGETS.items():
+            if ours[key] is None or theirs[key] is None:
+                continue
+            value = _ratio(ours[key], theirs[key])
+            rows.append({"system": name, "workload": key, "relay": ours[key], "vllm": theirs[key], "value": value,
+                         "goal": f"{op} {goal:.2f}", "met": _judge(op, goal, value)})
     return rows
 
 
@@ -301,10 +350,19 @@ def render_table(result: dict[str, Any]) -> str:
     if rows:
         mode = ("each slice one thread and one Ray CPU (`--threads-per-slice`); baselines "
                 f"{cfg['num_threads']} threads" if cfg.get("threads_per_slice") else
-                f"every slice {cfg['num_threads']} threads")
+                f"every slice {cfg['num_threads']} threads"
+                + (", sharing the cores, one step in flight" if not meta["device"].startswith("cuda") else ""))
         out += ["", f"**Pipelining** ({mode})", "", "| figure | value | goal | met |", "|---|---:|---|---|"]
-        out += [f"| {r['target']} | {_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |"
-                for r in rows]
+        out += [f"| {r['target']} | {_f(r['value'], 2)} | {r['goal']} | {_met(r['met'])} |" for r in rows]
+    rows = result.get("peer") or []
+    if rows:
+        short, top = min(cfg["single_prompts"]), max(cfg["concurrency"])
+        units = {"single": f"ms/token mean, {short}-token prompt", "mixed": f"tokens/s, c={top}",
+                 "uniform": f"tokens/s, c={cfg['uniform_concurrency']}"}
+        out += ["", "**Against vLLM** (this run, same checkpoint, dtype and requests; relay / vllm)", "",
+                "| system | workload | relay | vllm | ratio | goal | met |", "|---|---|---:|---:|---:|---|---|"]
+        out += [f"| {r['system']} | {r['workload']} ({units[r['workload']]}) | {_f(r['relay'])} | {_f(r['vllm'])} | "
+                f"{_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |" for r in rows]
     rows = result.get("tensor_parallel") or []
     if rows:
         out += ["", "**Tensor parallelism** (single stream; each slice a group of N ranks against the same slices "
@@ -457,6 +515,7 @@ def write_tables(result: dict[str, Any], out: Path) -> str:
     result["ratios"] = compute_ratios(result)
     result["targets"] = target_rows(result)
     result["pipeline"] = pipeline_rows(result)
+    result["peer"] = peer_rows(result)
     result["tensor_parallel"] = tensor_parallel_rows(result)
     table = render_table(result)
     _write_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")

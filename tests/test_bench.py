@@ -222,6 +222,49 @@ def test_pipelining_figures():
     assert "mixed_over_hf_packed" not in {r["key"] for r in report.pipeline_rows(result)}
 
 
+def test_shared_core_relays_are_judged_on_costing_nothing():
+    """Default CPU slices share the cores (one step in flight): relay-2 is judged on matching relay-1, not on the
+    pipelining gains that slices on devices of their own are held to."""
+    cfg = BenchConfig(model="m")
+    result = {"meta": {"device": "cpu"}, "config": {**dataclasses.asdict(cfg), "num_threads": 2},
+              "systems": {"relay-1": _fake_system("relay-1", 1.0, shards=1),
+                          "relay-2": _fake_system("relay-2", 0.96, shards=2)}}
+    rows = {r["key"]: r for r in report.pipeline_rows(result)}
+    assert {k for k, r in rows.items() if r["met"] is not None} == {"uniform_2_over_1", "mixed_2_over_1",
+                                                                      "single_2_over_1"}
+    assert rows["busy_fraction"]["goal"] == "-" and rows["busy_fraction"]["value"] == pytest.approx(1.1 / 2)
+    assert rows["mixed_2_over_1"]["goal"] == ">= 0.95" and rows["mixed_2_over_1"]["met"]
+    assert rows["single_2_over_1"]["value"] == pytest.approx(1 / 0.96) and rows["single_2_over_1"]["met"]
+    result["systems"]["relay-2"] = _fake_system("relay-2", 0.9, shards=2)
+    assert not {r["key"]: r for r in report.pipeline_rows(result)}["mixed_2_over_1"]["met"]
+    result["meta"]["device"] = "cuda:0"  # slices on GPUs of their own pipeline
+    assert {r["key"]: r for r in report.pipeline_rows(result)}["mixed_2_over_1"]["goal"] == ">= 1.60"
+
+
+def test_relays_against_vllm(tmp_path):
+    """Each relay / vLLM on the three workloads, this run: ms/token at most 1.0x, tokens/s at least 1.0x; with no
+    hf in the run, the hf targets are left out rather than shown unmet."""
+    cfg = BenchConfig(model="m", out=str(tmp_path), baselines=("vllm",))
+    result = {"meta": {"model_name": "m", "parameters": 494_000_000, "dtype": "bfloat16", "device": "cpu",
+                       "command": "x"},
+              "config": {**dataclasses.asdict(cfg), "num_threads": 2},
+              "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 1e9, "read_bytes_per_token": 1e9,
+                            "floor_ms_per_token": 50.0, "ceiling_tokens_per_s": 20.0},
+              "runtime_overhead_bytes": 2**29,
+              "systems": {"vllm": _fake_system("vllm", 1.0), "relay-1": _fake_system("relay-1", 1.1, shards=1),
+                          "relay-2": _fake_system("relay-2", 0.98, shards=2)}}
+    table = report.write_tables(result, tmp_path)
+    rows = {(r["system"], r["workload"]): r for r in result["peer"]}
+    assert len(rows) == 6
+    assert rows["relay-1", "single"]["value"] == pytest.approx(1 / 1.1) and rows["relay-1", "single"]["met"]
+    assert rows["relay-1", "mixed"]["value"] == pytest.approx(1.1) and rows["relay-1", "uniform"]["met"]
+    assert not rows["relay-2", "single"]["met"] and not rows["relay-2", "mixed"]["met"]
+    assert "| relay-2 | mixed (tokens/s, c=16) | 15.7 | 16.0 | 0.98 | >= 1.00 | NO |" in table
+    assert all("peak memory" in r["target"] for r in result["targets"])
+    del result["systems"]["vllm"]
+    assert report.peer_rows(result) == []
+
+
 def test_tensor_parallel_figures(tmp_path):
     """relay-1-tp2 against relay-1 (the same slices at TP 1), single stream; the pipelining figures ignore it."""
     cfg = BenchConfig(model="m", out=str(tmp_path), shards=(1,), tensor_parallel=(1, 2))
