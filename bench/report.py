@@ -80,10 +80,13 @@ def memory_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                      "gpu_peak": gateway.get("gpu_peak_bytes") or None})
         return _with_budget(rows)
     for name in relay_names(result):
+        # A tensor-parallel slice reports its group's weights and cache but rank 0's peak: compare like with like.
+        n = result["systems"][name].get("tensor_parallel", 1)
+        rank = f", rank 0 of {n}" if n > 1 else ""
         for s in result["systems"][name].get("slices", []):
-            rows.append({"process": f"{name} slice {s['index']} (layers {s['layers']})", "peak": s["peak_rss_bytes"],
-                         "weights": s["weight_bytes"], "cache": s["cache_bytes"], "overhead": overhead,
-                         "gpu_peak": None})
+            rows.append({"process": f"{name} slice {s['index']} (layers {s['layers']}{rank})",
+                         "peak": s["peak_rss_bytes"], "weights": s["weight_bytes"] // n,
+                         "cache": s["cache_bytes"] // n, "overhead": overhead, "gpu_peak": None})
     return _with_budget(rows)
 
 

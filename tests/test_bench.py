@@ -285,6 +285,11 @@ def test_tensor_parallel_figures(tmp_path):
     assert rows["512"]["ttft_ratio"] == pytest.approx(1 / 1.6)
     assert "**Tensor parallelism**" in table and "| relay-1-tp2 | relay-1 | 16 | 31.2 | 50.0 | 0.62 | 0.62 |" in table
     assert result["pipeline"] == []  # one slice count: nothing pipelined to compare, TP relays aside
+    # A group reports its weights and cache summed over ranks, and rank 0's peak: the row is rank 0's.
+    memory = {r["process"]: r for r in report.memory_rows(result)}
+    rank0 = memory["relay-1-tp2 slice 0 (layers 0-0, rank 0 of 2)"]
+    assert rank0["weights"] == 2**29 and rank0["cache"] == 2**27
+    assert memory["relay-1 slice 0 (layers 0-0)"]["weights"] == 2**30
 
 
 def test_cli_flags(tmp_path):
