@@ -172,17 +172,20 @@ def _fake_system(name: str, speed: float, shards: int | None = None) -> dict:
     return system
 
 
+def _fake_result(cfg: BenchConfig, systems: dict, *, device: str = "cpu", dtype: str = "float32",
+                 threads: int = 2) -> dict:
+    """A whole bench result around `systems`, as `run.py` writes it (a 2 GB model at 20 GB/s)."""
+    return {"meta": {"model_name": "m", "parameters": 494_000_000, "dtype": dtype, "device": device,
+                     "command": "x", "duration_s": 1.0},
+            "config": {**dataclasses.asdict(cfg), "num_threads": threads},
+            "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 2e9, "read_bytes_per_token": 2e9,
+                          "floor_ms_per_token": 100.0, "ceiling_tokens_per_s": 10.0},
+            "runtime_overhead_bytes": 2**29, "systems": systems}
+
+
 def test_report_from_a_result(tmp_path):
     cfg = BenchConfig(model="m", out=str(tmp_path))
-    result = {
-        "meta": {"model_name": "m", "parameters": 494_000_000, "dtype": "float32", "device": "cpu",
-                 "command": "x", "duration_s": 1.0},
-        "config": {**dataclasses.asdict(cfg), "num_threads": 2},
-        "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 2e9, "read_bytes_per_token": 2e9,
-                      "floor_ms_per_token": 100.0, "ceiling_tokens_per_s": 10.0},
-        "runtime_overhead_bytes": 2**29,
-        "systems": {"hf": _fake_system("hf", 1.0), "relay-2": _fake_system("relay-2", 2.0, shards=2)},
-    }
+    result = _fake_result(cfg, {"hf": _fake_system("hf", 1.0), "relay-2": _fake_system("relay-2", 2.0, shards=2)})
     table = report.write_report(result, tmp_path)
     ratios = result["ratios"]["relay-2"]
     assert ratios["mixed"]["16"] == pytest.approx(2.0)
@@ -245,14 +248,8 @@ def test_relays_against_vllm(tmp_path):
     """Each relay / vLLM on the three workloads, this run: ms/token at most 1.0x, tokens/s at least 1.0x; with no
     hf in the run, the hf targets are left out rather than shown unmet."""
     cfg = BenchConfig(model="m", out=str(tmp_path), baselines=("vllm",))
-    result = {"meta": {"model_name": "m", "parameters": 494_000_000, "dtype": "bfloat16", "device": "cpu",
-                       "command": "x"},
-              "config": {**dataclasses.asdict(cfg), "num_threads": 2},
-              "bandwidth": {"copy_gb_per_s": 20.0, "weight_bytes": 1e9, "read_bytes_per_token": 1e9,
-                            "floor_ms_per_token": 50.0, "ceiling_tokens_per_s": 20.0},
-              "runtime_overhead_bytes": 2**29,
-              "systems": {"vllm": _fake_system("vllm", 1.0), "relay-1": _fake_system("relay-1", 1.1, shards=1),
-                          "relay-2": _fake_system("relay-2", 0.98, shards=2)}}
+    result = _fake_result(cfg, {"vllm": _fake_system("vllm", 1.0), "relay-1": _fake_system("relay-1", 1.1, shards=1),
+                                "relay-2": _fake_system("relay-2", 0.98, shards=2)}, dtype="bfloat16")
     table = report.write_tables(result, tmp_path)
     rows = {(r["system"], r["workload"]): r for r in result["peer"]}
     assert len(rows) == 6
@@ -269,15 +266,9 @@ def test_tensor_parallel_figures(tmp_path):
     """relay-1-tp2 against relay-1 (the same slices at TP 1), single stream; the pipelining figures ignore it."""
     cfg = BenchConfig(model="m", out=str(tmp_path), shards=(1,), tensor_parallel=(1, 2))
     tp2 = {**_fake_system("relay-1-tp2", 1.6, shards=1), "tensor_parallel": 2}
-    result = {"meta": {"model_name": "m", "parameters": 1_500_000_000, "dtype": "bfloat16", "device": "cuda:0",
-                       "command": "x"},
-              "config": {**dataclasses.asdict(cfg), "num_threads": 16},
-              "bandwidth": {"copy_gb_per_s": 4000.0, "weight_bytes": 3e9, "read_bytes_per_token": 3e9,
-                            "floor_ms_per_token": 0.75, "ceiling_tokens_per_s": 1333.0},
-              "runtime_overhead_bytes": 2**29,
-              "systems": {"hf": _fake_system("hf", 1.0), "relay-1": {**_fake_system("relay-1", 1.0, shards=1),
-                                                                     "tensor_parallel": 1},
-                          "relay-1-tp2": tp2}}
+    result = _fake_result(cfg, {"hf": _fake_system("hf", 1.0),
+                                "relay-1": {**_fake_system("relay-1", 1.0, shards=1), "tensor_parallel": 1},
+                                "relay-1-tp2": tp2}, device="cuda:0", dtype="bfloat16", threads=16)
     table = report.write_tables(result, tmp_path)
     rows = {r["prompt"]: r for r in result["tensor_parallel"]}
     assert set(rows) == {"16", "512"} and rows["16"]["baseline"] == "relay-1" and rows["16"]["tensor_parallel"] == 2
