@@ -362,7 +362,9 @@ def render_table(result: dict[str, Any]) -> str:
         short, top = min(cfg["single_prompts"]), max(cfg["concurrency"])
         units = {"single": f"ms/token mean, {short}-token prompt", "mixed": f"tokens/s, c={top}",
                  "uniform": f"tokens/s, c={cfg['uniform_concurrency']}"}
-        out += ["", "**Against vLLM** (this run, same checkpoint, dtype and requests; relay / vllm)", "",
+        cores = systems.get("vllm", {}).get("cpu_cores")
+        bound = f"; vLLM computed on CPU cores {cores}" if cores is not None else ""
+        out += ["", f"**Against vLLM** (this run, same checkpoint, dtype and requests; relay / vllm{bound})", "",
                 "| system | workload | relay | vllm | ratio | goal | met |", "|---|---|---:|---:|---:|---|---|"]
         out += [f"| {r['system']} | {r['workload']} ({units[r['workload']]}) | {_f(r['relay'])} | {_f(r['vllm'])} | "
                 f"{_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |" for r in rows]

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,13 @@ def vllm_version(python: str) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"{python} cannot import vllm: {done.stderr.strip().splitlines()[-1:]}")
     return done.stdout.strip().splitlines()[-1]
+
+
+def compute_cores(server_log: str) -> str | None:
+    """The cores vLLM's CPU worker bound its threads to, from its log (`core ids=[0]`): by default it reserves
+    a core for its engine and API server, which halves its compute on a 2-core machine."""
+    found = re.findall(r"core ids=\[([0-9, ]*)\]", server_log)
+    return found[-1] if found else None
 
 
 def server_command(cfg: BenchConfig, port: int) -> list[str]:
@@ -92,7 +100,9 @@ class VllmServer:
             server.close()
             raise
         header["startup_s"] = time.perf_counter() - started
-        log.info("vllm %s: up in %.1f s on port %d", version, header["startup_s"], port)
+        header["cpu_cores"] = compute_cores(logfile.read_text(errors="replace"))
+        log.info("vllm %s: up in %.1f s on port %d, computing on CPU cores %s", version, header["startup_s"], port,
+                 header["cpu_cores"] or "(not in its log)")
         return server
 
     async def _wait_ready(self, logfile: Path) -> None:

@@ -13,7 +13,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_relay.bench import baselines, loadgen, measure, relay_under_test, report, workloads
+from qwen_relay.bench import baselines, loadgen, measure, relay_under_test, report, vllm_peer, workloads
 from qwen_relay.bench import relay as cli
 from qwen_relay.bench import run as bench_run
 from qwen_relay.bench.workloads import BenchConfig, Request
@@ -257,6 +257,11 @@ def test_relays_against_vllm(tmp_path):
     assert rows["relay-1", "mixed"]["value"] == pytest.approx(1.1) and rows["relay-1", "uniform"]["met"]
     assert not rows["relay-2", "single"]["met"] and not rows["relay-2", "mixed"]["met"]
     assert "| relay-2 | mixed (tokens/s, c=16) | 15.7 | 16.0 | 0.98 | >= 1.00 | NO |" in table
+    assert "relay / vllm)" in table  # no binding known: nothing claimed
+    result["systems"]["vllm"]["cpu_cores"] = vllm_peer.compute_cores(
+        "INFO [ompmultiprocessing.py:185] \tlocal_rank=0, core ids=[0]\nINFO reserved_cpus=[1]\n")
+    assert "relay / vllm; vLLM computed on CPU cores 0)" in report.write_tables(result, tmp_path)
+    assert vllm_peer.compute_cores("no binding line") is None
     assert all("peak memory" in r["target"] for r in result["targets"])
     del result["systems"]["vllm"]
     assert report.peer_rows(result) == []
