@@ -367,7 +367,7 @@ def render_table(result: dict[str, Any]) -> str:
         out += ["", f"**Against vLLM** (this run, same checkpoint, dtype and requests; relay / vllm{bound})", "",
                 "| system | workload | relay | vllm | ratio | goal | met |", "|---|---|---:|---:|---:|---|---|"]
         out += [f"| {r['system']} | {r['workload']} ({units[r['workload']]}) | {_f(r['relay'])} | {_f(r['vllm'])} | "
-                f"{_f(r['value'], 2)} | {r['goal']} | {'yes' if r['met'] else 'NO'} |" for r in rows]
+                f"{_f(r['value'], 2)} | {r['goal']} | {_met(r['met'])} |" for r in rows]
     rows = result.get("tensor_parallel") or []
     if rows:
         out += ["", "**Tensor parallelism** (single stream; each slice a group of N ranks against the same slices "

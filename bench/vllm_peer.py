@@ -49,7 +49,7 @@ def vllm_version(python: str) -> str:
 
 def compute_cores(server_log: str) -> str | None:
     """The cores vLLM's CPU worker bound its threads to, from its log (`core ids=[0]`): by default it reserves
-    a core for its engine and API server, which halves its compute on a 2-core machine."""
+    a core for its engine and API server: one of a 2-core machine's two computes."""
     found = re.findall(r"core ids=\[([0-9, ]*)\]", server_log)
     return found[-1] if found else None
 
