@@ -105,9 +105,14 @@ class KVCache:
 
     def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
               v: torch.Tensor) -> None:
-        """Store new keys/values [N, kv_heads, head_dim] of N tokens at (block, offset) pairs."""
-        self.k[layer, blocks, offsets] = k
-        self.v[layer, blocks, offsets] = v
+        """Store new keys/values [N, kv_heads, head_dim] of N tokens at (block, offset) pairs.
+
+        Indexed on the whole tensor, not on the layer's view (`self.k[layer, blocks, offsets] = k`): the same in
+        eager mode, but a compiled step functionalizes a write into a view of its input as a copy of that view,
+        which copied every layer's whole cache (8 MiB a layer at the 0.5B shape) on every step."""
+        index = (torch.full_like(blocks, layer), blocks, offsets)
+        self.k.index_put_(index, k.to(self.k.dtype))
+        self.v.index_put_(index, v.to(self.v.dtype))
 
     def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, kv_heads, W * block_size, head_dim] of block tables [B, W] (padded with the
