@@ -19,11 +19,19 @@ weight streams from memory, oneDNN's 1- and 2-row kernels took longer than its 4
 0.5B's layers 0-11: a decode step of 1, 2 and 4 rows took 56, 68 and 46 ms unpadded, 47, 49 and 47 padded).
 LoRA adapters still apply: PEFT wraps a `PackedLinear` like any `nn.Linear` and adds its low-rank update on
 top of this forward.
+
+A compiled decode step (`--decode-step compiled`) cannot take the packed weights: they are opaque oneDNN
+tensors, which dynamo cannot trace and inductor lowers only as constants. So under `torch.compile` each packed
+linear is the custom operator `qwen_relay::packed_linear`, which names its weight by a handle (as vLLM's CPU
+build names its oneDNN matmuls): inductor fuses the norms, rotary, residuals and attention around opaque
+oneDNN calls (docs/benchmarks.md, "The decode step").
 """
 
 from __future__ import annotations
 
+import itertools
 import platform
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -45,8 +53,16 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-def _pack(weight: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT), requires_grad=False)
+# Packed weights by handle, for the custom operator; held weakly, so a dropped slice frees its weights.
+_PACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def _pack(weight: torch.Tensor) -> tuple[nn.Parameter, int]:
+    packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT), requires_grad=False)
+    handle = next(_HANDLES)
+    _PACKED[handle] = packed
+    return packed, handle
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,17 +74,35 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return out[:rows].reshape(*x.shape[:-1], -1)
 
 
+@torch.library.custom_op("qwen_relay::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """`_linear` with the packed weight registered as `handle`: what a compiled step calls."""
+    return _linear(x, _PACKED[handle], bias)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, handle: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, handle: int, bias: torch.Tensor | None,
+             out_features: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return packed_linear(x, handle, bias, out_features)
+    return _linear(x, weight, bias)
+
+
 class PackedLinear(nn.Linear):
     """An `nn.Linear` whose weight is an opaque oneDNN tensor; bias, shapes and names are unchanged."""
 
     def __init__(self, linear: nn.Linear, weight: torch.Tensor) -> None:
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a dense weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = _pack(weight)
+        self.weight, self.handle = _pack(weight)
         self.bias = linear.bias  # may still be on `meta`: the loader fills it in afterwards
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.bias)
+        return _forward(x, self.weight, self.handle, self.bias, self.out_features)
 
 
 class PackedHead(nn.Module):
@@ -80,10 +114,13 @@ class PackedHead(nn.Module):
         if linear.bias is not None:
             raise ValueError("a packed LM head has no bias")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.blocks = nn.ParameterList(_pack(rows) for rows in row_blocks)
+        packed = [(*_pack(rows), rows.shape[0]) for rows in row_blocks]  # (weight, handle, rows) per block
+        self.blocks = nn.ParameterList(weight for weight, _, _ in packed)
+        self.handles = [(handle, rows) for _, handle, rows in packed]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_linear(x, block, None) for block in self.blocks], dim=-1)
+        return torch.cat([_forward(x, block, handle, None, rows)
+                          for block, (handle, rows) in zip(self.blocks, self.handles, strict=True)], dim=-1)
 
 
 def is_linear_weight(root: nn.Module, name: str) -> bool:

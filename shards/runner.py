@@ -33,6 +33,7 @@ from .dtypes import resolve_dtype, stored_dtype
 from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
 from .loader import load_config, load_slice
+from .packed import PackedHead, PackedLinear
 from .sampler import sample
 from .stats import SliceStats
 from .step_inputs import DecodeInputs, StepMetadata, is_decode
@@ -90,10 +91,8 @@ class SliceRunner:
         self.spec = spec
         self.device = device
         self.dtype = resolve_dtype(spec.dtype, device, stored_dtype(load_config(model_dir(spec.model))))
-        # Inductor lowers prepacked oneDNN weights only as graph constants, and packs dense ones itself
-        # (freezing): a compiled CPU step loads dense weights (docs/benchmarks.md, "The decode step").
-        prepack = spec.prepack and not (spec.decode == "compiled" and device.type == "cpu")
-        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, prepack, shard)
+        # A compiled step calls packed linears as opaque custom operators (shards/packed.py).
+        self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack, shard)
         self.shard, self.collectives = shard, collectives
         self.decode_mode = self._decode_mode(spec.decode)
         if collectives is not None:
@@ -168,8 +167,10 @@ class SliceRunner:
             torch._dynamo.mark_static_address(self.cache.k)
             torch._dynamo.mark_static_address(self.cache.v)
             return torch.compile(self.slice.decode, mode="reduce-overhead", fullgraph=True, dynamic=False)
-        # Freezing: weights become graph constants, which inductor packs for oneDNN at compile time.
-        return torch.compile(self.slice.decode, fullgraph=True, dynamic=False, options={"freezing": True})
+        # Packed linears stay opaque oneDNN calls, inductor fuses what lies between them; dense weights (a CPU
+        # without packed kernels for the dtype) become graph constants that inductor packs itself (freezing).
+        dense = not any(isinstance(m, (PackedLinear, PackedHead)) for m in self.slice.modules())
+        return torch.compile(self.slice.decode, fullgraph=True, dynamic=False, options={"freezing": dense})
 
     def _static(self, batch: StepBatch) -> bool:
         return (self.decode_mode != "dynamic" and is_decode(batch) and not self.adapters.injected
