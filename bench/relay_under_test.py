@@ -39,6 +39,7 @@ def relay_options(cfg: BenchConfig, shards: int, tensor_parallel: int = 1) -> An
                         dtype=str(dtype).removeprefix("torch."), threads=threads, max_in_flight=in_flight,
                         cpus_per_slice=1.0,
                         prepack=cfg.prepack, prefix_cache=cfg.prefix_cache, max_step_tokens=cfg.max_step_tokens,
+                        decode_step=cfg.decode_step,
                         grace_seconds=0, graph_idle_teardown=0)
 
 

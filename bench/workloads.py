@@ -45,6 +45,7 @@ class BenchConfig:
     prepack: bool = True  # the relay's CPU weights prepacked for oneDNN (hf always runs stock kernels)
     prefix_cache: bool = True  # the relay reuses cached prompt prefixes (serve's default)
     max_step_tokens: int = 512  # the relay's step token budget (serve's --max-step-tokens)
+    decode_step: str = "auto"  # the relay's decode step (serve's --decode-step; shards/runner.py)
     max_batch: int = 16
     max_context: int = 1024
     single_prompts: tuple[int, ...] = (16, 512)

@@ -315,6 +315,9 @@ def test_cli_flags(tmp_path):
     assert tp.tensor_parallel == (1, 2)
     options = relay_under_test.relay_options(tp, 1, 2)
     assert options.tensor_parallel == 2 and options.threads == 4  # the ranks run at once: they split the threads
+    compiled = cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--decode-step", "compiled"]))
+    assert relay_under_test.relay_options(compiled, 1).decode_step == "compiled"
+    assert relay_under_test.relay_options(full, 1).decode_step == "auto"
     assert relay_under_test.relay_name(1, 2) == "relay-1-tp2" and relay_under_test.relay_name(2) == "relay-2"
     with pytest.raises(SystemExit, match="--tensor-parallel"):
         cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--tensor-parallel", "0"]))
