@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from qwen_relay.shards.runner import DECODE_MODES
+
 from .loadgen import parse_range
 from .measure import resolve_device_dtype
 from .run import run_benchmark
@@ -181,7 +183,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prepack", action="store_true",
                    help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")
     p.add_argument("--max-batch", type=int, default=16, help="relay sequences running at once")
-    p.add_argument("--decode-step", default="auto", choices=["auto", "dynamic", "static", "compiled"],
+    p.add_argument("--decode-step", default="auto", choices=DECODE_MODES,
                    help="the relay's decode step (serve's flag; compiled: each new bucket compiles inside the "
                    "phase that first meets it)")
     p.add_argument("--no-prefix-cache", action="store_true", help="the relay without its prefix cache (serve's flag)")
