@@ -9,8 +9,8 @@ Decode steps (every row one token) of a dense slice with no LoRA adapter injecte
 Qwen3.5 slices take the dynamic one (`StepMetadata`). Both return logits on the last slice, which the runner
 samples with the one sampler (shards/sampler.py). `SliceSpec.decode` picks how the static step runs:
 "compiled" wraps it in `torch.compile` (on CUDA `mode="reduce-overhead"`: CUDA graphs, captured per bucket
-after warm-up), "static" runs it eagerly, "dynamic" never uses it, "auto" compiles on CUDA and uses
-`CPU_DECODE` on a CPU (docs/benchmarks.md).
+after warm-up), "static" runs it eagerly, "dynamic" never uses it, "auto" compiles on CUDA, and on a CPU
+compiles a slice of at least `COMPILE_MIN_BYTES` of weights (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ from .tensor_parallel import WHOLE, Shard, gather_vocab, shard_lora
 log = logging.getLogger(__name__)
 
 DECODE_MODES = ("auto", "dynamic", "static", "compiled")
-CPU_DECODE = "static"  # what "auto" means on a CPU: measured in docs/benchmarks.md (decode step)
+# What "auto" means on a CPU: the compiled step for a slice whose weights weigh at least COMPILE_MIN_BYTES (measured
+# in docs/benchmarks.md, "The decode step"), else the eager static step. Compiling costs seconds to a minute
+# per slice at start-up; a slice smaller than this (the tests' tiny checkpoints) steps in a millisecond or two,
+# and would wait longer for its compile than it could ever win back.
+COMPILE_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,10 @@ class SliceRunner:
     def _decode_mode(self, asked: str) -> str:
         if asked not in DECODE_MODES:
             raise ValueError(f"decode {asked!r}: choose one of {', '.join(DECODE_MODES)}")
-        mode = ("compiled" if self.device.type == "cuda" else CPU_DECODE) if asked == "auto" else asked
+        mode = asked
+        if asked == "auto":
+            weights = sum(p.nbytes for p in self.slice.parameters())
+            mode = "compiled" if self.device.type == "cuda" or weights >= COMPILE_MIN_BYTES else "static"
         if mode != "dynamic" and not self.slice.static_decode:
             log.info("layers %d-%d (%s): decode steps take the dynamic path (no static step for this family "
                      "or layer kind)", self.spec.first, self.spec.end - 1, self.slice.family.name)
@@ -155,8 +162,10 @@ class SliceRunner:
         return mode
 
     def _decode_step(self) -> Callable:
-        """`ModelSlice.decode`, compiled for "compiled": one graph per (rows, context) bucket, traced whole
-        (`fullgraph`); on CUDA also captured as CUDA graphs, with the cache at a static address."""
+        """`ModelSlice.decode`, compiled for "compiled", traced whole (`fullgraph`). On CUDA: one graph per
+        (rows, context) bucket, each captured as CUDA graphs, with the cache at a static address. On a CPU: one
+        graph for one row and one for more, whatever the context (`_mark_dynamic`), both compiled at warm-up,
+        so no request waits for a compile that its bucket's first step would otherwise start."""
         if self.decode_mode != "compiled":
             return self.slice.decode
         # Every slice in this process shares ModelSlice.decode's compile cache: room for all their buckets.
@@ -170,7 +179,14 @@ class SliceRunner:
         # Packed linears stay opaque oneDNN calls, inductor fuses what lies between them; dense weights (a CPU
         # without packed kernels for the dtype) become graph constants that inductor packs itself (freezing).
         dense = not any(isinstance(m, (PackedLinear, PackedHead)) for m in self.slice.modules())
-        return torch.compile(self.slice.decode, fullgraph=True, dynamic=False, options={"freezing": dense})
+        step = torch.compile(self.slice.decode, fullgraph=True, dynamic=None, options={"freezing": dense})
+
+        def decode(ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, hidden: torch.Tensor | None,
+                   cache: KVCache) -> torch.Tensor:
+            _mark_dynamic(ids, positions, tables, hidden)
+            return step(ids, positions, tables, hidden, cache)
+
+        return decode
 
     def _static(self, batch: StepBatch) -> bool:
         return (self.decode_mode != "dynamic" and is_decode(batch) and not self.adapters.injected
@@ -236,9 +252,14 @@ class SliceRunner:
         if not self.slice.is_first:
             hidden = torch.zeros(2, 1, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
         self._forward(batch, hidden)  # hidden states travel packed: one real token per row
-        if self.decode_mode != "dynamic":  # the first decode bucket: compiled (and captured) here
-            decode = StepBatch(slots=[0], starts=[2], token_ids=[[0]], blocks=table, sampling=[SamplingParams()])
-            self._forward(decode, None if hidden is None else hidden[:1])
+        if self.decode_mode == "dynamic":
+            return
+        # The first decode bucket, compiled (and captured) here; on a CPU also the graph for several rows.
+        rows = 2 if self.decode_mode == "compiled" and self.device.type == "cpu" and self.spec.max_slots > 1 else 1
+        for n in range(1, rows + 1):
+            decode = StepBatch(slots=list(range(n)), starts=[2] * n, token_ids=[[0]] * n, blocks=table * n,
+                               sampling=[SamplingParams()] * n)
+            self._forward(decode, None if hidden is None else hidden[:1].expand(n, -1, -1))
 
     def stats(self) -> SliceStats:
         return SliceStats(
@@ -254,3 +275,13 @@ class SliceRunner:
             forward_seconds=self.forward_seconds,
             steps=self.steps,
         )
+
+
+def _mark_dynamic(ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
+                  hidden: torch.Tensor | None) -> None:
+    """Rows and context width as symbols, so one compiled CPU step serves every bucket. A size of 1 stays a
+    constant (torch specialises 0 and 1), hence a graph of its own for one row."""
+    for tensor in (ids, positions, tables, hidden):
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    torch._dynamo.maybe_mark_dynamic(tables, 1)

@@ -111,6 +111,29 @@ def test_a_compiled_step_writes_the_cache_in_place():
     assert not cache.k[0].any() and cache.k[1].count_nonzero() == k.count_nonzero()  # nothing else written
 
 
+@pytest.mark.slow  # two inductor compiles of a one-layer slice
+def test_a_compiled_cpu_step_compiles_at_warm_up_only(tmp_path):
+    """Warm-up compiles the CPU step for one row and for several; no later step compiles again, whatever its
+    rows or context bucket (one graph per bucket took 38-52 s each on the 0.5B shape, 25 buckets)."""
+    from torch._dynamo.utils import counters
+
+    from qwen_relay.checkpoints.synthetic import build_checkpoint
+
+    model = build_checkpoint(tmp_path, "tiny", num_hidden_layers=1)
+    runner = SliceRunner(SliceSpec(model=str(model), first=0, end=1, device="cpu", max_slots=8, max_len=512,
+                                   num_blocks=256, decode="compiled"))
+    torch._dynamo.reset()
+    counters.clear()
+    runner.warmup()
+    assert counters["stats"]["unique_graphs"] == 2
+    runner.reset()
+    for rows, context in [(1, 20), (3, 20), (8, 20), (1, 300), (5, 300), (2, 500)]:
+        slots = list(range(rows))
+        runner.step(runner_batch(runner, slots, [0] * rows, [[3] * (context - 1)] * rows))  # prefill
+        runner.step(runner_batch(runner, slots, [context - 1] * rows, [[4]] * rows))  # a decode step
+    assert runner.decode_mode == "compiled" and counters["stats"]["unique_graphs"] == 2
+
+
 def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model):
     """A seeded draw takes the logits of the static step: the same token as the dynamic path's."""
     sampling = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=7)]
@@ -120,6 +143,17 @@ def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model)
         runner.step(runner_batch(runner, [0, 1], [0, 0], [[5, 6, 7], [8, 9]], sampling))
         tokens[mode] = runner.step(runner_batch(runner, [0, 1], [3, 2], [[11], [12]], sampling))
     assert tokens["static"] == tokens["dynamic"]
+
+
+def test_auto_compiles_a_cpu_slice_only_when_it_is_big_enough(tiny_model, monkeypatch):
+    """A tiny slice would wait longer for its compile than it could win back: it steps eagerly."""
+    from qwen_relay.shards import runner as runner_module
+
+    (small,) = _runners(tiny_model, [(0, 5)], "auto")
+    assert small.decode_mode == "static"
+    monkeypatch.setattr(runner_module, "COMPILE_MIN_BYTES", sum(p.nbytes for p in small.slice.parameters()))
+    (big,) = _runners(tiny_model, [(0, 5)], "auto")
+    assert big.decode_mode == "compiled"
 
 
 def test_moe_and_adapters_keep_the_dynamic_path(qwen3_moe_model, tiny_model):
