@@ -259,7 +259,7 @@ class SliceRunner:
         for n in range(1, rows + 1):
             decode = StepBatch(slots=list(range(n)), starts=[2] * n, token_ids=[[0]] * n, blocks=table * n,
                                sampling=[SamplingParams()] * n)
-            self._forward(decode, None if hidden is None else hidden[:1].expand(n, -1, -1))
+            self._forward(decode, None if hidden is None else hidden[:n])  # contiguous, as real steps bring
 
     def stats(self) -> SliceStats:
         return SliceStats(

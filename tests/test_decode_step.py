@@ -119,19 +119,21 @@ def test_a_compiled_cpu_step_compiles_at_warm_up_only(tmp_path):
 
     from qwen_relay.checkpoints.synthetic import build_checkpoint
 
-    model = build_checkpoint(tmp_path, "tiny", num_hidden_layers=1)
-    runner = SliceRunner(SliceSpec(model=str(model), first=0, end=1, device="cpu", max_slots=8, max_len=512,
-                                   num_blocks=256, decode="compiled"))
+    model = build_checkpoint(tmp_path, "tiny", num_hidden_layers=2)
+    runners = [SliceRunner(SliceSpec(model=str(model), first=a, end=a + 1, device="cpu", max_slots=8,
+                                     max_len=512, num_blocks=256, decode="compiled")) for a in (0, 1)]
     torch._dynamo.reset()
     counters.clear()
-    runner.warmup()
-    assert counters["stats"]["unique_graphs"] == 2
-    runner.reset()
+    for runner in runners:  # two slices: the first takes token ids, the last hidden states
+        runner.warmup()
+        runner.reset()
+    assert counters["stats"]["unique_graphs"] == 4
     for rows, context in [(1, 20), (3, 20), (8, 20), (1, 300), (5, 300), (2, 500)]:
         slots = list(range(rows))
-        runner.step(runner_batch(runner, slots, [0] * rows, [[3] * (context - 1)] * rows))  # prefill
-        runner.step(runner_batch(runner, slots, [context - 1] * rows, [[4]] * rows))  # a decode step
-    assert runner.decode_mode == "compiled" and counters["stats"]["unique_graphs"] == 2
+        for start, tokens in [(0, [[3] * (context - 1)] * rows), (context - 1, [[4]] * rows)]:  # prefill, decode
+            hidden = runners[0].step(runner_batch(runners[0], slots, [start] * rows, tokens))
+            runners[1].step(runner_batch(runners[1], slots, [start] * rows, tokens), hidden)
+    assert all(r.decode_mode == "compiled" for r in runners) and counters["stats"]["unique_graphs"] == 4
 
 
 def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model):
