@@ -101,7 +101,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-step", default="auto", choices=["auto", "dynamic", "static", "compiled"],
                         help="decode steps (one token per row) of dense slices: static shapes, run eagerly or "
                         "compiled (torch.compile; CUDA graphs on a GPU), or the dynamic path prefills take "
-                        "(default auto: compiled on a GPU, static on a CPU)")
+                        "(default auto: compiled on a GPU, and on a CPU for slices of 64 MiB of weights or more; "
+                        "static below)")
     parser.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                         help="Ray placement-group strategy for the slices")
     parser.add_argument("--placement-timeout", type=bounded(float, 0), default=600.0,
