@@ -4,10 +4,12 @@ machine itself."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -20,6 +22,8 @@ from qwen_relay.shards.runner import peak_rss_bytes
 
 from .loadgen import percentile
 from .workloads import BenchConfig
+
+log = logging.getLogger(__name__)
 
 MIB = 2**20
 
@@ -47,6 +51,46 @@ def single_stream_stats(runs: list[tuple[float, list[float]]], prompt_tokens: in
         "ms_per_token_p95": percentile(gaps, 95),
         "ms_per_token_mean": sum(means) / len(means) if means else None,
     }
+
+
+QUIET_BUSY = 0.2  # a machine whose cores are busier than this over a window is still settling
+QUIET_WINDOW_S = 0.1
+QUIET_TIMEOUT_S = 10.0
+
+
+def cpu_busy_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+
+
+def wait_until_quiet(what: str, busy: float = QUIET_BUSY, window: float = QUIET_WINDOW_S,
+                     timeout: float = QUIET_TIMEOUT_S, read: Callable[[], tuple[int, int] | None] = cpu_busy_ticks
+                     ) -> float:
+    """Wait until the machine's cores are less than `busy` busy over one `window`, at most `timeout` seconds;
+    returns the seconds waited. A system that has just finished may keep a core spinning after its last
+    response (vLLM's CPU engine polls one for about a second), and the next system measured would share it.
+    Says what it waited for when it gives up."""
+    start = time.perf_counter()
+    before = read()
+    if before is None:
+        return 0.0
+    while True:
+        time.sleep(window)
+        after = read()
+        spent = time.perf_counter() - start
+        share = (after[0] - before[0]) / max(1, after[1] - before[1])
+        if share < busy:
+            return spent
+        if spent >= timeout:
+            log.warning("before %s: the cores were still %.0f%% busy after %.0f s; measuring anyway", what,
+                        100 * share, spent)
+            return spent
+        before = after
 
 
 def reset_peak_rss() -> bool:

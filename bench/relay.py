@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                       threads_per_slice=args.threads_per_slice, baselines=baselines, vllm_python=args.vllm_python,
                       vllm_args=tuple(args.vllm_arg), workloads=workloads, prepack=not args.no_prepack,
                       prefix_cache=not args.no_prefix_cache, max_step_tokens=args.max_step_tokens,
-                      decode_step=args.decode_step, max_batch=args.max_batch, **values)
+                      decode_step=args.decode_step, max_batch=args.max_batch, settle_s=args.settle, **values)
     # The context every system is given: 1,024 tokens, or what the longest request of the workloads needs.
     need = cfg.longest_sequence()
     if args.max_context is None:
@@ -184,8 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="relay CPU weights dense, run by stock PyTorch kernels as hf's are (the ablation)")
     p.add_argument("--max-batch", type=int, default=16, help="relay sequences running at once")
     p.add_argument("--decode-step", default="auto", choices=DECODE_MODES,
-                   help="the relay's decode step (serve's flag; compiled: each new bucket compiles inside the "
-                   "phase that first meets it)")
+                   help="the relay's decode step (serve's flag; a compiled step compiles at the relay's start)")
+    p.add_argument("--settle", type=float, default=10.0, metavar="S",
+                   help="before each system's turn in a phase, wait up to S seconds for the cores to go quiet: a "
+                   "system that just finished may keep one busy (vLLM's CPU engine, about a second); 0: no wait")
     p.add_argument("--no-prefix-cache", action="store_true", help="the relay without its prefix cache (serve's flag)")
     p.add_argument("--max-step-tokens", type=int, default=512, help="the relay's step token budget (serve's flag)")
     p.add_argument("--max-context", type=int,

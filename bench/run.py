@@ -18,7 +18,15 @@ import torch
 from qwen_relay.shards.runner import peak_rss_bytes
 
 from .baselines import HfProcess
-from .measure import copy_bandwidth, machine, reset_peak_rss, resolve_device_dtype, runtime_overhead, weight_read_bytes
+from .measure import (
+    copy_bandwidth,
+    machine,
+    reset_peak_rss,
+    resolve_device_dtype,
+    runtime_overhead,
+    wait_until_quiet,
+    weight_read_bytes,
+)
 from .relay_under_test import RelayUnderTest
 from .report import write_report, write_tables
 from .vllm_peer import VllmServer, vllm_version
@@ -40,7 +48,9 @@ class System(Protocol):
 
 async def run_phases(cfg: BenchConfig, phases: Sequence[Phase], systems: Sequence[System], result: dict[str, Any],
                      extra: Callable[[], dict[str, Any]] | None = None) -> None:
-    """Each phase on every system in turn, so slow drift in machine load hits all of them alike.
+    """Each phase on every system in turn, so slow drift in machine load hits all of them alike; before each
+    system, the machine is let settle (`wait_until_quiet`), so no system is measured beside the last one's
+    leftover work.
 
     After every phase, bench.json and table.md are rewritten with everything finished so far (figures, each
     system's memory so far, `extra()`), and after a failure with the phase it failed in: a run cut short by a
@@ -52,6 +62,9 @@ async def run_phases(cfg: BenchConfig, phases: Sequence[Phase], systems: Sequenc
         started = time.perf_counter()
         try:
             for system in systems:
+                if cfg.settle_s > 0:
+                    await asyncio.to_thread(wait_until_quiet, f"{phase.describe()} on {system.name}",
+                                            timeout=cfg.settle_s)
                 store(result["systems"][system.name], phase, value := await system.run(phase))
                 log.info("%s | %s: %s", phase.describe(), system.name, summary(phase, value))
             for system in systems:

@@ -46,6 +46,7 @@ class BenchConfig:
     prefix_cache: bool = True  # the relay reuses cached prompt prefixes (serve's default)
     max_step_tokens: int = 512  # the relay's step token budget (serve's --max-step-tokens)
     decode_step: str = "auto"  # the relay's decode step (serve's --decode-step; shards/runner.py)
+    settle_s: float = 10.0  # before each system's turn, wait up to this long for quiet cores (0: no wait)
     max_batch: int = 16
     max_context: int = 1024
     single_prompts: tuple[int, ...] = (16, 512)

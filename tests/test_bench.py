@@ -23,7 +23,7 @@ def tiny_config(model, out, **overrides) -> BenchConfig:
     values = dict(model=str(model), out=str(out), shards=(1,), threads=1, max_batch=4, max_context=64,
                   single_prompts=(4, 12), single_new_tokens=4, single_repeats=1, mixed_requests=5,
                   mixed_prompt=(3, 12), mixed_new=(2, 6), concurrency=(1, 2), min_requests=2, uniform_requests=2,
-                  uniform_prompt=8, uniform_new=4, uniform_concurrency=2)
+                  uniform_prompt=8, uniform_new=4, uniform_concurrency=2, settle_s=0)  # the suite's cores are busy
     values.update(overrides)
     return BenchConfig(**values)
 
@@ -528,7 +528,7 @@ def test_results_are_written_after_every_phase(tmp_path):
     finished, and says where it stopped; each phase starts with the previous one already on disk."""
     import asyncio
 
-    cfg = BenchConfig(model="m", out=str(tmp_path), single_prompts=(16, 512), concurrency=(1, 4))
+    cfg = BenchConfig(model="m", out=str(tmp_path), single_prompts=(16, 512), concurrency=(1, 4), settle_s=0)
     phases = workloads.plan(cfg, workloads.make_workloads(cfg, list(range(1000))))
     assert [p.describe() for p in phases][:3] == ["single stream, 16-token prompt", "single stream, 512-token prompt",
                                                   "mixed c=1 (2 requests)"]
@@ -661,3 +661,37 @@ def test_profile_step_prints_each_share(tiny_model, capsys):
     shares = {line[:13].strip(): float(line[13:].strip().rstrip("%")) for line in lines[1:]}
     assert {"linear", "attention", "kv cache", "sampler", "other"} <= set(shares)
     assert shares["linear"] > 0 and shares["attention"] > 0 and shares["sampler"] > 0
+
+
+def test_the_bench_waits_for_a_busy_machine_to_settle_and_gives_up_in_bounded_time(monkeypatch, caplog):
+    """A system that just finished may keep a core spinning (vLLM's CPU engine, about a second): the next one is
+    measured only once the cores are quiet, or after the bound, said in a warning."""
+    monkeypatch.setattr(measure.time, "sleep", lambda s: None)
+    readings = iter([(0, 0), (90, 100), (180, 200), (185, 300)])  # 90% busy, 90%, then 5%
+    assert measure.wait_until_quiet("phase", window=0.0, read=lambda: next(readings)) >= 0
+    assert next(readings, None) is None  # it read until the quiet window, and no further
+    ticks = iter(range(0, 10**6, 100))
+    with caplog.at_level("WARNING", logger="qwen_relay.bench.measure"):
+        measure.wait_until_quiet("single on vllm", window=0.0, timeout=0.0,
+                                 read=lambda: (t := next(ticks), t))  # always 100% busy
+    assert "before single on vllm: the cores were still 100% busy" in caplog.text
+    assert measure.wait_until_quiet("x", read=lambda: None) == 0.0  # no /proc/stat: nothing to wait for
+
+
+def test_each_system_waits_for_quiet_cores_before_its_turn(tmp_path, monkeypatch):
+    import asyncio
+
+    from qwen_relay.server.cli import build_parser
+
+    waits = []
+    monkeypatch.setattr(bench_run, "wait_until_quiet", lambda what, timeout: waits.append((what, timeout)))
+    cfg = BenchConfig(model="m", out=str(tmp_path), single_prompts=(16,), workloads=("single",), settle_s=4.0)
+    phases = workloads.plan(cfg, workloads.make_workloads(cfg, list(range(1000))))
+    result = {"meta": {"model_name": "m", "parameters": 1, "dtype": "float32", "device": "cpu"},
+              "config": {**dataclasses.asdict(cfg), "num_threads": 2}, "runtime_overhead_bytes": 0,
+              "bandwidth": {"copy_gb_per_s": 30.0, "weight_bytes": 1e9, "read_bytes_per_token": 1e9,
+                            "floor_ms_per_token": 33.3, "ceiling_tokens_per_s": 30.0}}
+    asyncio.run(bench_run.run_phases(cfg, phases, [_FakeSystem("hf", tmp_path), _FakeSystem("relay-1", tmp_path)],
+                                     result))
+    assert waits == [("single stream, 16-token prompt on hf", 4.0), ("single stream, 16-token prompt on relay-1", 4.0)]
+    assert cli.config_from_args(build_parser().parse_args(["bench", "--model", "m", "--settle", "0"])).settle_s == 0
