@@ -55,7 +55,6 @@ def single_stream_stats(runs: list[tuple[float, list[float]]], prompt_tokens: in
 
 QUIET_BUSY = 0.2  # a machine whose cores are busier than this over a window is still settling
 QUIET_WINDOW_S = 0.1
-QUIET_TIMEOUT_S = 10.0
 
 
 def cpu_busy_ticks() -> tuple[int, int] | None:
@@ -68,9 +67,8 @@ def cpu_busy_ticks() -> tuple[int, int] | None:
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
 
 
-def wait_until_quiet(what: str, busy: float = QUIET_BUSY, window: float = QUIET_WINDOW_S,
-                     timeout: float = QUIET_TIMEOUT_S, read: Callable[[], tuple[int, int] | None] = cpu_busy_ticks
-                     ) -> float:
+def wait_until_quiet(what: str, timeout: float, busy: float = QUIET_BUSY, window: float = QUIET_WINDOW_S,
+                     read: Callable[[], tuple[int, int] | None] = cpu_busy_ticks) -> float:
     """Wait until the machine's cores are less than `busy` busy over one `window`, at most `timeout` seconds;
     returns the seconds waited. A system that has just finished may keep a core spinning after its last
     response (vLLM's CPU engine polls one for about a second), and the next system measured would share it.

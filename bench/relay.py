@@ -185,7 +185,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="relay sequences running at once")
     p.add_argument("--decode-step", default="auto", choices=DECODE_MODES,
                    help="the relay's decode step (serve's flag; a compiled step compiles at the relay's start)")
-    p.add_argument("--settle", type=float, default=10.0, metavar="S",
+    p.add_argument("--settle", type=float, default=BenchConfig.settle_s, metavar="S",
                    help="before each system's turn in a phase, wait up to S seconds for the cores to go quiet: a "
                    "system that just finished may keep one busy (vLLM's CPU engine, about a second); 0: no wait")
     p.add_argument("--no-prefix-cache", action="store_true", help="the relay without its prefix cache (serve's flag)")

@@ -668,14 +668,14 @@ def test_the_bench_waits_for_a_busy_machine_to_settle_and_gives_up_in_bounded_ti
     measured only once the cores are quiet, or after the bound, said in a warning."""
     monkeypatch.setattr(measure.time, "sleep", lambda s: None)
     readings = iter([(0, 0), (90, 100), (180, 200), (185, 300)])  # 90% busy, 90%, then 5%
-    assert measure.wait_until_quiet("phase", window=0.0, read=lambda: next(readings)) >= 0
+    assert measure.wait_until_quiet("phase", timeout=60.0, window=0.0, read=lambda: next(readings)) >= 0
     assert next(readings, None) is None  # it read until the quiet window, and no further
     ticks = iter(range(0, 10**6, 100))
     with caplog.at_level("WARNING", logger="qwen_relay.bench.measure"):
         measure.wait_until_quiet("single on vllm", window=0.0, timeout=0.0,
                                  read=lambda: (t := next(ticks), t))  # always 100% busy
     assert "before single on vllm: the cores were still 100% busy" in caplog.text
-    assert measure.wait_until_quiet("x", read=lambda: None) == 0.0  # no /proc/stat: nothing to wait for
+    assert measure.wait_until_quiet("x", timeout=60.0, read=lambda: None) == 0.0  # no /proc/stat: nothing to wait for
 
 
 def test_each_system_waits_for_quiet_cores_before_its_turn(tmp_path, monkeypatch):
