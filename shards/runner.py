@@ -152,8 +152,7 @@ class SliceRunner:
             raise ValueError(f"decode {asked!r}: choose one of {', '.join(DECODE_MODES)}")
         mode = asked
         if asked == "auto":
-            weights = sum(p.nbytes for p in self.slice.parameters())
-            mode = "compiled" if self.device.type == "cuda" or weights >= COMPILE_MIN_BYTES else "static"
+            mode = "compiled" if self.device.type == "cuda" or self.weight_bytes() >= COMPILE_MIN_BYTES else "static"
         if mode != "dynamic" and not self.slice.static_decode:
             log.info("layers %d-%d (%s): decode steps take the dynamic path (no static step for this family "
                      "or layer kind)", self.spec.first, self.spec.end - 1, self.slice.family.name)
@@ -261,6 +260,10 @@ class SliceRunner:
                                sampling=[SamplingParams()] * n)
             self._forward(decode, None if hidden is None else hidden[:n])  # contiguous, as real steps bring
 
+    def weight_bytes(self) -> int:
+        """Bytes of this slice's parameters; a tied weight counts once."""
+        return sum(p.nbytes for p in self.slice.parameters())
+
     def stats(self) -> SliceStats:
         return SliceStats(
             first=self.spec.first,
@@ -270,7 +273,7 @@ class SliceRunner:
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
             cache_bytes=self.cache.nbytes,
-            weight_bytes=sum(p.nbytes for p in self.slice.parameters()),  # a tied weight counts once
+            weight_bytes=self.weight_bytes(),
             peak_rss_bytes=peak_rss_bytes(),
             forward_seconds=self.forward_seconds,
             steps=self.steps,

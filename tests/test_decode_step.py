@@ -153,7 +153,7 @@ def test_auto_compiles_a_cpu_slice_only_when_it_is_big_enough(tiny_model, monkey
 
     (small,) = _runners(tiny_model, [(0, 5)], "auto")
     assert small.decode_mode == "static"
-    monkeypatch.setattr(runner_module, "COMPILE_MIN_BYTES", sum(p.nbytes for p in small.slice.parameters()))
+    monkeypatch.setattr(runner_module, "COMPILE_MIN_BYTES", small.weight_bytes())
     (big,) = _runners(tiny_model, [(0, 5)], "auto")
     assert big.decode_mode == "compiled"
 
