@@ -204,7 +204,9 @@ class SliceRunner:
         inputs = DecodeInputs.build(batch, self.device, self.spec.max_slots, self.spec.max_len,
                                     self.cache.block_size, self.cache.scratch)
         if hidden is not None:
-            hidden = inputs.pad(hidden)
+            # A compiled step is guarded on whether its input is an inference tensor. Hidden states that came
+            # through Ray are not (those made in this process are): one kind always, or each graph compiles twice.
+            hidden = inputs.pad(hidden if hidden.is_inference() else hidden.clone())
         graphs = self.decode_mode == "compiled" and self.device.type == "cuda"
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
