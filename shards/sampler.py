@@ -55,10 +55,15 @@ def gumbel(bits: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The argmax of each row of `logits` [B, V]; `NO_TOKEN` for a row with a NaN or infinite logit (say, from
-    a broken adapter), which has no answer."""
-    finite = torch.isfinite(logits).all(dim=-1)
-    return logits.argmax(dim=-1).masked_fill(~finite, NO_TOKEN)
+    """The argmax of each row of `logits` [B, V] (the first of tied maxima, as `argmax` and so `generate()`);
+    `NO_TOKEN` for a row with a NaN or infinite logit (say, from a broken adapter), which has no answer.
+
+    Two single passes over the logits: `max`'s indices, and a row sum in float32, which is finite exactly when
+    every logit is (or when finite logits sum past float32's 3.4e38, which no working model's do). On a CPU,
+    `argmax` and `isfinite().all()` took ten times as long: 10.6 ms for a 16-row bf16 batch of Qwen's 151936
+    logits, a tenth of a decode step (docs/benchmarks.md)."""
+    finite = torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+    return logits.max(dim=-1).indices.masked_fill(~finite, NO_TOKEN)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:

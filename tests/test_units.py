@@ -31,7 +31,7 @@ from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.dtypes import cpu_bf16_fast, resolve_dtype
 from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
 from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
-from qwen_relay.shards.sampler import NO_TOKEN, gumbel, sample
+from qwen_relay.shards.sampler import NO_TOKEN, greedy, gumbel, sample
 from qwen_relay.shards.step_inputs import StepMetadata
 from qwen_relay.v1 import relay_pb2
 
@@ -484,6 +484,17 @@ def test_greedy_is_argmax():
     logits = _logits()
     tokens = sample(logits, [SamplingParams()] * 4, [1, 2, 3, 4])
     assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_breaks_ties_as_argmax_and_keeps_rows_whose_sum_is_large(dtype):
+    """bf16 logits tie often: the first maximum wins, as in `generate()`. A healthy fp16 row whose logits sum
+    past fp16's range (65504) still gets its token: finiteness is judged on a float32 sum."""
+    logits = torch.zeros(3, 151936, dtype=dtype)
+    logits[0, [5, 100000]] = 1
+    logits[1, [150000, 77]] = 2
+    logits[2] = 7  # sums to ~1.06e6
+    assert greedy(logits).tolist() == logits.argmax(-1).tolist() == [5, 77, 0]
 
 
 def test_a_non_finite_row_gets_no_token_and_spares_the_rest():
