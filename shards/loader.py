@@ -28,7 +28,16 @@ from transformers import AutoConfig, PretrainedConfig
 from .family import text_config
 from .hub import model_dir, weight_file
 from .model import ModelSlice
-from .packed import HEAD_BLOCK_ROWS, can_prepack, is_linear_weight, prepack_head, prepack_linear
+from .packed import (
+    HEAD_BLOCK_ROWS,
+    bind_group_biases,
+    can_prepack,
+    is_linear_weight,
+    packing_groups,
+    prepack_group,
+    prepack_head,
+    prepack_linear,
+)
 from .tensor_parallel import WHOLE, Shard, check_shardable, rank_config, read_shard, split_head
 
 log = logging.getLogger(__name__)
@@ -115,7 +124,16 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
     for filename, pairs in sorted(by_file.items()):
         path = weight_file(model, folder, filename)
         to_pack = {name: key for name, key in pairs if pack and is_linear_weight(part, name)}
+        groups = packing_groups(part, to_pack)
+        for names in groups:  # read together, packed as one weight (shards/packed.py, GROUPS)
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                weights = [read_shard(f.get_slice(to_pack[name]), name, config, shard).to(dtype) for name in names]
+                prepack_group(part, names, weights)
+            del weights
+        grouped_names = {name for names in groups for name in names}
         for name, key in to_pack.items():
+            if name in grouped_names:
+                continue
             if name == "lm_head.weight" and shard.world == 1:
                 prepack_head(part, row_blocks(path, key, dtype, device))
                 continue
@@ -139,6 +157,8 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
         if pack:  # a packed copy for the head; the embedding's lookups need the dense rows
             prepack_head(part, part.lm_head.weight.split(HEAD_BLOCK_ROWS))
             packed += 1
+    if pack:
+        bind_group_biases(part)
     part.attach_device(device, dtype)
     part.eval().requires_grad_(False)
     log.info("loaded layers %d-%d of %s%s from %d file(s) onto %s%s", first, end - 1, model,

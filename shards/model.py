@@ -31,9 +31,19 @@ from .attention import Attend, choose_attention, expanded
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .kv_cache import KVCache, RecurrentShape
+from .packed import GROUPS, grouped
 from .step_inputs import AttentionGroup, StepMetadata
 
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
+
+
+def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's MLP; a dense one whose gate and up projections are packed as one weight in one call."""
+    group = grouped(module, GROUPS[1])
+    if group is None:
+        return module(x)
+    gate, up = group(x)
+    return module.down_proj(module.act_fn(gate) * up)
 
 
 def whole(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +131,7 @@ class ModelSlice(nn.Module):
             else:
                 mixed = self._attention(layer.self_attn, x, cos, sin, meta, cache, index)
             h = h + self.all_reduce(mixed)
-            h = h + self.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
+            h = h + self.all_reduce(mlp(layer.mlp, layer.post_attention_layernorm(h)))
         if not self.is_last:
             return h
         return self.gather_vocab(self.lm_head(self.model.norm(h[meta.last_token, 0]))).float()
@@ -144,7 +154,7 @@ class ModelSlice(nn.Module):
             cache.write(index, blocks, offsets, k[:, :, 0], v[:, :, 0])
             past_k, past_v = cache.gather(index, tables)
             h = h + self.all_reduce(self._output(layer.self_attn, self.attend(q, past_k, past_v, mask), gate))
-            h = h + self.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
+            h = h + self.all_reduce(mlp(layer.mlp, layer.post_attention_layernorm(h)))
         if not self.is_last:
             return h
         return self.gather_vocab(self.lm_head(self.model.norm(h[:, 0]))).float()
@@ -155,16 +165,18 @@ class ModelSlice(nn.Module):
         bsz, width, _ = x.shape
         heads = (bsz, width, -1, self.head_dim)
         gate = None
+        group = grouped(attn, GROUPS[0])  # q, k and v packed as one weight: one call (shards/packed.py)
+        q, k, v = group(x) if group is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
         if self.family.gated_query:  # Qwen3.5: q_proj yields each head's query and its output gate side by side
-            q, gate = torch.chunk(attn.q_proj(x).view(bsz, width, -1, 2 * self.head_dim), 2, dim=-1)
+            q, gate = torch.chunk(q.view(bsz, width, -1, 2 * self.head_dim), 2, dim=-1)
             gate = gate.reshape(bsz, width, -1)
         else:
-            q = attn.q_proj(x).view(heads)
-        k = attn.k_proj(x).view(heads)
+            q = q.view(heads)
+        k = k.view(heads)
         if hasattr(attn, "q_norm"):  # Qwen3 and later: an RMSNorm over each query and key head
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = attn.v_proj(x).view(heads).transpose(1, 2)
+        v = v.view(heads).transpose(1, 2)
         q, k = self.family.apply_rotary(q, k, cos, sin)
         return q, k, v, gate
 

@@ -105,6 +105,76 @@ class PackedLinear(nn.Linear):
         return _forward(x, self.weight, self.handle, self.bias, self.out_features)
 
 
+# Sibling linears that read the same input, packed as one weight (as vLLM's CPU build merges them): one oneDNN call
+# streams all of them. bf16 Qwen2.5-0.5B shapes, 2 threads, the 24 layers' linears in a chain: 44-48 ms at one row
+# and 62-74 at 16 merged, against 55-70 and 75-78 as seven calls a layer (docs/benchmarks.md).
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class PackedGroup:
+    """One packed weight for sibling linears (`GROUPS`); `__call__` gives every member's output at once.
+
+    Its members stay modules of their own (`PackedPart`), under their checkpoint names, so PEFT can wrap any of
+    them. The model calls the group once where no member is wrapped (`ModelSlice`); a member called on its own
+    (through an adapter's wrapper) computes the whole group and keeps the other members' outputs for the same
+    input until they are asked for, so the group is still computed once per input."""
+
+    def __init__(self, linears: list[nn.Linear], weight: torch.Tensor) -> None:
+        self.weight, self.handle = _pack(weight)
+        self.sizes = [linear.out_features for linear in linears]
+        self.bias: torch.Tensor | None = None  # `bind_bias`, once the loader has filled the members' biases
+        self.parts = [PackedPart(linear, self, index) for index, linear in enumerate(linears)]
+        self._kept: tuple[torch.Tensor, list[torch.Tensor | None]] | None = None
+
+    def bind_bias(self) -> None:
+        biases = [part.bias for part in self.parts]
+        some = next((b for b in biases if b is not None), None)
+        if some is not None:
+            self.bias = torch.cat([b if b is not None else some.new_zeros(n)
+                                   for b, n in zip(biases, self.sizes, strict=True)])
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = _forward(x, self.weight, self.handle, self.bias, sum(self.sizes))
+        return list(out.split(self.sizes, dim=-1))
+
+    def member(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self(x)[index]
+        if self._kept is None or self._kept[0] is not x:
+            self._kept = (x, list(self(x)))
+        outs = self._kept[1]
+        out, outs[index] = outs[index], None
+        if out is None:  # asked twice for one input: compute afresh rather than guess
+            out = self(x)[index]
+        if all(o is None for o in outs):
+            self._kept = None  # every member served: hold no activations between steps
+        return out
+
+
+class PackedPart(PackedLinear):
+    """One member of a `PackedGroup`: an `nn.Linear` by its shapes and names, its weight the group's."""
+
+    def __init__(self, linear: nn.Linear, group: PackedGroup, index: int) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.handle = group.weight, group.handle  # shared: counted once by parameters()
+        self.bias = linear.bias  # may still be on `meta`: the loader fills it in, then `bind_bias`
+        self.group, self.index = group, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.member(x, self.index)
+
+
+def grouped(module: nn.Module, names: tuple[str, ...]) -> PackedGroup | None:
+    """The group that `module`'s children `names` form, if each is an unwrapped member of it, in that order."""
+    parts = [getattr(module, name, None) for name in names]
+    if type(parts[0]) is not PackedPart:
+        return None
+    group = parts[0].group
+    return group if all(type(p) is PackedPart and p.group is group and p.index == i
+                        for i, p in enumerate(parts)) else None
+
+
 class PackedHead(nn.Module):
     """The bias-free LM head, packed in blocks of rows: built from one block at a time, so loading it never
     holds a dense copy of the whole head beside the packed one (an extra 519 MiB on Qwen2.5-0.5B)."""
@@ -127,6 +197,37 @@ def is_linear_weight(root: nn.Module, name: str) -> bool:
     """Whether parameter `name` is the weight of a plain `nn.Linear` (one that can be packed)."""
     module, _, attr = name.rpartition(".")
     return attr == "weight" and type(root.get_submodule(module)) is nn.Linear
+
+
+def packing_groups(root: nn.Module, names: Iterable[str]) -> list[list[str]]:
+    """The linear weights among `names` (from `is_linear_weight`) that pack together: each of `GROUPS` whose
+    members are all in `names`, siblings reading inputs of one width, as lists of their weight names."""
+    names = set(names)
+    found = []
+    for name in sorted(names):
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        for group in GROUPS:
+            members = [f"{parent}.{g}.weight" if parent else f"{g}.weight" for g in group]
+            if leaf == group[0] and all(m in names for m in members):
+                widths = {root.get_submodule(m.removesuffix(".weight")).in_features for m in members}
+                if len(widths) == 1:
+                    found.append(members)
+    return found
+
+
+def prepack_group(root: nn.Module, names: list[str], weights: list[torch.Tensor]) -> None:
+    """Replace the sibling `nn.Linear`s `names` (weight names) with the `PackedPart`s of one `PackedGroup`."""
+    modules = [name.removesuffix(".weight") for name in names]
+    group = PackedGroup([root.get_submodule(m) for m in modules], torch.cat(weights))
+    for module, part in zip(modules, group.parts, strict=True):
+        root.set_submodule(module, part)
+
+
+def bind_group_biases(root: nn.Module) -> None:
+    """Each group's bias from its members', once the loader has read them."""
+    for module in root.modules():
+        if isinstance(module, PackedPart) and module.index == 0:
+            module.group.bind_bias()
 
 
 def prepack_linear(root: nn.Module, name: str, weight: torch.Tensor) -> None:

@@ -27,10 +27,20 @@ from qwen_relay.server.validation import (
     Limits,
     validate,
 )
+from qwen_relay.shards import packed as packed_module
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.dtypes import cpu_bf16_fast, resolve_dtype
 from qwen_relay.shards.kv_cache import CacheMismatch, CacheShape, KVCache, RecurrentShape
-from qwen_relay.shards.packed import PackedHead, PackedLinear, can_prepack
+from qwen_relay.shards.packed import (
+    GROUPS,
+    PackedHead,
+    PackedLinear,
+    bind_group_biases,
+    can_prepack,
+    grouped,
+    packing_groups,
+    prepack_group,
+)
 from qwen_relay.shards.sampler import NO_TOKEN, greedy, gumbel, sample
 from qwen_relay.shards.step_inputs import StepMetadata
 from qwen_relay.v1 import relay_pb2
@@ -724,6 +734,43 @@ def test_packed_linear_matches_dense_and_is_batch_invariant(dtype):
             for small in (x[:1, :1], x[:1, :2], x[:1, :3], rows[:2]):
                 assert fast(small).shape == slow(small).shape
                 torch.testing.assert_close(fast(small), slow(small), **tol)
+
+
+@needs_onednn
+def test_a_packed_group_matches_its_linears_called_together_or_one_by_one(monkeypatch):
+    """q/k/v packed as one weight: the group's call, and each member called on its own (as an adapter's wrapper
+    calls its base layer), give each linear's own output, and one input costs one oneDNN call either way."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=b) for n, b in ((64, True), (16, False), (16, True))]
+    names = ["attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"]
+    root = torch.nn.Module()
+    root.attn = torch.nn.Module()
+    for name, linear in zip(("q_proj", "k_proj", "v_proj"), linears, strict=True):
+        setattr(root.attn, name, linear)
+    assert packing_groups(root, names + ["attn.o_proj.weight"]) == [names]
+    assert packing_groups(root, names[:2]) == []  # a group packs only whole
+    prepack_group(root, names, [linear.weight.detach() for linear in linears])
+    for name, linear in zip(("q_proj", "k_proj", "v_proj"), linears, strict=True):
+        getattr(root.attn, name).bias = linear.bias  # what the loader does after packing
+    bind_group_biases(root)
+    group = grouped(root.attn, GROUPS[0])
+    assert group is not None and sum(p.numel() for p in root.parameters()) == group.weight.numel() + 64 + 16
+    calls = []
+    real = packed_module._forward
+    monkeypatch.setattr(packed_module, "_forward", lambda *a: calls.append(1) or real(*a))
+    x, y = torch.randn(5, 64), torch.randn(5, 64)
+    with torch.inference_mode():
+        expected = [linear(x) for linear in linears]
+        for got, want in zip(group(x), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        one_by_one = [root.attn.q_proj(x), root.attn.k_proj(x), root.attn.v_proj(x)]
+        assert len(calls) == 2 and group._kept is None  # every member served: nothing held between steps
+        for got, want in zip(one_by_one, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # A new input is computed afresh, not served from the last one.
+        torch.testing.assert_close(root.attn.k_proj(y), linears[1](y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(root.attn.k_proj(y), linears[1](y), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_dtype_on_cpu_keeps_the_checkpoints_own():
