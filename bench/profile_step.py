@@ -23,7 +23,7 @@ from qwen_relay.shards import runner as runner_module
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.hub import model_dir
 from qwen_relay.shards.loader import load_config
-from qwen_relay.shards.packed import PackedHead
+from qwen_relay.shards.packed import PackedGroup, PackedHead
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 
 STEP = "step"
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     runner = SliceRunner(spec)
     runner.reset()  # as the gateway does at start-up: the cache accepts steps
     label_modules(runner.slice)
+    label_function(PackedGroup, "__call__", "linear")  # q/k/v and gate/up in one call, not through their modules
     label_function(runner.slice, "attend", "attention")
     label_function(runner.slice, "rotary_emb", "rotary")
     label_function(runner.slice.family, "apply_rotary", "rotary")

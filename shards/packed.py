@@ -20,6 +20,9 @@ weight streams from memory, oneDNN's 1- and 2-row kernels took longer than its 4
 LoRA adapters still apply: PEFT wraps a `PackedLinear` like any `nn.Linear` and adds its low-rank update on
 top of this forward.
 
+Sibling projections that read one input (q/k/v, gate/up: `GROUPS`) are packed as one weight, read by one call
+(`PackedGroup`), as vLLM's CPU build merges them; each stays a module of its own for PEFT (`PackedPart`).
+
 A compiled decode step (`--decode-step compiled`) cannot take the packed weights: they are opaque oneDNN
 tensors, which dynamo cannot trace and inductor lowers only as constants. So under `torch.compile` each packed
 linear is the custom operator `qwen_relay::packed_linear`, which names its weight by a handle (as vLLM's CPU
