@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from qwen_relay.shards import model as model_module
 from qwen_relay.shards import packed
 from qwen_relay.shards import runner as runner_module
 from qwen_relay.shards.batch import SamplingParams, StepBatch
@@ -112,7 +113,10 @@ def main(argv: list[str] | None = None) -> None:
 
     step()  # warm: oneDNN builds its kernels for the shapes
     # Every packed linear (a module, a q/k/v or gate/up group called at once, a head block) calls `_forward`.
+    # One-token attention on a CPU reads the block cache through the paged kernel (shards/paged_attention.py).
     with patch.object(packed, "_forward", labelled(packed._forward, "linear")), \
+            patch.object(model_module, "paged_decode_attention",
+                         labelled(model_module.paged_decode_attention, "attention")), \
             profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             step()

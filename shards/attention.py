@@ -10,6 +10,9 @@ Qwen shares each KV head among G query heads (GQA). Two ways to hand that to `sc
   is repeated over them (a stride-0 view at decode, T = 1). It is plain multi-head attention with Hkv heads, so
   a fused kernel that takes a mask (SDPA's memory-efficient one on CUDA) runs it and K/V are never expanded.
 
+On a CPU, one-token queries read the block cache in place instead, without either layout's gathered copy
+(shards/paged_attention.py); these layouts serve prompt chunks there, and everything on CUDA.
+
 `choose_attention` picks the path for the slice's device, dtype and head layout at start-up and asks PyTorch
 which SDPA backend it will dispatch that call to (`torch._fused_sdp_choice`), so the log line names the kernel
 that really runs, and warns when it is the unfused math kernel.

@@ -32,6 +32,7 @@ from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .kv_cache import KVCache, RecurrentShape
 from .packed import GROUPS, grouped
+from .paged_attention import paged_attention, paged_decode_attention
 from .step_inputs import AttentionGroup, StepMetadata
 
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
@@ -87,6 +88,7 @@ class ModelSlice(nn.Module):
         self.recurrent_shape = self._recurrent_shape(kinds.count(LINEAR_ATTENTION))
         self.static_decode = self.family.name in STATIC_FAMILIES and kinds.count(FULL_ATTENTION) == len(kinds)
         self.attend: Attend = expanded  # chosen for the device by `attach_device`
+        self.paged = False  # one-token queries read the block cache in place (shards/paged_attention.py)
         # A tensor-parallel rank sums the row-parallel outputs (o_proj, DeltaNet's out_proj, down_proj) of its
         # group and gathers the vocabulary shares of the logits (shards/tensor_parallel.py).
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] = whole
@@ -109,6 +111,7 @@ class ModelSlice(nn.Module):
             c = self.config
             self.attend = choose_attention(device, dtype, c.num_attention_heads, c.num_key_value_heads,
                                            self.head_dim).attend
+            self.paged = paged_attention(device, dtype, self.head_dim)
 
     def forward(self, meta: StepMetadata, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Run one step through this slice: token ids (first slice) or hidden states [N, 1, H] of the step's N
@@ -144,7 +147,7 @@ class ModelSlice(nn.Module):
         h = self.model.embed_tokens(ids) if self.is_first else hidden
         cos, sin = self.rotary_emb(h, positions)
         keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
-        mask = (keys[None, None, None, :] <= positions[:, None, :, None])  # [R, 1, 1, W * block_size]
+        mask = None if self.paged else keys[None, None, None, :] <= positions[:, None, :, None]  # [R, 1, 1, W * bs]
         at = positions[:, 0]
         blocks = tables.gather(1, (at // cache.block_size)[:, None])[:, 0]
         offsets = at % cache.block_size
@@ -152,8 +155,11 @@ class ModelSlice(nn.Module):
             x = layer.input_layernorm(h)
             q, k, v, gate = self._project(layer.self_attn, x, cos, sin)
             cache.write(index, blocks, offsets, k[:, :, 0], v[:, :, 0])
-            past_k, past_v = cache.gather(index, tables)
-            h = h + self.all_reduce(self._output(layer.self_attn, self.attend(q, past_k, past_v, mask), gate))
+            if mask is None:
+                attended = paged_decode_attention(q, cache.k, cache.v, index, tables, positions)
+            else:
+                attended = self.attend(q, *cache.gather(index, tables), mask)
+            h = h + self.all_reduce(self._output(layer.self_attn, attended, gate))
             h = h + self.all_reduce(mlp(layer.mlp, layer.post_attention_layernorm(h)))
         if not self.is_last:
             return h
@@ -202,6 +208,8 @@ class ModelSlice(nn.Module):
 
     def _attend_group(self, q: torch.Tensor, group: AttentionGroup, cache: KVCache, index: int) -> torch.Tensor:
         """Queries [n, heads, 1, D] of one group's tokens in, their attention outputs in the same layout out."""
+        if group.width == 1 and self.paged:
+            return paged_decode_attention(q, cache.k, cache.v, index, group.tables, group.positions)
         keys, values = cache.gather(index, group.tables)
         if group.width == 1:  # one query per row
             return self.attend(q, keys, values, group.mask)

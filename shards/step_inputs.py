@@ -39,6 +39,7 @@ class AttentionGroup:
     tables: torch.Tensor  # [b, w] its rows' KV blocks, w covering its longest row
     mask: torch.Tensor  # [b, 1, t, w * block_size] key p visible to query q iff p <= q
     width: int  # t: 1 for the one-token rows, else the row's tokens
+    positions: torch.Tensor  # [b, 1] each row's last position (of a one-token row: its query's)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def _groups(batch: StepBatch, tables: torch.Tensor, mask: torch.Tensor, block_si
         tokens = [firsts[i] + c for i in rows for c in range(lengths[i])]
         groups.append(AttentionGroup(tokens=torch.tensor(tokens, device=tables.device),
                                      tables=tables[index, :blocks],
-                                     mask=mask[index, :, :width, : blocks * block_size], width=width))
+                                     mask=mask[index, :, :width, : blocks * block_size], width=width,
+                                     positions=torch.tensor([[ends[i] - 1] for i in rows], device=tables.device)))
     return tuple(groups)
 
 

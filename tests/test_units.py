@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from qwen_relay.server.block_manager import BlockManager
@@ -41,6 +42,7 @@ from qwen_relay.shards.packed import (
     packing_groups,
     prepack_group,
 )
+from qwen_relay.shards.paged_attention import paged_attention, paged_decode_attention
 from qwen_relay.shards.sampler import NO_TOKEN, greedy, gumbel, sample
 from qwen_relay.shards.step_inputs import StepMetadata
 from qwen_relay.v1 import relay_pb2
@@ -698,6 +700,34 @@ def test_cache_recurrent_state_is_per_slot_and_fresh_rows_start_from_zeros():
     assert conv[0].eq(1).all() and conv[1].eq(0).all() and conv[2].eq(0).all()  # slot 2 read as fresh: zeros
     assert state[0].eq(5).all() and state[1].eq(0).all()
     assert cache.conv[0, 2].eq(1).all()  # reading never clears
+
+
+@pytest.mark.skipif(not paged_attention(torch.device("cpu"), torch.float32, 64), reason="no C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(14, 2, 64), (16, 8, 128), (4, 2, 16), (10, 1, 32), (9, 9, 48)])
+def test_paged_decode_attention_matches_sdpa_over_the_gathered_blocks(dtype, heads, kv_heads, dim):
+    """The kernel reads each row's keys through its block table up to its own position, as SDPA does over the
+    gathered, masked blocks; G and D the kernel specialises (7/64, 2/128) and ones it does not (2/16, 10/32, 1/48),
+    a row of one key, rows ending mid-block and on a block's edge, padding past a row's last block."""
+    torch.manual_seed(0)
+    block_size, blocks, layers, width = 16, 24, 2, 6
+    k = torch.randn(layers, blocks + 1, block_size, kv_heads, dim, dtype=dtype)
+    v = torch.randn_like(k)
+    tables = torch.stack([torch.randperm(blocks)[:width] for _ in range(5)])
+    positions = torch.tensor([[0], [15], [16], [47], [95]])
+    tables[0, 1:] = blocks  # a short row's unused entries name the scratch block
+    q = torch.randn(5, heads, 1, dim, dtype=dtype)
+    out = paged_decode_attention(q, k, v, 1, tables, positions)
+    keys = k[1, tables].view(5, width * block_size, kv_heads, dim).transpose(1, 2)
+    values = v[1, tables].view(5, width * block_size, kv_heads, dim).transpose(1, 2)
+    mask = torch.arange(width * block_size)[None, None, None, :] <= positions[:, None, :, None]
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, enable_gqa=True)
+    assert out.shape == q.shape and out.dtype == dtype
+    # fp32: summed in another order; bf16: the fp32 result rounded once to bf16, as SDPA's bf16 kernel rounds.
+    tol = {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 4e-3}
+    torch.testing.assert_close(out.float(), want, **tol)
+    # A row's output does not depend on the other rows of the step (batched decoding stays unbatched's).
+    assert torch.equal(paged_decode_attention(q[3:4], k, v, 1, tables[3:4], positions[3:4])[0], out[3])
 
 
 # ------------------------------------------------------------------------------------------------- batch
