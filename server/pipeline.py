@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,11 +23,24 @@ from qwen_relay.shards.kv_cache import CacheMismatch
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.stats import SliceStats
 
-# The environment of every slice process. Slices run one after another on the same cores, so OpenMP threads
-# must not spin for long after a forward (libgomp's default: 300000 spins) or they steal the next slice's
-# cores; but a forward is ~200 back-to-back parallel regions, and sleeping between them (OMP_WAIT_POLICY=
-# PASSIVE) cost 25-35 ms per token on the 0.5B shape. A short spin serves both (docs/benchmarks.md).
-SLICE_ENV = {"GOMP_SPINCOUNT": "10000"}
+
+def _huge_page_tunables(current: str | None) -> str:
+    """glibc's tunables with its allocator asking for transparent huge pages (`madvise`) for what it maps."""
+    if current and "glibc.malloc.hugetlb" in current:
+        return current  # the operator chose already
+    return ":".join(filter(None, (current, "glibc.malloc.hugetlb=1")))
+
+
+# The environment of every slice process (set at its start, when OpenMP and glibc read it):
+# - Slices run one after another on the same cores, so OpenMP threads must not spin for long after a forward
+#   (libgomp's default: 300000 spins) or they steal the next slice's cores; but a forward is ~200 back-to-back
+#   parallel regions, and sleeping between them (OMP_WAIT_POLICY=PASSIVE) cost 25-35 ms per token on the 0.5B
+#   shape. A short spin serves both (docs/benchmarks.md).
+# - A decode step streams every weight from memory. In 4 KiB pages that is ~300,000 TLB misses a step at the
+#   0.5B shape (each a two-level walk under a hypervisor); glibc >= 2.35 backs its large allocations with 2 MiB
+#   transparent huge pages when asked (a no-op where THP is off or glibc older). Measured on 2 cores, bf16:
+#   a compiled step 62 against 67-77 ms at one row, 68 against 75-84 at 16 (docs/benchmarks.md).
+SLICE_ENV = {"GOMP_SPINCOUNT": "10000", "GLIBC_TUNABLES": _huge_page_tunables(os.environ.get("GLIBC_TUNABLES"))}
 
 log = logging.getLogger(__name__)
 
