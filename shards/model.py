@@ -30,6 +30,7 @@ from transformers import PretrainedConfig
 from .attention import Attend, choose_attention, expanded
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
+from .fused import FUSE_MIN_TOKENS, norm, rotary, silu_mul
 from .kv_cache import KVCache, RecurrentShape
 from .packed import GROUPS, grouped
 from .paged_attention import paged_attention, paged_decode_attention
@@ -38,12 +39,15 @@ from .step_inputs import AttentionGroup, StepMetadata
 STATIC_FAMILIES = ("qwen2", "qwen3")  # dense, full attention only: the families `decode` serves
 
 
-def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's MLP; a dense one whose gate and up projections are packed as one weight in one call."""
+def mlp(module: nn.Module, x: torch.Tensor, fuse: bool = False) -> torch.Tensor:
+    """The layer's MLP; a dense one whose gate and up projections are packed as one weight in one call (and,
+    `fuse`, whose SiLU gate is one fused kernel: shards/fused.py)."""
     group = grouped(module, GROUPS[1])
     if group is None:
         return module(x)
     gate, up = group(x)
+    if fuse and type(module.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+        return module.down_proj(silu_mul(gate, up))
     return module.down_proj(module.act_fn(gate) * up)
 
 
@@ -89,6 +93,7 @@ class ModelSlice(nn.Module):
         self.static_decode = self.family.name in STATIC_FAMILIES and kinds.count(FULL_ATTENTION) == len(kinds)
         self.attend: Attend = expanded  # chosen for the device by `attach_device`
         self.paged = False  # one-token queries read the block cache in place (shards/paged_attention.py)
+        self.fuse_prompts = False  # prompt steps' norms, activation and rotary fused (shards/fused.py)
         # A tensor-parallel rank sums the row-parallel outputs (o_proj, DeltaNet's out_proj, down_proj) of its
         # group and gathers the vocabulary shares of the logits (shards/tensor_parallel.py).
         self.all_reduce: Callable[[torch.Tensor], torch.Tensor] = whole
@@ -122,19 +127,20 @@ class ModelSlice(nn.Module):
         chunk of a long prompt mixed with decodes does not make every decode row as wide as the chunk. Only
         attention (and Qwen3.5's linear attention) sees the padded [B, T] layout its masks are built for."""
         rows, cols = meta.write_rows, meta.write_cols
+        fuse = self.fuse_prompts and rows.numel() >= FUSE_MIN_TOKENS
         h = self.model.embed_tokens(meta.ids[rows, cols])[:, None] if self.is_first else hidden
         cos, sin = (self.rotary_emb(h, meta.positions[rows, cols][:, None]) if self.num_attention_layers
                     else (None, None))
         lengths = meta.last + 1
         for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
-            x = layer.input_layernorm(h)
+            x = norm(layer.input_layernorm, h, fuse)
             if kind == LINEAR_ATTENTION:
                 mixed = gated_deltanet(layer.linear_attn, x, rows, cols, meta.valid, lengths, meta.fresh,
                                        meta.slot_index, cache, index)
             else:
-                mixed = self._attention(layer.self_attn, x, cos, sin, meta, cache, index)
+                mixed = self._attention(layer.self_attn, x, cos, sin, meta, cache, index, fuse)
             h = h + self.all_reduce(mixed)
-            h = h + self.all_reduce(mlp(layer.mlp, layer.post_attention_layernorm(h)))
+            h = h + self.all_reduce(mlp(layer.mlp, norm(layer.post_attention_layernorm, h, fuse), fuse))
         if not self.is_last:
             return h
         return self.gather_vocab(self.lm_head(self.model.norm(h[meta.last_token, 0]))).float()
@@ -165,8 +171,8 @@ class ModelSlice(nn.Module):
             return h
         return self.gather_vocab(self.lm_head(self.model.norm(h[:, 0]))).float()
 
-    def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _project(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 fuse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Queries [B, H, T, D], rotated keys and values [B, Hkv, T, D], and Qwen3.5's output gate."""
         bsz, width, _ = x.shape
         heads = (bsz, width, -1, self.head_dim)
@@ -180,10 +186,10 @@ class ModelSlice(nn.Module):
             q = q.view(heads)
         k = k.view(heads)
         if hasattr(attn, "q_norm"):  # Qwen3 and later: an RMSNorm over each query and key head
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = norm(attn.q_norm, q, fuse), norm(attn.k_norm, k, fuse)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(heads).transpose(1, 2)
-        q, k = self.family.apply_rotary(q, k, cos, sin)
+        q, k = (rotary if fuse and not self.family.gated_query else self.family.apply_rotary)(q, k, cos, sin)
         return q, k, v, gate
 
     def _output(self, attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -194,10 +200,10 @@ class ModelSlice(nn.Module):
         return attn.o_proj(out)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   meta: StepMetadata, cache: KVCache, index: int) -> torch.Tensor:
+                   meta: StepMetadata, cache: KVCache, index: int, fuse: bool = False) -> torch.Tensor:
         """Packed tokens [N, 1, H] in and out; the queries meet their rows' keys group by group (the one-token
         rows in one call, each longer row in its own: `AttentionGroup`)."""
-        q, k, v, gate = self._project(attn, x, cos, sin)  # q [N, heads, 1, D], k / v [N, kv_heads, 1, D]
+        q, k, v, gate = self._project(attn, x, cos, sin, fuse)  # q [N, heads, 1, D], k / v [N, kv_heads, 1, D]
         cache.write(index, meta.write_blocks, meta.write_offsets, k[:, :, 0], v[:, :, 0])
         if len(meta.groups) == 1:  # every row one token, or one row: the packed order is the group's
             return self._output(attn, self._attend_group(q, meta.groups[0], cache, index), gate)

@@ -30,6 +30,7 @@ from .adapters import SliceAdapters
 from .batch import SamplingParams, StepBatch
 from .collectives import Collectives, traceable
 from .dtypes import resolve_dtype, stored_dtype
+from .fused import WARMUP_TOKENS
 from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
 from .loader import load_config, load_slice
@@ -99,6 +100,8 @@ class SliceRunner:
         self.slice = load_slice(spec.model, spec.first, spec.end, self.dtype, device, spec.prepack, shard)
         self.shard, self.collectives = shard, collectives
         self.decode_mode = self._decode_mode(spec.decode)
+        # A slice that compiles its decode step on a CPU fuses its prompt steps' elementwise work too.
+        self.slice.fuse_prompts = self.decode_mode == "compiled" and device.type == "cpu"
         if collectives is not None:
             # A compiled step calls them as custom operators, which it traces whole (shards/collectives.py).
             reduce, gather = (traceable(collectives) if self.decode_mode == "compiled"
@@ -193,6 +196,8 @@ class SliceRunner:
 
     def _run_dynamic(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         meta = StepMetadata.build(batch, self.device, self.cache.block_size, self.cache.scratch)
+        if self.slice.fuse_prompts and hidden is not None and not hidden.is_inference():
+            hidden = hidden.clone()  # the fused kernels are compiled for inference tensors (see `_run_static`)
         # The forward is packed (one real token per row): each token goes through its row's adapter.
         per_token = batch.adapters and [a for a, tokens in zip(batch.adapters, batch.token_ids, strict=True)
                                         for _ in tokens]
@@ -253,6 +258,11 @@ class SliceRunner:
         if not self.slice.is_first:
             hidden = torch.zeros(2, 1, self.slice.config.hidden_size, dtype=self.dtype, device=self.device)
         self._forward(batch, hidden)  # hidden states travel packed: one real token per row
+        if self.slice.fuse_prompts:  # a step long enough to compile the fused prompt kernels (shards/fused.py)
+            n = WARMUP_TOKENS
+            long = StepBatch(slots=[0], starts=[0], token_ids=[[0] * n], sampling=[SamplingParams()],
+                             blocks=[[self.cache.scratch] * -(-n // self.cache.block_size)])
+            self._forward(long, None if hidden is None else hidden.new_zeros(n, *hidden.shape[1:]))
         if self.decode_mode == "dynamic":
             return
         # The first decode bucket, compiled (and captured) here; on a CPU also the graph for several rows.

@@ -19,15 +19,17 @@ from test_slices_parity import PROMPTS, greedy
 
 from qwen_relay.shards.attention import choose_attention, expanded, folded
 from qwen_relay.shards.batch import SamplingParams, StepBatch
+from qwen_relay.shards.fused import FUSE_MIN_TOKENS
 from qwen_relay.shards.kv_cache import CacheShape, KVCache
 from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.step_inputs import CONTEXT_FLOOR, DecodeInputs, bucket, is_decode
 
 MAX_NEW = 10
+FUSED_GRAPHS = 3  # rms_norm, silu_mul, rotary
 
 
-def _runners(model, ranges, decode: str, block_size: int = 16) -> list[SliceRunner]:
-    runners = [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=64,
+def _runners(model, ranges, decode: str, block_size: int = 16, max_len: int = 64) -> list[SliceRunner]:
+    runners = [SliceRunner(SliceSpec(model=str(model), first=a, end=b, device="cpu", max_slots=4, max_len=max_len,
                                      num_blocks=256, block_size=block_size, decode=decode)) for a, b in ranges]
     for runner in runners:
         runner.reset()  # a fresh cache refuses steps until the gateway opens it
@@ -49,8 +51,8 @@ def _count_static(runners: list[SliceRunner]) -> list[int]:
 
 
 def _assert_static_parity(reference: Callable, model, ranges, decode: str, prompts: list[list[int]],
-                          block_size: int = 16) -> None:
-    runners = _runners(model, ranges, decode, block_size)
+                          block_size: int = 16, max_len: int = 64) -> None:
+    runners = _runners(model, ranges, decode, block_size, max_len)
     assert all(r.decode_mode == decode for r in runners)
     calls = _count_static(runners)
     got = greedy(runners, prompts, MAX_NEW)
@@ -78,11 +80,14 @@ def test_static_decode_parity_qwen3(reference, qwen3_model):
 def test_compiled_decode_parity(reference, tmp_path):
     """`torch.compile(fullgraph=True)` of the CPU decode step: no graph break, same greedy tokens. Two slices
     compile both kinds of step graph (hidden states out; the head and its logits out); a whole-model slice is the
-    two in one. One layer each: the compile's cost grows with the layers, what it proves does not."""
+    two in one. One layer each: the compile's cost grows with the layers, what it proves does not. A prompt of
+    80 tokens makes the prefill long enough for the fused norms, activation and rotary (shards/fused.py)."""
     from qwen_relay.checkpoints.synthetic import build_checkpoint
 
     model = build_checkpoint(tmp_path, "tiny", num_hidden_layers=2)
-    _assert_static_parity(reference, model, [(0, 1), (1, 2)], "compiled", PROMPTS[:3])
+    long = [(7 * i) % 500 + 3 for i in range(80)]
+    assert len(long) + sum(map(len, PROMPTS[:2])) >= FUSE_MIN_TOKENS
+    _assert_static_parity(reference, model, [(0, 1), (1, 2)], "compiled", [*PROMPTS[:2], long], max_len=128)
 
 
 @pytest.mark.slow  # an inductor compile: a few seconds
@@ -127,7 +132,8 @@ def test_a_compiled_cpu_step_compiles_at_warm_up_only(tmp_path):
     for runner in runners:  # two slices: the first takes token ids, the last hidden states
         runner.warmup()
         runner.reset()
-    assert counters["stats"]["unique_graphs"] == 4
+    graphs = 4 + FUSED_GRAPHS  # one row and several, for each slice; the fused prompt kernels, shared
+    assert counters["stats"]["unique_graphs"] == graphs
     cases = [(1, 20), (3, 20), (8, 20), (1, 300), (5, 300), (2, 500), (2, 20)]
     for i, (rows, context) in enumerate(cases):
         slots = list(range(rows))
@@ -136,7 +142,7 @@ def test_a_compiled_cpu_step_compiles_at_warm_up_only(tmp_path):
             if i % 2:  # as Ray delivers it: a plain tensor, not the inference tensor the first slice made
                 hidden = hidden.clone()
             runners[1].step(runner_batch(runners[1], slots, [start] * rows, tokens), hidden)
-    assert all(r.decode_mode == "compiled" for r in runners) and counters["stats"]["unique_graphs"] == 4
+    assert all(r.decode_mode == "compiled" for r in runners) and counters["stats"]["unique_graphs"] == graphs
 
 
 def test_static_decode_samples_non_greedy_rows_like_the_dynamic_path(tiny_model):
@@ -231,3 +237,29 @@ def test_attention_choice_is_logged_once(caplog):
 def test_cpu_bf16_attention_is_folded():
     """bf16 SDPA with `enable_gqa` on the CPU is 5-17x slower than the folded layout at decode."""
     assert choose_attention(torch.device("cpu"), torch.bfloat16, 14, 2, 64).attend is folded
+
+
+@pytest.mark.slow  # three small inductor compiles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_prompt_kernels_compute_what_the_modules_do(dtype):
+    """shards/fused.py against HF's own RMSNorm, SiLU gate and rotary, at a prompt step's shapes: the same fp32
+    operations in another order (fp32), the same roundings to bf16 (bf16)."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
+
+    from qwen_relay.shards.fused import norm, rotary, silu_mul
+
+    torch.manual_seed(0)
+    module = Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+    module.weight.data.normal_()
+    n = FUSE_MIN_TOKENS + 5
+    x = torch.randn(n, 1, 64, dtype=dtype)
+    gate, up = torch.randn(n, 1, 128, dtype=dtype), torch.randn(n, 1, 128, dtype=dtype)
+    q, k = torch.randn(n, 4, 1, 16, dtype=dtype), torch.randn(n, 2, 1, 16, dtype=dtype)
+    cos, sin = torch.randn(n, 1, 16, dtype=dtype), torch.randn(n, 1, 16, dtype=dtype)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(module, x, True), module(x), **tol)
+        assert torch.equal(norm(module, x, False), module(x))
+        torch.testing.assert_close(silu_mul(gate, up), torch.nn.functional.silu(gate) * up, **tol)
+        for got, want in zip(rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+            torch.testing.assert_close(got, want, **tol)

@@ -1,0 +1,62 @@
+"""The elementwise work of a prompt step, fused by inductor, for CPU slices that compile their decode step.
+
+A prompt step runs eagerly (its shapes change every step), and in eager mode each RMSNorm is five kernels (to
+fp32, square, mean, rsqrt, scale, back), the MLP's activation two and rotary six, each a pass over the step's
+activations. On a 512-token bf16 prefill of the 0.5B shape (2 threads) they took a quarter of the step, where
+vLLM's compiled forward fuses them (docs/benchmarks.md). Here each is one small function compiled once with
+symbolic shapes, so one graph serves every step size; the projections stay the slices' oneDNN calls.
+
+Only steps of at least `FUSE_MIN_TOKENS` tokens take them: a compiled call costs a guard check (tens of
+microseconds) that a decode-sized step would not win back. The functions are the families' own math (HF's
+Qwen2/Qwen3 RMSNorm, SiLU gate, `apply_rotary_pos_emb`), so a fused step computes what the modules compute, in
+a different order of the same fp32 operations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+FUSE_MIN_TOKENS = 64
+# The step size the warm-up compiles at: one no model dimension has, as inductor ties equal sizes together
+# (duck sizing) and a graph compiled at 64 tokens would recompile for every step of another size.
+WARMUP_TOKENS = 97
+NORMS = (Qwen2RMSNorm, Qwen3RMSNorm)  # modules whose forward is `_rms_norm`
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+# bf16 intermediates are rounded where eager mode rounds them, so a fused step computes what the modules do.
+OPTIONS = {"emulate_precision_casts": True}
+rms_norm = torch.compile(_rms_norm, dynamic=True, options=OPTIONS)
+silu_mul = torch.compile(_silu_mul, dynamic=True, options=OPTIONS)
+rotary = torch.compile(_rotary, dynamic=True, options=OPTIONS)
+
+
+def norm(module: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:
+    """`module(x)`, fused where asked and the module is a plain RMSNorm."""
+    if fuse and type(module) in NORMS:
+        return rms_norm(x, module.weight, module.variance_epsilon)
+    return module(x)
