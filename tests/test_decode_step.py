@@ -72,6 +72,14 @@ def test_static_decode_parity(reference, tiny_model, ranges):
     _assert_static_parity(reference, tiny_model, ranges, "static", PROMPTS, block_size=4)
 
 
+def test_static_decode_parity_without_the_paged_kernel(reference, tiny_model, monkeypatch):
+    """Where the paged kernel cannot be built (no C++ compiler), decode attention gathers keys for SDPA."""
+    from qwen_relay.shards import model as model_module
+
+    monkeypatch.setattr(model_module, "paged_attention", lambda *_: False)
+    _assert_static_parity(reference, tiny_model, [(0, 3), (3, 5)], "static", PROMPTS)
+
+
 def test_static_decode_parity_qwen3(reference, qwen3_model):
     _assert_static_parity(reference, qwen3_model, [(0, 2), (2, 5)], "static", PROMPTS)
 
