@@ -1,10 +1,13 @@
-"""The elementwise work of a prompt step, fused by inductor, for CPU slices that compile their decode step.
+"""The elementwise work of a prompt step, fused by inductor, for fp32 CPU slices that compile their decode step.
 
 A prompt step runs eagerly (its shapes change every step), and in eager mode each RMSNorm is five kernels (to
 fp32, square, mean, rsqrt, scale, back), the MLP's activation two and rotary six, each a pass over the step's
-activations. On a 512-token bf16 prefill of the 0.5B shape (2 threads) they took a quarter of the step, where
+activations. On a 512-token prefill of the 0.5B shape (2 threads) they took a quarter of the step, where
 vLLM's compiled forward fuses them (docs/benchmarks.md). Here each is one small function compiled once with
-symbolic shapes, so one graph serves every step size; the projections stay the slices' oneDNN calls.
+symbolic shapes, so one graph serves every step size; the projections stay the slices' oneDNN calls. fp32
+prefill measured 10% faster fused (same tokens); bf16 measured no faster once its intermediates were rounded
+to bf16 where eager mode rounds them (faster without, but then its tokens were not eager's), so bf16 slices
+keep the modules (shards/runner.py).
 
 Only steps of at least `FUSE_MIN_TOKENS` tokens take them: a compiled call costs a guard check (tens of
 microseconds) that a decode-sized step would not win back. The functions are the families' own math (HF's
@@ -48,11 +51,9 @@ def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-# bf16 intermediates are rounded where eager mode rounds them, so a fused step computes what the modules do.
-OPTIONS = {"emulate_precision_casts": True}
-rms_norm = torch.compile(_rms_norm, dynamic=True, options=OPTIONS)
-silu_mul = torch.compile(_silu_mul, dynamic=True, options=OPTIONS)
-rotary = torch.compile(_rotary, dynamic=True, options=OPTIONS)
+rms_norm = torch.compile(_rms_norm, dynamic=True)
+silu_mul = torch.compile(_silu_mul, dynamic=True)
+rotary = torch.compile(_rotary, dynamic=True)
 
 
 def norm(module: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:

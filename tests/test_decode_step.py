@@ -248,10 +248,10 @@ def test_cpu_bf16_attention_is_folded():
 
 
 @pytest.mark.slow  # three small inductor compiles
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_prompt_kernels_compute_what_the_modules_do(dtype):
-    """shards/fused.py against HF's own RMSNorm, SiLU gate and rotary, at a prompt step's shapes: the same fp32
-    operations in another order (fp32), the same roundings to bf16 (bf16)."""
+def test_fused_prompt_kernels_compute_what_the_modules_do():
+    """shards/fused.py against HF's own RMSNorm, SiLU gate and rotary at a prompt step's shapes (fp32, the
+    slices that fuse): the same operations in another order."""
+    dtype = torch.float32
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
     from qwen_relay.shards.fused import norm, rotary, silu_mul
@@ -264,7 +264,7 @@ def test_fused_prompt_kernels_compute_what_the_modules_do(dtype):
     gate, up = torch.randn(n, 1, 128, dtype=dtype), torch.randn(n, 1, 128, dtype=dtype)
     q, k = torch.randn(n, 4, 1, 16, dtype=dtype), torch.randn(n, 2, 1, 16, dtype=dtype)
     cos, sin = torch.randn(n, 1, 16, dtype=dtype), torch.randn(n, 1, 16, dtype=dtype)
-    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 8e-3}
+    tol = {"rtol": 1e-6, "atol": 1e-6}
     with torch.inference_mode():
         torch.testing.assert_close(norm(module, x, True), module(x), **tol)
         assert torch.equal(norm(module, x, False), module(x))
