@@ -152,8 +152,10 @@ class ModelSlice(nn.Module):
         out, or on the last slice the logits [R, V]. No host synchronisation from first kernel to output."""
         h = self.model.embed_tokens(ids) if self.is_first else hidden
         cos, sin = self.rotary_emb(h, positions)
-        keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
-        mask = None if self.paged else keys[None, None, None, :] <= positions[:, None, :, None]  # [R, 1, 1, W * bs]
+        mask = None  # the paged kernel reads each row up to its position; gather + SDPA needs [R, 1, 1, W * bs]
+        if not self.paged:
+            keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]
         at = positions[:, 0]
         blocks = tables.gather(1, (at // cache.block_size)[:, None])[:, 0]
         offsets = at % cache.block_size
