@@ -12,7 +12,7 @@ in fp32, then the weighted sum of the values in fp32, written back in the cache'
 kernels accumulate). The C++ source below is compiled once per machine with the system's C++ compiler
 (inductor needs the same compiler for the compiled step) into a small shared library that uses torch's own
 OpenMP runtime (the loaded `libgomp.so.1`), and called through ctypes; `torch.compile` sees it as an opaque
-custom operator. Where no compiler works, `paged_attention` returns None and the slice keeps gather + SDPA.
+custom operator. Where no compiler works, `paged_attention` says False and the slice keeps gather + SDPA.
 """
 
 from __future__ import annotations
@@ -235,8 +235,8 @@ def _library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use and kept under the user's cache (keyed by source, flags and CPU);
     None, logged once, where it cannot be built or loaded."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        log.info("paged decode attention: no C++ compiler found; decode attention gathers keys for SDPA")
+    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):  # the flags and CPUs measured
+        log.info("paged decode attention: no C++ compiler or not x86-64; decode attention gathers keys for SDPA")
         return None
     key = hashlib.sha256("\0".join((SOURCE, compiler, *FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
     path = _cache_dir() / f"paged_attention_{key}.so"
