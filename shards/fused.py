@@ -10,12 +10,16 @@ to bf16 where eager mode rounds them (faster without, but then its tokens were n
 keep the modules (shards/runner.py).
 
 Only steps of at least `FUSE_MIN_TOKENS` tokens take them: a compiled call costs a guard check (tens of
-microseconds) that a decode-sized step would not win back. The functions are the families' own math (HF's
-Qwen2/Qwen3 RMSNorm, SiLU gate, `apply_rotary_pos_emb`), so a fused step computes what the modules compute, in
-a different order of the same fp32 operations.
+microseconds) that a decode-sized step would not win back. Rotary is the family's own `apply_rotary_pos_emb`,
+compiled; the norm and the gate are HF's Qwen2/Qwen3 RMSNorm and SiLU gate written as functions of tensors (a
+compiled module would be guarded on each layer's instance), so a fused step computes what the modules
+compute, in a different order of the same fp32 operations.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,20 +44,14 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
 rms_norm = torch.compile(_rms_norm, dynamic=True)
 silu_mul = torch.compile(_silu_mul, dynamic=True)
-rotary = torch.compile(_rotary, dynamic=True)
+
+
+@functools.cache
+def rotary(apply_rotary: Callable) -> Callable:
+    """The family's own `apply_rotary_pos_emb` (a plain function of tensors), compiled once."""
+    return torch.compile(apply_rotary, dynamic=True)
 
 
 def norm(module: nn.Module, x: torch.Tensor, fuse: bool) -> torch.Tensor:

@@ -191,7 +191,7 @@ class ModelSlice(nn.Module):
             q, k = norm(attn.q_norm, q, fuse), norm(attn.k_norm, k, fuse)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(heads).transpose(1, 2)
-        q, k = (rotary if fuse and not self.family.gated_query else self.family.apply_rotary)(q, k, cos, sin)
+        q, k = (rotary(self.family.apply_rotary) if fuse else self.family.apply_rotary)(q, k, cos, sin)
         return q, k, v, gate
 
     def _output(self, attn: nn.Module, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

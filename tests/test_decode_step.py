@@ -25,7 +25,7 @@ from qwen_relay.shards.runner import SliceRunner, SliceSpec
 from qwen_relay.shards.step_inputs import CONTEXT_FLOOR, DecodeInputs, bucket, is_decode
 
 MAX_NEW = 10
-FUSED_GRAPHS = 3  # rms_norm, silu_mul, rotary
+FUSED_GRAPHS = 3  # rms_norm, silu_mul, the family's rotary
 
 
 def _runners(model, ranges, decode: str, block_size: int = 16, max_len: int = 64) -> list[SliceRunner]:
@@ -269,5 +269,6 @@ def test_fused_prompt_kernels_compute_what_the_modules_do():
         torch.testing.assert_close(norm(module, x, True), module(x), **tol)
         assert torch.equal(norm(module, x, False), module(x))
         torch.testing.assert_close(silu_mul(gate, up), torch.nn.functional.silu(gate) * up, **tol)
-        for got, want in zip(rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin), strict=True):
+        for got, want in zip(rotary(apply_rotary_pos_emb)(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin),
+                             strict=True):
             torch.testing.assert_close(got, want, **tol)
