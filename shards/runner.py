@@ -142,6 +142,11 @@ class SliceRunner:
         start = time.perf_counter()
         if hidden is not None:
             hidden = hidden.to(self.device, self.dtype)
+            if self.decode_mode == "compiled" and not hidden.is_inference():
+                # Compiled graphs (the decode step, the fused prompt kernels) are guarded on whether their input
+                # is an inference tensor. Hidden states that came through Ray are not (those made in this process
+                # are): one kind always, or each graph compiles twice.
+                hidden = hidden.clone()
         with self._lock:
             out = self._run_static(batch, hidden) if self._static(batch) else self._run_dynamic(batch, hidden)
             if self.slice.is_last:  # before the next step may replay the graph that wrote these logits
@@ -198,8 +203,6 @@ class SliceRunner:
 
     def _run_dynamic(self, batch: StepBatch, hidden: torch.Tensor | None) -> torch.Tensor:
         meta = StepMetadata.build(batch, self.device, self.cache.block_size, self.cache.scratch)
-        if self.slice.fuse_prompts and hidden is not None and not hidden.is_inference():
-            hidden = hidden.clone()  # the fused kernels are compiled for inference tensors (see `_run_static`)
         # The forward is packed (one real token per row): each token goes through its row's adapter.
         per_token = batch.adapters and [a for a, tokens in zip(batch.adapters, batch.token_ids, strict=True)
                                         for _ in tokens]
@@ -211,9 +214,7 @@ class SliceRunner:
         inputs = DecodeInputs.build(batch, self.device, self.spec.max_slots, self.spec.max_len,
                                     self.cache.block_size, self.cache.scratch)
         if hidden is not None:
-            # A compiled step is guarded on whether its input is an inference tensor. Hidden states that came
-            # through Ray are not (those made in this process are): one kind always, or each graph compiles twice.
-            hidden = inputs.pad(hidden if hidden.is_inference() else hidden.clone())
+            hidden = inputs.pad(hidden)
         graphs = self.decode_mode == "compiled" and self.device.type == "cuda"
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
