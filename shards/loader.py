@@ -18,6 +18,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -121,13 +122,17 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
 
     pack = prepack and can_prepack(device, dtype)
     packed = 0
+
+    def dense(f: Any, name: str, key: str) -> torch.Tensor:  # a linear weight (this rank's share), to be packed
+        return read_shard(f.get_slice(key), name, config, shard).to(dtype)
+
     for filename, pairs in sorted(by_file.items()):
         path = weight_file(model, folder, filename)
         to_pack = {name: key for name, key in pairs if pack and is_linear_weight(part, name)}
         groups = packing_groups(part, to_pack)
         for names in groups:  # read together, packed as one weight (shards/packed.py, GROUPS)
             with safe_open(path, framework="pt", device=str(device)) as f:
-                weights = [read_shard(f.get_slice(to_pack[name]), name, config, shard).to(dtype) for name in names]
+                weights = [dense(f, name, to_pack[name]) for name in names]
                 prepack_group(part, names, weights)
             del weights
         grouped_names = {name for names in groups for name in names}
@@ -140,7 +145,7 @@ def load_slice(model: str, first: int, end: int, dtype: torch.dtype, device: tor
             # A file handle of its own: safetensors memory-maps the file and a mapping stays resident while
             # its handle is open, so the dense pages go as soon as the packed copy exists.
             with safe_open(path, framework="pt", device=str(device)) as f:
-                weight = read_shard(f.get_slice(key), name, config, shard).to(dtype)
+                weight = dense(f, name, key)
                 if name == "lm_head.weight":
                     prepack_head(part, weight.split(HEAD_BLOCK_ROWS))
                 else:
