@@ -152,8 +152,9 @@ class ModelSlice(nn.Module):
         out, or on the last slice the logits [R, V]. No host synchronisation from first kernel to output."""
         h = self.model.embed_tokens(ids) if self.is_first else hidden
         cos, sin = self.rotary_emb(h, positions)
-        mask = None  # the paged kernel reads each row up to its position; gather + SDPA needs [R, 1, 1, W * bs]
-        if not self.paged:
+        if self.paged:  # the kernel reads each row's keys up to its own position
+            lengths = positions[:, 0] + 1
+        else:  # gather + SDPA reads the whole bucket, masked: [R, 1, 1, W * block_size]
             keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
             mask = keys[None, None, None, :] <= positions[:, None, :, None]
         at = positions[:, 0]
@@ -163,8 +164,8 @@ class ModelSlice(nn.Module):
             x = layer.input_layernorm(h)
             q, k, v, gate = self._project(layer.self_attn, x, cos, sin)
             cache.write(index, blocks, offsets, k[:, :, 0], v[:, :, 0])
-            if mask is None:
-                attended = paged_decode_attention(q, cache.k, cache.v, index, tables, positions)
+            if self.paged:
+                attended = paged_decode_attention(q, cache.k, cache.v, index, tables, lengths)
             else:
                 attended = self.attend(q, *cache.gather(index, tables), mask)
             h = h + self.all_reduce(self._output(layer.self_attn, attended, gate))
@@ -217,7 +218,7 @@ class ModelSlice(nn.Module):
     def _attend_group(self, q: torch.Tensor, group: AttentionGroup, cache: KVCache, index: int) -> torch.Tensor:
         """Queries [n, heads, 1, D] of one group's tokens in, their attention outputs in the same layout out."""
         if group.width == 1 and self.paged:
-            return paged_decode_attention(q, cache.k, cache.v, index, group.tables, group.positions)
+            return paged_decode_attention(q, cache.k, cache.v, index, group.tables, group.lengths)
         keys, values = cache.gather(index, group.tables)
         if group.width == 1:  # one query per row
             return self.attend(q, keys, values, group.mask)

@@ -265,17 +265,18 @@ def _library() -> ctypes.CDLL | None:
 
 @torch.library.custom_op("qwen_relay::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tables: torch.Tensor,
-                           positions: torch.Tensor) -> torch.Tensor:
-    """q [R, H, 1, D]; k, v the whole cache [layers, blocks, block_size, kv_heads, D]; tables [R, W];
-    positions [R, 1]: row r's query at positions[r] sees its keys at positions 0 .. positions[r]. -> [R, H, 1, D]."""
+                           lengths: torch.Tensor) -> torch.Tensor:
+    """q [R, H, 1, D]; k, v the whole cache [layers, blocks, block_size, kv_heads, D]; tables [R, W] and lengths
+    [R], int64: row r's query sees its keys at positions 0 .. lengths[r] - 1 (its own position + 1). Both are
+    the same for every layer of a step: built once by the caller. -> [R, H, 1, D]."""
     library = _library()
     assert library is not None, "paged_decode_attention called where the kernel was not built"
     q = q.contiguous()
     k_layer, v_layer = k[layer], v[layer]
     if not (k_layer.is_contiguous() and v_layer.is_contiguous()) or q.shape[-1] % 16:
         raise ValueError("paged_decode_attention needs a contiguous cache and a head size in lanes of 16")
-    tables = tables.to(torch.int64).contiguous()
-    lengths = (positions[:, 0].to(torch.int64) + 1).contiguous()
+    if not (tables.dtype == lengths.dtype == torch.int64 and tables.is_contiguous() and lengths.is_contiguous()):
+        raise ValueError("paged_decode_attention needs contiguous int64 tables and lengths")
     out = torch.empty_like(q)
     rows, heads, _, dim = q.shape
     getattr(library, ENTRIES[q.dtype])(
@@ -286,7 +287,7 @@ def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
 
 @paged_decode_attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tables: torch.Tensor,
-      positions: torch.Tensor) -> torch.Tensor:
+      lengths: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)  # contiguous, as the kernel writes it
 
 

@@ -39,7 +39,7 @@ class AttentionGroup:
     tables: torch.Tensor  # [b, w] its rows' KV blocks, w covering its longest row
     mask: torch.Tensor  # [b, 1, t, w * block_size] key p visible to query q iff p <= q
     width: int  # t: 1 for the one-token rows, else the row's tokens
-    positions: torch.Tensor  # [b, 1] each row's last position (of a one-token row: its query's)
+    lengths: torch.Tensor  # [b] each row's positions so far (a one-token row's query sees keys 0 .. length - 1)
 
 
 @dataclass(frozen=True)
@@ -93,9 +93,9 @@ def _groups(batch: StepBatch, tables: torch.Tensor, mask: torch.Tensor, block_si
         index = torch.tensor(rows, device=tables.device)
         tokens = [firsts[i] + c for i in rows for c in range(lengths[i])]
         groups.append(AttentionGroup(tokens=torch.tensor(tokens, device=tables.device),
-                                     tables=tables[index, :blocks],
+                                     tables=tables[index, :blocks].contiguous(),  # as the paged kernel reads it
                                      mask=mask[index, :, :width, : blocks * block_size], width=width,
-                                     positions=torch.tensor([[ends[i] - 1] for i in rows], device=tables.device)))
+                                     lengths=torch.tensor([ends[i] for i in rows], device=tables.device)))
     return tuple(groups)
 
 

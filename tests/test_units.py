@@ -717,7 +717,8 @@ def test_paged_decode_attention_matches_sdpa_over_the_gathered_blocks(dtype, hea
     positions = torch.tensor([[0], [15], [16], [47], [95]])
     tables[0, 1:] = blocks  # a short row's unused entries name the scratch block
     q = torch.randn(5, heads, 1, dim, dtype=dtype)
-    out = paged_decode_attention(q, k, v, 1, tables, positions)
+    lengths = positions[:, 0] + 1
+    out = paged_decode_attention(q, k, v, 1, tables, lengths)
     keys = k[1, tables].view(5, width * block_size, kv_heads, dim).transpose(1, 2)
     values = v[1, tables].view(5, width * block_size, kv_heads, dim).transpose(1, 2)
     mask = torch.arange(width * block_size)[None, None, None, :] <= positions[:, None, :, None]
@@ -727,7 +728,7 @@ def test_paged_decode_attention_matches_sdpa_over_the_gathered_blocks(dtype, hea
     tol = {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 4e-3}
     torch.testing.assert_close(out.float(), want, **tol)
     # A row's output does not depend on the other rows of the step (batched decoding stays unbatched's).
-    assert torch.equal(paged_decode_attention(q[3:4], k, v, 1, tables[3:4], positions[3:4])[0], out[3])
+    assert torch.equal(paged_decode_attention(q[3:4], k, v, 1, tables[3:4], lengths[3:4])[0], out[3])
 
 
 # ------------------------------------------------------------------------------------------------- batch
