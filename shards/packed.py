@@ -32,8 +32,11 @@ oneDNN calls (docs/benchmarks.md, "The decode step").
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 import platform
+import threading
 import weakref
 from collections.abc import Iterable
 
@@ -41,6 +44,9 @@ import torch
 from torch import nn
 
 from .dtypes import cpu_bf16_fast
+from .native import build, torch_flags
+
+log = logging.getLogger(__name__)
 
 BATCH_HINT = 16
 MIN_ROWS = 4  # fewer rows are padded up to this: oneDNN's 1- and 2-row kernels stream the weight slower
@@ -56,16 +62,104 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
-# Packed weights by handle, for the custom operator; held weakly, so a dropped slice frees its weights.
+# Packed weights by handle, for the operators a compiled step calls; held weakly, so a dropped slice frees its
+# weights.
 _PACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count()
+
+# A compiled step's packed linear, called without Python: the same oneDNN call and padding as `_linear`, reached
+# from inductor's wrapper through the dispatcher alone. Through the Python operator below, each of a decode step's
+# ~100 calls cost ~30 us more (bf16 Qwen2.5-0.5B on 2 cores: a one-row step 52 against 56 ms, docs/benchmarks.md).
+# The table holds weak references, as `_PACKED` does.
+NATIVE_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+#include <mutex>
+#include <unordered_map>
+
+namespace {
+using Strong = c10::intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+std::mutex mutex;
+std::unordered_map<int64_t, Weak> weights;
+
+void register_packed(int64_t handle, const at::Tensor& weight) {
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = weights.begin(); it != weights.end();) it = it->second.expired() ? weights.erase(it) : std::next(it);
+  weights.insert_or_assign(handle, Weak(weight.getIntrusivePtr()));
+}
+
+at::Tensor weight_of(int64_t handle) {
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto it = weights.find(handle);
+  Strong impl = it == weights.end() ? Strong() : it->second.lock();
+  TORCH_CHECK(impl, "packed weight ", handle, " is not registered or was freed");
+  return at::Tensor(std::move(impl));
+}
+
+at::Tensor packed_linear(const at::Tensor& x, int64_t handle, const std::optional<at::Tensor>& bias,
+                         int64_t out_features, int64_t min_rows) {
+  static auto linear = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "").typed<
+      at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                 c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>)>();
+  const at::Tensor weight = weight_of(handle);
+  const c10::List<std::optional<at::Scalar>> none;
+  const int64_t width = x.size(-1), rows = x.numel() / width;
+  if (rows >= min_rows) return linear.call(x, weight, bias, "none", none, "");
+  const at::Tensor padded = at::constant_pad_nd(x.reshape({rows, width}), {0, 0, 0, min_rows - rows});
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = out_features;
+  return linear.call(padded, weight, bias, "none", none, "").narrow(0, 0, rows).reshape(shape);
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwen_relay, m) {
+  m.def("packed_linear_native(Tensor x, int handle, Tensor? bias, int out_features, int min_rows) -> Tensor");
+  m.def("register_packed(int handle, Tensor weight) -> ()", &register_packed);
+}
+TORCH_LIBRARY_IMPL(qwen_relay, CPU, m) { m.impl("packed_linear_native", &packed_linear); }
+"""
+NATIVE_FLAGS = ("-O2", "-shared", "-fPIC", "-std=c++20")
+_native_lock = threading.Lock()
+_native_loaded = False  # set once the native operator is loaded and holds every packed weight
 
 
 def _pack(weight: torch.Tensor) -> tuple[nn.Parameter, int]:
     packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT), requires_grad=False)
-    handle = next(_HANDLES)
-    _PACKED[handle] = packed
+    with _native_lock:
+        handle = next(_HANDLES)
+        _PACKED[handle] = packed
+        if _native_loaded:
+            torch.ops.qwen_relay.register_packed(handle, packed)
     return packed, handle
+
+
+@functools.cache
+def load_native() -> bool:
+    """Build and load the native operator and hand it every packed weight so far (later ones at packing); False
+    where it cannot be built or loaded (the Python operator serves). Called before a step is compiled: tracing
+    reads `_native_loaded`."""
+    global _native_loaded
+    path = build("packed_linear", NATIVE_SOURCE, (*NATIVE_FLAGS, *torch_flags()))
+    if path is None:
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("the native packed linear could not be loaded (%s); compiled steps call it through Python", e)
+        return False
+    torch.library.register_fake("qwen_relay::packed_linear_native")(_fake_native)
+    with _native_lock:
+        for handle, weight in list(_PACKED.items()):
+            torch.ops.qwen_relay.register_packed(handle, weight)
+        _native_loaded = True
+    return True
+
+
+def _fake_native(x: torch.Tensor, handle: int, bias: torch.Tensor | None, out_features: int,
+                 min_rows: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -79,7 +173,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 @torch.library.custom_op("qwen_relay::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, handle: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    """`_linear` with the packed weight registered as `handle`: what a compiled step calls."""
+    """`_linear` with the packed weight registered as `handle`: what a compiled step calls without the native
+    operator."""
     return _linear(x, _PACKED[handle], bias)
 
 
@@ -90,7 +185,9 @@ def _(x: torch.Tensor, handle: int, bias: torch.Tensor | None, out_features: int
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, handle: int, bias: torch.Tensor | None,
              out_features: int) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # traced once per graph: the operator chosen here is what it calls
+        if _native_loaded:
+            return torch.ops.qwen_relay.packed_linear_native(x, handle, bias, out_features, MIN_ROWS)
         return packed_linear(x, handle, bias, out_features)
     return _linear(x, weight, bias)
 

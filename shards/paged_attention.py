@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
+
+from .native import build
 
 log = logging.getLogger(__name__)
 
@@ -216,45 +211,18 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno",
 ENTRIES = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "qwen-relay" / "kernels"
-
-
-def _cpu_signature() -> str:
-    """What `-march=native` compiles for: a library built on one CPU model must not load on another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use and kept under the user's cache (keyed by source, flags and CPU);
-    None, logged once, where it cannot be built or loaded."""
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None or platform.machine().lower() not in ("x86_64", "amd64"):  # the flags and CPUs measured
-        log.info("paged decode attention: no C++ compiler or not x86-64; decode attention gathers keys for SDPA")
-        return None
-    key = hashlib.sha256("\0".join((SOURCE, compiler, *FLAGS, _cpu_signature())).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"paged_attention_{key}.so"
+    """The compiled kernel (shards/native.py), its entry points typed; None, logged once, where it cannot be
+    built or loaded."""
+    path = build("paged_attention", SOURCE, FLAGS)
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                source = Path(tmp) / "paged_attention.cpp"
-                source.write_text(SOURCE)
-                built = Path(tmp) / path.name
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
-                               text=True, timeout=120)
-                os.replace(built, path)  # atomic: slices building at once each install a whole library
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", None) or e
-        log.warning("paged decode attention could not be built (%s); decode attention gathers keys for SDPA",
-                    str(detail).strip()[:500])
+        library = ctypes.CDLL(str(path)) if path is not None else None
+    except OSError as e:
+        log.warning("paged decode attention could not be loaded (%s); decode attention gathers keys for SDPA", e)
+        return None
+    if library is None:
+        log.info("paged decode attention not built: decode attention gathers keys for SDPA")
         return None
     for name in ENTRIES.values():
         entry = getattr(library, name)

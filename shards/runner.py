@@ -34,7 +34,7 @@ from .fused import WARMUP_TOKENS
 from .hub import model_dir
 from .kv_cache import CacheShape, KVCache
 from .loader import load_config, load_slice
-from .packed import PackedHead, PackedLinear
+from .packed import PackedHead, PackedLinear, load_native
 from .sampler import sample
 from .stats import SliceStats
 from .step_inputs import DecodeInputs, StepMetadata, is_decode
@@ -188,6 +188,8 @@ class SliceRunner:
         # Packed linears stay opaque oneDNN calls, inductor fuses what lies between them; dense weights (a CPU
         # without packed kernels for the dtype) become graph constants that inductor packs itself (freezing).
         dense = not any(isinstance(m, (PackedLinear, PackedHead)) for m in self.slice.modules())
+        if not dense:
+            load_native()  # before tracing: the graph calls the native operator where it loads
         step = torch.compile(self.slice.decode, fullgraph=True, dynamic=None, options={"freezing": dense})
 
         def decode(ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, hidden: torch.Tensor | None,

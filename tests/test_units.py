@@ -4,6 +4,7 @@ scheduling, sampling, the KV cache, step batches, and UTF-8-safe streaming detok
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 
 import pytest
@@ -765,6 +766,32 @@ def test_packed_linear_matches_dense_and_is_batch_invariant(dtype):
             for small in (x[:1, :1], x[:1, :2], x[:1, :3], rows[:2]):
                 assert fast(small).shape == slow(small).shape
                 torch.testing.assert_close(fast(small), slow(small), **tol)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_native_packed_linear_is_the_python_operator_bit_for_bit(dtype):
+    """What a compiled step calls where the C++ operator builds: the same oneDNN call and padding as the Python
+    operator, so a step's tokens do not depend on which one it got; a freed weight is an error, not a read."""
+    if not can_prepack(torch.device("cpu"), dtype):
+        pytest.skip(f"no oneDNN {dtype} kernels on this CPU")
+    if not packed_module.load_native():
+        pytest.skip("no C++ compiler for the native operator here")
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(4864, 96, dtype=dtype)  # a long reduction: kernels for 1 and 4+ rows sum apart
+    packed = PackedLinear(dense, dense.weight)  # packed after loading: registered at packing
+    x = torch.randn(2, 3, 4864, dtype=dtype)
+    with torch.inference_mode():
+        for xs in (x[:1, :1], x[:1, :2], x[:1, :3], x[0], x):
+            want = torch.ops.qwen_relay.packed_linear(xs, packed.handle, packed.bias, 96)
+            got = torch.ops.qwen_relay.packed_linear_native(xs, packed.handle, packed.bias, 96,
+                                                              packed_module.MIN_ROWS)
+            assert got.shape == want.shape and torch.equal(got, want)
+        handle = packed.handle
+        del packed
+        gc.collect()
+        with pytest.raises(RuntimeError, match="not registered or was freed"):
+            torch.ops.qwen_relay.packed_linear_native(x, handle, None, 96, packed_module.MIN_ROWS)
 
 
 @needs_onednn
