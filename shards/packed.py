@@ -63,8 +63,10 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 # Packed weights by handle, for the operators a compiled step calls; held weakly, so a dropped slice frees its
-# weights.
-_PACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+# weights. Plain references, no callbacks: a WeakValueDictionary's removal callback runs as each weight dies,
+# which at a slice process's exit is where a second SIGTERM (Ray's handler raising SystemExit) landed and printed
+# "Exception ignored" tracebacks. Dead entries are dropped at the next packing instead.
+_PACKED: dict[int, weakref.ref[torch.Tensor]] = {}
 _HANDLES = itertools.count()
 
 # A compiled step's packed linear, called without Python: the same oneDNN call and padding as `_linear`, reached
@@ -129,7 +131,9 @@ def _pack(weight: torch.Tensor) -> tuple[nn.Parameter, int]:
     packed = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT), requires_grad=False)
     with _native_lock:
         handle = next(_HANDLES)
-        _PACKED[handle] = packed
+        for dead in [h for h, ref in _PACKED.items() if ref() is None]:
+            del _PACKED[dead]
+        _PACKED[handle] = weakref.ref(packed)
         if _native_loaded:
             torch.ops.qwen_relay.register_packed(handle, packed)
     return packed, handle
@@ -151,8 +155,9 @@ def load_native() -> bool:
         return False
     torch.library.register_fake("qwen_relay::packed_linear_native")(_fake_native)
     with _native_lock:
-        for handle, weight in list(_PACKED.items()):
-            torch.ops.qwen_relay.register_packed(handle, weight)
+        for handle, ref in _PACKED.items():
+            if (weight := ref()) is not None:
+                torch.ops.qwen_relay.register_packed(handle, weight)
         _native_loaded = True
     return True
 
@@ -175,7 +180,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 def packed_linear(x: torch.Tensor, handle: int, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """`_linear` with the packed weight registered as `handle`: what a compiled step calls without the native
     operator."""
-    return _linear(x, _PACKED[handle], bias)
+    weight = _PACKED[handle]()
+    if weight is None:
+        raise RuntimeError(f"packed weight {handle} was freed")
+    return _linear(x, weight, bias)
 
 
 @packed_linear.register_fake
