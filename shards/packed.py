@@ -25,9 +25,11 @@ Sibling projections that read one input (q/k/v, gate/up: `GROUPS`) are packed as
 
 A compiled decode step (`--decode-step compiled`) cannot take the packed weights: they are opaque oneDNN
 tensors, which dynamo cannot trace and inductor lowers only as constants. So under `torch.compile` each packed
-linear is the custom operator `qwen_relay::packed_linear`, which names its weight by a handle (as vLLM's CPU
-build names its oneDNN matmuls): inductor fuses the norms, rotary, residuals and attention around opaque
-oneDNN calls (docs/benchmarks.md, "The decode step").
+linear is an operator that names its weight by a handle (as vLLM's CPU build names its oneDNN matmuls):
+inductor fuses the norms, rotary, residuals and attention around opaque oneDNN calls (docs/benchmarks.md, "The
+decode step"). The operator is C++ (`qwen_relay::packed_linear_native`, built at first use by
+shards/native.py) where a compiler is found, else the Python custom operator `qwen_relay::packed_linear`; both
+run the same oneDNN call on the same padded rows, so their outputs are equal bit for bit.
 """
 
 from __future__ import annotations
