@@ -212,6 +212,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& k, con
               lengths.is_contiguous(), "paged_decode_attention needs contiguous int64 tables and lengths");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "paged_decode_attention needs the query and the cache in one dtype");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lengths.numel() == q.size(0),
+              "paged_decode_attention needs a block table and a length for every query row");
   at::Tensor out = at::empty_like(q);
   const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = k.size(-2);
   const float scale = (float)std::pow((double)dim, -0.5);  // as Python's dim ** -0.5
