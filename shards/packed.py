@@ -76,8 +76,9 @@ _HANDLES = itertools.count()
 # ~100 calls cost ~30 us more (bf16 Qwen2.5-0.5B on 2 cores: a one-row step 52 against 56 ms, docs/benchmarks.md).
 # The table holds weak references, as `_PACKED` does.
 NATIVE_SOURCE = r"""
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <torch/library.h>
 #include <mutex>
 #include <unordered_map>
