@@ -10,30 +10,24 @@ table, up to its own position (vLLM's CPU build runs a paged attention kernel of
 Per (row, KV head) task: the G query heads that share the KV head score every key, a softmax per query head
 in fp32, then the weighted sum of the values in fp32, written back in the cache's dtype (as SDPA's CPU
 kernels accumulate). The C++ source below is compiled once per machine with the system's C++ compiler
-(inductor needs the same compiler for the compiled step, shards/native.py builds it) into a shared library that
-uses torch's own OpenMP runtime (the loaded `libgomp.so.1`) and registers the torch operator
-`qwen_relay::paged_decode_attention`. A compiled step reaches it through the dispatcher alone, as it does the
-packed linears' native operator, so nothing in the step calls back into Python (a Python custom operator
-took the GIL 24 times a step). Where no compiler works, `paged_attention` says False and the slice keeps
-gather + SDPA.
+(inductor needs the same compiler for the compiled step) into a small shared library that uses torch's own
+OpenMP runtime (the loaded `libgomp.so.1`), and called through ctypes; `torch.compile` sees it as an opaque
+custom operator. Where no compiler works, `paged_attention` says False and the slice keeps gather + SDPA.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 
 import torch
 
-from .native import build, torch_flags
+from .native import build
 
 log = logging.getLogger(__name__)
 
 SOURCE = r"""
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <torch/library.h>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -201,78 +195,73 @@ static void attend(const T* q, const T* k, const T* v, const int64_t* tables, co
   }
 }
 
-// The operator: q [R, H, 1, D]; k, v the whole cache [layers, blocks, block_size, kv_heads, D]; tables [R, W]
-// and lengths [R], int64.
-at::Tensor paged_decode_attention(const at::Tensor& q_, const at::Tensor& k, const at::Tensor& v, int64_t layer,
-                                  const at::Tensor& tables, const at::Tensor& lengths) {
-  const at::Tensor q = q_.contiguous(), k_layer = k.select(0, layer), v_layer = v.select(0, layer);
-  TORCH_CHECK(k_layer.is_contiguous() && v_layer.is_contiguous() && q.size(-1) % 16 == 0,
-              "paged_decode_attention needs a contiguous cache and a head size in lanes of 16");
-  TORCH_CHECK(tables.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong && tables.is_contiguous() &&
-              lengths.is_contiguous(), "paged_decode_attention needs contiguous int64 tables and lengths");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "paged_decode_attention needs the query and the cache in one dtype");
-  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && lengths.numel() == q.size(0),
-              "paged_decode_attention needs a block table and a length for every query row");
-  at::Tensor out = at::empty_like(q);
-  const int64_t rows = q.size(0), heads = q.size(1), dim = q.size(3), kv_heads = k.size(-2);
-  const float scale = (float)std::pow((double)dim, -0.5);  // as Python's dim ** -0.5
-  if (q.scalar_type() == at::kFloat) {
-    attend(q.const_data_ptr<float>(), k_layer.const_data_ptr<float>(), v_layer.const_data_ptr<float>(),
-           tables.const_data_ptr<int64_t>(), lengths.const_data_ptr<int64_t>(), out.mutable_data_ptr<float>(),
-           rows, heads, kv_heads, dim, k.size(2), tables.size(1), scale);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_decode_attention runs fp32 and bf16");
-    attend((const uint16_t*)q.const_data_ptr(), (const uint16_t*)k_layer.const_data_ptr(),
-           (const uint16_t*)v_layer.const_data_ptr(), tables.const_data_ptr<int64_t>(),
-           lengths.const_data_ptr<int64_t>(), (uint16_t*)out.mutable_data_ptr(), rows, heads, kv_heads, dim,
-           k.size(2), tables.size(1), scale);
+#define ENTRY(NAME, T)                                                                                          \
+  extern "C" void NAME(const void* q, const void* k, const void* v, const int64_t* tables,                      \
+                       const int64_t* lengths, void* out, int64_t rows, int64_t heads, int64_t kv_heads,         \
+                       int64_t dim, int64_t block_size, int64_t width, float scale) {                          \
+    attend((const T*)q, (const T*)k, (const T*)v, tables, lengths, (T*)out, rows, heads, kv_heads, dim,         \
+           block_size, width, scale);                                                                           \
   }
-  return out;
-}
-
-TORCH_LIBRARY_FRAGMENT(qwen_relay, m) {
-  m.def("paged_decode_attention(Tensor q, Tensor k, Tensor v, int layer, Tensor tables, Tensor lengths) -> Tensor");
-}
-TORCH_LIBRARY_IMPL(qwen_relay, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+ENTRY(paged_attention_f32, float)
+ENTRY(paged_attention_bf16, uint16_t)
 """
 
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC",
-         "-std=c++20")
-DTYPES = (torch.float32, torch.bfloat16)
+         "-std=c++17")
+ENTRIES = {torch.float32: "paged_attention_f32", torch.bfloat16: "paged_attention_bf16"}
 
 
 @functools.cache
-def _load() -> bool:
-    """Build (shards/native.py) and load the operator; False, logged once, where it cannot be built or loaded."""
-    path = build("paged_attention", SOURCE, (*FLAGS, *torch_flags()))
-    if path is None:
-        log.info("paged decode attention not built: decode attention gathers keys for SDPA")
-        return False
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel (shards/native.py), its entry points typed; None, logged once, where it cannot be
+    built or loaded."""
+    path = build("paged_attention", SOURCE, FLAGS)
     try:
-        torch.ops.load_library(str(path))
-    except (OSError, RuntimeError) as e:
+        library = ctypes.CDLL(str(path)) if path is not None else None
+    except OSError as e:
         log.warning("paged decode attention could not be loaded (%s); decode attention gathers keys for SDPA", e)
-        return False
-    torch.library.register_fake("qwen_relay::paged_decode_attention")(_fake)
-    return True
+        return None
+    if library is None:
+        log.info("paged decode attention not built: decode attention gathers keys for SDPA")
+        return None
+    for name in ENTRIES.values():
+        entry = getattr(library, name)
+        entry.restype = None
+        entry.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    return library
 
 
-def _fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tables: torch.Tensor,
-          lengths: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(q.shape)  # contiguous, as the kernel writes it
-
-
+@torch.library.custom_op("qwen_relay::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tables: torch.Tensor,
                            lengths: torch.Tensor) -> torch.Tensor:
     """q [R, H, 1, D]; k, v the whole cache [layers, blocks, block_size, kv_heads, D]; tables [R, W] and lengths
     [R], int64: row r's query sees its keys at positions 0 .. lengths[r] - 1 (its own position + 1). Both are
-    the same for every layer of a step: built once by the caller. -> [R, H, 1, D]. Only where
-    `paged_attention` said True (the operator is loaded)."""
-    return torch.ops.qwen_relay.paged_decode_attention(q, k, v, layer, tables, lengths)
+    the same for every layer of a step: built once by the caller. -> [R, H, 1, D]."""
+    library = _library()
+    assert library is not None, "paged_decode_attention called where the kernel was not built"
+    q = q.contiguous()
+    k_layer, v_layer = k[layer], v[layer]
+    if not (k_layer.is_contiguous() and v_layer.is_contiguous()) or q.shape[-1] % 16:
+        raise ValueError("paged_decode_attention needs a contiguous cache and a head size in lanes of 16")
+    if not (tables.dtype == lengths.dtype == torch.int64 and tables.is_contiguous() and lengths.is_contiguous()):
+        raise ValueError("paged_decode_attention needs contiguous int64 tables and lengths")
+    if not (tables.dim() == 2 and tables.shape[0] == lengths.numel() == q.shape[0]):
+        raise ValueError("paged_decode_attention needs a block table and a length for every query row")
+    out = torch.empty_like(q)
+    rows, heads, _, dim = q.shape
+    getattr(library, ENTRIES[q.dtype])(
+        q.data_ptr(), k_layer.data_ptr(), v_layer.data_ptr(), tables.data_ptr(), lengths.data_ptr(), out.data_ptr(),
+        rows, heads, k.shape[-2], dim, k.shape[2], tables.shape[1], dim ** -0.5)
+    return out
+
+
+@paged_decode_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, tables: torch.Tensor,
+      lengths: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape)  # contiguous, as the kernel writes it
 
 
 def paged_attention(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether one-token queries on this device and dtype read the cache through the kernel: a CPU, fp32 or bf16,
     a head size the kernel's lanes divide, and the kernel built."""
-    return device.type == "cpu" and dtype in DTYPES and head_dim % 16 == 0 and _load()
+    return device.type == "cpu" and dtype in ENTRIES and head_dim % 16 == 0 and _library() is not None

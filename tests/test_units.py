@@ -730,9 +730,9 @@ def test_paged_decode_attention_matches_sdpa_over_the_gathered_blocks(dtype, hea
     torch.testing.assert_close(out.float(), want, **tol)
     # A row's output does not depend on the other rows of the step (batched decoding stays unbatched's).
     assert torch.equal(paged_decode_attention(q[3:4], k, v, 1, tables[3:4], lengths[3:4])[0], out[3])
-    with pytest.raises(RuntimeError, match="int64 tables"):  # the operator checks, it does not read past memory
+    with pytest.raises(ValueError, match="int64 tables"):  # the operator checks, it does not read past memory
         paged_decode_attention(q, k, v, 1, tables.int(), lengths)
-    with pytest.raises(RuntimeError, match="for every query row"):
+    with pytest.raises(ValueError, match="for every query row"):
         paged_decode_attention(q, k, v, 1, tables[:4], lengths[:4])
 
 
