@@ -921,6 +921,20 @@ def test_detokenizer_skips_special_tokens(tokenizer):
     assert "".join(chunks) + detok.flush() == "Merhaba!"
 
 
+def test_detokenizer_backend_decode_matches_the_tokenizers(tokenizer):
+    """The fast path (the Rust decoder called directly) streams what `tokenizer.decode` would, chunk for chunk."""
+
+    class SlowOnly:  # a tokenizer without `backend_tokenizer`: `decode` is all the detokenizer can call
+        def decode(self, ids: list[int], **kwargs: object) -> str:
+            return tokenizer.decode(ids, **kwargs)
+
+    ids = tokenizer.encode(TURKISH, add_special_tokens=False)
+    ids = [*ids[:5], IM_END, *ids[5:], ENDOFTEXT]
+    fast, slow = Detokenizer(tokenizer), Detokenizer(SlowOnly())
+    assert fast.backend is not None and slow.backend is None
+    assert _feed(fast, ids) + [fast.flush()] == _feed(slow, ids) + [slow.flush()]
+
+
 def test_detokenizer_stop_split_across_tokens(tokenizer):
     text = "Merhaba! Nasıl yardımcı olabilirim?"
     ids = tokenizer.encode(text, add_special_tokens=False)  # Merhaba | ! | Nasıl | yardımcı | ...
