@@ -13,6 +13,10 @@ Qwen shares each KV head among G query heads (GQA). Two ways to hand that to `sc
 On a CPU, one-token queries read the block cache in place instead, without either layout's gathered copy
 (shards/paged_attention.py); these layouts serve prompt chunks there, and everything on CUDA.
 
+Masks are additive (0 where a key is visible, -inf where not, in the queries' dtype: `additive_mask`), built
+once per step. Given a boolean mask, SDPA converts it to exactly that on every call, twice per layer: at a
+256-token prompt (bf16, the 0.5B shape, 2 threads) 8 ms of a 233 ms step, the outputs bit for bit the same.
+
 `choose_attention` picks the path for the slice's device, dtype and head layout at start-up and asks PyTorch
 which SDPA backend it will dispatch that call to (`torch._fused_sdp_choice`), so the log line names the kernel
 that really runs, and warns when it is the unfused math kernel.
@@ -33,8 +37,13 @@ log = logging.getLogger(__name__)
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: visible) as the additive one SDPA makes of it: 0 or -inf, in `dtype`."""
+    return torch.where(visible, 0.0, torch.full((), float("-inf"), dtype=dtype, device=visible.device))
+
+
 def expanded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, Hkv, L, D], boolean mask [B, 1, T, L] (True: visible) -> [B, H, T, D]."""
+    """q [B, H, T, D], k/v [B, Hkv, L, D], additive mask [B, 1, T, L] (`additive_mask`) -> [B, H, T, D]."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -74,7 +83,7 @@ def choose_attention(device: torch.device, dtype: torch.dtype, heads: int, kv_he
     PyTorch will dispatch a decode step to."""
     q = torch.zeros(2, heads, 1, head_dim, dtype=dtype, device=device)
     k = torch.zeros(2, kv_heads, 64, head_dim, dtype=dtype, device=device)
-    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool, device=device)
+    mask = additive_mask(torch.ones(2, 1, 1, 64, dtype=torch.bool, device=device), dtype)
     name, attend, backend = "expanded", expanded, sdpa_backend(q, k, k, mask, gqa=True)
     if device.type == "cpu" and dtype != torch.float32:
         fq, fmask = fold(q, k, mask)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .attention import Attend, choose_attention, expanded
+from .attention import Attend, additive_mask, choose_attention, expanded
 from .deltanet import gated_deltanet
 from .family import FULL_ATTENTION, LINEAR_ATTENTION, family_of, layer_kind
 from .fused import FUSE_MIN_TOKENS, norm, rotary, silu_mul
@@ -132,13 +132,17 @@ class ModelSlice(nn.Module):
         cos, sin = (self.rotary_emb(h, meta.positions[rows, cols][:, None]) if self.num_attention_layers
                     else (None, None))
         lengths = meta.last + 1
+        # Each attention group's mask, made additive once for every layer (shards/attention.py); none for a group
+        # the paged kernel reads in place.
+        masks = [None if (group.width == 1 and self.paged) or not self.num_attention_layers
+                 else additive_mask(group.mask, h.dtype) for group in meta.groups]
         for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = norm(layer.input_layernorm, h, fuse)
             if kind == LINEAR_ATTENTION:
                 mixed = gated_deltanet(layer.linear_attn, x, rows, cols, meta.valid, lengths, meta.fresh,
                                        meta.slot_index, cache, index)
             else:
-                mixed = self._attention(layer.self_attn, x, cos, sin, meta, cache, index, fuse)
+                mixed = self._attention(layer.self_attn, x, cos, sin, meta, masks, cache, index, fuse)
             h = h + self.all_reduce(mixed)
             h = h + self.all_reduce(mlp(layer.mlp, norm(layer.post_attention_layernorm, h, fuse), fuse))
         if not self.is_last:
@@ -156,7 +160,7 @@ class ModelSlice(nn.Module):
             lengths = positions[:, 0] + 1
         else:  # gather + SDPA reads the whole bucket, masked: [R, 1, 1, W * block_size]
             keys = torch.arange(tables.shape[1] * cache.block_size, device=h.device)
-            mask = keys[None, None, None, :] <= positions[:, None, :, None]
+            mask = additive_mask(keys[None, None, None, :] <= positions[:, None, :, None], h.dtype)
         at = positions[:, 0]
         blocks = tables.gather(1, (at // cache.block_size)[:, None])[:, 0]
         offsets = at % cache.block_size
@@ -203,25 +207,28 @@ class ModelSlice(nn.Module):
         return attn.o_proj(out)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   meta: StepMetadata, cache: KVCache, index: int, fuse: bool = False) -> torch.Tensor:
+                   meta: StepMetadata, masks: list[torch.Tensor | None], cache: KVCache, index: int,
+                   fuse: bool = False) -> torch.Tensor:
         """Packed tokens [N, 1, H] in and out; the queries meet their rows' keys group by group (the one-token
         rows in one call, each longer row in its own: `AttentionGroup`)."""
         q, k, v, gate = self._project(attn, x, cos, sin, fuse)  # q [N, heads, 1, D], k / v [N, kv_heads, 1, D]
         cache.write(index, meta.write_blocks, meta.write_offsets, k[:, :, 0], v[:, :, 0])
         if len(meta.groups) == 1:  # every row one token, or one row: the packed order is the group's
-            return self._output(attn, self._attend_group(q, meta.groups[0], cache, index), gate)
+            return self._output(attn, self._attend_group(q, meta.groups[0], masks[0], cache, index), gate)
         out = q.new_empty(q.shape)
-        for group in meta.groups:
-            out[group.tokens] = self._attend_group(q[group.tokens], group, cache, index)
+        for group, mask in zip(meta.groups, masks, strict=True):
+            out[group.tokens] = self._attend_group(q[group.tokens], group, mask, cache, index)
         return self._output(attn, out, gate)
 
-    def _attend_group(self, q: torch.Tensor, group: AttentionGroup, cache: KVCache, index: int) -> torch.Tensor:
-        """Queries [n, heads, 1, D] of one group's tokens in, their attention outputs in the same layout out."""
+    def _attend_group(self, q: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None, cache: KVCache,
+                      index: int) -> torch.Tensor:
+        """Queries [n, heads, 1, D] of one group's tokens in, their attention outputs in the same layout out;
+        `mask`: the group's, additive (None where the paged kernel reads the cache in place)."""
         if group.width == 1 and self.paged:
             return paged_decode_attention(q, cache.k, cache.v, index, group.tables, group.lengths)
         keys, values = cache.gather(index, group.tables)
         if group.width == 1:  # one query per row
-            return self.attend(q, keys, values, group.mask)
+            return self.attend(q, keys, values, mask)
         queries = q[:, :, 0].transpose(0, 1)[None]  # one row: [1, heads, n, D]
-        return self.attend(queries, keys, values, group.mask)[0].transpose(0, 1)[:, :, None]
+        return self.attend(queries, keys, values, mask)[0].transpose(0, 1)[:, :, None]
 

@@ -37,7 +37,7 @@ class AttentionGroup:
 
     tokens: torch.Tensor  # [n] the group's tokens among the step's N packed tokens, row by row
     tables: torch.Tensor  # [b, w] its rows' KV blocks, w covering its longest row
-    mask: torch.Tensor  # [b, 1, t, w * block_size] key p visible to query q iff p <= q
+    mask: torch.Tensor  # [b, 1, t, w * block_size] key p visible to query q iff p <= q (the slice makes it additive)
     width: int  # t: 1 for the one-token rows, else the row's tokens
     lengths: torch.Tensor  # [b] each row's positions so far (a one-token row's query sees keys 0 .. length - 1)
 

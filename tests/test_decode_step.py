@@ -17,7 +17,7 @@ import torch
 from kv_blocks import runner_batch
 from test_slices_parity import PROMPTS, greedy
 
-from qwen_relay.shards.attention import choose_attention, expanded, folded
+from qwen_relay.shards.attention import additive_mask, choose_attention, expanded, folded
 from qwen_relay.shards.batch import SamplingParams, StepBatch
 from qwen_relay.shards.fused import FUSE_MIN_TOKENS
 from qwen_relay.shards.kv_cache import CacheShape, KVCache
@@ -230,7 +230,20 @@ def test_attention_paths_match_the_reference(attend, heads, kv_heads, width):
     k, v = torch.randn(2, bsz, kv_heads, length, dim)
     starts = torch.tensor([0, 6, 13])[:, None] + torch.arange(width)[None, :]  # rows of different lengths
     mask = (torch.arange(length)[None, None, :] <= starts[:, :, None])[:, None]
-    torch.testing.assert_close(attend(q, k, v, mask), reference_attention(q, k, v, mask))
+    torch.testing.assert_close(attend(q, k, v, additive_mask(mask, q.dtype)), reference_attention(q, k, v, mask))
+
+
+def test_a_prompt_step_makes_each_mask_additive_once(tiny_model):
+    """A boolean mask would be converted by SDPA in every layer (twice); the slice converts each group's once."""
+    (runner,) = _runners(tiny_model, [(0, 5)], "dynamic")
+    batch = runner_batch(runner, [0, 1, 2], [0, 0, 0], [[5, 6, 7], [8, 9, 10, 11], [12]], [SamplingParams()] * 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runner.step(batch)
+    wheres = sum(event.count for event in prof.key_averages() if event.key == "aten::where")
+    # Two groups need a mask (the one-token row is read in place); converted in each of the 5 layers, that
+    # alone would be 20 calls.
+    assert runner.slice.num_attention_layers == 5 and runner.slice.paged
+    assert 0 < wheres < 10
 
 
 def test_attention_choice_is_logged_once(caplog):
