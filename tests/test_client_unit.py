@@ -572,7 +572,7 @@ def test_the_default_stream_deadline_ends_a_stuck_stream(fake):
 
 def test_async_client_has_default_deadlines_too(silent_server):
     async def call() -> grpc.StatusCode:
-        async with AsyncRelayClient(silent_server, deadlines=Deadlines(connect=0.3, start=0.3)) as c:
+        async with AsyncRelayClient(silent_server, deadlines=Deadlines(connect=0.3, start=0.3, per_token=0.01)) as c:
             with pytest.raises(grpc.RpcError) as info:
                 await c.generate("hi", max_new_tokens=2)
             return info.value.code()
