@@ -132,10 +132,8 @@ class ModelSlice(nn.Module):
         cos, sin = (self.rotary_emb(h, meta.positions[rows, cols][:, None]) if self.num_attention_layers
                     else (None, None))
         lengths = meta.last + 1
-        # Each attention group's mask, made additive once for every layer (shards/attention.py); none for a group
-        # the paged kernel reads in place.
-        masks = [None if (group.width == 1 and self.paged) or not self.num_attention_layers
-                 else additive_mask(group.mask, h.dtype) for group in meta.groups]
+        # Each attention group's mask, made additive once for every layer (shards/attention.py).
+        masks = [additive_mask(group.mask, h.dtype) for group in meta.groups]
         for layer, (kind, index) in zip(self.model.layers.values(), self.mixers, strict=True):
             x = norm(layer.input_layernorm, h, fuse)
             if kind == LINEAR_ATTENTION:
@@ -207,7 +205,7 @@ class ModelSlice(nn.Module):
         return attn.o_proj(out)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   meta: StepMetadata, masks: list[torch.Tensor | None], cache: KVCache, index: int,
+                   meta: StepMetadata, masks: list[torch.Tensor], cache: KVCache, index: int,
                    fuse: bool = False) -> torch.Tensor:
         """Packed tokens [N, 1, H] in and out; the queries meet their rows' keys group by group (the one-token
         rows in one call, each longer row in its own: `AttentionGroup`)."""
@@ -220,10 +218,10 @@ class ModelSlice(nn.Module):
             out[group.tokens] = self._attend_group(q[group.tokens], group, mask, cache, index)
         return self._output(attn, out, gate)
 
-    def _attend_group(self, q: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None, cache: KVCache,
+    def _attend_group(self, q: torch.Tensor, group: AttentionGroup, mask: torch.Tensor, cache: KVCache,
                       index: int) -> torch.Tensor:
         """Queries [n, heads, 1, D] of one group's tokens in, their attention outputs in the same layout out;
-        `mask`: the group's, additive (None where the paged kernel reads the cache in place)."""
+        `mask`: the group's, additive (unread where the paged kernel reads the cache in place)."""
         if group.width == 1 and self.paged:
             return paged_decode_attention(q, cache.k, cache.v, index, group.tables, group.lengths)
         keys, values = cache.gather(index, group.tables)
