@@ -189,10 +189,12 @@ class Scheduler:
     def _prefill_share(self, idle: list[Sequence], room: int) -> int:
         """This step's share of the prefill backlog (running prompts and replays, and prompts that could start)
         with room for several steps in the pipe, so a burst of prompts is cut into steps that follow each other
-        down the pipe instead of one step the other slices wait for."""
-        backlog = sum(len(s.pending()) for s in idle if not self._decoding(s))
-        backlog += sum(len(s.pending()) for s in list(self.waiting)[: self.slots.num_free])
-        return math.ceil(backlog / max(room, 1))
+        down the pipe instead of one step the other slices wait for. A sequence is in one step at a time, so the
+        backlog is shared among no more steps than there are prompts in it: a lone prompt goes whole (up to the
+        budget), not in shrinking pieces each waiting for the one before to come back."""
+        prompts = [len(s.pending()) for s in idle if not self._decoding(s)]
+        prompts += [len(s.pending()) for s in list(self.waiting)[: self.slots.num_free]]
+        return math.ceil(sum(prompts) / max(min(room, len(prompts)), 1))
 
     def done(self, rows: list[Row]) -> None:
         """A step came back from every slice: its tokens are cached, its full blocks enter the prefix index."""

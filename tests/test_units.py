@@ -1009,6 +1009,17 @@ def test_scheduler_splits_a_burst_of_prompts_across_the_steps_in_flight():
         assert not sched.waiting
 
 
+def test_scheduler_sends_a_lone_prompt_whole_whatever_the_room():
+    """One prompt with room for 2 steps: its chunks cannot overlap (each needs the one before it cached), so
+    halving it only adds steps (a 200-token prompt took 8: 100, 50, 25, ...); it goes in one."""
+    sched = _sched(num_slots=4, max_step_tokens=512, num_blocks=256, depth=2)
+    sched.add(_seq("alone", 200))
+    rows = sched.schedule(room=2)
+    assert [r.count for r in rows] == [200] and rows[0].completes
+    rows[0].seq.in_flight = True
+    assert sched.schedule(room=1) == []  # nothing else to send while it is in the pipe
+
+
 # ------------------------------------------------------------------------------------- threads and depth
 
 
