@@ -74,11 +74,13 @@ class RelayUnderTest:
         return cls(cfg, shards, relay, client, startup, tensor_parallel)
 
     async def run(self, phase: Phase) -> dict[str, Any]:
-        """The phase's figures, plus each slice's time in forwards during it (for the busy fraction)."""
-        before = [s.forward_seconds for s in await self.relay.pipeline.stats()]
+        """The phase's figures, plus each slice's time in forwards during it (for the busy fraction) and the steps
+        the first slice took (every step passes through it)."""
+        before = await self.relay.pipeline.stats()
         value = await run_phase(lambda r: _stream(self.client, r), phase, self.cfg.single_repeats)
-        after = [s.forward_seconds for s in await self.relay.pipeline.stats()]
-        value["slice_forward_s"] = [b - a for a, b in zip(before, after, strict=True)]
+        after = await self.relay.pipeline.stats()
+        value["slice_forward_s"] = [b.forward_seconds - a.forward_seconds for a, b in zip(before, after, strict=True)]
+        value["engine_steps"] = after[0].steps - before[0].steps
         return value
 
     async def snapshot(self) -> dict[str, Any]:

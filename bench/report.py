@@ -217,6 +217,21 @@ def peer_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def step_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Engine steps per load workload (mixed at the top concurrency, uniform), for the systems that count them
+    (the relays, vLLM): equal step counts put a gap in what a step costs, unequal ones in the scheduling."""
+    systems, cfg = result["systems"], result["config"]
+    top, rows = str(max(cfg["concurrency"])), []
+    for name, sysres in systems.items():
+        for workload, figures in (("mixed", sysres.get("mixed", {}).get(top)), ("uniform", sysres.get("uniform"))):
+            if figures and figures.get("engine_steps"):
+                steps = figures["engine_steps"]
+                rows.append({"system": name, "workload": workload, "steps": steps,
+                             "tokens_per_step": figures["output_tokens"] / steps,
+                             "ms_per_step": 1000 * figures["wall_s"] / steps})
+    return rows
+
+
 def tensor_parallel_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """What N ranks per slice buy a single stream: each relay-S-tpN against relay-S (the same slices, TP 1, same
     run), per prompt length: ms/token p50 and TTFT, and their ratios (below 1: faster)."""
@@ -362,6 +377,12 @@ def render_table(result: dict[str, Any]) -> str:
                 "| system | workload | relay | vllm | ratio | goal | met |", "|---|---|---:|---:|---:|---|---|"]
         out += [f"| {r['system']} | {r['workload']} ({units[r['workload']]}) | {_f(r['relay'])} | {_f(r['vllm'])} | "
                 f"{_f(r['value'], 2)} | {r['goal']} | {_met(r['met'])} |" for r in rows]
+    rows = step_rows(result)
+    if rows:
+        out += ["", "**Engine steps** (steps each system took for a load workload; wall time / steps)", "",
+                "| system | workload | steps | new tokens / step | ms / step |", "|---|---|---:|---:|---:|"]
+        out += [f"| {r['system']} | {r['workload']} | {r['steps']} | {_f(r['tokens_per_step'])} | "
+                f"{_f(r['ms_per_step'])} |" for r in rows]
     rows = result.get("tensor_parallel") or []
     if rows:
         out += ["", "**Tensor parallelism** (single stream; each slice a group of N ranks against the same slices "

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 900.0  # vLLM's CPU build compiles its model graph at startup: minutes on 2 cores
 # vLLM's CPU KV cache, in GiB (its default is 4); an environment value wins.
 KVCACHE_SPACE_GIB = "2"
+METRICS_TIMEOUT_S = 10.0
 
 
 def vllm_version(python: str) -> str:
@@ -52,6 +53,12 @@ def compute_cores(server_log: str) -> str | None:
     a core for its engine and API server: one of a 2-core machine's two computes."""
     found = re.findall(r"core ids=\[([0-9, ]*)\]", server_log)
     return found[-1] if found else None
+
+
+def steps_from_metrics(text: str) -> int | None:
+    """The engine steps in a vLLM `/metrics` page (summed over engines), or None where it has no such metric."""
+    counts = re.findall(r"^vllm:iteration_tokens_total_count(?:{[^}]*})? ([0-9.e+]+)$", text, re.M)
+    return round(sum(float(c) for c in counts)) if counts else None
 
 
 def server_command(cfg: BenchConfig, port: int) -> list[str]:
@@ -153,7 +160,30 @@ class VllmServer:
             writer.close()
 
     async def run(self, phase: Phase) -> dict[str, Any]:
-        return await run_phase(self.stream, phase, self.cfg.single_repeats)
+        """The phase's figures, plus how many engine steps vLLM took for them (its `/metrics`)."""
+        before = await self.engine_steps()
+        value = await run_phase(self.stream, phase, self.cfg.single_repeats)
+        after = await self.engine_steps()
+        if before is not None and after is not None:
+            value["engine_steps"] = after - before
+        return value
+
+    async def engine_steps(self) -> int | None:
+        """Steps vLLM's engine has run: the count of its tokens-per-iteration histogram; None without it."""
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError as e:
+            log.warning("vllm: no step count (its /metrics: %s)", e)
+            return None
+        try:
+            writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")  # 1.0: a body without chunking
+            text = (await asyncio.wait_for(reader.read(), METRICS_TIMEOUT_S)).decode(errors="replace")
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("vllm: no step count (its /metrics: %s)", type(e).__name__)
+            return None
+        finally:
+            writer.close()
+        return steps_from_metrics(text)
 
     async def snapshot(self) -> dict[str, Any]:
         """Peak resident memory of the server's processes (the API server, its engine core, its worker)."""

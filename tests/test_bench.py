@@ -136,6 +136,8 @@ def test_end_to_end_run_and_report(tmp_path, tiny_model, ray_session):
     assert [s["layers"] for s in relay["slices"]] == ["0-2", "3-4"]
     assert all(s["peak_rss_bytes"] > s["cache_bytes"] > 0 for s in relay["slices"])
     assert len(relay["uniform"]["slice_forward_s"]) == 2 and min(relay["uniform"]["slice_forward_s"]) > 0
+    # 2 requests of 4 new tokens each: 4 steps when they step together throughout, 8 if never
+    assert 4 <= relay["uniform"]["engine_steps"] <= 8
     assert result["runtime_overhead_bytes"] > 0
     ratio = result["ratios"]["relay-2"]["mixed"]["2"]
     assert ratio == pytest.approx(relay["mixed"]["2"]["tokens_per_s"] / result["systems"]["hf"]["mixed"]["2"]
@@ -263,6 +265,19 @@ def test_relays_against_vllm(tmp_path):
     assert "relay / vllm; vLLM computed on CPU cores 0)" in report.write_tables(result, tmp_path)
     assert vllm_peer.compute_cores("no binding line") is None
     assert all("peak memory" in r["target"] for r in result["targets"])
+    # Engine steps: vLLM's from its /metrics page (one histogram count per engine), the relays' from slice 0.
+    page = ('# TYPE vllm:iteration_tokens_total histogram\n'
+            'vllm:iteration_tokens_total_bucket{engine="0",le="1.0",model_name="bench"} 2.0\n'
+            'vllm:iteration_tokens_total_count{engine="0",model_name="bench"} 187.0\n'
+            'vllm:iteration_tokens_total_sum{engine="0",model_name="bench"} 5743.0\n')
+    assert vllm_peer.steps_from_metrics(page) == 187 and vllm_peer.steps_from_metrics("vllm:other 1.0\n") is None
+    result["systems"]["vllm"]["mixed"]["16"]["engine_steps"] = 50
+    result["systems"]["relay-1"]["mixed"]["16"]["engine_steps"] = 40
+    steps = {(r["system"], r["workload"]): r for r in report.step_rows(result)}
+    assert set(steps) == {("vllm", "mixed"), ("relay-1", "mixed")}  # only what was counted
+    assert steps["vllm", "mixed"]["ms_per_step"] == pytest.approx(20.0)  # 1 s of wall over 50 steps
+    assert steps["relay-1", "mixed"]["tokens_per_step"] == pytest.approx(2.5)
+    assert "| relay-1 | mixed | 40 | 2.5 | 25.0 |" in report.write_tables(result, tmp_path)
     del result["systems"]["vllm"]
     assert report.peer_rows(result) == []
 
