@@ -18,7 +18,7 @@ sequence's next token needs its last, so a sequence is in at most one in-flight 
 sequences that are not in flight, and the decodes of a step are at most its share (running / depth) of the
 running set, so the running set splits across the in-flight steps instead of the first step taking everyone.
 A burst of prompts splits the same way (a share of the backlog per step), so slice 0 prefills the second half
-while slice 1 runs the first.
+while slice 1 runs the first; a lone prompt goes whole, as its halves could only follow each other.
 
 The replay policy lives here too: a sequence in `ISOLATE_AFTER_LOST_STEPS` lost steps steps alone (its step
 may be what kills the slice, e.g. out of memory), until one of its steps gets through; one in
