@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 900.0  # vLLM's CPU build compiles its model graph at startup: minutes on 2 cores
 # vLLM's CPU KV cache, in GiB (its default is 4); an environment value wins.
 KVCACHE_SPACE_GIB = "2"
-METRICS_TIMEOUT_S = 10.0
+HTTP_TIMEOUT_S = 10.0  # a GET of /health or /metrics
 
 
 def vllm_version(python: str) -> str:
@@ -124,14 +124,26 @@ class VllmServer:
         raise TimeoutError(f"vLLM's server was not ready in {STARTUP_TIMEOUT_S:.0f} s (its log: {logfile})")
 
     async def _healthy(self) -> bool:
+        got = await self._get("/health")
+        return got is not None and got[0] == 200
+
+    async def _get(self, path: str) -> tuple[int, str] | None:
+        """GET `path` from the server: (status, body), or None if it cannot be reached or does not answer within
+        `HTTP_TIMEOUT_S`. HTTP/1.0, so the body comes whole (no chunking) and the server closes after it."""
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:
-            return False
-        writer.write(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        status = await reader.readline()
-        writer.close()
-        return status.split()[1:2] == [b"200"]
+            return None
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            response = await asyncio.wait_for(reader.read(), HTTP_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        finally:
+            writer.close()
+        head, _, body = response.decode(errors="replace").partition("\r\n\r\n")
+        status = head.split(maxsplit=2)[1:2]
+        return (int(status[0]), body) if status and status[0].isdigit() else None
 
     async def stream(self, request: Request) -> AsyncIterator[Sequence[int]]:
         """The request as a streamed completion by token ids, greedy with `ignore_eos` (a `TokenStream`)."""
@@ -170,20 +182,11 @@ class VllmServer:
 
     async def engine_steps(self) -> int | None:
         """Steps vLLM's engine has run: the count of its tokens-per-iteration histogram; None without it."""
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        except OSError as e:
-            log.warning("vllm: no step count (its /metrics: %s)", e)
+        got = await self._get("/metrics")
+        if got is None or got[0] != 200:
+            log.warning("vllm: no step count (its /metrics answered %s)", "nothing" if got is None else got[0])
             return None
-        try:
-            writer.write(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")  # 1.0: a body without chunking
-            text = (await asyncio.wait_for(reader.read(), METRICS_TIMEOUT_S)).decode(errors="replace")
-        except (OSError, asyncio.TimeoutError) as e:
-            log.warning("vllm: no step count (its /metrics: %s)", type(e).__name__)
-            return None
-        finally:
-            writer.close()
-        return steps_from_metrics(text)
+        return steps_from_metrics(got[1])
 
     async def snapshot(self) -> dict[str, Any]:
         """Peak resident memory of the server's processes (the API server, its engine core, its worker)."""
